@@ -1,0 +1,1 @@
+//! Reads ErlMail's own Erlang term files (the `.app` and sys.config shapes).

@@ -1,0 +1,1 @@
+//! outbound (to be written).

@@ -1,0 +1,1 @@
+//! The contract suite every `MessageStore` backend must pass.
