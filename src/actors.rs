@@ -1,1 +1,226 @@
-//! actors (to be written).
+//! The actor tree: ErlMail's OTP supervision tree, rebuilt on ractor.
+//!
+//! ```text
+//! erlmail_sup                      root supervisor, one_for_one, at most 5 restarts in 60 s
+//! ├── erlmail_store                owns the store backend; group commit
+//! ├── smtpd_sup                    one_for_one
+//! │   ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
+//! │   └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
+//! └── smtpd_queue                  NewMessage casts + periodic Tick
+//!     └── smtpc_sender#<queue-id>  delivers one message
+//! ```
+//!
+//! This module holds what the actors share: the registry names of the singletons, the
+//! OTP-style restart intensity, actor paths for logs, and the live tree for display. Only
+//! `actors` imports ractor; durable state lives in the store, so any actor can die and be
+//! re-created from it.
+
+pub mod fsm;
+pub mod listener;
+pub mod queue;
+pub mod root;
+pub mod smtpd_sup;
+pub mod store;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use ractor::ActorCell;
+
+/// Registry name of the root supervisor.
+pub const ROOT: &str = "erlmail_sup";
+/// Registry name of the store actor.
+pub const STORE: &str = "erlmail_store";
+/// Registry name of the SMTP supervisor.
+pub const SMTPD_SUP: &str = "smtpd_sup";
+/// Registry name of the listener.
+pub const LISTENER: &str = "smtpd_listener";
+/// Registry name of the queue actor.
+pub const QUEUE: &str = "smtpd_queue";
+
+/// OTP's restart intensity: at most `max_restarts` within `period`, else the supervisor
+/// gives up and stops itself (and so, at the root, the daemon exits non-zero).
+#[derive(Debug, Clone)]
+pub struct RestartIntensity {
+    max_restarts: usize,
+    period: Duration,
+    recent: VecDeque<Instant>,
+}
+
+impl RestartIntensity {
+    /// ErlMail's root supervisor: 5 restarts in 60 s.
+    pub fn otp_default() -> Self {
+        Self::new(5, Duration::from_secs(60))
+    }
+
+    /// An intensity of `max_restarts` within `period`.
+    pub fn new(max_restarts: usize, period: Duration) -> Self {
+        RestartIntensity {
+            max_restarts,
+            period,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Record a restart at `now`; `false` when this one exceeds the intensity.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        while let Some(first) = self.recent.front() {
+            if now.duration_since(*first) > self.period {
+                self.recent.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.recent.push_back(now);
+        self.recent.len() <= self.max_restarts
+    }
+}
+
+/// `parent/child`, the form every lifecycle log line carries.
+pub fn child_path(parent: &str, name: &str) -> String {
+    format!("{parent}/{name}")
+}
+
+/// One node of the live actor tree.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TreeNode {
+    /// Registry name of the actor (or its id when it has none).
+    pub name: String,
+    /// Live children, sorted by name.
+    pub children: Vec<TreeNode>,
+}
+
+impl TreeNode {
+    /// Snapshot the live tree below `cell` from ractor's supervision links.
+    pub fn of(cell: &ActorCell) -> TreeNode {
+        let name = cell
+            .get_name()
+            .unwrap_or_else(|| format!("<{}>", cell.get_id()));
+        let mut children: Vec<TreeNode> = cell
+            .get_children()
+            .iter()
+            .filter(|c| c.get_status() == ractor::ActorStatus::Running)
+            .map(TreeNode::of)
+            .collect();
+        children.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+        TreeNode { name, children }
+    }
+
+    /// The tree drawn with box characters, one actor per line.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&self.name);
+        out.push('\n');
+        self.render_children("", &mut out);
+        out
+    }
+
+    fn render_children(&self, prefix: &str, out: &mut String) {
+        for (i, child) in self.children.iter().enumerate() {
+            let last = i + 1 == self.children.len();
+            out.push_str(prefix);
+            out.push_str(if last { "└── " } else { "├── " });
+            out.push_str(&child.name);
+            out.push('\n');
+            let deeper = format!("{prefix}{}", if last { "    " } else { "│   " });
+            child.render_children(&deeper, out);
+        }
+    }
+
+    /// Every path in the tree, `erlmail_sup/smtpd_sup/smtpd_listener` style.
+    pub fn paths(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.collect_paths("", &mut out);
+        out
+    }
+
+    fn collect_paths(&self, parent: &str, out: &mut Vec<String>) {
+        let me = if parent.is_empty() {
+            self.name.clone()
+        } else {
+            child_path(parent, &self.name)
+        };
+        out.push(me.clone());
+        for c in &self.children {
+            c.collect_paths(&me, out);
+        }
+    }
+}
+
+/// Sort `smtpd_fsm#10` after `smtpd_fsm#9`, and the permanent children first.
+fn natural_key(name: &str) -> (bool, String, u64) {
+    match name.split_once('#') {
+        Some((base, n)) => (true, base.to_string(), n.parse().unwrap_or(u64::MAX)),
+        None => (false, name.to_string(), 0),
+    }
+}
+
+/// The live tree of a running daemon, when its root is registered in this process.
+pub fn live_tree() -> Option<TreeNode> {
+    ractor::registry::where_is(ROOT).map(|cell| TreeNode::of(&cell))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intensity_allows_five_in_a_minute_then_refuses() {
+        let mut i = RestartIntensity::otp_default();
+        let t0 = Instant::now();
+        for k in 0..5 {
+            assert!(i.allow(t0 + Duration::from_secs(k)), "restart {k}");
+        }
+        assert!(!i.allow(t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn intensity_forgets_restarts_older_than_the_period() {
+        let mut i = RestartIntensity::new(2, Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(i.allow(t0));
+        assert!(i.allow(t0 + Duration::from_secs(1)));
+        assert!(i.allow(t0 + Duration::from_secs(62)));
+        assert!(!i.allow(t0 + Duration::from_secs(63)));
+    }
+
+    #[test]
+    fn tree_renders_with_box_characters_and_paths() {
+        let t = TreeNode {
+            name: "erlmail_sup".into(),
+            children: vec![
+                TreeNode {
+                    name: "erlmail_store".into(),
+                    children: vec![],
+                },
+                TreeNode {
+                    name: "smtpd_sup".into(),
+                    children: vec![TreeNode {
+                        name: "smtpd_listener".into(),
+                        children: vec![],
+                    }],
+                },
+            ],
+        };
+        assert_eq!(
+            t.render(),
+            "erlmail_sup\n├── erlmail_store\n└── smtpd_sup\n    └── smtpd_listener\n"
+        );
+        assert_eq!(
+            t.paths(),
+            vec![
+                "erlmail_sup",
+                "erlmail_sup/erlmail_store",
+                "erlmail_sup/smtpd_sup",
+                "erlmail_sup/smtpd_sup/smtpd_listener"
+            ]
+        );
+    }
+
+    #[test]
+    fn natural_order_puts_numbered_sessions_in_number_order() {
+        let mut v = ["smtpd_fsm#10", "smtpd_listener", "smtpd_fsm#9"];
+        v.sort_by_key(|n| natural_key(n));
+        assert_eq!(v, ["smtpd_listener", "smtpd_fsm#9", "smtpd_fsm#10"]);
+    }
+}

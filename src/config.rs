@@ -3,13 +3,25 @@
 //! This module owns the `Config` struct, its defaults and its validation. YAML is the
 //! primary format; ErlMail's own Erlang term files (`.app` and sys.config shapes) are read
 //! by `config/erlang.rs`. Errors always name the file, line and column. Nothing here
-//! opens sockets or touches the store.
+//! opens sockets or touches the store; the only file read is the one `Config::load` is
+//! asked to load.
+//!
+//! Layout: `values.rs` (typed values: durations, CIDRs, next hops), `apply.rs` (the key
+//! table, applied through serde so every format shares it), `yaml.rs` (YAML in and out),
+//! `erlang.rs` (ErlMail's Erlang term files).
 
+mod apply;
 pub mod erlang;
+#[cfg(test)]
+mod tests;
+pub mod values;
+mod yaml;
+
+pub use apply::{is_ignored_key, IGNORED_PREFIXES, SERVED_KEYS};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -162,4 +174,286 @@ fn default_node_name() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "erlmail".into())
+}
+
+/// A configuration error, at the file, line and column of the offending token.
+///
+/// `line` and `column` are 1-based; both are 0 when the error has no position (a missing
+/// file, or a rule that spans keys that were left at their defaults). For `-o key=value`
+/// overrides, `file` is `-o key=value`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", position_suffix(*.line, *.column))]
+pub struct ConfigError {
+    /// The file (as given), or `-o key=value` for an override.
+    pub file: String,
+    /// 1-based line, or 0 when unknown.
+    pub line: usize,
+    /// 1-based column, or 0 when unknown. YAML columns count characters; Erlang columns
+    /// count bytes (a tab is one column).
+    pub column: usize,
+    /// What is wrong, without the position.
+    pub message: String,
+}
+
+fn position_suffix(line: usize, column: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}:{column}")
+    }
+}
+
+impl ConfigError {
+    fn new(file: &str, line: usize, column: usize, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// The two file formats a configuration can be written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Yaml,
+    Erlang,
+}
+
+impl Format {
+    /// By extension first (.app/.config/.erl/.term are Erlang, .yaml/.yml YAML), otherwise
+    /// by content: a first non-comment character `{`, or `[` followed by `{` or `]`, is an
+    /// Erlang term.
+    fn detect(path: &Path, src: &str) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("app" | "config" | "erl" | "term") => return Format::Erlang,
+            Some("yaml" | "yml") => return Format::Yaml,
+            _ => {}
+        }
+        let body: String = src
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| !l.starts_with('#') && !l.starts_with('%'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut chars = body.chars().filter(|c| !c.is_whitespace());
+        match (chars.next(), chars.next()) {
+            (Some('{'), _) | (Some('['), Some('{' | ']')) => Format::Erlang,
+            _ => Format::Yaml,
+        }
+    }
+}
+
+/// Applies a whole document onto `config`; returns the served keys it set.
+fn apply_document(
+    config: &mut Config,
+    src: &str,
+    file: &str,
+    format: Format,
+) -> Result<Vec<&'static str>, ConfigError> {
+    match format {
+        Format::Yaml => yaml::apply_yaml(src, config).map_err(|e| {
+            let (line, column) = e.position.unwrap_or((0, 0));
+            ConfigError::new(file, line, column, e.message)
+        }),
+        Format::Erlang => {
+            let term_err = |e: erlang::TermError| {
+                ConfigError::new(file, e.pos.line, e.pos.column, e.message)
+            };
+            let doc = erlang::parse_document(src).map_err(term_err)?;
+            let Some(env) = erlang::erlmail_env(&doc).map_err(term_err)? else {
+                return Ok(Vec::new());
+            };
+            let mut apply = apply::Apply::new(config);
+            serde::de::DeserializeSeed::deserialize(&mut apply, erlang::TermDe(env)).map_err(
+                |e| {
+                    let pos = e.pos.unwrap_or(env.pos);
+                    ConfigError::new(file, pos.line, pos.column, e.message)
+                },
+            )?;
+            Ok(apply.set_keys)
+        }
+    }
+}
+
+/// Where each key that was set came from, to place errors found by `validate`.
+#[derive(Default)]
+struct Origins<'a> {
+    file: Option<(&'a str, &'a str, Format)>,
+    /// Served keys set by overrides, with the override text, last one winning.
+    overrides: Vec<(&'static str, String)>,
+}
+
+impl Origins<'_> {
+    fn place(&self, key: &str, message: String) -> ConfigError {
+        if let Some((_, text)) = self.overrides.iter().rev().find(|(k, _)| *k == key) {
+            return ConfigError::new(&format!("-o {text}"), 0, 0, message);
+        }
+        match self.file {
+            Some((file, src, format)) => {
+                let (line, column) = find_key(src, key, format).unwrap_or((0, 0));
+                ConfigError::new(file, line, column, message)
+            }
+            None => ConfigError::new("configuration", 0, 0, message),
+        }
+    }
+}
+
+/// The first place `key` is written as a key in `src` (comments skipped), 1-based.
+fn find_key(src: &str, key: &str, format: Format) -> Option<(usize, usize)> {
+    let comment = if format == Format::Yaml { '#' } else { '%' };
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '@';
+    for (n, line) in src.lines().enumerate() {
+        let code = line.split(comment).next().unwrap_or("");
+        let mut from = 0;
+        while let Some(i) = code[from..].find(key) {
+            let at = from + i;
+            let before = code[..at].chars().next_back();
+            let after = code[at + key.len()..].chars().next();
+            if !before.is_some_and(ident) && !after.is_some_and(ident) {
+                return Some((n + 1, at + 1));
+            }
+            from = at + key.len();
+        }
+    }
+    None
+}
+
+impl Config {
+    /// Loads a configuration file (YAML, or ErlMail's `.app` / sys.config Erlang terms)
+    /// over the defaults, and validates it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_overrides(Some(path), &[])
+    }
+
+    /// Loads `path` (or starts from the defaults when `None`), then applies `key=value`
+    /// overrides in order (values read as YAML scalars or flow collections, like
+    /// `server_smtp_port=0` or `server_smtp_relay_clients=[127.0.0.1/32]`), then validates.
+    pub fn load_with_overrides(
+        path: Option<&Path>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let file = path.map(|p| p.display().to_string());
+        let src = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigError::new(&p.display().to_string(), 0, 0, format!("cannot read: {e}"))
+            })?,
+            None => String::new(),
+        };
+        let mut origins = Origins::default();
+        if let (Some(p), Some(file)) = (path, file.as_deref()) {
+            let format = Format::detect(p, &src);
+            apply_document(&mut config, &src, file, format)?;
+            origins.file = Some((file, &src, format));
+        }
+        for text in overrides {
+            let override_err = |m: String| ConfigError::new(&format!("-o {text}"), 0, 0, m);
+            let Some((key, value)) = text.split_once('=') else {
+                return Err(override_err("expected key=value".into()));
+            };
+            let key = key.trim();
+            yaml::apply_override(key, value, &mut config).map_err(override_err)?;
+            if let Some(k) = SERVED_KEYS.iter().find(|k| **k == key) {
+                origins.overrides.push((k, text.clone()));
+            }
+        }
+        config.check().map_err(|(key, m)| origins.place(key, m))?;
+        Ok(config)
+    }
+
+    /// Reads a YAML document over the defaults and validates it; `file` names it in errors.
+    pub fn from_yaml_str(src: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::from_str_as(src, file, Format::Yaml)
+    }
+
+    /// Reads an ErlMail Erlang term document (`.app` or sys.config shape) over the
+    /// defaults and validates it; `file` names it in errors.
+    pub fn from_erlang_str(src: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::from_str_as(src, file, Format::Erlang)
+    }
+
+    fn from_str_as(src: &str, file: &str, format: Format) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        apply_document(&mut config, src, file, format)?;
+        let origins = Origins {
+            file: Some((file, src, format)),
+            overrides: Vec::new(),
+        };
+        config.check().map_err(|(key, m)| origins.place(key, m))?;
+        Ok(config)
+    }
+
+    /// The effective configuration as erlmail YAML: every key (ErlMail's first), durations
+    /// as unit strings (`"15m"`), unset options as `null`; `ignored_keys` is left out.
+    /// `from_yaml_str` reads it back to an equal configuration.
+    pub fn to_yaml(&self) -> String {
+        yaml::to_yaml(self)
+    }
+
+    /// Checks rules that span keys or that types cannot express (no retry interval,
+    /// zero limits, a TLS certificate without its key, an unknown store URL scheme, ...).
+    /// The error has no file position; `load` and the `from_*_str` functions run the same
+    /// checks and place the error at the key in the file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+            .map_err(|(_, m)| ConfigError::new("configuration", 0, 0, m))
+    }
+
+    /// The validation rules; the error names the key to blame.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let fail = |key: &'static str, m: &str| Err((key, format!("{key}: {m}")));
+        if self.server_smtp_retry_interval.is_empty() {
+            return fail(
+                "server_smtp_retry_interval",
+                "needs at least one interval (the last one repeats)",
+            );
+        }
+        let zero_counts: [(&'static str, u64); 5] = [
+            ("server_smtp_max_connection", self.server_smtp_max_connection as u64),
+            ("server_smtp_max_recipients", self.server_smtp_max_recipients as u64),
+            ("server_smtp_max_senders", self.server_smtp_max_senders as u64),
+            ("server_smtp_max_hops", u64::from(self.server_smtp_max_hops)),
+            ("server_smtp_hard_error_limit", u64::from(self.server_smtp_hard_error_limit)),
+        ];
+        if let Some((key, _)) = zero_counts.iter().find(|(_, v)| *v == 0) {
+            return fail(key, "must be at least 1");
+        }
+        let zero_times = [
+            ("server_smtp_queue_interval", self.server_smtp_queue_interval),
+            ("server_smtp_lock_lease", self.server_smtp_lock_lease),
+            ("server_smtp_timeout", self.server_smtp_timeout),
+        ];
+        if let Some((key, _)) = zero_times.iter().find(|(_, d)| d.is_zero()) {
+            return fail(key, "must be longer than 0s");
+        }
+        if self.server_smtp_name.is_empty()
+            || self.server_smtp_name.contains(|c: char| c.is_whitespace())
+        {
+            return fail("server_smtp_name", "must be a host name without spaces");
+        }
+        if self.node_name.trim().is_empty() {
+            return fail("node_name", "must not be empty");
+        }
+        match (&self.server_smtp_tls_cert, &self.server_smtp_tls_key) {
+            (Some(_), None) => {
+                return fail("server_smtp_tls_cert", "is set but server_smtp_tls_key is not")
+            }
+            (None, Some(_)) => {
+                return fail("server_smtp_tls_key", "is set but server_smtp_tls_cert is not")
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.store_url {
+            let known = ["sqlite:", "postgres://", "postgresql://"];
+            if !known.iter().any(|p| url.starts_with(p)) {
+                return fail(
+                    "store_url",
+                    &format!("unknown scheme in `{url}` (use sqlite://PATH or postgres://...)"),
+                );
+            }
+        }
+        Ok(())
+    }
 }

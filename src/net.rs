@@ -1,1 +1,19 @@
-//! net (to be written).
+//! The only code that touches inbound sockets: binding the listener and the connection
+//! halves a session reads and writes. No SMTP grammar lives here.
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Bind a listening socket with `SO_REUSEADDR`, so a restarted listener (or daemon) can
+/// take its port back while old connections linger in TIME_WAIT.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}

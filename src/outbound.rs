@@ -1,1 +1,84 @@
-//! outbound (to be written).
+//! Outbound delivery: where a recipient's mail goes (`route`: `server_smtp_routes`,
+//! then `server_smtp_relay_host`, then DNS MX with A/AAAA fallback, null MX refused)
+//! and the SMTP client dialogue that hands it over (`client`: EHLO as
+//! `server_smtp_name`, opportunistic STARTTLS, one result per recipient). `wire` holds
+//! the byte-level pieces (reply parsing, dot-stuffing).
+//!
+//! This is the only folder that does outbound network I/O. It decides nothing about
+//! retries or notifications: it reports per-recipient `RcptStatus` values and leaves
+//! their meaning to the pure policy in `queue` and to the sender actor.
+
+pub mod client;
+pub mod route;
+pub mod wire;
+
+pub use client::{deliver, DeliveryOptions, DeliveryReport, Hop, RcptResult};
+pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
+
+use crate::queue::outcome::RcptStatus;
+
+/// Delivers one message to all its recipients: groups them by next hop (recipients of
+/// one domain, or of domains sharing a route, travel in one SMTP transaction), resolves
+/// each hop and delivers each group, the groups concurrently. Returns one result per
+/// recipient, in the order of `rcpts`.
+///
+/// A recipient whose hop cannot be resolved gets the routing failure (null MX and
+/// NXDOMAIN permanent, other DNS trouble temporary); `remote_mta` is then `None`.
+pub async fn deliver_message(
+    router: &Router,
+    helo: &str,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+) -> Vec<RcptResult> {
+    // Group in first-seen order so results and logs follow the envelope.
+    let mut groups: Vec<(NextHop, Vec<usize>)> = Vec::new();
+    for (i, rcpt) in rcpts.iter().enumerate() {
+        let hop = router.next_hop(&recipient_domain(rcpt));
+        match groups.iter_mut().find(|(h, _)| *h == hop) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((hop, vec![i])),
+        }
+    }
+
+    let work = groups.into_iter().map(|(hop, members)| async move {
+        let group_rcpts: Vec<String> = members.iter().map(|i| rcpts[*i].clone()).collect();
+        let results = match router.resolve(&hop).await {
+            Ok(hops) => {
+                deliver(
+                    &hops,
+                    helo,
+                    sender,
+                    &group_rcpts,
+                    body,
+                    router.delivery_options(),
+                )
+                .await
+                .results
+            }
+            Err(e) => {
+                tracing::info!(next_hop = %hop, error = %e, "next hop not resolved");
+                let cause = e.cause();
+                group_rcpts
+                    .iter()
+                    .map(|r| RcptResult {
+                        rcpt: r.clone(),
+                        status: RcptStatus::failed(cause.clone()),
+                        remote_mta: None,
+                        remote_addr: None,
+                        tls: false,
+                    })
+                    .collect()
+            }
+        };
+        members.into_iter().zip(results).collect::<Vec<_>>()
+    });
+
+    let mut indexed: Vec<(usize, RcptResult)> = futures::future::join_all(work)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    indexed.sort_by_key(|(i, _)| *i);
+    indexed.into_iter().map(|(_, r)| r).collect()
+}

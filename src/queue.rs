@@ -1,1 +1,19 @@
-//! queue (to be written).
+//! The outgoing queue's policy, as pure functions: when a message is tried again
+//! (`retry`), whether a sender's lock on it still holds (`lease`), what a delivery
+//! attempt's outcome means for a recipient (`outcome`), and the delivery status
+//! notifications sent back to the sender (`dsn`).
+//!
+//! Like `protocol` and `session`, this module does no I/O and never reads the clock:
+//! every instant is an argument, so the whole policy is tested without sleeping. The
+//! actors (`actors::queue`, `actors::sender`) and the store apply it; `outbound` does
+//! the network work.
+
+pub mod dsn;
+pub mod lease;
+pub mod outcome;
+pub mod retry;
+
+pub use dsn::{build_dsn, should_notify, DsnInput, DsnKind, DsnRecipient, Ret};
+pub use lease::{can_claim, lease_expired, lease_remaining, Lease};
+pub use outcome::{classify_reply, FailureCause, Outcome, RcptStatus, SmtpReply};
+pub use retry::{next_retry, schedule_total};

@@ -7,9 +7,12 @@
 //! Every backend passes the contract suite in `store/contract.rs`.
 
 pub mod contract;
+pub mod maildir;
+pub mod password;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -22,9 +25,25 @@ pub enum StoreError {
     /// The operation broke a rule of the data (unknown domain, duplicate user, ...).
     #[error("{0}")]
     Invalid(String),
+    /// The disk (or the database) is full: SQLite's `SQLITE_FULL` or an `ENOSPC` I/O
+    /// error. Temporary; the SMTP side answers `452 4.3.1`.
+    #[error("store full: {0}")]
+    Full(String),
     /// Anything else from the backend.
     #[error("store error: {0}")]
     Backend(String),
+}
+
+impl From<std::io::Error> for StoreError {
+    /// File errors (Maildir, spool directory): a full disk becomes `Full`, so that it can be
+    /// told apart from a broken store.
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::Full(e.to_string())
+        } else {
+            StoreError::Backend(e.to_string())
+        }
+    }
 }
 
 /// Result alias for store operations.
@@ -117,6 +136,137 @@ pub struct StoredMessage {
     pub body: Vec<u8>,
 }
 
+/// The delivery state of one recipient of a queued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RcptState {
+    /// Not delivered yet; the message stays queued while any recipient is pending.
+    Pending,
+    /// Accepted by the next hop.
+    Delivered,
+    /// Permanently failed (5xx, or retries exhausted).
+    Failed,
+}
+
+impl RcptState {
+    /// The word stored in the database (`pending`, `delivered`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RcptState::Pending => "pending",
+            RcptState::Delivered => "delivered",
+            RcptState::Failed => "failed",
+        }
+    }
+
+    /// Parse the stored word; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(RcptState::Pending),
+            "delivered" => Some(RcptState::Delivered),
+            "failed" => Some(RcptState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A message of the outgoing queue as a sender needs it: the envelope, the retry and lock
+/// data of its row, its still-pending recipients and its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Queue id (16 upper-case hex digits, Postfix-like).
+    pub id: String,
+    /// Reverse-path (`""` for `<>`, e.g. a DSN).
+    pub sender: String,
+    /// MAIL FROM RET=, if given.
+    pub ret: Option<String>,
+    /// MAIL FROM ENVID=, if given.
+    pub envid: Option<String>,
+    /// Client IP address as text.
+    pub client_ip: String,
+    /// HELO/EHLO argument of the client.
+    pub helo: String,
+    /// When the message was accepted.
+    pub received_at: DateTime<Utc>,
+    /// Delivery attempts recorded so far.
+    pub tries: u32,
+    /// When the last attempt was recorded.
+    pub last_try_at: Option<DateTime<Utc>>,
+    /// Error text of the last attempt.
+    pub last_error: Option<String>,
+    /// When the message is next due.
+    pub next_retry_at: DateTime<Utc>,
+    /// Node holding the lease, if any (possibly expired).
+    pub lock_owner: Option<String>,
+    /// When that lease expires.
+    pub lock_expires_at: Option<DateTime<Utc>>,
+    /// Held by the administrator: never claimed while set.
+    pub held: bool,
+    /// Size of the body in octets.
+    pub size: u64,
+    /// Recipients still pending, in the order they were received.
+    pub rcpts: Vec<OutgoingRcpt>,
+    /// The whole message as accepted.
+    pub body: Vec<u8>,
+}
+
+/// One recipient of a queued message with its state, for administration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueRcpt {
+    /// Forward-path address.
+    pub address: String,
+    /// ORCPT parameter, if any.
+    pub orcpt: Option<String>,
+    /// NOTIFY parameter, if any.
+    pub notify: Option<String>,
+    /// Delivery state.
+    pub state: RcptState,
+    /// The last reply of the remote server (or local error) for this recipient.
+    pub last_response: Option<String>,
+}
+
+/// A queued message without its body, for `erlmail queue list`: why it waits is visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Queue id.
+    pub id: String,
+    /// Size of the body in octets.
+    pub size: u64,
+    /// When the message was accepted.
+    pub received_at: DateTime<Utc>,
+    /// Reverse-path (`""` for `<>`).
+    pub sender: String,
+    /// All recipients, in received order, with their states.
+    pub rcpts: Vec<QueueRcpt>,
+    /// Delivery attempts recorded so far.
+    pub tries: u32,
+    /// When the last attempt was recorded.
+    pub last_try_at: Option<DateTime<Utc>>,
+    /// When the message is next due.
+    pub next_retry_at: DateTime<Utc>,
+    /// Error text of the last attempt.
+    pub last_error: Option<String>,
+    /// Held by the administrator.
+    pub held: bool,
+    /// Node holding the lease, if any (possibly expired).
+    pub lock_owner: Option<String>,
+    /// When that lease expires.
+    pub lock_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The result of one delivery attempt, recorded by `record_attempt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// When the attempt ended (becomes `last_try_at`).
+    pub at: DateTime<Utc>,
+    /// Per recipient: address, new state, the server's response. Recipients not listed
+    /// keep their state; only pending recipients are updated.
+    pub rcpt_results: Vec<(String, RcptState, Option<String>)>,
+    /// Becomes `last_error` (`None` clears it).
+    pub error: Option<String>,
+    /// The next due time; `None` leaves it unchanged (meant for the case where no
+    /// recipient stays pending, which deletes the message anyway).
+    pub next_retry_at: Option<DateTime<Utc>>,
+}
+
 /// The storage trait every backend implements.
 #[async_trait::async_trait]
 pub trait MessageStore: Send + Sync + 'static {
@@ -153,19 +303,142 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>>;
     /// One message of a user, by id.
     async fn get_message(&self, address: &str, id: i64) -> StoreResult<Option<StoredMessage>>;
+
+    // ----- outgoing queue: senders -----
+
+    /// Claim up to `limit` messages that are due (`next_retry_at <= now`), not held, and
+    /// unlocked or with a lease expired at `now`, oldest due first. Each is stamped with
+    /// `lock_owner = node`, `lock_expires_at = now + lease` atomically: two processes
+    /// sharing the store never get the same message. Returned with their pending
+    /// recipients and body, in due order.
+    async fn claim_due(
+        &self,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedMessage>>;
+    /// Claim one message by id under the same conditions as `claim_due` (for a NewMessage
+    /// notice or a flush). `None` if it does not exist, is held, not due, or locked by
+    /// anyone (this node included) with an unexpired lease.
+    async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<Option<QueuedMessage>>;
+    /// Extend our lease to `now + lease`. `Ok(false)` if the message is gone or its lock
+    /// is no longer `node`'s (another node claimed it after our lease lapsed).
+    async fn renew_lease(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<bool>;
+    /// Record a delivery attempt in one transaction: update the listed pending recipients,
+    /// `tries + 1`, `last_try_at`, `last_error`, `next_retry_at`, and clear the lock; when
+    /// no recipient stays pending the message is deleted. Only while the lock is `node`'s:
+    /// otherwise nothing changes and the result is `Err(StoreError::Invalid)` (the lease
+    /// was lost, or the message was deleted by the administrator).
+    async fn record_attempt(&self, id: &str, node: &str, outcome: AttemptRecord)
+        -> StoreResult<()>;
+    /// Clear our lock without recording a try (shutdown, or a crash counted elsewhere).
+    /// Does nothing if the lock is not `node`'s.
+    async fn release(&self, id: &str, node: &str) -> StoreResult<()>;
+
+    // ----- outgoing queue: administration (postqueue/postsuper) -----
+
+    /// Every queued message, oldest received first, with all recipients and states.
+    async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>>;
+    /// One queued message with its pending recipients and body, locked or not.
+    async fn get_queued(&self, id: &str) -> StoreResult<Option<QueuedMessage>>;
+    /// Delete one queued message (and its recipients); `Ok(false)` if there was none.
+    async fn delete_queued(&self, id: &str) -> StoreResult<bool>;
+    /// Delete every queued message; returns how many.
+    async fn delete_all_queued(&self) -> StoreResult<u64>;
+    /// Put a message on hold (never claimed); `Ok(false)` if there is no such message.
+    async fn hold(&self, id: &str) -> StoreResult<bool>;
+    /// Take a message off hold; `Ok(false)` if there is no such message.
+    async fn release_hold(&self, id: &str) -> StoreResult<bool>;
+    /// Make one message (`Some(id)`) or all messages due at `now` (an earlier due time is
+    /// kept). Held messages are skipped. Returns how many messages are now due.
+    async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
 }
 
 /// A shared handle to whichever backend the configuration names.
 pub type SharedStore = Arc<dyn MessageStore>;
 
-/// Open the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
+/// Open the store named by `url`, creating and migrating it as needed.
+///
+/// `sqlite://PATH` opens (or creates, with its parent directories) the SQLite file at
+/// PATH, relative to the working directory unless absolute (`sqlite:///var/spool/x.db`).
+/// `postgres://` and `postgresql://` are recognised but not built yet.
 pub async fn open(url: &str) -> StoreResult<SharedStore> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        let _ = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
-        Err(StoreError::Backend("sqlite backend not written yet".into()))
+        if path.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "store_url {url:?} names no file: expected sqlite://PATH"
+            )));
+        }
+        let store = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
+        Ok(Arc::new(store))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(StoreError::Invalid(
+            "the PostgreSQL store backend is not built yet; use sqlite://PATH".into(),
+        ))
     } else {
         Err(StoreError::Invalid(format!(
             "unsupported store_url {url:?}: expected sqlite://PATH"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_sqlite_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/erlmail.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = open(&url).await.unwrap();
+        assert_eq!(store.backend(), "sqlite");
+        assert!(store.add_domain("example.com").await.unwrap());
+        assert!(path.is_file());
+    }
+
+    #[tokio::test]
+    async fn open_refuses_other_urls() {
+        let pg = open("postgres://postgres@127.0.0.1/erlmail")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(pg, StoreError::Invalid(ref m) if m.contains("not built yet")),
+            "{pg}"
+        );
+        let other = open("mysql://x").await.err().unwrap();
+        assert!(matches!(other, StoreError::Invalid(_)), "{other}");
+        let empty = open("sqlite://").await.err().unwrap();
+        assert!(matches!(empty, StoreError::Invalid(_)), "{empty}");
+    }
+
+    #[test]
+    fn enospc_is_full() {
+        let e = StoreError::from(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(matches!(e, StoreError::Full(_)));
+        let e = StoreError::from(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(matches!(e, StoreError::Backend(_)));
+    }
+
+    #[test]
+    fn rcpt_state_words_round_trip() {
+        for s in [RcptState::Pending, RcptState::Delivered, RcptState::Failed] {
+            assert_eq!(RcptState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(RcptState::parse("bounced"), None);
     }
 }

@@ -1,1 +1,899 @@
 //! The contract suite every `MessageStore` backend must pass.
+//!
+//! Each backend's tests open a fresh, empty store and call `run_all` (and
+//! `concurrent_claims` with two handles on the same database). The functions panic on the
+//! first broken promise, naming it. They use fixed times (no clock), their own domain
+//! names, and clear the queue before each queue check, so they may run one after another
+//! on one store. This module must not depend on any backend.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::password::{hash_password, verify_password};
+use super::*;
+
+/// The fixed start time of every check.
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0)
+        .single()
+        .expect("valid date")
+}
+
+fn secs(s: i64) -> DateTime<Utc> {
+    t0() + chrono::Duration::seconds(s)
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn rcpt(address: &str) -> OutgoingRcpt {
+    OutgoingRcpt {
+        address: address.to_string(),
+        orcpt: None,
+        notify: None,
+    }
+}
+
+fn incoming(
+    sender: &str,
+    local: &[&str],
+    remote: Vec<OutgoingRcpt>,
+    at: DateTime<Utc>,
+    body: &[u8],
+) -> IncomingMessage {
+    IncomingMessage {
+        sender: sender.to_string(),
+        local_rcpts: local.iter().map(|s| s.to_string()).collect(),
+        remote_rcpts: remote,
+        ret: None,
+        envid: None,
+        client_ip: "127.0.0.1".to_string(),
+        helo: "client.test".to_string(),
+        received_at: at,
+        subject: Some("contract".to_string()),
+        body: body.to_vec(),
+    }
+}
+
+/// Queue one remote-only message received at `at`; returns its queue id.
+async fn enqueue(store: &dyn MessageStore, at: DateTime<Utc>, rcpts: &[&str]) -> String {
+    let msg = incoming(
+        "sender@origin.test",
+        &[],
+        rcpts.iter().map(|a| rcpt(a)).collect(),
+        at,
+        format!("Subject: queued at {at}\r\n\r\nbody\r\n").as_bytes(),
+    );
+    let mut acc = store.accept_batch(vec![msg]).await.expect("enqueue");
+    acc.pop()
+        .and_then(|a| a.queue_id)
+        .expect("a remote recipient makes a queue id")
+}
+
+fn ids(msgs: &[QueuedMessage]) -> Vec<String> {
+    msgs.iter().map(|m| m.id.clone()).collect()
+}
+
+fn is_invalid<T: std::fmt::Debug>(r: StoreResult<T>) -> bool {
+    matches!(r, Err(StoreError::Invalid(_)))
+}
+
+/// Run every check in order on one fresh store.
+pub async fn run_all(store: &dyn MessageStore) {
+    domains(store).await;
+    users(store).await;
+    accept_and_read_back(store).await;
+    batch_atomicity(store).await;
+    queue_claims_and_leases(store).await;
+    queue_record_attempt(store).await;
+    queue_admin(store).await;
+}
+
+/// Domains: case-insensitive, trailing dot ignored, duplicates reported, sorted listing,
+/// removal.
+pub async fn domains(store: &dyn MessageStore) {
+    assert!(
+        store.add_domain("Example.COM").await.expect("add"),
+        "new domain"
+    );
+    assert!(
+        !store.add_domain("example.com").await.expect("add"),
+        "duplicate domain"
+    );
+    assert!(
+        !store.add_domain("EXAMPLE.com.").await.expect("add"),
+        "trailing dot"
+    );
+    assert!(store.add_domain("b.example").await.expect("add"));
+    assert!(store
+        .is_local_domain("eXample.Com")
+        .await
+        .expect("is_local"));
+    assert!(!store.is_local_domain("other.test").await.expect("is_local"));
+    let listed: Vec<String> = store
+        .list_domains()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|d| d == "example.com" || d == "b.example")
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["b.example".to_string(), "example.com".to_string()]
+    );
+    assert!(is_invalid(store.add_domain("").await), "empty domain");
+    assert!(
+        is_invalid(store.add_domain("a b").await),
+        "domain with a space"
+    );
+    assert!(store.remove_domain("EXAMPLE.com").await.expect("remove"));
+    assert!(!store.remove_domain("example.com").await.expect("remove"));
+    assert!(!store
+        .is_local_domain("example.com")
+        .await
+        .expect("is_local"));
+    assert!(store.remove_domain("b.example").await.expect("remove"));
+}
+
+/// Users: domain must exist, duplicates refused, only PHC hashes accepted, passwd,
+/// listing, and removal (of a user or its domain) taking mailboxes with it.
+pub async fn users(store: &dyn MessageStore) {
+    store.add_domain("users.test").await.expect("add domain");
+    let h1 = hash_password("s3cret").expect("hash");
+    store
+        .add_user("Alice@Users.Test", &h1)
+        .await
+        .expect("add alice");
+    assert!(store.user_exists("alice@USERS.TEST").await.expect("exists"));
+    assert!(!store
+        .user_exists("alice2@users.test")
+        .await
+        .expect("exists"));
+    assert!(!store.user_exists("not an address").await.expect("exists"));
+    assert!(
+        is_invalid(store.add_user("alice@users.test", &h1).await),
+        "duplicate"
+    );
+    assert!(
+        is_invalid(store.add_user("bob@unknown.test", &h1).await),
+        "unknown domain"
+    );
+    assert!(
+        is_invalid(store.add_user("carol@users.test", "s3cret").await),
+        "clear-text password refused"
+    );
+    assert!(!store.user_exists("carol@users.test").await.expect("exists"));
+    let stored = store
+        .password_hash("ALICE@users.test")
+        .await
+        .expect("hash")
+        .expect("alice has a hash");
+    assert_eq!(stored, h1);
+    assert!(verify_password("s3cret", &stored));
+    assert_eq!(
+        store
+            .password_hash("nobody@users.test")
+            .await
+            .expect("hash"),
+        None
+    );
+
+    let h2 = hash_password("n3w").expect("hash");
+    assert!(store
+        .set_password("alice@users.test", &h2)
+        .await
+        .expect("passwd"));
+    assert_eq!(
+        store.password_hash("alice@users.test").await.expect("hash"),
+        Some(h2.clone())
+    );
+    assert!(!store
+        .set_password("nobody@users.test", &h2)
+        .await
+        .expect("passwd"));
+    assert!(is_invalid(
+        store.set_password("alice@users.test", "plain").await
+    ));
+
+    store
+        .add_user("carol@users.test", &h2)
+        .await
+        .expect("add carol");
+    store
+        .add_domain("other-users.test")
+        .await
+        .expect("add domain");
+    store
+        .add_user("zed@other-users.test", &h2)
+        .await
+        .expect("add zed");
+    assert_eq!(
+        store.list_users(Some("USERS.test")).await.expect("list"),
+        vec![
+            "alice@users.test".to_string(),
+            "carol@users.test".to_string()
+        ]
+    );
+    let all = store.list_users(None).await.expect("list");
+    for u in [
+        "alice@users.test",
+        "carol@users.test",
+        "zed@other-users.test",
+    ] {
+        assert!(all.contains(&u.to_string()), "{u} listed");
+    }
+
+    // Removing a user removes its mailbox and messages.
+    let acc = store
+        .accept_batch(vec![incoming(
+            "s@x.test",
+            &["carol@users.test"],
+            vec![],
+            t0(),
+            b"hi\r\n",
+        )])
+        .await
+        .expect("deliver to carol");
+    let carol_msg = acc[0].message_ids[0];
+    assert_eq!(
+        store
+            .list_mailbox("carol@users.test", "INBOX")
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert!(store.remove_user("Carol@users.test").await.expect("remove"));
+    assert!(!store.remove_user("carol@users.test").await.expect("remove"));
+    assert!(!store.user_exists("carol@users.test").await.expect("exists"));
+    assert_eq!(
+        store
+            .get_message("carol@users.test", carol_msg)
+            .await
+            .expect("get"),
+        None
+    );
+    store
+        .add_user("carol@users.test", &h2)
+        .await
+        .expect("re-add carol");
+    assert!(
+        store
+            .list_mailbox("carol@users.test", "INBOX")
+            .await
+            .expect("list")
+            .is_empty(),
+        "a re-created user does not inherit the old mailbox"
+    );
+
+    // Removing a domain removes its users.
+    assert!(store
+        .remove_domain("other-users.test")
+        .await
+        .expect("remove"));
+    assert!(!store
+        .user_exists("zed@other-users.test")
+        .await
+        .expect("exists"));
+    assert!(store
+        .list_users(Some("other-users.test"))
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+/// accept_batch: local and remote recipients of one message, byte-exact read-back from
+/// the mailbox and the queue, results in input order, the null sender.
+pub async fn accept_and_read_back(store: &dyn MessageStore) {
+    store.add_domain("mail.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store.add_user("u1@mail.test", &h).await.expect("add u1");
+    store.add_user("u2@mail.test", &h).await.expect("add u2");
+
+    assert!(store
+        .accept_batch(vec![])
+        .await
+        .expect("empty batch")
+        .is_empty());
+
+    // Every byte value, bare LF and CR, a lone dot line: stored exactly as given.
+    let mut body = b"Subject: all bytes\r\n\r\n.\r\n..x\nbare\rcr\r\n".to_vec();
+    body.extend(0u8..=255);
+    let at = t0() + chrono::Duration::milliseconds(123);
+    let mut m = incoming(
+        "s@remote.test",
+        &["u1@mail.test", "U2@MAIL.TEST"],
+        vec![
+            OutgoingRcpt {
+                address: "r1@far.test".into(),
+                orcpt: Some("rfc822;r1@far.test".into()),
+                notify: Some("SUCCESS,FAILURE".into()),
+            },
+            rcpt("R2@far.test"),
+        ],
+        at,
+        &body,
+    );
+    m.ret = Some("HDRS".into());
+    m.envid = Some("ENV-1".into());
+    m.client_ip = "::1".into();
+    m.helo = "helo.test".into();
+    m.subject = Some("all bytes".into());
+    let local_only = incoming(
+        "s2@remote.test",
+        &["u1@mail.test"],
+        vec![],
+        secs(1),
+        b"second\r\n",
+    );
+    let acc = store
+        .accept_batch(vec![m, local_only])
+        .await
+        .expect("accept");
+    assert_eq!(acc.len(), 2);
+    assert_eq!(acc[0].message_ids.len(), 2);
+    let qid = acc[0].queue_id.clone().expect("remote recipients queue");
+    assert_eq!(qid.len(), 16, "{qid}");
+    assert!(
+        qid.chars()
+            .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c)),
+        "{qid}"
+    );
+    assert_eq!(acc[1].queue_id, None);
+    assert_eq!(acc[1].message_ids.len(), 1);
+
+    let inbox = store
+        .list_mailbox("U1@mail.test", "inbox")
+        .await
+        .expect("list");
+    assert_eq!(
+        inbox,
+        vec![
+            MessageSummary {
+                id: acc[0].message_ids[0],
+                mailbox: "INBOX".into(),
+                sender: "s@remote.test".into(),
+                subject: Some("all bytes".into()),
+                size: body.len() as u64,
+                internal_date: at,
+            },
+            MessageSummary {
+                id: acc[1].message_ids[0],
+                mailbox: "INBOX".into(),
+                sender: "s2@remote.test".into(),
+                subject: Some("contract".into()),
+                size: 8,
+                internal_date: secs(1),
+            },
+        ]
+    );
+    let got = store
+        .get_message("u2@mail.test", acc[0].message_ids[1])
+        .await
+        .expect("get")
+        .expect("u2's copy");
+    assert_eq!(got.body, body);
+    assert_eq!(got.recipients, vec!["u2@mail.test".to_string()]);
+    assert_eq!(got.summary.mailbox, "INBOX");
+    assert_eq!(
+        store
+            .get_message("u2@mail.test", acc[0].message_ids[0])
+            .await
+            .expect("get"),
+        None,
+        "u1's copy is not u2's"
+    );
+    assert!(store
+        .list_mailbox("u1@mail.test", "Archive")
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(store
+        .list_mailbox("ghost@mail.test", "INBOX")
+        .await
+        .expect("list")
+        .is_empty());
+
+    let q = store
+        .get_queued(&qid)
+        .await
+        .expect("get_queued")
+        .expect("queued");
+    assert_eq!(
+        q,
+        QueuedMessage {
+            id: qid.clone(),
+            sender: "s@remote.test".into(),
+            ret: Some("HDRS".into()),
+            envid: Some("ENV-1".into()),
+            client_ip: "::1".into(),
+            helo: "helo.test".into(),
+            received_at: at,
+            tries: 0,
+            last_try_at: None,
+            last_error: None,
+            next_retry_at: at,
+            lock_owner: None,
+            lock_expires_at: None,
+            held: false,
+            size: body.len() as u64,
+            rcpts: vec![
+                OutgoingRcpt {
+                    address: "r1@far.test".into(),
+                    orcpt: Some("rfc822;r1@far.test".into()),
+                    notify: Some("SUCCESS,FAILURE".into()),
+                },
+                rcpt("R2@far.test"),
+            ],
+            body: body.clone(),
+        }
+    );
+
+    // A DSN is queued from the null sender.
+    let dsn = store
+        .accept_batch(vec![incoming(
+            "",
+            &[],
+            vec![rcpt("s@remote.test")],
+            secs(2),
+            b"dsn",
+        )])
+        .await
+        .expect("queue dsn");
+    assert!(dsn[0].message_ids.is_empty());
+    let dsn_id = dsn[0].queue_id.clone().expect("dsn queued");
+    assert_ne!(dsn_id, qid);
+    let d = store.get_queued(&dsn_id).await.expect("get").expect("dsn");
+    assert_eq!(d.sender, "");
+    assert_eq!(d.body, b"dsn".to_vec());
+    store.delete_all_queued().await.expect("clean up");
+}
+
+/// A batch with one bad message stores none of its messages.
+pub async fn batch_atomicity(store: &dyn MessageStore) {
+    store.add_domain("atomic.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store.add_user("a@atomic.test", &h).await.expect("add user");
+    store.delete_all_queued().await.expect("clear queue");
+    let good = incoming(
+        "s@x.test",
+        &["a@atomic.test"],
+        vec![rcpt("r@far.test")],
+        t0(),
+        b"good",
+    );
+    let bad = incoming("s@x.test", &["nobody@atomic.test"], vec![], t0(), b"bad");
+    let r = store.accept_batch(vec![good.clone(), bad]).await;
+    assert!(is_invalid(r), "unknown local recipient fails the batch");
+    assert!(
+        store
+            .list_mailbox("a@atomic.test", "INBOX")
+            .await
+            .expect("list")
+            .is_empty(),
+        "the good message of a failed batch is not stored"
+    );
+    assert!(
+        store.list_queue().await.expect("list").is_empty(),
+        "nor queued"
+    );
+    let acc = store.accept_batch(vec![good]).await.expect("good alone");
+    assert_eq!(acc[0].message_ids.len(), 1);
+    assert_eq!(store.list_queue().await.expect("list").len(), 1);
+    store.delete_all_queued().await.expect("clean up");
+}
+
+/// claim_due / claim / renew_lease / release: due order, limits, held messages, locks
+/// that block and leases that expire.
+pub async fn queue_claims_and_leases(store: &dyn MessageStore) {
+    store.delete_all_queued().await.expect("clear queue");
+    let a = enqueue(store, secs(0), &["a@far.test"]).await;
+    let b = enqueue(store, secs(1), &["b@far.test"]).await;
+    let c = enqueue(store, secs(2), &["c@far.test"]).await;
+    let d = enqueue(store, secs(3), &["d@far.test"]).await;
+    assert!(store.hold(&d).await.expect("hold"));
+    assert!(!store.hold("0000000000000000").await.expect("hold unknown"));
+
+    let early = store
+        .claim_due("n1", secs(-1), LEASE, 10)
+        .await
+        .expect("claim");
+    assert!(early.is_empty(), "nothing is due before it was received");
+    assert!(store
+        .claim_due("n1", secs(10), LEASE, 0)
+        .await
+        .expect("claim")
+        .is_empty());
+
+    let first = store
+        .claim_due("n1", secs(10), LEASE, 2)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&first),
+        vec![a.clone(), b.clone()],
+        "oldest due first, limited"
+    );
+    assert_eq!(first[0].lock_owner.as_deref(), Some("n1"));
+    assert_eq!(first[0].lock_expires_at, Some(secs(70)));
+    assert_eq!(first[0].rcpts, vec![rcpt("a@far.test")]);
+
+    let second = store
+        .claim_due("n2", secs(15), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&second),
+        vec![c.clone()],
+        "locked and held messages are skipped"
+    );
+    assert!(store
+        .claim_due("n1", secs(15), LEASE, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        store.claim(&a, "n2", secs(20), LEASE).await.expect("claim"),
+        None
+    );
+    assert_eq!(
+        store.claim(&a, "n1", secs(20), LEASE).await.expect("claim"),
+        None
+    );
+    assert_eq!(
+        store.claim(&d, "n1", secs(20), LEASE).await.expect("claim"),
+        None,
+        "held"
+    );
+    assert_eq!(
+        store
+            .claim("0000000000000000", "n1", secs(20), LEASE)
+            .await
+            .expect("claim"),
+        None
+    );
+
+    // At 70 s the leases of a and b (taken at 10 s) have expired; c's (15 s) has not.
+    let taken = store
+        .claim_due("n2", secs(70), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&taken),
+        vec![a.clone(), b.clone()],
+        "expired leases are claimable"
+    );
+    assert!(taken.iter().all(|m| m.lock_owner.as_deref() == Some("n2")));
+
+    assert!(
+        !store
+            .renew_lease(&a, "n1", secs(80), LEASE)
+            .await
+            .expect("renew"),
+        "lost"
+    );
+    assert!(store
+        .renew_lease(&a, "n2", secs(80), LEASE)
+        .await
+        .expect("renew"));
+    let got = store.get_queued(&a).await.expect("get").expect("a");
+    assert_eq!(got.lock_owner.as_deref(), Some("n2"));
+    assert_eq!(got.lock_expires_at, Some(secs(140)));
+    assert!(!store
+        .renew_lease("0000000000000000", "n2", secs(80), LEASE)
+        .await
+        .expect("renew"));
+
+    store
+        .release(&a, "n1")
+        .await
+        .expect("release by another node");
+    assert_eq!(
+        store
+            .get_queued(&a)
+            .await
+            .expect("get")
+            .expect("a")
+            .lock_owner
+            .as_deref(),
+        Some("n2"),
+        "release by a node that does not hold the lock changes nothing"
+    );
+    store.release(&a, "n2").await.expect("release");
+    let got = store.get_queued(&a).await.expect("get").expect("a");
+    assert_eq!(
+        (got.lock_owner, got.lock_expires_at, got.tries),
+        (None, None, 0)
+    );
+    let again = store.claim(&a, "n1", secs(81), LEASE).await.expect("claim");
+    assert_eq!(
+        again.map(|m| (m.id, m.lock_owner)),
+        Some((a.clone(), Some("n1".into())))
+    );
+
+    assert!(store.release_hold(&d).await.expect("release hold"));
+    assert!(!store
+        .release_hold("0000000000000000")
+        .await
+        .expect("release hold"));
+    let dm = store
+        .claim(&d, "n1", secs(81), LEASE)
+        .await
+        .expect("claim")
+        .expect("d");
+    assert!(!dm.held);
+    assert_eq!(dm.rcpts, vec![rcpt("d@far.test")]);
+    store.delete_all_queued().await.expect("clean up");
+}
+
+/// record_attempt: per-recipient results, retry data, lock checks, deletion when done.
+pub async fn queue_record_attempt(store: &dyn MessageStore) {
+    store.delete_all_queued().await.expect("clear queue");
+    let m = enqueue(store, t0(), &["r1@far.test", "r2@far.test", "r3@far.test"]).await;
+    store
+        .claim(&m, "n1", t0(), LEASE)
+        .await
+        .expect("claim")
+        .expect("due");
+
+    let outcome = AttemptRecord {
+        at: secs(5),
+        rcpt_results: vec![
+            (
+                "r1@far.test".into(),
+                RcptState::Delivered,
+                Some("250 2.0.0 ok".into()),
+            ),
+            (
+                "r2@far.test".into(),
+                RcptState::Failed,
+                Some("550 5.1.1 no".into()),
+            ),
+            (
+                "r3@far.test".into(),
+                RcptState::Pending,
+                Some("451 4.3.0 later".into()),
+            ),
+        ],
+        error: Some("451 4.3.0 later".into()),
+        next_retry_at: Some(secs(900)),
+    };
+    assert!(
+        is_invalid(store.record_attempt(&m, "n2", outcome.clone()).await),
+        "another node cannot record"
+    );
+    let untouched = store.get_queued(&m).await.expect("get").expect("m");
+    assert_eq!((untouched.tries, untouched.rcpts.len()), (0, 3));
+    assert_eq!(untouched.lock_owner.as_deref(), Some("n1"));
+
+    store
+        .record_attempt(&m, "n1", outcome.clone())
+        .await
+        .expect("record");
+    let q = store
+        .get_queued(&m)
+        .await
+        .expect("get")
+        .expect("still queued");
+    assert_eq!(q.rcpts, vec![rcpt("r3@far.test")]);
+    assert_eq!(q.tries, 1);
+    assert_eq!(q.last_try_at, Some(secs(5)));
+    assert_eq!(q.last_error.as_deref(), Some("451 4.3.0 later"));
+    assert_eq!(q.next_retry_at, secs(900));
+    assert_eq!((q.lock_owner, q.lock_expires_at), (None, None));
+
+    let listed = store.list_queue().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let states: Vec<(String, RcptState, Option<String>)> = listed[0]
+        .rcpts
+        .iter()
+        .map(|r| (r.address.clone(), r.state, r.last_response.clone()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (
+                "r1@far.test".into(),
+                RcptState::Delivered,
+                Some("250 2.0.0 ok".into())
+            ),
+            (
+                "r2@far.test".into(),
+                RcptState::Failed,
+                Some("550 5.1.1 no".into())
+            ),
+            (
+                "r3@far.test".into(),
+                RcptState::Pending,
+                Some("451 4.3.0 later".into())
+            ),
+        ]
+    );
+    assert!(
+        is_invalid(store.record_attempt(&m, "n1", outcome.clone()).await),
+        "recording needs the lock"
+    );
+    assert!(store
+        .claim_due("n1", secs(899), LEASE, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    let due = store
+        .claim_due("n1", secs(900), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(ids(&due), vec![m.clone()]);
+
+    // The last pending recipient delivered: the message leaves the queue.
+    let done = AttemptRecord {
+        at: secs(905),
+        rcpt_results: vec![(
+            "r3@far.test".into(),
+            RcptState::Delivered,
+            Some("250 ok".into()),
+        )],
+        error: None,
+        next_retry_at: None,
+    };
+    store
+        .record_attempt(&m, "n1", done.clone())
+        .await
+        .expect("record");
+    assert_eq!(store.get_queued(&m).await.expect("get"), None);
+    assert!(store.list_queue().await.expect("list").is_empty());
+    assert!(
+        is_invalid(store.record_attempt(&m, "n1", done).await),
+        "gone"
+    );
+}
+
+/// Administration: list, flush (one/all, held skipped, earlier due time kept), hold,
+/// delete one and all.
+pub async fn queue_admin(store: &dyn MessageStore) {
+    store.delete_all_queued().await.expect("clear queue");
+    let x = enqueue(store, secs(3600), &["x@far.test"]).await;
+    let y = enqueue(store, secs(7200), &["y@far.test"]).await;
+    assert!(store
+        .claim_due("n1", t0(), LEASE, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(store.flush(Some(&x), t0()).await.expect("flush"), 1);
+    assert_eq!(
+        store
+            .get_queued(&x)
+            .await
+            .expect("get")
+            .expect("x")
+            .next_retry_at,
+        t0()
+    );
+    assert_eq!(store.flush(Some(&x), secs(99_999)).await.expect("flush"), 1);
+    assert_eq!(
+        store
+            .get_queued(&x)
+            .await
+            .expect("get")
+            .expect("x")
+            .next_retry_at,
+        t0(),
+        "flush never delays a message"
+    );
+    assert_eq!(
+        ids(&store.claim_due("n1", t0(), LEASE, 10).await.expect("claim")),
+        vec![x.clone()]
+    );
+
+    assert!(store.hold(&y).await.expect("hold"));
+    assert_eq!(
+        store.flush(None, t0()).await.expect("flush all"),
+        1,
+        "held y skipped"
+    );
+    assert_eq!(store.flush(Some(&y), t0()).await.expect("flush y"), 0);
+    assert_eq!(
+        store
+            .get_queued(&y)
+            .await
+            .expect("get")
+            .expect("y")
+            .next_retry_at,
+        secs(7200)
+    );
+    assert_eq!(
+        store
+            .flush(Some("0000000000000000"), t0())
+            .await
+            .expect("flush"),
+        0
+    );
+
+    let listed = store.list_queue().await.expect("list");
+    let view: Vec<(String, bool, Option<String>, u64)> = listed
+        .iter()
+        .map(|s| (s.id.clone(), s.held, s.lock_owner.clone(), s.size))
+        .collect();
+    let size = |at: DateTime<Utc>| format!("Subject: queued at {at}\r\n\r\nbody\r\n").len() as u64;
+    assert_eq!(
+        view,
+        vec![
+            (x.clone(), false, Some("n1".into()), size(secs(3600))),
+            (y.clone(), true, None, size(secs(7200))),
+        ]
+    );
+    assert_eq!(listed[0].sender, "sender@origin.test");
+    assert_eq!(listed[0].received_at, secs(3600));
+
+    assert!(store.delete_queued(&x).await.expect("delete"));
+    assert!(!store.delete_queued(&x).await.expect("delete again"));
+    assert_eq!(store.get_queued(&x).await.expect("get"), None);
+    enqueue(store, secs(1), &["z@far.test"]).await;
+    assert_eq!(store.delete_all_queued().await.expect("delete all"), 2);
+    assert!(store.list_queue().await.expect("list").is_empty());
+    assert_eq!(store.delete_all_queued().await.expect("delete all"), 0);
+}
+
+/// Two handles on the same database (as two processes would have) claim the same queue
+/// at once in batches of 10, recording each message as delivered: no message is handed
+/// out twice and every one is handed out once. `a` and `b` must share one database.
+pub async fn concurrent_claims(a: &dyn MessageStore, b: &dyn MessageStore, messages: usize) {
+    a.delete_all_queued().await.expect("clear queue");
+    let mut all = HashSet::new();
+    for chunk in (0..messages).collect::<Vec<_>>().chunks(50) {
+        let batch = chunk
+            .iter()
+            .map(|i| {
+                incoming(
+                    "s@x.test",
+                    &[],
+                    vec![rcpt(&format!("r{i}@far.test"))],
+                    t0(),
+                    b"m",
+                )
+            })
+            .collect();
+        for acc in a.accept_batch(batch).await.expect("enqueue") {
+            all.insert(acc.queue_id.expect("queued"));
+        }
+    }
+    assert_eq!(all.len(), messages);
+
+    async fn worker(store: &dyn MessageStore, node: &str) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            let batch = store
+                .claim_due(node, secs(1), LEASE, 10)
+                .await
+                .expect("claim");
+            if batch.is_empty() {
+                return got;
+            }
+            for m in batch {
+                let results = m
+                    .rcpts
+                    .iter()
+                    .map(|r| (r.address.clone(), RcptState::Delivered, None))
+                    .collect();
+                let outcome = AttemptRecord {
+                    at: secs(2),
+                    rcpt_results: results,
+                    error: None,
+                    next_retry_at: None,
+                };
+                store
+                    .record_attempt(&m.id, node, outcome)
+                    .await
+                    .expect("record");
+                got.push(m.id);
+            }
+        }
+    }
+    let (ga, gb) = futures::join!(worker(a, "node-a"), worker(b, "node-b"));
+    let mut seen = HashSet::new();
+    for id in ga.iter().chain(gb.iter()) {
+        assert!(seen.insert(id.clone()), "message {id} claimed twice");
+    }
+    assert_eq!(seen, all, "every message claimed exactly once");
+    assert!(a.list_queue().await.expect("list").is_empty());
+}

@@ -1,10 +1,1170 @@
-//! The embedded SQLite backend.
+//! The embedded SQLite backend of `MessageStore`: one file in the spool directory.
+//!
+//! Owns the connection pool, the schema migrations (`migrations/sqlite/*.sql`, embedded,
+//! versioned in `erlmail_schema`) and every SQL statement against the file. The file is in
+//! WAL mode with `synchronous=FULL`, so a committed transaction survives a power cut;
+//! several erlmail processes may share it: every write transaction starts with
+//! `BEGIN IMMEDIATE` (it takes the write lock up front, so two writers never deadlock on
+//! a lock upgrade) and waits out a busy file for `BUSY_TIMEOUT`. Queue claims are one
+//! `UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING id` inside such a transaction,
+//! so no row is given to two processes. Times are unix milliseconds. It must not decide
+//! policy (retry schedule, who is local): callers pass those in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::password::is_phc_hash;
 use super::*;
-/// SQLite store.
-pub struct SqliteStore;
+
+/// How long a statement waits for another process's write lock before failing as
+/// `Unavailable`. Generous: a commit with `synchronous=FULL` on a slow disk can take a
+/// while, and an SMTP client waits minutes for the reply to DATA anyway.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connections per process. SQLite has one writer at a time; a few connections let reads
+/// (listings, user look-ups) proceed beside a write.
+const POOL_SIZE: u32 = 4;
+
+/// The schema migrations, in order: (version, name, SQL). Never edit a released one; add
+/// the next file instead.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/sqlite/0001_initial.sql"),
+)];
+
+/// The columns of `outgoing` that a `QueuedMessage`/`QueueSummary` reads, body excluded.
+macro_rules! outgoing_cols {
+    () => {
+        "id, sender, ret, envid, client_ip, helo, received_at, tries, last_try_at, \
+         last_error, next_retry_at, lock_owner, lock_expires_at, held, size"
+    };
+}
+
+/// The SQLite store: a small connection pool on one database file.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
 impl SqliteStore {
-    /// Open or create.
-    pub async fn open(_path: &std::path::Path) -> StoreResult<Self> {
-        Err(StoreError::Backend("todo".into()))
+    /// Open the database file at `path`, creating it and its parent directories if
+    /// missing, and bring its schema up to date.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with_pragmas(path, &[]).await
+    }
+
+    /// `open` with extra per-connection pragmas (tests use `max_page_count` to fill
+    /// the database).
+    pub(crate) async fn open_with_pragmas(
+        path: &Path,
+        pragmas: &[(&'static str, String)],
+    ) -> StoreResult<Self> {
+        if let Some(parent) = path.parent() {
+            if !parent.as_os_str().is_empty() {
+                tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                    let e = StoreError::from(e);
+                    match e {
+                        StoreError::Full(m) => StoreError::Full(m),
+                        other => StoreError::Unavailable(format!(
+                            "cannot create directory {}: {other}",
+                            parent.display()
+                        )),
+                    }
+                })?;
+            }
+        }
+        let mut options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        for (key, value) in pragmas {
+            options = options.pragma(*key, value.clone());
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .min_connections(0)
+            .acquire_timeout(BUSY_TIMEOUT + Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| match db_err(e) {
+                StoreError::Backend(m) => StoreError::Unavailable(format!(
+                    "cannot open SQLite store {}: {m}",
+                    path.display()
+                )),
+                other => other,
+            })?;
+        let store = SqliteStore {
+            pool,
+            path: path.to_path_buf(),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the file (the last migration applied).
+    pub async fn schema_version(&self) -> StoreResult<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// Close every connection (waits for those in use).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Apply the missing migrations in one write transaction, so that two processes
+    /// opening a fresh file at once apply them exactly once.
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS erlmail_schema (
+                 version     INTEGER PRIMARY KEY,
+                 name        TEXT NOT NULL,
+                 applied_at  INTEGER NOT NULL
+             )",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let current = current.unwrap_or(0);
+        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > latest {
+            return Err(StoreError::Invalid(format!(
+                "store schema version {current} is newer than this erlmail knows ({latest}); \
+                 upgrade erlmail"
+            )));
+        }
+        for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::Backend(format!("migration {version} ({name}): {e}")))?;
+            sqlx::query(
+                "INSERT INTO erlmail_schema (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(version)
+            .bind(name)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            tracing::info!(version, name, path = %self.path.display(), "store migration applied");
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// A transaction holding the write lock from its first statement.
+    async fn write_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)
+    }
+}
+
+// ----- helpers -----
+
+/// Map a sqlx error to a `StoreError`: a full disk/database is `Full`, a busy or locked
+/// file and pool trouble are `Unavailable` (temporary), the rest `Backend`.
+fn db_err(e: sqlx::Error) -> StoreError {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    const SQLITE_FULL: i32 = 13;
+    const SQLITE_CANTOPEN: i32 = 14;
+    match e {
+        sqlx::Error::Database(dbe) => {
+            // sqlx reports SQLite's extended result code; the primary code is its low byte.
+            let primary = dbe
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map(|c| c & 0xff);
+            let msg = dbe.message().to_string();
+            match primary {
+                Some(SQLITE_FULL) => StoreError::Full(msg),
+                Some(SQLITE_BUSY) | Some(SQLITE_LOCKED) | Some(SQLITE_CANTOPEN) => {
+                    StoreError::Unavailable(msg)
+                }
+                _ => StoreError::Backend(msg),
+            }
+        }
+        sqlx::Error::Io(io) => match StoreError::from(io) {
+            StoreError::Backend(m) => StoreError::Unavailable(m),
+            other => other,
+        },
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable(e.to_string())
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(v)
+        .ok_or_else(|| StoreError::Backend(format!("stored time {v} out of range")))
+}
+
+fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
+    v.map(from_ms).transpose()
+}
+
+/// `now + lease` in milliseconds, saturating rather than wrapping on absurd leases.
+fn lease_end(now: DateTime<Utc>, lease: Duration) -> i64 {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    ms(now).saturating_add(lease_ms)
+}
+
+/// A domain name as stored: trimmed, lower-case, without a trailing dot.
+fn norm_domain(name: &str) -> StoreResult<String> {
+    let d = name.trim().trim_end_matches('.').to_lowercase();
+    if d.is_empty() || d.chars().any(|c| c.is_whitespace() || c == '@' || c == '/') {
+        return Err(StoreError::Invalid(format!("invalid domain name {name:?}")));
+    }
+    Ok(d)
+}
+
+/// A user address as stored: `local@domain`, lower-case (look-ups are case-insensitive,
+/// as Postfix's are). Returns (address, local part, domain).
+fn norm_address(address: &str) -> StoreResult<(String, String, String)> {
+    let a = address.trim();
+    let (local, domain) = a
+        .rsplit_once('@')
+        .ok_or_else(|| StoreError::Invalid(format!("invalid address {address:?}: no @domain")))?;
+    if local.is_empty() || local.chars().any(char::is_whitespace) {
+        return Err(StoreError::Invalid(format!("invalid address {address:?}")));
+    }
+    let local = local.to_lowercase();
+    let domain = norm_domain(domain)?;
+    Ok((format!("{local}@{domain}"), local, domain))
+}
+
+/// The IMAP rule: `INBOX` is case-insensitive; other names are as given.
+fn norm_mailbox(name: &str) -> &str {
+    if name.eq_ignore_ascii_case("INBOX") {
+        "INBOX"
+    } else {
+        name
+    }
+}
+
+/// A Postfix-like queue id: 16 upper-case hex digits (64 random bits).
+fn new_queue_id() -> String {
+    format!("{:016X}", rand::rng().next_u64())
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The row part of a queued message (body and recipients read separately).
+struct OutgoingRow {
+    id: String,
+    sender: String,
+    ret: Option<String>,
+    envid: Option<String>,
+    client_ip: String,
+    helo: String,
+    received_at: DateTime<Utc>,
+    tries: u32,
+    last_try_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    next_retry_at: DateTime<Utc>,
+    lock_owner: Option<String>,
+    lock_expires_at: Option<DateTime<Utc>>,
+    held: bool,
+    size: u64,
+}
+
+fn outgoing_row(r: &SqliteRow) -> StoreResult<OutgoingRow> {
+    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing row: {e}"));
+    Ok(OutgoingRow {
+        id: r.try_get("id").map_err(g)?,
+        sender: r.try_get("sender").map_err(g)?,
+        ret: r.try_get("ret").map_err(g)?,
+        envid: r.try_get("envid").map_err(g)?,
+        client_ip: r.try_get("client_ip").map_err(g)?,
+        helo: r.try_get("helo").map_err(g)?,
+        received_at: from_ms(r.try_get("received_at").map_err(g)?)?,
+        tries: to_u32(r.try_get("tries").map_err(g)?),
+        last_try_at: opt_from_ms(r.try_get("last_try_at").map_err(g)?)?,
+        last_error: r.try_get("last_error").map_err(g)?,
+        next_retry_at: from_ms(r.try_get("next_retry_at").map_err(g)?)?,
+        lock_owner: r.try_get("lock_owner").map_err(g)?,
+        lock_expires_at: opt_from_ms(r.try_get("lock_expires_at").map_err(g)?)?,
+        held: r.try_get::<i64, _>("held").map_err(g)? != 0,
+        size: to_u64(r.try_get("size").map_err(g)?),
+    })
+}
+
+/// One queued message with its pending recipients and body, read on `conn` (inside the
+/// caller's transaction, so the three reads agree).
+async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<QueuedMessage>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        outgoing_cols!(),
+        ", body FROM outgoing WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let o = outgoing_row(&row)?;
+    let body: Vec<u8> = row
+        .try_get("body")
+        .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))?;
+    let rows = sqlx::query(
+        "SELECT address, orcpt, notify FROM outgoing_rcpts
+         WHERE queue_id = $1 AND state = 'pending' ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+    let rcpts = rows
+        .iter()
+        .map(|r| {
+            Ok(OutgoingRcpt {
+                address: r.try_get("address").map_err(g)?,
+                orcpt: r.try_get("orcpt").map_err(g)?,
+                notify: r.try_get("notify").map_err(g)?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(Some(QueuedMessage {
+        id: o.id,
+        sender: o.sender,
+        ret: o.ret,
+        envid: o.envid,
+        client_ip: o.client_ip,
+        helo: o.helo,
+        received_at: o.received_at,
+        tries: o.tries,
+        last_try_at: o.last_try_at,
+        last_error: o.last_error,
+        next_retry_at: o.next_retry_at,
+        lock_owner: o.lock_owner,
+        lock_expires_at: o.lock_expires_at,
+        held: o.held,
+        size: o.size,
+        rcpts,
+        body,
+    }))
+}
+
+fn message_summary(r: &SqliteRow) -> StoreResult<MessageSummary> {
+    let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
+    Ok(MessageSummary {
+        id: r.try_get("id").map_err(g)?,
+        mailbox: r.try_get("mailbox").map_err(g)?,
+        sender: r.try_get("sender").map_err(g)?,
+        subject: r.try_get("subject").map_err(g)?,
+        size: to_u64(r.try_get("size").map_err(g)?),
+        internal_date: from_ms(r.try_get("internal_date").map_err(g)?)?,
+    })
+}
+
+/// Store one accepted message inside the batch transaction.
+async fn accept_one(conn: &mut SqliteConnection, m: IncomingMessage) -> StoreResult<Accepted> {
+    let received = ms(m.received_at);
+    let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
+    let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
+    for rcpt in &m.local_rcpts {
+        let (address, _, _) = norm_address(rcpt)?;
+        let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let user_id = user_id
+            .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
+        sqlx::query(
+            "INSERT INTO mailboxes (user_id, name) VALUES ($1, 'INBOX')
+             ON CONFLICT (user_id, name) DO NOTHING",
+        )
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        let mailbox_id: i64 =
+            sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = 'INBOX'")
+                .bind(user_id)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO messages
+                 (mailbox_id, sender, recipients, subject, size, internal_date, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(mailbox_id)
+        .bind(&m.sender)
+        .bind(&address)
+        .bind(&m.subject)
+        .bind(size)
+        .bind(received)
+        .bind(&m.body)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        message_ids.push(id);
+    }
+    let mut queue_id = None;
+    if !m.remote_rcpts.is_empty() {
+        // 64 random bits make a clash unlikely; ON CONFLICT lets us simply draw again
+        // without aborting the transaction (also on PostgreSQL).
+        let mut inserted = None;
+        for _ in 0..8 {
+            let id = new_queue_id();
+            let done = sqlx::query(
+                "INSERT INTO outgoing
+                     (id, sender, ret, envid, client_ip, helo, received_at, tries,
+                      next_retry_at, held, size, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $7, 0, $8, $9)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(&m.sender)
+            .bind(&m.ret)
+            .bind(&m.envid)
+            .bind(&m.client_ip)
+            .bind(&m.helo)
+            .bind(received)
+            .bind(size)
+            .bind(&m.body)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+            if done.rows_affected() == 1 {
+                inserted = Some(id);
+                break;
+            }
+        }
+        let id =
+            inserted.ok_or_else(|| StoreError::Backend("could not draw a free queue id".into()))?;
+        for (seq, r) in m.remote_rcpts.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO outgoing_rcpts
+                     (queue_id, seq, address, orcpt, notify, state, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
+            )
+            .bind(&id)
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+            .bind(&r.address)
+            .bind(&r.orcpt)
+            .bind(&r.notify)
+            .bind(received)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        }
+        queue_id = Some(id);
+    }
+    Ok(Accepted {
+        queue_id,
+        message_ids,
+    })
+}
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn add_domain(&self, name: &str) -> StoreResult<bool> {
+        let name = norm_domain(name)?;
+        let done = sqlx::query(
+            "INSERT INTO domains (name, created_at) VALUES ($1, $2)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&name)
+        .bind(Utc::now().timestamp_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_domain(&self, name: &str) -> StoreResult<bool> {
+        let name = norm_domain(name)?;
+        // Users, their mailboxes and messages go with it (ON DELETE CASCADE).
+        let done = sqlx::query("DELETE FROM domains WHERE name = $1")
+            .bind(&name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_domains(&self) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT name FROM domains ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn is_local_domain(&self, name: &str) -> StoreResult<bool> {
+        let Ok(name) = norm_domain(name) else {
+            return Ok(false);
+        };
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
+            .bind(&name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn add_user(&self, address: &str, password_hash: &str) -> StoreResult<()> {
+        let (address, local, domain) = norm_address(address)?;
+        if !is_phc_hash(password_hash) {
+            // Never echo the value: it might be a clear-text password passed by mistake.
+            return Err(StoreError::Invalid(
+                "password must be given as an argon2 PHC hash".into(),
+            ));
+        }
+        let mut tx = self.write_tx().await?;
+        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
+            .bind(&domain)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if known.is_none() {
+            return Err(StoreError::Invalid(format!("unknown domain {domain}")));
+        }
+        let done = sqlx::query(
+            "INSERT INTO users (address, local_part, domain, password_hash, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO NOTHING",
+        )
+        .bind(&address)
+        .bind(&local)
+        .bind(&domain)
+        .bind(password_hash)
+        .bind(Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Invalid(format!(
+                "user {address} already exists"
+            )));
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn set_password(&self, address: &str, password_hash: &str) -> StoreResult<bool> {
+        let (address, _, _) = norm_address(address)?;
+        if !is_phc_hash(password_hash) {
+            return Err(StoreError::Invalid(
+                "password must be given as an argon2 PHC hash".into(),
+            ));
+        }
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE address = $2")
+            .bind(password_hash)
+            .bind(&address)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_user(&self, address: &str) -> StoreResult<bool> {
+        let (address, _, _) = norm_address(address)?;
+        let done = sqlx::query("DELETE FROM users WHERE address = $1")
+            .bind(&address)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_users(&self, domain: Option<&str>) -> StoreResult<Vec<String>> {
+        match domain {
+            Some(d) => {
+                let d = norm_domain(d)?;
+                sqlx::query_scalar("SELECT address FROM users WHERE domain = $1 ORDER BY address")
+                    .bind(d)
+                    .fetch_all(&self.pool)
+                    .await
+            }
+            None => {
+                sqlx::query_scalar("SELECT address FROM users ORDER BY address")
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(db_err)
+    }
+
+    async fn password_hash(&self, address: &str) -> StoreResult<Option<String>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(None);
+        };
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn user_exists(&self, address: &str) -> StoreResult<bool> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(false);
+        };
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write_tx().await?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            // An error drops `tx`, which rolls the whole batch back.
+            out.push(accept_one(&mut tx, m).await?);
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(
+            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
+             FROM messages m
+             JOIN mailboxes b ON m.mailbox_id = b.id
+             JOIN users u ON b.user_id = u.id
+             WHERE u.address = $1 AND b.name = $2
+             ORDER BY m.id",
+        )
+        .bind(&address)
+        .bind(norm_mailbox(mailbox))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(message_summary).collect()
+    }
+
+    async fn get_message(&self, address: &str, id: i64) -> StoreResult<Option<StoredMessage>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
+                    m.recipients, m.body
+             FROM messages m
+             JOIN mailboxes b ON m.mailbox_id = b.id
+             JOIN users u ON b.user_id = u.id
+             WHERE u.address = $1 AND m.id = $2",
+        )
+        .bind(&address)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
+        let recipients: String = row.try_get("recipients").map_err(g)?;
+        Ok(Some(StoredMessage {
+            summary: message_summary(&row)?,
+            recipients: recipients.lines().map(str::to_string).collect(),
+            body: row.try_get("body").map_err(g)?,
+        }))
+    }
+
+    async fn claim_due(
+        &self,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write_tx().await?;
+        // The claim itself is this one statement; the write lock taken by BEGIN IMMEDIATE
+        // keeps any other process out until we commit. (PostgreSQL: FOR UPDATE SKIP LOCKED
+        // in the sub-select.)
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+             WHERE id IN (
+                 SELECT id FROM outgoing
+                 WHERE next_retry_at <= $3 AND held = 0
+                   AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $3)
+                 ORDER BY next_retry_at, id
+                 LIMIT $4)
+             RETURNING id",
+        )
+        .bind(node)
+        .bind(lease_end(now, lease))
+        .bind(ms(now))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(m) = load_queued(&mut tx, id).await? {
+                claimed.push(m);
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        // RETURNING gives no order; hand them out in due order.
+        claimed.sort_by(|a, b| (a.next_retry_at, &a.id).cmp(&(b.next_retry_at, &b.id)));
+        Ok(claimed)
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<Option<QueuedMessage>> {
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+             WHERE id = $3 AND next_retry_at <= $4 AND held = 0
+               AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
+        )
+        .bind(node)
+        .bind(lease_end(now, lease))
+        .bind(id)
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let m = load_queued(&mut tx, id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(m)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_expires_at = $1 WHERE id = $2 AND lock_owner = $3",
+        )
+        .bind(lease_end(now, lease))
+        .bind(id)
+        .bind(node)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_attempt(
+        &self,
+        id: &str,
+        node: &str,
+        outcome: AttemptRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        let owner: Option<Option<String>> =
+            sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        match owner {
+            None => {
+                return Err(StoreError::Invalid(format!("no queued message {id}")));
+            }
+            Some(owner) if owner.as_deref() != Some(node) => {
+                return Err(StoreError::Invalid(format!(
+                    "queued message {id} is not locked by {node} (lease lost)"
+                )));
+            }
+            Some(_) => {}
+        }
+        let at = ms(outcome.at);
+        for (address, state, response) in &outcome.rcpt_results {
+            sqlx::query(
+                "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
+                 WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
+            )
+            .bind(state.as_str())
+            .bind(response)
+            .bind(at)
+            .bind(id)
+            .bind(address)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        sqlx::query(
+            "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
+                 next_retry_at = COALESCE($3, next_retry_at),
+                 lock_owner = NULL, lock_expires_at = NULL
+             WHERE id = $4",
+        )
+        .bind(at)
+        .bind(&outcome.error)
+        .bind(outcome.next_retry_at.map(ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if pending == 0 {
+            sqlx::query("DELETE FROM outgoing WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL
+             WHERE id = $1 AND lock_owner = $2",
+        )
+        .bind(id)
+        .bind(node)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {
+        // One read transaction: rows and recipients from the same snapshot.
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outgoing_cols!(),
+            " FROM outgoing ORDER BY received_at, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let rrows = sqlx::query(
+            "SELECT queue_id, address, orcpt, notify, state, last_response
+             FROM outgoing_rcpts ORDER BY queue_id, seq",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+        let mut by_id: HashMap<String, Vec<QueueRcpt>> = HashMap::new();
+        for r in &rrows {
+            let state: String = r.try_get("state").map_err(g)?;
+            let state = RcptState::parse(&state)
+                .ok_or_else(|| StoreError::Backend(format!("unknown recipient state {state:?}")))?;
+            by_id
+                .entry(r.try_get("queue_id").map_err(g)?)
+                .or_default()
+                .push(QueueRcpt {
+                    address: r.try_get("address").map_err(g)?,
+                    orcpt: r.try_get("orcpt").map_err(g)?,
+                    notify: r.try_get("notify").map_err(g)?,
+                    state,
+                    last_response: r.try_get("last_response").map_err(g)?,
+                });
+        }
+        rows.iter()
+            .map(|r| {
+                let o = outgoing_row(r)?;
+                Ok(QueueSummary {
+                    rcpts: by_id.remove(&o.id).unwrap_or_default(),
+                    id: o.id,
+                    size: o.size,
+                    received_at: o.received_at,
+                    sender: o.sender,
+                    tries: o.tries,
+                    last_try_at: o.last_try_at,
+                    next_retry_at: o.next_retry_at,
+                    last_error: o.last_error,
+                    held: o.held,
+                    lock_owner: o.lock_owner,
+                    lock_expires_at: o.lock_expires_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn get_queued(&self, id: &str) -> StoreResult<Option<QueuedMessage>> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let m = load_queued(&mut tx, id).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(m)
+    }
+
+    async fn delete_queued(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM outgoing WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_all_queued(&self) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM outgoing")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn hold(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE outgoing SET held = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_hold(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE outgoing SET held = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = match id {
+            Some(id) => {
+                sqlx::query(
+                    "UPDATE outgoing
+                     SET next_retry_at = CASE WHEN next_retry_at > $1 THEN $1 ELSE next_retry_at END
+                     WHERE id = $2 AND held = 0",
+                )
+                .bind(ms(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE outgoing
+                     SET next_retry_at = CASE WHEN next_retry_at > $1 THEN $1 ELSE next_retry_at END
+                     WHERE held = 0",
+                )
+                .bind(ms(now))
+                .execute(&self.pool)
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fresh() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn contract_suite() {
+        let (_dir, store) = fresh().await;
+        super::super::contract::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_handles_never_claim_the_same_message() {
+        let (dir, a) = fresh().await;
+        let b = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
+            .await
+            .unwrap();
+        super::super::contract::concurrent_claims(&a, &b, 200).await;
+    }
+
+    #[tokio::test]
+    async fn pragmas_and_schema_version() {
+        let (dir, store) = fresh().await;
+        let path = dir.path().join("spool/sub/erlmail.db");
+        assert!(path.is_file());
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+        assert_eq!(store.schema_version().await.unwrap(), 1);
+        store.add_domain("keep.test").await.unwrap();
+        store.close().await;
+        // Re-opening applies nothing twice and keeps the data.
+        let again = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(again.schema_version().await.unwrap(), 1);
+        assert_eq!(
+            again.list_domains().await.unwrap(),
+            vec!["keep.test".to_string()]
+        );
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let (dir, store) = fresh().await;
+        sqlx::query(
+            "INSERT INTO erlmail_schema (version, name, applied_at) VALUES (99, 'future', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.close().await;
+        let err = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, StoreError::Invalid(ref m) if m.contains("99")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn full_database_is_reported_as_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.db");
+        // Create the schema first, then re-open with a page cap just above its size.
+        let pages: i64 = {
+            let s = SqliteStore::open(&path).await.unwrap();
+            let n = sqlx::query_scalar("PRAGMA page_count")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            s.close().await;
+            n
+        };
+        let store =
+            SqliteStore::open_with_pragmas(&path, &[("max_page_count", (pages + 2).to_string())])
+                .await
+                .unwrap();
+        let msg = IncomingMessage {
+            sender: "s@x.test".into(),
+            local_rcpts: vec![],
+            remote_rcpts: vec![OutgoingRcpt {
+                address: "r@far.test".into(),
+                orcpt: None,
+                notify: None,
+            }],
+            ret: None,
+            envid: None,
+            client_ip: "127.0.0.1".into(),
+            helo: "h".into(),
+            received_at: Utc::now(),
+            subject: None,
+            body: vec![b'x'; 1 << 20],
+        };
+        let err = store.accept_batch(vec![msg]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Full(_)), "{err:?}");
+        assert!(
+            store.list_queue().await.unwrap().is_empty(),
+            "nothing half-stored"
+        );
+    }
+
+    #[test]
+    fn addresses_are_normalised() {
+        assert_eq!(
+            norm_address(" Alice@Example.COM. ").unwrap(),
+            (
+                "alice@example.com".into(),
+                "alice".into(),
+                "example.com".into()
+            )
+        );
+        assert!(norm_address("alice").is_err());
+        assert!(norm_address("@example.com").is_err());
+        assert!(norm_address("a b@example.com").is_err());
+        assert_eq!(norm_mailbox("inbox"), "INBOX");
+        assert_eq!(norm_mailbox("Sent"), "Sent");
+    }
+
+    #[test]
+    fn queue_ids_are_16_upper_hex() {
+        let a = new_queue_id();
+        assert_eq!(a.len(), 16);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c)),
+            "{a}"
+        );
+        assert_ne!(a, new_queue_id());
     }
 }

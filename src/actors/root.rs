@@ -1,0 +1,351 @@
+//! `erlmail_sup`: the root supervisor (one_for_one, at most 5 restarts in 60 s).
+//!
+//! It starts the permanent children in order (store, SMTP supervisor, queue), re-creates
+//! any of them that fails, and gives up — stopping itself, which ends the daemon with a
+//! non-zero exit — when restarts exceed the intensity. It also carries the daemon-wide
+//! requests: reload, tree logging and the ordered shutdown (sessions drain first, then the
+//! queue, then the store so that commits in flight finish).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tracing::{error, info, warn};
+
+use super::{child_path, queue, smtpd_sup, store, RestartIntensity, TreeNode};
+use crate::config::Config;
+
+/// The root supervisor.
+pub struct Root;
+
+/// Why the root stopped; read by `main` to choose the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootExit {
+    /// Still running.
+    Running,
+    /// Stopped on request (SIGTERM/SIGINT): exit 0.
+    Shutdown,
+    /// Restart intensity exceeded: exit non-zero.
+    GaveUp(String),
+}
+
+/// Start-up arguments of the root.
+pub struct RootArgs {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Where the root says why it stopped.
+    pub exit: tokio::sync::watch::Sender<RootExit>,
+}
+
+/// Requests the root serves.
+pub enum RootMsg {
+    /// A new configuration was loaded (SIGHUP); pass it down.
+    Reload(Arc<Config>),
+    /// Log the live tree (SIGUSR1).
+    LogTree,
+    /// The live tree, for status displays.
+    Tree(RpcReplyPort<TreeNode>),
+    /// Stop everything in order; the reply comes when all is stopped.
+    Shutdown(RpcReplyPort<()>),
+    /// Test-only fault injection: make the named permanent child panic.
+    #[cfg(debug_assertions)]
+    InjectPanic(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Child {
+    Store,
+    SmtpdSup,
+    Queue,
+}
+
+impl Child {
+    fn name(self) -> &'static str {
+        match self {
+            Child::Store => super::STORE,
+            Child::SmtpdSup => super::SMTPD_SUP,
+            Child::Queue => super::QUEUE,
+        }
+    }
+}
+
+/// The root's state.
+pub struct RootState {
+    config: Arc<Config>,
+    exit: tokio::sync::watch::Sender<RootExit>,
+    intensity: RestartIntensity,
+    store: Option<ActorCell>,
+    smtpd_sup: Option<ActorCell>,
+    queue: Option<ActorCell>,
+    shutting_down: bool,
+}
+
+impl RootState {
+    fn cell(&self, child: Child) -> Option<&ActorCell> {
+        match child {
+            Child::Store => self.store.as_ref(),
+            Child::SmtpdSup => self.smtpd_sup.as_ref(),
+            Child::Queue => self.queue.as_ref(),
+        }
+    }
+
+    fn which(&self, cell: &ActorCell) -> Option<Child> {
+        [Child::Store, Child::SmtpdSup, Child::Queue]
+            .into_iter()
+            .find(|c| self.cell(*c).map(|x| x.get_id()) == Some(cell.get_id()))
+    }
+}
+
+async fn spawn_child(
+    child: Child,
+    myself: &ActorRef<RootMsg>,
+    config: &Arc<Config>,
+) -> Result<ActorCell, ActorProcessingErr> {
+    let path = child_path(super::ROOT, child.name());
+    let sup = myself.get_cell();
+    let cell = match child {
+        Child::Store => {
+            let args = store::StoreArgs {
+                config: config.clone(),
+                path,
+            };
+            Actor::spawn_linked(Some(child.name().into()), store::StoreActor, args, sup)
+                .await?
+                .0
+                .get_cell()
+        }
+        Child::SmtpdSup => {
+            let args = smtpd_sup::SmtpdSupArgs {
+                config: config.clone(),
+                path,
+            };
+            Actor::spawn_linked(Some(child.name().into()), smtpd_sup::SmtpdSup, args, sup)
+                .await?
+                .0
+                .get_cell()
+        }
+        Child::Queue => {
+            let args = queue::QueueArgs {
+                config: config.clone(),
+                path,
+            };
+            Actor::spawn_linked(Some(child.name().into()), queue::QueueActor, args, sup)
+                .await?
+                .0
+                .get_cell()
+        }
+    };
+    Ok(cell)
+}
+
+impl Actor for Root {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: RootArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        info!(path = super::ROOT, "starting");
+        let mut state = RootState {
+            config: args.config,
+            exit: args.exit,
+            intensity: RestartIntensity::otp_default(),
+            store: None,
+            smtpd_sup: None,
+            queue: None,
+            shutting_down: false,
+        };
+        // Store first: the SMTP side and the queue both need it.
+        state.store = Some(spawn_child(Child::Store, &myself, &state.config).await?);
+        state.queue = Some(spawn_child(Child::Queue, &myself, &state.config).await?);
+        state.smtpd_sup = Some(spawn_child(Child::SmtpdSup, &myself, &state.config).await?);
+        Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let tree = TreeNode::of(&myself.get_cell());
+        info!(path = super::ROOT, tree = %tree.render(), "started; actor tree:\n{}", tree.render());
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        info!(path = super::ROOT, "stopped");
+        state.exit.send_if_modified(|e| {
+            if *e == RootExit::Running {
+                *e = RootExit::Shutdown;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::Reload(config) => {
+                state.config = config.clone();
+                if let Some(c) = &state.smtpd_sup {
+                    let _ = c.send_message(smtpd_sup::SmtpdSupMsg::Reload(config.clone()));
+                }
+                if let Some(c) = &state.queue {
+                    let _ = c.send_message(queue::QueueMsg::Reload(config.clone()));
+                }
+                if let Some(c) = &state.store {
+                    let _ = c.send_message(store::StoreMsg::Reload(config));
+                }
+                info!(path = super::ROOT, "configuration reloaded");
+            }
+            RootMsg::LogTree => {
+                let tree = TreeNode::of(&myself.get_cell());
+                info!(path = super::ROOT, tree = %tree.render(), "actor tree:\n{}", tree.render());
+            }
+            RootMsg::Tree(reply) => {
+                let _ = reply.send(TreeNode::of(&myself.get_cell()));
+            }
+            RootMsg::Shutdown(reply) => {
+                info!(path = super::ROOT, "shutting down");
+                state.shutting_down = true;
+                // Sessions first: each finishes its commit or gets a 421.
+                if let Some(c) = state.smtpd_sup.take() {
+                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                    let _ = sup
+                        .call(smtpd_sup::SmtpdSupMsg::Shutdown, Some(Duration::from_secs(4)))
+                        .await;
+                    c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_millis(500)))
+                        .await
+                        .ok();
+                }
+                if let Some(c) = state.queue.take() {
+                    c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(1)))
+                        .await
+                        .ok();
+                }
+                if let Some(c) = state.store.take() {
+                    c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(2)))
+                        .await
+                        .ok();
+                }
+                let _ = state.exit.send(RootExit::Shutdown);
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+            #[cfg(debug_assertions)]
+            RootMsg::InjectPanic(target) => {
+                warn!(path = super::ROOT, target = %target, "test hook: injecting a panic");
+                match target.as_str() {
+                    super::STORE => {
+                        if let Some(c) = &state.store {
+                            let _ = c.send_message(store::StoreMsg::InjectPanic);
+                        }
+                    }
+                    super::QUEUE => {
+                        if let Some(c) = &state.queue {
+                            let _ = c.send_message(queue::QueueMsg::InjectPanic);
+                        }
+                    }
+                    other => warn!(path = super::ROOT, "test hook: no such target {other}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match &event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell.clone(),
+                format!(
+                    "terminated: {}",
+                    reason.clone().unwrap_or_else(|| "normal".into())
+                ),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(child) = state.which(&cell) else {
+            return Ok(());
+        };
+        let path = child_path(super::ROOT, child.name());
+        if state.shutting_down {
+            info!(path = %path, "stopped");
+            return Ok(());
+        }
+        error!(path = %path, reason = %why, "child {why}");
+        if !state.intensity.allow(Instant::now()) {
+            let msg = format!(
+                "restart intensity exceeded (more than 5 restarts in 60 s, last: {path} {why}); giving up"
+            );
+            error!(path = super::ROOT, "{msg}");
+            state.shutting_down = true;
+            let _ = state.exit.send(RootExit::GaveUp(msg.clone()));
+            myself.stop_children(Some("root giving up".into()));
+            myself.stop(Some(msg));
+            return Ok(());
+        }
+        match child {
+            Child::Store => state.store = None,
+            Child::SmtpdSup => state.smtpd_sup = None,
+            Child::Queue => state.queue = None,
+        }
+        // The dead child's name leaves the registry as it stops; wait for that so the
+        // new one can take it.
+        for _ in 0..100 {
+            if ractor::registry::where_is(child.name()).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        warn!(path = %path, "restarting");
+        let cell = spawn_child(child, &myself, &state.config).await?;
+        match child {
+            Child::Store => state.store = Some(cell),
+            Child::SmtpdSup => state.smtpd_sup = Some(cell),
+            Child::Queue => state.queue = Some(cell),
+        }
+        info!(path = %path, "restarted");
+        Ok(())
+    }
+}
+
+/// Start the whole tree; returns the root's ref, its join handle and its exit watch.
+pub async fn start(
+    config: Arc<Config>,
+) -> Result<
+    (
+        ActorRef<RootMsg>,
+        ractor::concurrency::JoinHandle<()>,
+        tokio::sync::watch::Receiver<RootExit>,
+    ),
+    ractor::SpawnErr,
+> {
+    let (tx, rx) = tokio::sync::watch::channel(RootExit::Running);
+    let (root, handle) = Actor::spawn(
+        Some(super::ROOT.into()),
+        Root,
+        RootArgs { config, exit: tx },
+    )
+    .await?;
+    Ok((root, handle, rx))
+}

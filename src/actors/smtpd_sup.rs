@@ -1,0 +1,257 @@
+//! `smtpd_sup`: supervises the listener (permanent) and one `smtpd_fsm` per session
+//! (temporary: a session that ends or fails is never restarted).
+//!
+//! The listener hands each accepted connection here; this supervisor enforces
+//! `server_smtp_max_connection` (ErlMail never did), names the session
+//! `smtpd_fsm#<n>` and spawns it linked to itself, so the live tree shows every session.
+//! On shutdown it stops accepting, tells every session to finish (a commit in flight
+//! completes; an idle session gets `421 4.3.2`), and answers once all are gone.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::net::TcpStream;
+use tracing::{error, info, warn};
+
+use super::{child_path, fsm, listener, RestartIntensity};
+use crate::config::Config;
+
+/// The SMTP supervisor.
+pub struct SmtpdSup;
+
+/// Start-up arguments.
+pub struct SmtpdSupArgs {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Path in the tree, for logs.
+    pub path: String,
+}
+
+/// Requests the SMTP supervisor serves.
+pub enum SmtpdSupMsg {
+    /// A connection the listener accepted.
+    Accepted(TcpStream, SocketAddr),
+    /// A new configuration: new sessions use it; the listener rebinds if its address
+    /// changed.
+    Reload(Arc<Config>),
+    /// Stop accepting, drain the sessions, then reply.
+    Shutdown(RpcReplyPort<()>),
+    /// The drain deadline passed: end the sessions that remain.
+    DrainDeadline,
+}
+
+/// The supervisor's state.
+pub struct SmtpdSupState {
+    config: Arc<Config>,
+    path: String,
+    listener: Option<ActorCell>,
+    listener_addr: (std::net::IpAddr, u16),
+    sessions: HashMap<ActorId, (String, ActorCell)>,
+    next_session: u64,
+    intensity: RestartIntensity,
+    draining: Option<RpcReplyPort<()>>,
+}
+
+async fn spawn_listener(
+    myself: &ActorRef<SmtpdSupMsg>,
+    config: &Arc<Config>,
+    path: &str,
+) -> Result<Option<ActorCell>, ActorProcessingErr> {
+    if !config.server_smtp_start {
+        warn!(path = %path, "server_smtp_start is false: the SMTP listener is not started");
+        return Ok(None);
+    }
+    let args = listener::ListenerArgs {
+        addr: SocketAddr::new(config.server_smtp_address, config.server_smtp_port),
+        path: child_path(path, super::LISTENER),
+        sup: myself.clone(),
+    };
+    let (r, _) = Actor::spawn_linked(
+        Some(super::LISTENER.into()),
+        listener::Listener,
+        args,
+        myself.get_cell(),
+    )
+    .await?;
+    Ok(Some(r.get_cell()))
+}
+
+impl Actor for SmtpdSup {
+    type Msg = SmtpdSupMsg;
+    type State = SmtpdSupState;
+    type Arguments = SmtpdSupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SmtpdSupArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        info!(path = %args.path, "started");
+        let listener = spawn_listener(&myself, &args.config, &args.path).await?;
+        Ok(SmtpdSupState {
+            listener_addr: (args.config.server_smtp_address, args.config.server_smtp_port),
+            config: args.config,
+            path: args.path,
+            listener,
+            sessions: HashMap::new(),
+            next_session: 0,
+            intensity: RestartIntensity::otp_default(),
+            draining: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(Some("smtpd_sup stopping".into()));
+        info!(path = %state.path, "stopped");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SmtpdSupMsg::Accepted(stream, peer) => {
+                let host = state.config.server_smtp_name.clone();
+                if state.draining.is_some() {
+                    refuse(stream, format!("421 4.3.2 {host} Service shutting down\r\n"));
+                } else if state.sessions.len() >= state.config.server_smtp_max_connection {
+                    warn!(path = %state.path, client = %peer, limit = state.config.server_smtp_max_connection, "too many connections");
+                    refuse(stream, format!("421 4.7.0 {host} Error: too many connections\r\n"));
+                } else {
+                    state.next_session += 1;
+                    let name = format!("smtpd_fsm#{}", state.next_session);
+                    let args = fsm::FsmArgs {
+                        stream,
+                        peer,
+                        config: state.config.clone(),
+                        path: child_path(&state.path, &name),
+                    };
+                    match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell()).await {
+                        Ok((r, _)) => {
+                            state.sessions.insert(r.get_id(), (name, r.get_cell()));
+                        }
+                        Err(e) => error!(path = %state.path, error = %e, "could not start a session"),
+                    }
+                }
+            }
+            SmtpdSupMsg::Reload(config) => {
+                let new_addr = (config.server_smtp_address, config.server_smtp_port);
+                state.config = config;
+                if new_addr != state.listener_addr && state.draining.is_none() {
+                    info!(path = %state.path, "listening address changed; restarting the listener");
+                    state.listener_addr = new_addr;
+                    if let Some(old) = state.listener.take() {
+                        old.stop_and_wait(Some("rebinding".into()), Some(Duration::from_secs(2)))
+                            .await
+                            .ok();
+                    }
+                    wait_unregistered(super::LISTENER).await;
+                    state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
+                }
+            }
+            SmtpdSupMsg::Shutdown(reply) => {
+                if let Some(l) = state.listener.take() {
+                    l.stop(Some("shutdown".into()));
+                }
+                info!(path = %state.path, sessions = state.sessions.len(), "draining sessions");
+                for (_, cell) in state.sessions.values() {
+                    let _ = cell.send_message(fsm::FsmMsg::Shutdown);
+                }
+                if state.sessions.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    state.draining = Some(reply);
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        let _ = me.send_message(SmtpdSupMsg::DrainDeadline);
+                    });
+                }
+            }
+            SmtpdSupMsg::DrainDeadline => {
+                if let Some(reply) = state.draining.take() {
+                    for (name, cell) in state.sessions.values() {
+                        warn!(path = %child_path(&state.path, name), "did not finish in time; stopping it");
+                        cell.kill();
+                    }
+                    let _ = reply.send(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure) = match &event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell.clone(), None),
+            _ => return Ok(()),
+        };
+        if let Some((name, _)) = state.sessions.remove(&cell.get_id()) {
+            // Temporary children: logged, never restarted.
+            if let Some(err) = failure {
+                error!(path = %child_path(&state.path, &name), error = %err, "session failed");
+            }
+            if state.sessions.is_empty() {
+                if let Some(reply) = state.draining.take() {
+                    let _ = reply.send(());
+                }
+            }
+            return Ok(());
+        }
+        let is_listener = state.listener.as_ref().map(|l| l.get_id()) == Some(cell.get_id());
+        if !is_listener || state.draining.is_some() {
+            return Ok(());
+        }
+        let path = child_path(&state.path, super::LISTENER);
+        error!(path = %path, reason = failure.as_deref().unwrap_or("terminated"), "child failed");
+        state.listener = None;
+        if !state.intensity.allow(Instant::now()) {
+            // Escalate: our own failure lets the root decide.
+            return Err(format!("{path}: restart intensity exceeded").into());
+        }
+        wait_unregistered(super::LISTENER).await;
+        warn!(path = %path, "restarting");
+        state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
+        info!(path = %path, "restarted");
+        Ok(())
+    }
+}
+
+/// Answer and close a connection we will not serve, off the actor.
+fn refuse(mut stream: TcpStream, reply: String) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}
+
+/// A stopped actor's name leaves the registry as it finishes; wait for that before a
+/// successor takes the name.
+pub(crate) async fn wait_unregistered(name: &str) {
+    for _ in 0..200 {
+        if ractor::registry::where_is(name).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

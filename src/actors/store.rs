@@ -1,0 +1,238 @@
+//! `erlmail_store`: owns the store backend and serialises its writes with group commit.
+//!
+//! Every accepted message arrives as an `Accept` request. While a commit is in flight,
+//! new requests wait in `pending`; when it ends, all of them go into the next transaction
+//! together, so concurrent sessions share one fsync. A reply (and so the session's 250)
+//! goes out only after the transaction holding that message committed. After a commit,
+//! local copies go to Maildirs when configured, and `smtpd_queue` is told of each new
+//! queued message. Reads (recipient look-ups) run concurrently beside the writes.
+//! This actor does not speak SMTP and does not decide policy.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::store::{self, Accepted, IncomingMessage, SharedStore, StoreError, StoreResult};
+
+/// The store actor.
+pub struct StoreActor;
+
+/// Start-up arguments.
+pub struct StoreArgs {
+    /// The configuration in force (store URL, Maildir root).
+    pub config: Arc<Config>,
+    /// Path in the tree, for logs.
+    pub path: String,
+}
+
+/// What a recipient look-up found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecipientFacts {
+    /// The domain is one of ours.
+    pub local_domain: bool,
+    /// The user exists.
+    pub user_exists: bool,
+}
+
+/// Requests the store actor serves.
+pub enum StoreMsg {
+    /// Commit an accepted message (joins the next group commit).
+    Accept(IncomingMessage, RpcReplyPort<StoreResult<Accepted>>),
+    /// Is `domain` local, and does `local@domain` exist?
+    LookupRecipient {
+        /// `local@domain`, domain normalised.
+        address: String,
+        /// Where the answer goes.
+        reply: RpcReplyPort<StoreResult<RecipientFacts>>,
+    },
+    /// A new configuration.
+    Reload(Arc<Config>),
+    /// The commit in flight ended; start the next one if anything waits.
+    CommitDone,
+    /// Test-only fault injection.
+    #[cfg(debug_assertions)]
+    InjectPanic,
+}
+
+type Waiting = (IncomingMessage, RpcReplyPort<StoreResult<Accepted>>);
+
+/// The store actor's state.
+pub struct StoreState {
+    store: SharedStore,
+    config: Arc<Config>,
+    path: String,
+    pending: Vec<Waiting>,
+    in_flight: bool,
+}
+
+impl Actor for StoreActor {
+    type Msg = StoreMsg;
+    type State = StoreState;
+    type Arguments = StoreArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: StoreArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let url = args.config.effective_store_url();
+        let store = store::open(&url).await?;
+        info!(path = %args.path, backend = store.backend(), url = %redact_url(&url), "started");
+        Ok(StoreState {
+            store,
+            config: args.config,
+            path: args.path,
+            pending: Vec::new(),
+            in_flight: false,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Anything still waiting was never committed: its session answers 451.
+        for (_, reply) in state.pending.drain(..) {
+            let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));
+        }
+        info!(path = %state.path, "stopped");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StoreMsg::Accept(message, reply) => {
+                state.pending.push((message, reply));
+                if !state.in_flight {
+                    start_commit(&myself, state);
+                }
+            }
+            StoreMsg::CommitDone => {
+                state.in_flight = false;
+                if !state.pending.is_empty() {
+                    start_commit(&myself, state);
+                }
+            }
+            StoreMsg::LookupRecipient { address, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(lookup(&*store, &address).await);
+                });
+            }
+            StoreMsg::Reload(config) => state.config = config,
+            #[cfg(debug_assertions)]
+            StoreMsg::InjectPanic => {
+                panic!("test hook: injected panic in {}", state.path);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn lookup(store: &dyn store::MessageStore, address: &str) -> StoreResult<RecipientFacts> {
+    let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    let local_domain = store.is_local_domain(domain).await?;
+    let user_exists = local_domain && store.user_exists(address).await?;
+    Ok(RecipientFacts {
+        local_domain,
+        user_exists,
+    })
+}
+
+/// Take everything pending into one transaction, run it off the actor, and answer each
+/// waiting session when it has committed.
+fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
+    state.in_flight = true;
+    let batch = std::mem::take(&mut state.pending);
+    let store = state.store.clone();
+    let maildir_root = state.config.maildir_root.clone();
+    let me = myself.clone();
+    let path = state.path.clone();
+    tokio::spawn(async move {
+        let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let n = messages.len();
+        let maildir_copies: Vec<(Vec<String>, Vec<u8>)> = if maildir_root.is_some() {
+            messages
+                .iter()
+                .map(|m| (m.local_rcpts.clone(), m.body.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let started = std::time::Instant::now();
+        match store.accept_batch(messages).await {
+            Ok(results) => {
+                debug!(path = %path, messages = n, micros = started.elapsed().as_micros() as u64, "group commit");
+                if let Some(root) = &maildir_root {
+                    for (rcpts, body) in &maildir_copies {
+                        for rcpt in rcpts {
+                            if let Err(e) = store::maildir::deliver(root, rcpt, body, chrono::Utc::now()) {
+                                // The store copy is committed; the Maildir is a convenience copy.
+                                error!(path = %path, rcpt = %rcpt, error = %e, "maildir delivery failed");
+                            }
+                        }
+                    }
+                }
+                let queue = ractor::registry::where_is(super::QUEUE);
+                for (result, reply) in results.into_iter().zip(replies) {
+                    if let (Some(id), Some(q)) = (&result.queue_id, &queue) {
+                        let _ = q.send_message(super::queue::QueueMsg::NewMessage(id.clone()));
+                    }
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                warn!(path = %path, messages = n, error = %e, "commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(clone_error(&e)));
+                }
+            }
+        }
+        let _ = me.send_message(StoreMsg::CommitDone);
+    });
+}
+
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+        StoreError::Backend(s) => StoreError::Backend(s.clone()),
+        StoreError::Full(s) => StoreError::Full(s.clone()),
+    }
+}
+
+/// Hide a password in a `postgres://user:pass@host` URL before logging it.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_store_urls_are_not_logged() {
+        assert_eq!(
+            redact_url("postgres://postgres:secret@127.0.0.1/test"),
+            "postgres://postgres:***@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("sqlite://spool/erlmail.db"), "sqlite://spool/erlmail.db");
+    }
+}

@@ -1,0 +1,2 @@
+//! Tests of the configuration loader over real files: ErlMail's fixtures, config/erlmail.yaml
+//! and the malformed files in tests/fixtures/config/.

@@ -1,0 +1,276 @@
+//! The DATA decoder: message text in, unstuffed message (or a refusal) out.
+//!
+//! Only `<CR><LF>.<CR><LF>` ends DATA (the first CRLF may be the one that ended the
+//! `DATA` command itself). A bare CR or LF anywhere taints the message: the decoder keeps
+//! looking for the real end, so the bytes after a fake end such as `\n.\n` are never read
+//! as commands, and the whole message is refused (REFERENCE, "SMTP smuggling"). Lines
+//! starting with a dot lose that dot (RFC 5321 §4.5.2). Line length inside DATA is not
+//! limited (Postfix accepts long lines too); the message size is, and an over-size
+//! message is read to its end and then refused. The decoder is a byte-level state
+//! machine, so its verdict cannot depend on how the input was split.
+
+/// A bare line end, for the `550 5.5.2 Error: bare <..> received` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareNewline {
+    /// An LF not preceded by CR.
+    Lf,
+    /// A CR not followed by LF.
+    Cr,
+}
+
+/// How DATA ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// A clean message: dots unstuffed, every line CRLF-terminated.
+    Message(Vec<u8>),
+    /// The first bare line end seen; the message is refused.
+    Bare(BareNewline),
+    /// More than the size limit; the message is refused.
+    TooBig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (after CRLF, or at the start of DATA).
+    LineStart,
+    /// A dot at the start of a line.
+    Dot,
+    /// `.` CR at the start of a line: one LF away from the end.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// A CR inside a line, waiting to see whether LF follows.
+    Cr,
+}
+
+/// Decodes one message's DATA section.
+#[derive(Debug, Clone)]
+pub struct DataDecoder {
+    state: State,
+    body: Vec<u8>,
+    max_size: u64,
+    too_big: bool,
+    bare: Option<BareNewline>,
+    done: bool,
+}
+
+impl DataDecoder {
+    /// A decoder that refuses messages over `max_size` octets (after unstuffing);
+    /// `0` means no limit.
+    pub fn new(max_size: u64) -> Self {
+        DataDecoder {
+            state: State::LineStart,
+            body: Vec::new(),
+            max_size,
+            too_big: false,
+            bare: None,
+            done: false,
+        }
+    }
+
+    /// Whether the end of DATA has been seen.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Feeds input; returns how many bytes belonged to DATA (up to and including the
+    /// final `.CRLF`) and whether DATA ended. Bytes after the end are left to the caller.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while i < input.len() && !self.done {
+            if self.state == State::Text {
+                // Fast path: copy the run up to the next CR or LF in one go.
+                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                self.emit(&input[i..i + run]);
+                i += run;
+                if i == input.len() {
+                    break;
+                }
+            }
+            let b = input[i];
+            i += 1;
+            self.step(b);
+        }
+        (i, self.done)
+    }
+
+    /// The result, once [`feed`](Self::feed) has reported the end.
+    pub fn finish(self) -> DataOutcome {
+        if let Some(bare) = self.bare {
+            DataOutcome::Bare(bare)
+        } else if self.too_big {
+            DataOutcome::TooBig
+        } else {
+            DataOutcome::Message(self.body)
+        }
+    }
+
+    fn step(&mut self, b: u8) {
+        match self.state {
+            State::LineStart => match b {
+                b'.' => self.state = State::Dot,
+                _ => self.text_byte(b),
+            },
+            // The stuffed dot is dropped; the byte after it starts the line's text.
+            State::Dot => match b {
+                b'\r' => self.state = State::DotCr,
+                _ => self.text_byte(b),
+            },
+            State::DotCr => match b {
+                b'\n' => self.done = true,
+                _ => {
+                    self.taint(BareNewline::Cr);
+                    self.emit(b"\r");
+                    self.text_byte(b);
+                }
+            },
+            State::Text => self.text_byte(b),
+            State::Cr => match b {
+                b'\n' => {
+                    self.emit(b"\r\n");
+                    self.state = State::LineStart;
+                }
+                _ => {
+                    self.taint(BareNewline::Cr);
+                    self.emit(b"\r");
+                    self.text_byte(b);
+                }
+            },
+        }
+    }
+
+    /// A byte inside a line. A bare LF does not start a new line: only CRLF does, so
+    /// `\n.\n` can never look like the end.
+    fn text_byte(&mut self, b: u8) {
+        match b {
+            b'\r' => self.state = State::Cr,
+            b'\n' => {
+                self.taint(BareNewline::Lf);
+                self.state = State::Text;
+            }
+            _ => {
+                self.emit(&[b]);
+                self.state = State::Text;
+            }
+        }
+    }
+
+    fn taint(&mut self, bare: BareNewline) {
+        if self.bare.is_none() {
+            self.bare = Some(bare);
+        }
+        // The message will be refused; stop keeping its text.
+        self.body = Vec::new();
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        if self.bare.is_some() || self.too_big {
+            return;
+        }
+        self.body.extend_from_slice(bytes);
+        if self.max_size > 0 && self.body.len() as u64 > self.max_size {
+            self.too_big = true;
+            self.body = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(input: &[u8]) -> (usize, Option<DataOutcome>) {
+        let mut d = DataDecoder::new(1000);
+        let (n, done) = d.feed(input);
+        (n, done.then(|| d.finish()))
+    }
+
+    fn msg(s: &[u8]) -> Option<DataOutcome> {
+        Some(DataOutcome::Message(s.to_vec()))
+    }
+
+    #[test]
+    fn plain_message_and_rest() {
+        assert_eq!(
+            decode(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"),
+            (23, msg(b"Subject: x\r\n\r\nhi\r\n"))
+        );
+    }
+
+    #[test]
+    fn empty_message() {
+        assert_eq!(decode(b".\r\n"), (3, msg(b"")));
+    }
+
+    #[test]
+    fn dot_unstuffing() {
+        assert_eq!(
+            decode(b"..\r\n..x\r\n.y\r\n.\r\n"),
+            (16, msg(b".\r\n.x\r\ny\r\n"))
+        );
+    }
+
+    #[test]
+    fn incomplete() {
+        assert_eq!(decode(b"abc\r\n.\r"), (7, None));
+        assert_eq!(decode(b"abc\r\n"), (5, None));
+    }
+
+    #[test]
+    fn bare_lf_and_cr() {
+        assert_eq!(
+            decode(b"a\nb\r\n.\r\n").1,
+            Some(DataOutcome::Bare(BareNewline::Lf))
+        );
+        assert_eq!(
+            decode(b"a\rb\r\n.\r\n").1,
+            Some(DataOutcome::Bare(BareNewline::Cr))
+        );
+        assert_eq!(
+            decode(b".\rX\r\n.\r\n").1,
+            Some(DataOutcome::Bare(BareNewline::Cr))
+        );
+        assert_eq!(
+            decode(b"a\r\r\n.\r\n").1,
+            Some(DataOutcome::Bare(BareNewline::Cr))
+        );
+    }
+
+    #[test]
+    fn smuggling_sequences_do_not_end_data() {
+        for fake in [
+            &b"\n.\n"[..],
+            b"\r.\r",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\r\n.\r",
+            b"\r.\r\n",
+        ] {
+            let mut input = b"x".to_vec();
+            input.extend_from_slice(fake);
+            input.extend_from_slice(b"MAIL FROM:<a@b>\r\n");
+            let (n, out) = decode(&input);
+            assert_eq!((n, out), (input.len(), None), "{fake:?}");
+        }
+        // NUL before the dot: not an end, and not bare either: just text.
+        let (n, out) = decode(b"x\r\n\0.\r\nQUIT\r\n");
+        assert_eq!((n, out), (14, None));
+    }
+
+    #[test]
+    fn size_limit() {
+        let mut d = DataDecoder::new(10);
+        assert_eq!(d.feed(b"0123456789\r\n.\r\n"), (15, true));
+        assert_eq!(d.finish(), DataOutcome::TooBig);
+        let mut d = DataDecoder::new(10);
+        assert_eq!(d.feed(b"01234567\r\n.\r\n"), (13, true));
+        assert_eq!(d.finish(), DataOutcome::Message(b"01234567\r\n".to_vec()));
+    }
+
+    #[test]
+    fn bare_wins_over_size() {
+        let mut d = DataDecoder::new(3);
+        d.feed(b"abcdef\nx\r\n.\r\n");
+        assert_eq!(d.finish(), DataOutcome::Bare(BareNewline::Lf));
+    }
+}

@@ -1,0 +1,304 @@
+//! Test support: run the real `erlmail` binary, watch its log, talk to it.
+//!
+//! `Daemon::start` spawns `erlmail serve` in a private temporary spool with an ephemeral
+//! port on 127.0.0.1, collects every stderr line, and waits for the listener's
+//! `listening on ADDR` line. Dropping it kills the process. Include it from an integration
+//! test with `#[path = "support/daemon.rs"] mod daemon;`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_erlmail")
+}
+
+/// Run an admin command with a config file; returns (status, stdout, stderr).
+pub fn erlmail(config: &Path, args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config").arg(config).args(args);
+    cmd.env_remove("ERLMAIL_CONFIG");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn erlmail");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running `erlmail serve`.
+pub struct Daemon {
+    /// The child process.
+    pub child: Child,
+    /// Every log line so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+    /// The SMTP listener's address.
+    pub addr: SocketAddr,
+    /// The temporary directory holding config and spool.
+    pub dir: tempfile::TempDir,
+    /// The config file in use.
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Write `yaml` (plus spool_dir and an ephemeral port unless given) to a config file in
+    /// a fresh temporary directory and start the daemon on it.
+    pub fn start(yaml: &str) -> Daemon {
+        Self::start_with_env(yaml, &[])
+    }
+
+    /// As `start`, with extra environment variables.
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("erlmail.yaml");
+        std::fs::write(&config, Self::complete_yaml(yaml, dir.path())).unwrap();
+        let mut d = Self::spawn(dir, config, env);
+        d.addr = d.wait_for_listener();
+        d
+    }
+
+    /// The config text with the test defaults added.
+    pub fn complete_yaml(yaml: &str, dir: &Path) -> String {
+        let mut text = yaml.to_string();
+        if !text.ends_with('\n') && !text.is_empty() {
+            text.push('\n');
+        }
+        if !yaml.contains("spool_dir") {
+            text.push_str(&format!("spool_dir: \"{}\"\n", dir.join("spool").display()));
+        }
+        if !yaml.contains("server_smtp_port") {
+            text.push_str("server_smtp_port: 0\n");
+        }
+        if !yaml.contains("server_smtp_address") {
+            text.push_str("server_smtp_address: \"127.0.0.1\"\n");
+        }
+        if !yaml.contains("admin_listen") {
+            text.push_str("admin_listen: \"\"\n");
+        }
+        text
+    }
+
+    /// Spawn `erlmail serve` on an existing config, without waiting.
+    pub fn spawn(dir: tempfile::TempDir, config: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config").arg(&config).arg("serve");
+        cmd.env_remove("ERLMAIL_CONFIG");
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.current_dir(dir.path());
+        Self::spawn_cmd(cmd, dir, config)
+    }
+
+    /// Spawn any prepared command, collecting its stderr.
+    pub fn spawn_cmd(mut cmd: Command, dir: tempfile::TempDir, config: PathBuf) -> Daemon {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn erlmail serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("ERLMAIL_TEST_ECHO").is_some() {
+                        eprintln!("[erlmail] {line}");
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Daemon {
+            child,
+            log,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            config,
+        }
+    }
+
+    /// Wait for the `listening on ADDR` line and return ADDR.
+    pub fn wait_for_listener(&mut self) -> SocketAddr {
+        let line = self.wait_for_log("listening on ", Duration::from_secs(30));
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        addr.parse().expect("listener address")
+    }
+
+    /// Wait until a log line contains `needle`; panics with the log on timeout.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log_after(0, needle, timeout)
+    }
+
+    /// Wait until a log line at index >= `from` contains `needle`.
+    pub fn wait_for_log_after(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().skip(from).find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader threads a moment to drain.
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(l) = self.log.lock().unwrap().iter().skip(from).find(|l| l.contains(needle)) {
+                    return l.clone();
+                }
+                panic!("erlmail exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("no log line with {needle:?} within {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Number of log lines so far (a mark for `wait_for_log_after`).
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Send a signal to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig}");
+    }
+
+    /// Wait for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Run an admin command against this daemon's configuration.
+    pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String) {
+        erlmail(&self.config, args, stdin)
+    }
+
+    /// Open an SMTP connection and read the greeting.
+    pub fn connect(&self) -> Smtp {
+        Smtp::connect(self.addr)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal line-oriented SMTP client for tests.
+pub struct Smtp {
+    /// The connection.
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The greeting line(s).
+    pub greeting: String,
+}
+
+impl Smtp {
+    /// Connect and read the greeting.
+    pub fn connect(addr: SocketAddr) -> Smtp {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut s = Smtp {
+            stream,
+            reader,
+            greeting: String::new(),
+        };
+        s.greeting = s.read_reply();
+        s
+    }
+
+    /// Read one (possibly multi-line) reply, lines joined with `\n`.
+    pub fn read_reply(&mut self) -> String {
+        let mut out = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read reply");
+            if n == 0 {
+                break;
+            }
+            let l = line.trim_end_matches(['\r', '\n']).to_string();
+            let more = l.len() > 3 && l.as_bytes()[3] == b'-';
+            out.push(l);
+            if !more {
+                break;
+            }
+        }
+        out.join("\n")
+    }
+
+    /// Send one command line (CRLF added) and read its reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.stream
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
+        self.read_reply()
+    }
+
+    /// Send raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// A whole transaction; returns the reply to the final dot.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send_raw(body.as_bytes());
+        self.cmd(".")
+    }
+}
