@@ -19,6 +19,7 @@ pub mod fsm;
 pub mod listener;
 pub mod queue;
 pub mod root;
+pub mod sender;
 pub mod smtpd_sup;
 pub mod store;
 

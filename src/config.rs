@@ -258,9 +258,8 @@ fn apply_document(
             ConfigError::new(file, line, column, e.message)
         }),
         Format::Erlang => {
-            let term_err = |e: erlang::TermError| {
-                ConfigError::new(file, e.pos.line, e.pos.column, e.message)
-            };
+            let term_err =
+                |e: erlang::TermError| ConfigError::new(file, e.pos.line, e.pos.column, e.message);
             let doc = erlang::parse_document(src).map_err(term_err)?;
             let Some(env) = erlang::erlmail_env(&doc).map_err(term_err)? else {
                 return Ok(Vec::new());
@@ -411,17 +410,32 @@ impl Config {
             );
         }
         let zero_counts: [(&'static str, u64); 5] = [
-            ("server_smtp_max_connection", self.server_smtp_max_connection as u64),
-            ("server_smtp_max_recipients", self.server_smtp_max_recipients as u64),
-            ("server_smtp_max_senders", self.server_smtp_max_senders as u64),
+            (
+                "server_smtp_max_connection",
+                self.server_smtp_max_connection as u64,
+            ),
+            (
+                "server_smtp_max_recipients",
+                self.server_smtp_max_recipients as u64,
+            ),
+            (
+                "server_smtp_max_senders",
+                self.server_smtp_max_senders as u64,
+            ),
             ("server_smtp_max_hops", u64::from(self.server_smtp_max_hops)),
-            ("server_smtp_hard_error_limit", u64::from(self.server_smtp_hard_error_limit)),
+            (
+                "server_smtp_hard_error_limit",
+                u64::from(self.server_smtp_hard_error_limit),
+            ),
         ];
         if let Some((key, _)) = zero_counts.iter().find(|(_, v)| *v == 0) {
             return fail(key, "must be at least 1");
         }
         let zero_times = [
-            ("server_smtp_queue_interval", self.server_smtp_queue_interval),
+            (
+                "server_smtp_queue_interval",
+                self.server_smtp_queue_interval,
+            ),
             ("server_smtp_lock_lease", self.server_smtp_lock_lease),
             ("server_smtp_timeout", self.server_smtp_timeout),
         ];
@@ -438,10 +452,16 @@ impl Config {
         }
         match (&self.server_smtp_tls_cert, &self.server_smtp_tls_key) {
             (Some(_), None) => {
-                return fail("server_smtp_tls_cert", "is set but server_smtp_tls_key is not")
+                return fail(
+                    "server_smtp_tls_cert",
+                    "is set but server_smtp_tls_key is not",
+                )
             }
             (None, Some(_)) => {
-                return fail("server_smtp_tls_key", "is set but server_smtp_tls_cert is not")
+                return fail(
+                    "server_smtp_tls_key",
+                    "is set but server_smtp_tls_cert is not",
+                )
             }
             _ => {}
         }

@@ -70,6 +70,34 @@ enum Command {
         #[command(subcommand)]
         action: MailboxCmd,
     },
+    /// The outgoing queue (like mailq, postqueue and postsuper).
+    Queue {
+        #[command(subcommand)]
+        action: QueueCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCmd {
+    /// List queued messages and why each waits (like `mailq`).
+    List,
+    /// Print one queued message: envelope, state and body.
+    Show { id: String },
+    /// Make one or all messages due now (like `postqueue -f` / `-i ID`).
+    Flush { id: Option<String> },
+    /// Delete one message, or all with --all (like `postsuper -d`).
+    Delete {
+        /// The queue id.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Delete every queued message.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Keep a message from being tried (like `postsuper -h`).
+    Hold { id: String },
+    /// Let a held message be tried again (like `postsuper -H`).
+    Release { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +275,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(())
         }),
+        Command::Queue { action } => admin(path.as_deref(), &cli.set, |store| async move {
+            queue_command(&*store, action).await
+        }),
         Command::Mailbox { action } => admin(path.as_deref(), &cli.set, |store| async move {
             use std::io::Write;
             match action {
@@ -273,6 +304,125 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(())
         }),
     }
+}
+
+async fn queue_command(store: &dyn erlmail::store::MessageStore, action: &QueueCmd) -> anyhow::Result<()> {
+    use std::io::Write;
+    let now = chrono::Utc::now();
+    let when = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    match action {
+        QueueCmd::List => {
+            let queue = store.list_queue().await?;
+            if queue.is_empty() {
+                println!("Mail queue is empty");
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>9} {:<20}  {:<6} {:<20}  SENDER",
+                "QUEUE-ID", "SIZE", "ARRIVAL", "TRIES", "NEXT-RETRY"
+            );
+            for m in &queue {
+                let status = if m.held {
+                    "held".to_string()
+                } else if m.next_retry_at <= now {
+                    "due".to_string()
+                } else {
+                    when(m.next_retry_at)
+                };
+                println!(
+                    "{:<16} {:>9} {:<20}  {:<6} {:<20}  {}",
+                    m.id,
+                    m.size,
+                    when(m.received_at),
+                    m.tries,
+                    status,
+                    if m.sender.is_empty() { "<>" } else { &m.sender }
+                );
+                if let Some(err) = &m.last_error {
+                    println!("  ({err})");
+                }
+                if let (Some(owner), Some(until)) = (&m.lock_owner, m.lock_expires_at) {
+                    if until > now {
+                        println!("  [being delivered by {owner} until {}]", when(until));
+                    }
+                }
+                for r in &m.rcpts {
+                    let state = format!("{:?}", r.state).to_lowercase();
+                    match &r.last_response {
+                        Some(resp) => println!("    {} [{state}] {resp}", r.address),
+                        None => println!("    {} [{state}]", r.address),
+                    }
+                }
+            }
+            let total: u64 = queue.iter().map(|m| m.size).sum();
+            println!("-- {} Kbytes in {} Requests.", total.div_ceil(1024), queue.len());
+        }
+        QueueCmd::Show { id } => {
+            let Some(m) = store.get_queued(id).await? else {
+                bail!("no queued message {id}");
+            };
+            println!("queue-id: {}", m.id);
+            println!("sender: <{}>", m.sender);
+            println!("received: {} from {} (helo {})", when(m.received_at), m.client_ip, m.helo);
+            if let Some(r) = &m.ret {
+                println!("ret: {r}");
+            }
+            if let Some(e) = &m.envid {
+                println!("envid: {e}");
+            }
+            println!("tries: {}", m.tries);
+            println!("next-retry: {}", when(m.next_retry_at));
+            if let Some(e) = &m.last_error {
+                println!("last-error: {e}");
+            }
+            println!("held: {}", m.held);
+            for r in &m.rcpts {
+                let mut line = format!("recipient: <{}>", r.address);
+                if let Some(n) = &r.notify {
+                    line.push_str(&format!(" NOTIFY={n}"));
+                }
+                if let Some(o) = &r.orcpt {
+                    line.push_str(&format!(" ORCPT={o}"));
+                }
+                println!("{line}");
+            }
+            println!();
+            std::io::stdout().write_all(&m.body)?;
+        }
+        QueueCmd::Flush { id } => {
+            let n = store.flush(id.as_deref(), now).await?;
+            if let Some(id) = id {
+                if n == 0 {
+                    bail!("no queued message {id} (or it is held)");
+                }
+            }
+            println!("{n} message(s) due now");
+        }
+        QueueCmd::Delete { id, all } => {
+            if *all {
+                let n = store.delete_all_queued().await?;
+                println!("postsuper: Deleted: {n} message(s)");
+            } else if let Some(id) = id {
+                if !store.delete_queued(id).await? {
+                    bail!("no queued message {id}");
+                }
+                println!("postsuper: {id}: removed");
+            }
+        }
+        QueueCmd::Hold { id } => {
+            if !store.hold(id).await? {
+                bail!("no queued message {id}");
+            }
+            println!("postsuper: {id}: placed on hold");
+        }
+        QueueCmd::Release { id } => {
+            if !store.release_hold(id).await? {
+                bail!("no queued message {id}");
+            }
+            println!("postsuper: {id}: released from hold");
+        }
+    }
+    Ok(())
 }
 
 /// `local@domain`, with a domain part, or an error.

@@ -1,15 +1,35 @@
-//! `smtpd_queue`: hears of every newly queued message and wakes up every
-//! `server_smtp_queue_interval` to try what is due.
+//! `smtpd_queue`: hears of every newly queued message and tries it at once, and every
+//! `server_smtp_queue_interval` claims what is due, in bounded batches, up to
+//! `server_smtp_max_senders` senders at once.
 //!
-//! Durable queue state lives only in the store; this actor holds nothing that a restart
-//! would lose. Delivery (senders, leases, retries) is built on top of this skeleton.
+//! Claiming stamps the message with this process's lock owner and a lease in the store,
+//! so several erlmail processes sharing a store never try the same message at once. Each
+//! claimed message gets an `smtpc_sender#<queue-id>` child. A sender that panics is
+//! re-spawned for the same message (its lease still held) up to `MAX_SENDER_RESPAWNS`
+//! times; after that the try counts as a temporary failure and the message waits for its
+//! next retry, unlocked. Durable queue state lives only in the store: this actor can die
+//! and be re-created, and unfinished leases simply lapse.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tracing::{debug, info};
+use chrono::Utc;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tracing::{debug, error, info, warn};
 
+use super::sender::{self, Sender, SenderArgs};
+use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
+use crate::outbound::{Router, RouterConfig};
+use crate::store::{AttemptRecord, QueuedMessage, RcptState};
+
+/// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
+pub const MAX_SENDER_RESPAWNS: u32 = 3;
+/// Most messages claimed by one tick.
+const CLAIM_BATCH: usize = 100;
+/// How long the queue waits for a claim from the store.
+const STORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The queue actor.
 pub struct QueueActor;
@@ -30,21 +50,35 @@ pub enum QueueMsg {
     Tick,
     /// A new configuration.
     Reload(Arc<Config>),
+    /// Number of senders at work (for status and tests).
+    Active(RpcReplyPort<usize>),
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
+}
+
+struct Running {
+    message: QueuedMessage,
+    crashes: u32,
 }
 
 /// The queue's state.
 pub struct QueueState {
     config: Arc<Config>,
     path: String,
+    owner: String,
+    router: Arc<Router>,
     ticker: tokio::task::JoinHandle<()>,
+    senders: HashMap<ActorId, Running>,
+    /// The last claim was full: more may be due, so claim again as senders finish.
+    backlog: bool,
 }
 
 fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
     let me = myself.clone();
-    let every = config.server_smtp_queue_interval.max(std::time::Duration::from_millis(10));
+    let every = config
+        .server_smtp_queue_interval
+        .max(Duration::from_millis(10));
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -57,6 +91,96 @@ fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::Jo
     })
 }
 
+fn build_router(config: &Config) -> Result<Arc<Router>, ActorProcessingErr> {
+    Ok(Arc::new(Router::new(RouterConfig::from_config(config))?))
+}
+
+/// The lock owner this process stamps on claimed messages: the node name plus the
+/// process id, so that two processes on one host never take each other's leases for
+/// their own.
+pub fn lock_owner(config: &Config) -> String {
+    format!("{}:{}", config.node_name, std::process::id())
+}
+
+async fn store_call<T: Send + 'static>(
+    build: impl FnOnce(RpcReplyPort<T>) -> QueueOp,
+) -> Option<T> {
+    let cell = ractor::registry::where_is(super::STORE)?;
+    let store: ActorRef<StoreMsg> = cell.into();
+    match store
+        .call(|reply| StoreMsg::Queue(build(reply)), Some(STORE_TIMEOUT))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(v)) => Some(v),
+        _ => None,
+    }
+}
+
+impl QueueState {
+    fn free_slots(&self) -> usize {
+        self.config
+            .server_smtp_max_senders
+            .saturating_sub(self.senders.len())
+    }
+
+    async fn spawn_sender(
+        &mut self,
+        myself: &ActorRef<QueueMsg>,
+        message: QueuedMessage,
+        crashes: u32,
+    ) {
+        let name = format!("smtpc_sender#{}", message.id);
+        super::smtpd_sup::wait_unregistered(&name).await;
+        let args = SenderArgs {
+            message: message.clone(),
+            config: self.config.clone(),
+            router: self.router.clone(),
+            owner: self.owner.clone(),
+            path: super::child_path(&self.path, &name),
+            crashes,
+        };
+        match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
+            Ok((r, _)) => {
+                debug!(path = %super::child_path(&self.path, &name), "started");
+                self.senders.insert(r.get_id(), Running { message, crashes });
+            }
+            Err(e) => {
+                error!(path = %self.path, queue_id = %message.id, error = %e, "could not start a sender; releasing the message");
+                let (id, node) = (message.id.clone(), self.owner.clone());
+                if let Some(cell) = ractor::registry::where_is(super::STORE) {
+                    let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release { id, node }));
+                }
+            }
+        }
+    }
+
+    async fn claim_due(&mut self, myself: &ActorRef<QueueMsg>) {
+        let limit = self.free_slots().min(CLAIM_BATCH);
+        if limit == 0 {
+            self.backlog = true;
+            return;
+        }
+        let (node, lease) = (self.owner.clone(), self.config.server_smtp_lock_lease);
+        let claimed = store_call(|reply| QueueOp::ClaimDue {
+            node,
+            lease,
+            limit,
+            reply,
+        })
+        .await;
+        match claimed {
+            Some(Ok(messages)) => {
+                self.backlog = messages.len() == limit;
+                for m in messages {
+                    self.spawn_sender(myself, m, 0).await;
+                }
+            }
+            Some(Err(e)) => warn!(path = %self.path, error = %e, "claiming due messages failed"),
+            None => warn!(path = %self.path, "store did not answer a claim"),
+        }
+    }
+}
+
 impl Actor for QueueActor {
     type Msg = QueueMsg;
     type State = QueueState;
@@ -67,12 +191,18 @@ impl Actor for QueueActor {
         myself: ActorRef<Self::Msg>,
         args: QueueArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        info!(path = %args.path, "started");
+        let router = build_router(&args.config)?;
+        let owner = lock_owner(&args.config);
+        info!(path = %args.path, owner = %owner, "started");
         let ticker = start_ticker(&myself, &args.config);
         Ok(QueueState {
             config: args.config,
             path: args.path,
+            owner,
+            router,
             ticker,
+            senders: HashMap::new(),
+            backlog: true,
         })
     }
 
@@ -83,6 +213,16 @@ impl Actor for QueueActor {
     ) -> Result<(), ActorProcessingErr> {
         state.ticker.abort();
         myself.stop_children(Some("smtpd_queue stopping".into()));
+        // Messages being tried stay locked until their lease lapses, unless we give
+        // them back now.
+        if let Some(cell) = ractor::registry::where_is(super::STORE) {
+            for r in state.senders.values() {
+                let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
+                    id: r.message.id.clone(),
+                    node: state.owner.clone(),
+                }));
+            }
+        }
         info!(path = %state.path, "stopped");
         Ok(())
     }
@@ -94,17 +234,97 @@ impl Actor for QueueActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            QueueMsg::NewMessage(id) => debug!(path = %state.path, queue_id = %id, "new message"),
-            QueueMsg::Tick => {}
+            QueueMsg::NewMessage(id) => {
+                if state.free_slots() == 0 {
+                    // The tick picks it up when a sender is free.
+                    state.backlog = true;
+                    return Ok(());
+                }
+                let (node, lease) = (state.owner.clone(), state.config.server_smtp_lock_lease);
+                let claimed = store_call(|reply| QueueOp::Claim {
+                    id: id.clone(),
+                    node,
+                    lease,
+                    reply,
+                })
+                .await;
+                match claimed {
+                    Some(Ok(Some(m))) => state.spawn_sender(&myself, m, 0).await,
+                    Some(Ok(None)) => debug!(path = %state.path, queue_id = %id, "not claimable (another node has it, or it is held)"),
+                    Some(Err(e)) => warn!(path = %state.path, queue_id = %id, error = %e, "claim failed"),
+                    None => warn!(path = %state.path, queue_id = %id, "store did not answer a claim"),
+                }
+            }
+            QueueMsg::Tick => state.claim_due(&myself).await,
             QueueMsg::Reload(config) => {
                 if config.server_smtp_queue_interval != state.config.server_smtp_queue_interval {
                     state.ticker.abort();
                     state.ticker = start_ticker(&myself, &config);
                 }
+                match build_router(&config) {
+                    Ok(r) => state.router = r,
+                    Err(e) => error!(path = %state.path, error = %e, "routing not reloaded"),
+                }
                 state.config = config;
+            }
+            QueueMsg::Active(reply) => {
+                let _ = reply.send(state.senders.len());
             }
             #[cfg(debug_assertions)]
             QueueMsg::InjectPanic => panic!("test hook: injected panic in {}", state.path),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            _ => return Ok(()),
+        };
+        let Some(running) = state.senders.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        let name = format!("smtpc_sender#{}", running.message.id);
+        let path = super::child_path(&state.path, &name);
+        if let Some(err) = failure {
+            let crashes = running.crashes + 1;
+            error!(path = %path, error = %err, crashes, "sender failed");
+            if crashes <= MAX_SENDER_RESPAWNS {
+                warn!(path = %path, "restarting");
+                state.spawn_sender(&myself, running.message, crashes).await;
+                return Ok(());
+            }
+            error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
+            let m = &running.message;
+            let now = Utc::now();
+            let next = crate::queue::next_retry(
+                m.tries + 1,
+                state.config.server_smtp_retries,
+                &state.config.server_smtp_retry_interval,
+                now,
+            )
+            // A crash is our fault, not the recipient's: never bounce for it.
+            .unwrap_or(now + chrono::Duration::from_std(state.config.server_smtp_retry_interval.last().copied().unwrap_or(Duration::from_secs(900))).unwrap_or(chrono::Duration::minutes(15)));
+            let record = AttemptRecord {
+                at: now,
+                rcpt_results: m
+                    .rcpts
+                    .iter()
+                    .map(|r| (r.address.clone(), RcptState::Pending, None))
+                    .collect(),
+                error: Some(format!("delivery agent crashed: {err}")),
+                next_retry_at: Some(next),
+            };
+            sender::record(&m.id, &state.owner, record, &path).await;
+        }
+        if state.backlog && state.free_slots() > 0 {
+            let _ = myself.send_message(QueueMsg::Tick);
         }
         Ok(())
     }

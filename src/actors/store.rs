@@ -47,6 +47,8 @@ pub enum StoreMsg {
         /// Where the answer goes.
         reply: RpcReplyPort<StoreResult<RecipientFacts>>,
     },
+    /// An outgoing-queue operation for `smtpd_queue` or a sender.
+    Queue(QueueOp),
     /// A new configuration.
     Reload(Arc<Config>),
     /// The commit in flight ended; start the next one if anything waits.
@@ -54,6 +56,62 @@ pub enum StoreMsg {
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
+}
+
+/// Operations on the outgoing queue. Each runs beside the group commits (the backend
+/// serialises them with its own locking) and answers on its port.
+pub enum QueueOp {
+    /// Claim up to `limit` due messages for `node`.
+    ClaimDue {
+        /// Lock owner to stamp.
+        node: String,
+        /// Lease length.
+        lease: std::time::Duration,
+        /// Most messages to claim.
+        limit: usize,
+        /// The claimed messages.
+        reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
+    },
+    /// Claim one message by id.
+    Claim {
+        /// Queue id.
+        id: String,
+        /// Lock owner to stamp.
+        node: String,
+        /// Lease length.
+        lease: std::time::Duration,
+        /// The message, if it could be claimed.
+        reply: RpcReplyPort<StoreResult<Option<store::QueuedMessage>>>,
+    },
+    /// Extend a lease we hold.
+    Renew {
+        /// Queue id.
+        id: String,
+        /// Our lock owner name.
+        node: String,
+        /// Lease length from now.
+        lease: std::time::Duration,
+        /// Whether the lease is still ours.
+        reply: RpcReplyPort<StoreResult<bool>>,
+    },
+    /// Record a try and clear our lock.
+    Record {
+        /// Queue id.
+        id: String,
+        /// Our lock owner name.
+        node: String,
+        /// What happened.
+        record: store::AttemptRecord,
+        /// Done, or why not.
+        reply: RpcReplyPort<StoreResult<()>>,
+    },
+    /// Clear our lock without recording a try.
+    Release {
+        /// Queue id.
+        id: String,
+        /// Our lock owner name.
+        node: String,
+    },
 }
 
 type Waiting = (IncomingMessage, RpcReplyPort<StoreResult<Accepted>>);
@@ -127,6 +185,10 @@ impl Actor for StoreActor {
                     let _ = reply.send(lookup(&*store, &address).await);
                 });
             }
+            StoreMsg::Queue(op) => {
+                let store = state.store.clone();
+                tokio::spawn(run_queue_op(store, op));
+            }
             StoreMsg::Reload(config) => state.config = config,
             #[cfg(debug_assertions)]
             StoreMsg::InjectPanic => {
@@ -134,6 +196,49 @@ impl Actor for StoreActor {
             }
         }
         Ok(())
+    }
+}
+
+async fn run_queue_op(store: SharedStore, op: QueueOp) {
+    let now = chrono::Utc::now();
+    match op {
+        QueueOp::ClaimDue {
+            node,
+            lease,
+            limit,
+            reply,
+        } => {
+            let _ = reply.send(store.claim_due(&node, now, lease, limit).await);
+        }
+        QueueOp::Claim {
+            id,
+            node,
+            lease,
+            reply,
+        } => {
+            let _ = reply.send(store.claim(&id, &node, now, lease).await);
+        }
+        QueueOp::Renew {
+            id,
+            node,
+            lease,
+            reply,
+        } => {
+            let _ = reply.send(store.renew_lease(&id, &node, now, lease).await);
+        }
+        QueueOp::Record {
+            id,
+            node,
+            record,
+            reply,
+        } => {
+            let _ = reply.send(store.record_attempt(&id, &node, record).await);
+        }
+        QueueOp::Release { id, node } => {
+            if let Err(e) = store.release(&id, &node).await {
+                warn!(queue_id = %id, error = %e, "could not release a lease; it will lapse");
+            }
+        }
     }
 }
 

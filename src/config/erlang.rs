@@ -180,7 +180,9 @@ fn tokenize(src: &str) -> Result<Vec<Tok<'_>>, TermError> {
                 }
             }
             Err(e) => {
-                let at = src.get(e.position.offset()..).and_then(|s| s.chars().next());
+                let at = src
+                    .get(e.position.offset()..)
+                    .and_then(|s| s.chars().next());
                 let message = match (e.kind, at) {
                     (ErrorKind::NoClosingQuotation, Some('"')) => {
                         "unterminated string: no closing `\"`".to_string()
@@ -222,7 +224,10 @@ impl<'s> Parser<'s> {
         let eof = self.eof;
         let src = self.src;
         let Some(t) = self.next() else {
-            return Err(TermError::new(eof, "unexpected end of file: expected a term"));
+            return Err(TermError::new(
+                eof,
+                "unexpected end of file: expected a term",
+            ));
         };
         let (pos, kind, text, token) = (t.start, t.kind, t.text, t.token);
         if depth >= MAX_DEPTH {
@@ -287,17 +292,18 @@ impl<'s> Parser<'s> {
                 pos,
                 format!("bad atom `{text}`: a reserved word; quote it ('{text}') to make an atom"),
             )),
-            TokenKind::Symbol(Symbol::Dot) => Err(TermError::new(
-                pos,
-                "unexpected `.`: expected a term",
-            )),
+            TokenKind::Symbol(Symbol::Dot) => {
+                Err(TermError::new(pos, "unexpected `.`: expected a term"))
+            }
             _ if is_close(kind) => Err(TermError::new(
                 pos,
                 format!("unexpected `{text}`: expected a term"),
             )),
             _ => Err(TermError::new(
                 pos,
-                format!("unexpected `{text}`: expected a term (atom, number, string, tuple or list)"),
+                format!(
+                    "unexpected `{text}`: expected a term (atom, number, string, tuple or list)"
+                ),
             )),
         }
     }
@@ -311,8 +317,16 @@ impl<'s> Parser<'s> {
         depth: usize,
     ) -> Result<Vec<Term>, TermError> {
         let mut items = Vec::new();
-        let opener = if close == Symbol::CloseBrace { "{" } else { "[" };
-        let closer = if close == Symbol::CloseBrace { "}" } else { "]" };
+        let opener = if close == Symbol::CloseBrace {
+            "{"
+        } else {
+            "["
+        };
+        let closer = if close == Symbol::CloseBrace {
+            "}"
+        } else {
+            "]"
+        };
         if self.peek_kind() == Some(TokenKind::Symbol(close)) {
             self.i += 1;
             return Ok(items);
@@ -377,7 +391,10 @@ impl<'s> Parser<'s> {
         loop {
             let eof = self.eof;
             let Some(t) = self.next() else {
-                return Err(TermError::new(eof, format!("unbalanced `<<` opened at {open}")));
+                return Err(TermError::new(
+                    eof,
+                    format!("unbalanced `<<` opened at {open}"),
+                ));
             };
             match t.kind {
                 TokenKind::Symbol(Symbol::DoubleRightAngle) => return Ok(TermKind::Str(s)),
@@ -400,10 +417,18 @@ fn string_value(token: erl_tokenize::Token, src: &str) -> String {
     }
 }
 
-fn number(token: erl_tokenize::Token, src: &str, pos: Pos, text: &str) -> Result<TermKind, TermError> {
+fn number(
+    token: erl_tokenize::Token,
+    src: &str,
+    pos: Pos,
+    text: &str,
+) -> Result<TermKind, TermError> {
     match token.value(src) {
         TokenValue::Integer(Some(i)) => Ok(TermKind::Int(i128::from(i))),
-        TokenValue::Integer(None) => Err(TermError::new(pos, format!("integer `{text}` is too large"))),
+        TokenValue::Integer(None) => Err(TermError::new(
+            pos,
+            format!("integer `{text}` is too large"),
+        )),
         TokenValue::Char(c) => Ok(TermKind::Int(i128::from(u32::from(c)))),
         TokenValue::Float(x) => Ok(TermKind::Float(x)),
         _ => Err(TermError::new(pos, format!("bad number `{text}`"))),
@@ -420,18 +445,27 @@ pub fn erlmail_env(doc: &Term) -> Result<Option<&Term>, TermError> {
                 return Err(TermError::new(doc.pos, shape));
             };
             if tag.kind != TermKind::Atom("application".into()) {
-                return Err(TermError::new(tag.pos, format!("{shape} (found {})", tag.describe())));
+                return Err(TermError::new(
+                    tag.pos,
+                    format!("{shape} (found {})", tag.describe()),
+                ));
             }
             if name.kind != TermKind::Atom("erlmail".into()) {
                 return Err(TermError::new(
                     name.pos,
-                    format!("this is the application file of {}, not erlmail", name.describe()),
+                    format!(
+                        "this is the application file of {}, not erlmail",
+                        name.describe()
+                    ),
                 ));
             }
             let TermKind::List(props) = &props.kind else {
                 return Err(TermError::new(
                     props.pos,
-                    format!("expected the list of application properties, found {}", props.describe()),
+                    format!(
+                        "expected the list of application properties, found {}",
+                        props.describe()
+                    ),
                 ));
             };
             let mut env = None;
@@ -471,7 +505,10 @@ pub fn erlmail_env(doc: &Term) -> Result<Option<&Term>, TermError> {
             }
             Ok(found)
         }
-        _ => Err(TermError::new(doc.pos, format!("{shape} (found {})", doc.describe()))),
+        _ => Err(TermError::new(
+            doc.pos,
+            format!("{shape} (found {})", doc.describe()),
+        )),
     }
 }
 
@@ -489,7 +526,10 @@ fn list<'t>(t: &'t Term, what: &str) -> Result<&'t Term, TermError> {
     match &t.kind {
         TermKind::List(_) => Ok(t),
         TermKind::Str(s) if s.is_empty() => Ok(t),
-        _ => Err(TermError::new(t.pos, format!("expected {what}, found {}", t.describe()))),
+        _ => Err(TermError::new(
+            t.pos,
+            format!("expected {what}, found {}", t.describe()),
+        )),
     }
 }
 
@@ -806,8 +846,20 @@ mod tests {
                 TermKind::Str("xy".into()),
                 TermKind::Str("bin".into()),
                 TermKind::List(vec![
-                    Term { kind: TermKind::Int(1), pos: Pos { line: 1, column: 52 } },
-                    Term { kind: TermKind::Int(2), pos: Pos { line: 1, column: 55 } },
+                    Term {
+                        kind: TermKind::Int(1),
+                        pos: Pos {
+                            line: 1,
+                            column: 48
+                        }
+                    },
+                    Term {
+                        kind: TermKind::Int(2),
+                        pos: Pos {
+                            line: 1,
+                            column: 51
+                        }
+                    },
                 ]),
                 TermKind::Tuple(vec![]),
                 TermKind::Float(1.5),
@@ -829,15 +881,27 @@ mod tests {
     fn lexical_errors_point_at_the_token() {
         assert_eq!(
             err("{a, \"abc}.\n"),
-            TermError::new(Pos { line: 1, column: 5 }, "unterminated string: no closing `\"`")
+            TermError::new(
+                Pos { line: 1, column: 5 },
+                "unterminated string: no closing `\"`"
+            )
         );
-        assert_eq!(err("{a, 'abc}.").message, "unterminated quoted atom: no closing `'`");
+        assert_eq!(
+            err("{a, 'abc}.").message,
+            "unterminated quoted atom: no closing `'`"
+        );
     }
 
     #[test]
     fn structural_errors() {
         let e = err("{a, b}");
-        assert_eq!((e.pos, e.message.as_str()), (Pos { line: 1, column: 7 }, "missing the final `.` after the term"));
+        assert_eq!(
+            (e.pos, e.message.as_str()),
+            (
+                Pos { line: 1, column: 7 },
+                "missing the final `.` after the term"
+            )
+        );
         let e = err("{a, b.");
         assert_eq!(e.pos, Pos { line: 1, column: 6 });
         assert!(e.message.contains("unbalanced `{`"), "{}", e.message);
@@ -854,8 +918,14 @@ mod tests {
         assert!(e.message.starts_with("bad atom `B`"));
         let e = err("{a, end}.");
         assert!(e.message.contains("reserved word"));
-        assert_eq!(err("[1|2].").message, "improper list tails (`|`) are not supported");
-        assert_eq!(err("").message, "empty file: expected an ErlMail term such as [{erlmail, [...]}].");
+        assert_eq!(
+            err("[1|2].").message,
+            "improper list tails (`|`) are not supported"
+        );
+        assert_eq!(
+            err("").message,
+            "empty file: expected an ErlMail term such as [{erlmail, [...]}]."
+        );
         assert_eq!(err("% only a comment\n").pos, Pos { line: 1, column: 1 });
         assert!(err("{a, #{}}.").message.contains("unexpected `#`"));
         assert!(err("{a, [").message.contains("expected a term"));
@@ -866,16 +936,40 @@ mod tests {
     #[test]
     fn finds_env_in_both_shapes() {
         let app = parse("{application, erlmail, [{vsn, \"1\"}, {env, [{a, 1}]}]}.");
-        assert_eq!(erlmail_env(&app).unwrap().unwrap().pos, Pos { line: 1, column: 43 });
+        assert_eq!(
+            erlmail_env(&app).unwrap().unwrap().pos,
+            Pos {
+                line: 1,
+                column: 43
+            }
+        );
         let sys = parse("[{kernel, []}, {erlmail, [{a, 1}]}].");
-        assert_eq!(erlmail_env(&sys).unwrap().unwrap().pos, Pos { line: 1, column: 26 });
+        assert_eq!(
+            erlmail_env(&sys).unwrap().unwrap().pos,
+            Pos {
+                line: 1,
+                column: 26
+            }
+        );
         let none = parse("[{kernel, []}].");
         assert_eq!(erlmail_env(&none).unwrap(), None);
         let other = parse("{application, other, []}.");
-        assert!(erlmail_env(&other).unwrap_err().message.contains("not erlmail"));
+        assert!(erlmail_env(&other)
+            .unwrap_err()
+            .message
+            .contains("not erlmail"));
         let twice = parse("[{erlmail, []}, {erlmail, []}].");
-        assert_eq!(erlmail_env(&twice).unwrap_err().pos, Pos { line: 1, column: 18 });
+        assert_eq!(
+            erlmail_env(&twice).unwrap_err().pos,
+            Pos {
+                line: 1,
+                column: 18
+            }
+        );
         let include = parse("[\"other.config\"].");
-        assert!(erlmail_env(&include).unwrap_err().message.contains("included"));
+        assert!(erlmail_env(&include)
+            .unwrap_err()
+            .message
+            .contains("included"));
     }
 }

@@ -63,7 +63,12 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    for (unit, per) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, per) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms % per == 0 {
             return format!("{}{unit}", ms / per);
         }
@@ -159,7 +164,10 @@ pub(crate) trait Scalar: Sized {
     fn from_text(s: &str) -> Result<Self, String>;
     /// Reads the value from an integer; most values do not accept one.
     fn from_int(n: i128) -> Result<Self, String> {
-        Err(format!("expected {}, found the integer {n}", Self::EXPECTING))
+        Err(format!(
+            "expected {}, found the integer {n}",
+            Self::EXPECTING
+        ))
     }
 }
 
@@ -298,7 +306,10 @@ impl<'de, T: Scalar> Visitor<'de> for ScalarVisitor<T> {
         if self.empty_is_none {
             Ok(None)
         } else {
-            Err(E::custom(format!("expected {}, found nothing", T::EXPECTING)))
+            Err(E::custom(format!(
+                "expected {}, found nothing",
+                T::EXPECTING
+            )))
         }
     }
 
@@ -364,7 +375,9 @@ impl<'de> Deserialize<'de> for IpTuple {
                 while let Some(p) = seq.next_element::<u32>()? {
                     parts.push(p);
                 }
-                ip_from_parts(&parts).map(IpTuple).map_err(de::Error::custom)
+                ip_from_parts(&parts)
+                    .map(IpTuple)
+                    .map_err(de::Error::custom)
             }
         }
         d.deserialize_seq(V)
@@ -473,7 +486,9 @@ impl<'de> Deserialize<'de> for Net {
                         mask_to_bits(m).map_err(de::Error::custom)?
                     }
                 };
-                net_from_bits(addr, bits).map(Net).map_err(de::Error::custom)
+                net_from_bits(addr, bits)
+                    .map(Net)
+                    .map_err(de::Error::custom)
             }
         }
         d.deserialize_any(V)
@@ -500,11 +515,15 @@ mod tests {
         let e = parse_duration("15x").unwrap_err();
         assert!(e.contains("unknown unit `x`"), "{e}");
         assert!(parse_duration("15").unwrap_err().contains("missing unit"));
-        assert!(parse_duration("m").unwrap_err().contains("expected a number"));
+        assert!(parse_duration("m")
+            .unwrap_err()
+            .contains("expected a number"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("99999999999999999999s").is_err());
-        assert!(parse_duration("999999999999999999d").unwrap_err().contains("too large"));
+        assert!(parse_duration("999999999999999999d")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -520,7 +539,10 @@ mod tests {
     #[test]
     fn nets() {
         assert_eq!(parse_net("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(parse_net("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(
+            parse_net("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
         assert_eq!(parse_net("127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
         assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
         assert!(parse_net("10.0.0.0/33").unwrap_err().contains("bad CIDR"));
@@ -542,13 +564,18 @@ mod tests {
             .unwrap_err()
             .contains("non-contiguous"));
         assert!(mask_to_bits("255.255.255.1".parse().unwrap()).is_err());
-        assert_eq!(net_from_bits("10.0.0.0".parse().unwrap(), 33).unwrap_err(),
-            "bad CIDR: prefix length 33 is larger than 32");
+        assert_eq!(
+            net_from_bits("10.0.0.0".parse().unwrap(), 33).unwrap_err(),
+            "bad CIDR: prefix length 33 is larger than 32"
+        );
     }
 
     #[test]
     fn host_ports_and_sockets() {
-        assert_eq!(parse_host_port("mx.example.net:25").unwrap(), "mx.example.net:25");
+        assert_eq!(
+            parse_host_port("mx.example.net:25").unwrap(),
+            "mx.example.net:25"
+        );
         assert_eq!(parse_host_port("[::1]:2525").unwrap(), "[::1]:2525");
         assert!(parse_host_port("mx.example.net").is_err());
         assert!(parse_host_port(":25").is_err());

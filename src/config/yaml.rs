@@ -25,6 +25,20 @@ fn convert(e: serde_yaml_ng::Error) -> YamlError {
         // serde_yaml_ng appends the position in its own words; ours goes in front.
         message = message.replace(&format!(" at line {line} column {column}"), "");
     }
+    // libyaml reports an unterminated quoted string at the end of the file; the opening
+    // quote, which it names in the context, is where the mistake is.
+    const QUOTED: &str = ", while scanning a quoted scalar at line ";
+    if let Some(i) = message.find(QUOTED) {
+        let rest = &message[i + QUOTED.len()..];
+        let mut nums = rest.split(" column ").map(|n| n.trim().parse::<usize>());
+        if let (Some(Ok(line)), Some(Ok(column))) = (nums.next(), nums.next()) {
+            return YamlError {
+                position: Some((line, column)),
+                message: "unterminated quoted string: no closing quote before the end of the file"
+                    .into(),
+            };
+        }
+    }
     YamlError { position, message }
 }
 

@@ -193,7 +193,7 @@ mod tests {
     fn plain_message_and_rest() {
         assert_eq!(
             decode(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n"),
-            (23, msg(b"Subject: x\r\n\r\nhi\r\n"))
+            (21, msg(b"Subject: x\r\n\r\nhi\r\n"))
         );
     }
 
@@ -254,7 +254,7 @@ mod tests {
         }
         // NUL before the dot: not an end, and not bare either: just text.
         let (n, out) = decode(b"x\r\n\0.\r\nQUIT\r\n");
-        assert_eq!((n, out), (14, None));
+        assert_eq!((n, out), (13, None));
     }
 
     #[test]

@@ -88,12 +88,26 @@ mod tests {
 
     #[test]
     fn header_for_many_and_ipv6_and_mapped() {
-        let h = received_header("c", "2001:db8::1".parse().unwrap(), "mx", false, None, now());
+        let h = received_header(
+            "c",
+            "2001:db8::1".parse().unwrap(),
+            "mx",
+            false,
+            None,
+            now(),
+        );
         assert_eq!(
             h,
             "Received: from c ([IPv6:2001:db8::1])\r\n\tby mx with SMTP; Tue, 5 Mar 2024 14:07:09 +0000\r\n"
         );
-        let h = received_header("c d", "::ffff:10.0.0.1".parse().unwrap(), "mx", true, None, now());
+        let h = received_header(
+            "c d",
+            "::ffff:10.0.0.1".parse().unwrap(),
+            "mx",
+            true,
+            None,
+            now(),
+        );
         assert!(h.starts_with("Received: from c?d ([10.0.0.1])\r\n"), "{h}");
     }
 
@@ -107,7 +121,10 @@ mod tests {
 
     #[test]
     fn subjects() {
-        assert_eq!(subject(b"Subject: hello\r\n\r\nbody\r\n").as_deref(), Some("hello"));
+        assert_eq!(
+            subject(b"Subject: hello\r\n\r\nbody\r\n").as_deref(),
+            Some("hello")
+        );
         assert_eq!(
             subject(b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\n").as_deref(),
             Some("caf\u{e9}")

@@ -127,12 +127,27 @@ mod tests {
         let t = |s: &str| relay_trick(&parse_path(s).unwrap().0.unwrap());
         assert_eq!(t("<user@local.example>"), None);
         assert_eq!(t("<postmaster>"), None);
-        assert_eq!(t("<@local.example:user@remote.example>"), Some(RelayTrick::SourceRoute));
-        assert_eq!(t("<user%remote.example@local.example>"), Some(RelayTrick::Percent));
+        assert_eq!(
+            t("<@local.example:user@remote.example>"),
+            Some(RelayTrick::SourceRoute)
+        );
+        assert_eq!(
+            t("<user%remote.example@local.example>"),
+            Some(RelayTrick::Percent)
+        );
         assert_eq!(t("<remote.example!user>"), Some(RelayTrick::Bang));
-        assert_eq!(t("<remote.example!user@local.example>"), Some(RelayTrick::Bang));
-        assert_eq!(t("<user@remote.example@local.example>"), Some(RelayTrick::AtInLocalPart));
-        assert_eq!(t("<\"user@remote.example\"@local.example>"), Some(RelayTrick::AtInLocalPart));
+        assert_eq!(
+            t("<remote.example!user@local.example>"),
+            Some(RelayTrick::Bang)
+        );
+        assert_eq!(
+            t("<user@remote.example@local.example>"),
+            Some(RelayTrick::AtInLocalPart)
+        );
+        assert_eq!(
+            t("<\"user@remote.example\"@local.example>"),
+            Some(RelayTrick::AtInLocalPart)
+        );
         assert_eq!(t("<user@[192.0.2.1]>"), Some(RelayTrick::AddressLiteral));
     }
 }

@@ -1,0 +1,538 @@
+//! `smtpc_sender#<queue-id>`: makes one delivery attempt of one queued message.
+//!
+//! The sender holds the message's lease (renewing it while it works), routes and
+//! delivers each recipient through `outbound`, applies the pure retry and DSN policy of
+//! `queue` to the per-recipient results, queues any notification (from `<>`, through
+//! the store actor like any message) and finally records the attempt, which clears the
+//! lease. Notifications are queued before the attempt is recorded: a crash between the
+//! two can repeat a notification, never lose one. A sender that panics is re-spawned by
+//! `smtpd_queue` for the same message a bounded number of times.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{info, warn};
+
+use super::store::{QueueOp, StoreMsg};
+use crate::config::Config;
+use crate::outbound::{self, RcptResult, Router};
+use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};
+use crate::store::{AttemptRecord, IncomingMessage, OutgoingRcpt, QueuedMessage, RcptState};
+
+/// How long a sender waits for the store to record its result.
+const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The sender actor.
+pub struct Sender;
+
+/// Start-up arguments.
+pub struct SenderArgs {
+    /// The claimed message (its lease is ours).
+    pub message: QueuedMessage,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Routing and DNS, shared by all senders.
+    pub router: Arc<Router>,
+    /// Our lock owner name.
+    pub owner: String,
+    /// Path in the tree, for logs.
+    pub path: String,
+    /// How many earlier senders crashed on this attempt (test hook input).
+    pub crashes: u32,
+}
+
+/// The sender's only request: run the attempt (sent to itself at start).
+pub enum SenderMsg {
+    /// Make the attempt, then stop.
+    Run,
+}
+
+/// The sender's state.
+pub struct SenderState {
+    args: SenderArgs,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for Sender {
+    type Msg = SenderMsg;
+    type State = SenderState;
+    type Arguments = SenderArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SenderArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_message(SenderMsg::Run)?;
+        Ok(SenderState {
+            args,
+            renewer: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(r) = state.renewer.take() {
+            r.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SenderMsg::Run = msg;
+        test_hook_panic(&state.args);
+        state.renewer = Some(start_renewer(&state.args));
+        let record = attempt(&state.args).await;
+        if let Some(r) = state.renewer.take() {
+            r.abort();
+        }
+        record_attempt(&state.args, record).await;
+        myself.stop(None);
+        Ok(())
+    }
+}
+
+/// Test hook (debug builds only): `ERLMAIL_TEST_SENDER_PANICS=N` makes the first N
+/// senders of each attempt panic, so tests can watch the bounded re-spawn.
+#[cfg(debug_assertions)]
+fn test_hook_panic(args: &SenderArgs) {
+    if let Some(n) = std::env::var("ERLMAIL_TEST_SENDER_PANICS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        if args.crashes < n {
+            panic!("test hook: injected panic in {}", args.path);
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_hook_panic(_args: &SenderArgs) {}
+
+/// Keep our lease alive while we work: renew at a third of its length.
+fn start_renewer(args: &SenderArgs) -> tokio::task::JoinHandle<()> {
+    let lease = args.config.server_smtp_lock_lease;
+    let id = args.message.id.clone();
+    let owner = args.owner.clone();
+    let path = args.path.clone();
+    tokio::spawn(async move {
+        let every = (lease / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(cell) = ractor::registry::where_is(super::STORE) else {
+                continue;
+            };
+            let store: ActorRef<StoreMsg> = cell.into();
+            let (id, node) = (id.clone(), owner.clone());
+            let r = store
+                .call(
+                    |reply: RpcReplyPort<_>| {
+                        StoreMsg::Queue(QueueOp::Renew {
+                            id,
+                            node,
+                            lease,
+                            reply,
+                        })
+                    },
+                    Some(STORE_TIMEOUT),
+                )
+                .await;
+            if !matches!(r, Ok(ractor::rpc::CallResult::Success(Ok(true)))) {
+                warn!(path = %path, "lease renewal failed; another node may take this message when it lapses");
+            }
+        }
+    })
+}
+
+/// One delivery attempt: deliver, apply the retry policy, queue notifications.
+async fn attempt(args: &SenderArgs) -> AttemptRecord {
+    let msg = &args.message;
+    let config = &args.config;
+    let rcpts: Vec<String> = msg.rcpts.iter().map(|r| r.address.clone()).collect();
+    let results = outbound::deliver_message(
+        &args.router,
+        &config.server_smtp_name,
+        &msg.sender,
+        &rcpts,
+        &msg.body,
+    )
+    .await;
+    let now = Utc::now();
+    let plan = plan_attempt(msg, &results, config, now);
+    for (kind, dsn_rcpts) in [
+        (DsnKind::Failure, &plan.failed),
+        (DsnKind::Success, &plan.delivered),
+    ] {
+        if !dsn_rcpts.is_empty() {
+            queue_dsn(args, kind, dsn_rcpts.clone(), now).await;
+        }
+    }
+    for r in &results {
+        info!(
+            path = %args.path,
+            queue_id = %msg.id,
+            to = %r.rcpt,
+            relay = r.remote_mta.as_deref().unwrap_or("none"),
+            tls = r.tls,
+            status = ?outcome_word(&r.status),
+            "{}",
+            r.status.describe()
+        );
+    }
+    plan.record
+}
+
+fn outcome_word(s: &RcptStatus) -> &'static str {
+    match s {
+        RcptStatus::Delivered { .. } => "sent",
+        RcptStatus::Temporary { .. } => "deferred",
+        RcptStatus::Permanent { .. } => "bounced",
+    }
+}
+
+/// What one attempt leads to: the store record and the notifications owed.
+struct AttemptPlan {
+    record: AttemptRecord,
+    /// Recipients to report as failed.
+    failed: Vec<DsnRecipient>,
+    /// Recipients to report as delivered (NOTIFY=SUCCESS).
+    delivered: Vec<DsnRecipient>,
+}
+
+/// The retry and notification policy applied to one attempt's results.
+fn plan_attempt(
+    msg: &QueuedMessage,
+    results: &[RcptResult],
+    config: &Config,
+    now: DateTime<Utc>,
+) -> AttemptPlan {
+    let next = queue::next_retry(
+        msg.tries + 1,
+        config.server_smtp_retries,
+        &config.server_smtp_retry_interval,
+        now,
+    );
+    let mut rcpt_results = Vec::new();
+    let mut failed = Vec::new();
+    let mut delivered = Vec::new();
+    let mut first_error = None;
+    for r in results {
+        let orig = msg.rcpts.iter().find(|o| o.address == r.rcpt);
+        let notify = orig.and_then(|o| o.notify.as_deref());
+        let orcpt = orig.and_then(|o| o.orcpt.as_deref());
+        let dsn_rcpt = || {
+            DsnRecipient::from_status(&r.rcpt, orcpt, &r.status, r.remote_mta.as_deref(), Some(now))
+        };
+        let response = Some(r.status.describe());
+        let state = match &r.status {
+            RcptStatus::Delivered { .. } => {
+                if queue::should_notify(&msg.sender, notify, DsnKind::Success, true) {
+                    delivered.push(dsn_rcpt());
+                }
+                RcptState::Delivered
+            }
+            RcptStatus::Permanent { .. } => {
+                if queue::should_notify(
+                    &msg.sender,
+                    notify,
+                    DsnKind::Failure,
+                    config.server_stmp_failure_notification,
+                ) {
+                    failed.push(dsn_rcpt());
+                }
+                RcptState::Failed
+            }
+            RcptStatus::Temporary { .. } => {
+                if first_error.is_none() {
+                    first_error = Some(format!("{}: {}", r.rcpt, r.status.describe()));
+                }
+                if next.is_some() {
+                    RcptState::Pending
+                } else {
+                    if queue::should_notify(
+                        &msg.sender,
+                        notify,
+                        DsnKind::Failure,
+                        config.server_stmp_failure_notification,
+                    ) {
+                        failed.push(dsn_rcpt());
+                    }
+                    RcptState::Failed
+                }
+            }
+        };
+        rcpt_results.push((r.rcpt.clone(), state, response));
+    }
+    let any_pending = rcpt_results
+        .iter()
+        .any(|(_, s, _)| *s == RcptState::Pending);
+    AttemptPlan {
+        record: AttemptRecord {
+            at: now,
+            rcpt_results,
+            error: first_error,
+            next_retry_at: if any_pending { next } else { None },
+        },
+        failed,
+        delivered,
+    }
+}
+
+/// Build a notification and hand it to the store actor, from `<>` to the original sender.
+async fn queue_dsn(args: &SenderArgs, kind: DsnKind, recipients: Vec<DsnRecipient>, now: DateTime<Utc>) {
+    let msg = &args.message;
+    let config = &args.config;
+    let input = DsnInput {
+        kind,
+        reporting_mta: config.server_smtp_name.clone(),
+        original_sender: msg.sender.clone(),
+        envid: msg.envid.clone(),
+        arrival_date: msg.received_at,
+        date: now,
+        message_id: format!("{}.{}.dsn@{}", msg.id, now.timestamp_millis(), config.server_smtp_name),
+        ret: msg.ret.as_deref().and_then(queue::Ret::parse),
+        recipients,
+        original: msg.body.clone(),
+    };
+    let body = queue::build_dsn(&input);
+    let Some(cell) = ractor::registry::where_is(super::STORE) else {
+        warn!(path = %args.path, "store not running; notification not queued");
+        return;
+    };
+    let store: ActorRef<StoreMsg> = cell.into();
+    // A sender whose own domain is local gets the report in its mailbox.
+    let address = msg.sender.clone();
+    let facts = store
+        .call(
+            |reply: RpcReplyPort<_>| StoreMsg::LookupRecipient {
+                address: address.clone(),
+                reply,
+            },
+            Some(STORE_TIMEOUT),
+        )
+        .await;
+    let (local_rcpts, remote_rcpts) = match facts {
+        Ok(ractor::rpc::CallResult::Success(Ok(f))) if f.local_domain => {
+            if f.user_exists {
+                (vec![address.clone()], vec![])
+            } else {
+                warn!(path = %args.path, sender = %address, "notification for an unknown local user dropped");
+                return;
+            }
+        }
+        _ => (
+            vec![],
+            vec![OutgoingRcpt {
+                address: address.clone(),
+                orcpt: None,
+                notify: Some("NEVER".into()),
+            }],
+        ),
+    };
+    let dsn = IncomingMessage {
+        sender: String::new(),
+        local_rcpts,
+        remote_rcpts,
+        ret: None,
+        envid: None,
+        client_ip: "127.0.0.1".into(),
+        helo: config.server_smtp_name.clone(),
+        received_at: now,
+        subject: Some(kind.subject().to_string()),
+        body,
+    };
+    match store
+        .call(|reply| StoreMsg::Accept(dsn, reply), Some(STORE_TIMEOUT))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(Ok(a))) => info!(
+            path = %args.path,
+            queue_id = %msg.id,
+            dsn = ?a.queue_id,
+            to = %address,
+            kind = kind.action(),
+            "delivery status notification queued"
+        ),
+        _ => warn!(path = %args.path, queue_id = %msg.id, "could not queue a notification"),
+    }
+}
+
+/// Record the attempt through the store actor (which also clears our lease).
+pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) {
+    record(&args.message.id, &args.owner, outcome, &args.path).await
+}
+
+/// Record an attempt for message `id` held by `owner`.
+pub(crate) async fn record(id: &str, owner: &str, record: AttemptRecord, path: &str) {
+    let Some(cell) = ractor::registry::where_is(super::STORE) else {
+        warn!(path = %path, queue_id = %id, "store not running; the lease will lapse and the message be retried");
+        return;
+    };
+    let store: ActorRef<StoreMsg> = cell.into();
+    let (id, node) = (id.to_string(), owner.to_string());
+    let r = store
+        .call(
+            |reply: RpcReplyPort<_>| {
+                StoreMsg::Queue(QueueOp::Record {
+                    id: id.clone(),
+                    node,
+                    record,
+                    reply,
+                })
+            },
+            Some(STORE_TIMEOUT),
+        )
+        .await;
+    if !matches!(r, Ok(ractor::rpc::CallResult::Success(Ok(())))) {
+        warn!(path = %path, queue_id = %id, "attempt not recorded (lease lost or store down); the message will be retried");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{FailureCause, SmtpReply};
+
+    fn message(tries: u32, sender: &str, rcpts: &[(&str, Option<&str>)]) -> QueuedMessage {
+        QueuedMessage {
+            id: "Q1".into(),
+            sender: sender.into(),
+            ret: None,
+            envid: None,
+            client_ip: "127.0.0.1".into(),
+            helo: "client".into(),
+            received_at: Utc::now(),
+            tries,
+            last_try_at: None,
+            last_error: None,
+            next_retry_at: Utc::now(),
+            lock_owner: None,
+            lock_expires_at: None,
+            held: false,
+            size: 10,
+            rcpts: rcpts
+                .iter()
+                .map(|(a, n)| OutgoingRcpt {
+                    address: a.to_string(),
+                    orcpt: None,
+                    notify: n.map(str::to_string),
+                })
+                .collect(),
+            body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        }
+    }
+
+    fn result(rcpt: &str, status: RcptStatus) -> RcptResult {
+        RcptResult {
+            rcpt: rcpt.into(),
+            status,
+            remote_mta: Some("mx.test".into()),
+            remote_addr: None,
+            tls: false,
+        }
+    }
+
+    fn temp() -> RcptStatus {
+        RcptStatus::Temporary {
+            cause: FailureCause::Reply(SmtpReply::new(451, "4.3.0 try later")),
+        }
+    }
+
+    fn perm() -> RcptStatus {
+        RcptStatus::Permanent {
+            cause: FailureCause::Reply(SmtpReply::new(550, "5.1.1 no such user")),
+        }
+    }
+
+    fn ok() -> RcptStatus {
+        RcptStatus::Delivered {
+            reply: SmtpReply::new(250, "2.0.0 ok"),
+        }
+    }
+
+    #[test]
+    fn temporary_failure_stays_pending_until_retries_are_used_up() {
+        let mut config = Config::default();
+        config.server_smtp_retries = 2;
+        let now = Utc::now();
+        let m = message(0, "s@a.test", &[("r@b.test", None)]);
+        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, now);
+        assert_eq!(p.record.rcpt_results[0].1, RcptState::Pending);
+        assert_eq!(p.record.next_retry_at, Some(now + chrono::Duration::minutes(15)));
+        assert!(p.failed.is_empty());
+        assert!(p.record.error.as_deref().unwrap().contains("451"));
+
+        // The third try (second retry) was the last.
+        let m = message(2, "s@a.test", &[("r@b.test", None)]);
+        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, now);
+        assert_eq!(p.record.rcpt_results[0].1, RcptState::Failed);
+        assert_eq!(p.record.next_retry_at, None);
+        assert_eq!(p.failed.len(), 1);
+    }
+
+    #[test]
+    fn permanent_failure_notifies_unless_never_or_null_sender_or_disabled() {
+        let config = Config::default();
+        let now = Utc::now();
+        let m = message(0, "s@a.test", &[("x@b.test", None), ("y@b.test", Some("NEVER"))]);
+        let p = plan_attempt(
+            &m,
+            &[result("x@b.test", perm()), result("y@b.test", perm())],
+            &config,
+            now,
+        );
+        assert_eq!(p.failed.len(), 1);
+        assert_eq!(p.failed[0].final_recipient, "x@b.test");
+        assert_eq!(p.record.next_retry_at, None);
+
+        let m = message(0, "", &[("x@b.test", None)]);
+        let p = plan_attempt(&m, &[result("x@b.test", perm())], &config, now);
+        assert!(p.failed.is_empty(), "never a bounce for <>");
+
+        let mut off = Config::default();
+        off.server_stmp_failure_notification = false;
+        let m = message(0, "s@a.test", &[("x@b.test", None)]);
+        let p = plan_attempt(&m, &[result("x@b.test", perm())], &off, now);
+        assert!(p.failed.is_empty());
+    }
+
+    #[test]
+    fn success_notification_only_when_asked() {
+        let config = Config::default();
+        let now = Utc::now();
+        let m = message(
+            0,
+            "s@a.test",
+            &[("x@b.test", Some("SUCCESS,FAILURE")), ("y@b.test", None)],
+        );
+        let p = plan_attempt(
+            &m,
+            &[result("x@b.test", ok()), result("y@b.test", ok())],
+            &config,
+            now,
+        );
+        assert_eq!(p.delivered.len(), 1);
+        assert_eq!(p.delivered[0].final_recipient, "x@b.test");
+        assert_eq!(p.record.next_retry_at, None);
+    }
+
+    #[test]
+    fn retries_zero_fails_after_the_first_try() {
+        let mut config = Config::default();
+        config.server_smtp_retries = 0;
+        let m = message(0, "s@a.test", &[("r@b.test", None)]);
+        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, Utc::now());
+        assert_eq!(p.record.rcpt_results[0].1, RcptState::Failed);
+        assert_eq!(p.failed.len(), 1);
+    }
+}

@@ -1,0 +1,766 @@
+//! Session tests: whole dialogues on byte strings with exact replies, the open-relay
+//! cases, limits, smuggling, and property tests for split invariance and fuzzing.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+
+use super::driver::{run, run_split, Transcript};
+use super::*;
+
+const HOST: &str = "mx.local.example";
+const EHLO_REPLY: &str = "250-mx.local.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n";
+const GREETING: &str = "220 mx.local.example ESMTP erlmail\r\n";
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 3, 5, 14, 7, 9).unwrap()
+}
+
+fn policy() -> SessionPolicy {
+    SessionPolicy::with_defaults(HOST)
+}
+
+fn peer() -> PeerInfo {
+    PeerInfo {
+        ip: "192.0.2.10".parse().unwrap(),
+        port: 40000,
+    }
+}
+
+/// The fake store: `local.example` and the host name are local; bob, alice and
+/// postmaster exist there.
+fn lookup(path: &ForwardPath) -> RecipientInfo {
+    let m = &path.mailbox;
+    let local_domain = m.domain == "local.example" || m.domain == HOST;
+    let user_exists =
+        local_domain && ["bob", "alice", "postmaster"].contains(&m.local_part.as_str());
+    RecipientInfo {
+        local_domain,
+        user_exists,
+    }
+}
+
+fn store_ok(_: &Transaction) -> StoreOutcome {
+    StoreOutcome::Stored {
+        queue_id: Some("Q1".into()),
+    }
+}
+
+fn dialogue_with(policy: SessionPolicy, input: &str) -> Transcript {
+    let mut s = Session::new(policy, peer());
+    run(&mut s, [input.as_bytes()], now(), lookup, store_ok)
+}
+
+/// Runs `input` as one read with the default (unauthorised) policy.
+fn dialogue(input: &str) -> Transcript {
+    dialogue_with(policy(), input)
+}
+
+/// Runs `input` one line per read.
+fn dialogue_lines(policy: SessionPolicy, input: &str) -> Transcript {
+    let mut s = Session::new(policy, peer());
+    run(
+        &mut s,
+        input.split_inclusive('\n').map(str::as_bytes),
+        now(),
+        lookup,
+        store_ok,
+    )
+}
+
+fn authorised() -> SessionPolicy {
+    SessionPolicy {
+        relay_authorised: true,
+        ..policy()
+    }
+}
+
+/// The replies after greeting and EHLO.
+fn after_ehlo(t: &Transcript) -> String {
+    let text = t.text();
+    let prefix = format!("{GREETING}{EHLO_REPLY}");
+    assert!(text.starts_with(&prefix), "{text}");
+    text[prefix.len()..].to_string()
+}
+
+const TX: &str = "EHLO client.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nSubject: hi\r\n\r\nHello\r\n..dot\r\n.\r\nQUIT\r\n";
+
+#[test]
+fn greeting_is_exact() {
+    let mut s = Session::new(policy(), peer());
+    assert_eq!(
+        s.greeting(),
+        vec![Action::Send(GREETING.as_bytes().to_vec())]
+    );
+}
+
+#[test]
+fn whole_transaction_line_by_line() {
+    let t = dialogue_lines(policy(), TX);
+    assert_eq!(
+        after_ehlo(&t),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"
+    );
+    assert!(t.closed);
+    assert_eq!(t.stored.len(), 1);
+    let tx = &t.stored[0];
+    assert_eq!(
+        tx.reverse_path,
+        ReversePath::Mailbox(Mailbox {
+            local_part: "sender".into(),
+            domain: "remote.example".into()
+        })
+    );
+    assert_eq!(tx.recipients.len(), 1);
+    assert_eq!(tx.recipients[0].path.to_string(), "bob@local.example");
+    assert!(tx.recipients[0].local);
+    assert_eq!(tx.helo, "client.example");
+    assert_eq!(tx.client_ip, "192.0.2.10".parse::<IpAddr>().unwrap());
+    assert_eq!(tx.subject.as_deref(), Some("hi"));
+    assert_eq!(
+        String::from_utf8(tx.data.clone()).unwrap(),
+        "Received: from client.example ([192.0.2.10])\r\n\tby mx.local.example with ESMTP\r\n\tfor <bob@local.example>; Tue, 5 Mar 2024 14:07:09 +0000\r\nSubject: hi\r\n\r\nHello\r\n.dot\r\n"
+    );
+    assert_eq!(
+        (tx.ret.clone(), tx.envid.clone(), tx.body_8bit, tx.smtputf8),
+        (None, None, false, false)
+    );
+}
+
+#[test]
+fn pipelined_transaction_in_one_read_gives_all_replies_in_order() {
+    let one = dialogue(TX);
+    let lines = dialogue_lines(policy(), TX);
+    assert_eq!(one, lines);
+    // One read in, one write out: the session merges the replies of a batch.
+    let mut s = Session::new(policy(), peer());
+    s.greeting();
+    let actions = s.receive(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<alice@local.example>\r\nNOOP\r\n", now());
+    let [Action::Send(first), Action::LookupRecipient(bob)] = actions.as_slice() else {
+        panic!("{actions:?}")
+    };
+    assert!(first.ends_with(b"250 2.1.0 Ok\r\n"));
+    assert_eq!(bob.to_string(), "bob@local.example");
+    assert!(
+        s.receive(b"QUIT\r\n", now()).is_empty(),
+        "waiting: only buffers"
+    );
+    let actions = s.recipient_info(lookup(bob), now());
+    let [Action::Send(ok), Action::LookupRecipient(alice)] = actions.as_slice() else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(ok, b"250 2.1.5 Ok\r\n");
+    let actions = s.recipient_info(lookup(alice), now());
+    assert_eq!(
+        actions,
+        vec![
+            Action::Send(b"250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n".to_vec()),
+            Action::Close
+        ]
+    );
+    assert!(s.is_closed());
+    assert!(s.receive(b"NOOP\r\n", now()).is_empty());
+}
+
+#[test]
+fn helo_gives_plain_reply_and_smtp_received() {
+    let t = dialogue("HELO client\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<alice@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(
+        t.text(),
+        format!("{GREETING}250 mx.local.example\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n")
+    );
+    let tx = &t.stored[0];
+    assert_eq!(tx.reverse_path, ReversePath::Null);
+    assert_eq!(
+        String::from_utf8(tx.data.clone()).unwrap(),
+        "Received: from client ([192.0.2.10])\r\n\tby mx.local.example with SMTP; Tue, 5 Mar 2024 14:07:09 +0000\r\nx\r\n"
+    );
+    assert_eq!(tx.subject, None);
+}
+
+#[test]
+fn simple_commands() {
+    let t = dialogue("NOOP\r\nRSET\r\nVRFY bob\r\nEXPN staff\r\nHELP\r\nFOO\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n\
+             252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery\r\n\
+             502 5.5.1 Error: command not implemented\r\n\
+             214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n\
+             500 5.5.2 Error: command not recognized\r\n221 2.0.0 Bye\r\n"
+        )
+    );
+    assert!(t.closed);
+}
+
+#[test]
+fn bad_sequences() {
+    let t = dialogue("MAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nEHLO c\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nMAIL FROM:<>\r\nDATA\r\nMAIL FROM:<>\r\nRCPT TO:<nobody@local.example>\r\nDATA\r\n");
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}503 5.5.1 Error: send HELO/EHLO first\r\n\
+             503 5.5.1 Error: need MAIL command\r\n\
+             503 5.5.1 Error: need MAIL command\r\n\
+             {EHLO_REPLY}\
+             503 5.5.1 Error: need MAIL command\r\n\
+             503 5.5.1 Error: need MAIL command\r\n\
+             250 2.1.0 Ok\r\n\
+             503 5.5.1 Error: need RCPT command\r\n\
+             503 5.5.1 Error: nested MAIL command\r\n\
+             550 5.1.1 <nobody@local.example>: Recipient address rejected: User unknown\r\n\
+             554 5.5.1 Error: no valid recipients\r\n"
+        )
+    );
+}
+
+#[test]
+fn rset_and_ehlo_reset_the_transaction_but_keep_helo() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:<>\r\nRSET\r\nRCPT TO:<bob@local.example>\r\nMAIL FROM:<>\r\nEHLO c\r\nMAIL FROM:<>\r\n");
+    let expected = format!("250 2.1.0 Ok\r\n250 2.0.0 Ok\r\n503 5.5.1 Error: need MAIL command\r\n250 2.1.0 Ok\r\n{EHLO_REPLY}250 2.1.0 Ok\r\n");
+    assert_eq!(after_ehlo(&t), expected);
+}
+
+#[test]
+fn syntax_errors_and_unknown_parameters() {
+    let t = dialogue("EHLO\r\nEHLO c\r\nMAIL FROM:<a b@c>\r\nMAIL FROM <a@b>\r\nMAIL FROM:<> FOO=1\r\nMAIL FROM:<> SIZE=big\r\nMAIL FROM:<user>\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example> BAR\r\nRCPT TO:<bob@local.example> NOTIFY=NEVER,DELAY\r\nRCPT TO:<>\r\nRCPT TO:<user>\r\nDATA now\r\n");
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}501 5.5.4 Syntax: EHLO hostname\r\n{EHLO_REPLY}\
+             501 5.1.7 Bad sender address syntax\r\n\
+             501 5.5.4 Syntax: MAIL FROM:<address>\r\n\
+             555 5.5.4 Unsupported option: FOO\r\n\
+             501 5.5.4 Bad message size syntax\r\n\
+             501 5.1.7 Bad sender address syntax\r\n\
+             250 2.1.0 Ok\r\n\
+             555 5.5.4 Unsupported option: BAR\r\n\
+             501 5.5.4 Bad NOTIFY parameter syntax\r\n\
+             501 5.1.3 Bad recipient address syntax\r\n\
+             501 5.1.3 Bad recipient address syntax\r\n\
+             501 5.5.4 Syntax: DATA\r\n"
+        )
+    );
+}
+
+#[test]
+fn address_without_brackets_is_accepted() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:a@remote.example\r\nRCPT TO: bob@local.example\r\n");
+    assert_eq!(after_ehlo(&t), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n");
+}
+
+#[test]
+fn null_sender_is_accepted() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n.\r\n");
+    assert_eq!(
+        after_ehlo(&t),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    assert_eq!(t.stored[0].reverse_path, ReversePath::Null);
+}
+
+#[test]
+fn esmtp_parameters_reach_the_transaction() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:<a@remote.example> SIZE=100 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=abc+2B\r\nRCPT TO:<bob@local.example> NOTIFY=success,failure ORCPT=rfc822;bob@local.example\r\nRCPT TO:<alice@local.example> NOTIFY=NEVER\r\nDATA\r\nx\r\n.\r\n");
+    let tx = &t.stored[0];
+    assert_eq!(tx.ret.as_deref(), Some("HDRS"));
+    assert_eq!(tx.envid.as_deref(), Some("abc+2B"));
+    assert!(tx.body_8bit && tx.smtputf8);
+    assert_eq!(tx.recipients[0].notify.as_deref(), Some("SUCCESS,FAILURE"));
+    assert_eq!(
+        tx.recipients[0].orcpt.as_deref(),
+        Some("rfc822;bob@local.example")
+    );
+    assert_eq!(tx.recipients[1].notify.as_deref(), Some("NEVER"));
+    assert_eq!(tx.recipients[1].orcpt, None);
+    // Two recipients: no `for <...>` in the trace header.
+    assert!(tx
+        .data
+        .starts_with(b"Received: from c ([192.0.2.10])\r\n\tby mx.local.example with ESMTP; "));
+}
+
+#[test]
+fn duplicate_recipients_are_kept_once() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<bob@LOCAL.example.>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(after_ehlo(&t), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n");
+    assert_eq!(t.stored[0].recipients.len(), 1);
+}
+
+// ---- open relay, unauthorised client ----
+
+/// One RCPT from an unauthorised client; returns the reply and the lookups made.
+fn rcpt_unauthorised(addr: &str) -> (String, Vec<ForwardPath>) {
+    let t = dialogue(&format!(
+        "EHLO c\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:{addr}\r\n"
+    ));
+    let replies = after_ehlo(&t);
+    (replies["250 2.1.0 Ok\r\n".len()..].to_string(), t.lookups)
+}
+
+fn assert_denied_without_lookup(addr: &str) {
+    let inner = &addr[1..addr.len() - 1];
+    let (reply, lookups) = rcpt_unauthorised(addr);
+    assert_eq!(
+        reply,
+        format!("554 5.7.1 <{inner}>: Relay access denied\r\n")
+    );
+    assert!(lookups.is_empty(), "{addr}: {lookups:?}");
+}
+
+#[test]
+fn relay_percent_hack_denied() {
+    assert_denied_without_lookup("<user%remote.example@local.example>");
+}
+
+#[test]
+fn relay_bang_path_denied() {
+    assert_denied_without_lookup("<remote.example!user>");
+}
+
+#[test]
+fn relay_bang_path_at_local_denied() {
+    assert_denied_without_lookup("<remote.example!bob@local.example>");
+}
+
+#[test]
+fn relay_source_route_denied() {
+    assert_denied_without_lookup("<@local.example:user@remote.example>");
+    assert_denied_without_lookup("<@local.example,@mx.local.example:bob@local.example>");
+}
+
+#[test]
+fn relay_quoted_at_denied() {
+    assert_denied_without_lookup("<\"user@remote.example\"@local.example>");
+}
+
+#[test]
+fn relay_double_at_denied() {
+    assert_denied_without_lookup("<user@remote.example@local.example>");
+}
+
+#[test]
+fn relay_ip_literal_denied() {
+    assert_denied_without_lookup("<user@[192.0.2.1]>");
+    assert_denied_without_lookup("<user@[IPv6:2001:db8::1]>");
+}
+
+#[test]
+fn relay_remote_domain_denied_after_lookup() {
+    let (reply, lookups) = rcpt_unauthorised("<user@remote.example>");
+    assert_eq!(
+        reply,
+        "554 5.7.1 <user@remote.example>: Relay access denied\r\n"
+    );
+    assert_eq!(lookups.len(), 1);
+}
+
+#[test]
+fn relay_trailing_dot_and_case_variants_are_normalised() {
+    // A remote domain in disguise is still remote...
+    let (reply, lookups) = rcpt_unauthorised("<user@Remote.EXAMPLE.>");
+    assert_eq!(
+        reply,
+        "554 5.7.1 <user@Remote.EXAMPLE.>: Relay access denied\r\n"
+    );
+    assert_eq!(lookups[0].mailbox.domain, "remote.example");
+    // ...and a local one in disguise is local, so it is judged by the store, not relayed.
+    let (reply, lookups) = rcpt_unauthorised("<bob@LOCAL.Example.>");
+    assert_eq!(reply, "250 2.1.5 Ok\r\n");
+    assert_eq!(lookups[0].mailbox.domain, "local.example");
+    let (reply, _) = rcpt_unauthorised("<nobody@Local.Example.>");
+    assert_eq!(
+        reply,
+        "550 5.1.1 <nobody@Local.Example.>: Recipient address rejected: User unknown\r\n"
+    );
+}
+
+#[test]
+fn unauthorised_client_still_delivers_locally() {
+    let t = dialogue("EHLO c\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<user%remote.example@local.example>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nhello\r\n.\r\n");
+    assert_eq!(t.stored.len(), 1);
+    assert_eq!(t.stored[0].recipients.len(), 1);
+    assert_eq!(t.stored[0].recipients[0].path.mailbox.local_part, "bob");
+    assert!(t.stored[0].recipients[0].local);
+}
+
+#[test]
+fn postmaster_without_domain_maps_to_hostname() {
+    let (reply, lookups) = rcpt_unauthorised("<Postmaster>");
+    assert_eq!(reply, "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        lookups[0].mailbox.to_string(),
+        "postmaster@mx.local.example"
+    );
+    assert_eq!(lookups[0].raw, "Postmaster");
+}
+
+// ---- authorised client ----
+
+#[test]
+fn authorised_client_relays_and_is_still_checked_locally() {
+    let t = dialogue_with(authorised(), "EHLO c\r\nMAIL FROM:<a@local.example>\r\nRCPT TO:<x@remote.example>\r\nRCPT TO:<nobody@local.example>\r\nRCPT TO:<@relay.example:y@remote.example>\r\nRCPT TO:<z@[192.0.2.1]>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(
+        after_ehlo(&t),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 <nobody@local.example>: Recipient address rejected: User unknown\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    let r: Vec<(String, bool)> = t.stored[0]
+        .recipients
+        .iter()
+        .map(|r| (r.path.to_string(), r.local))
+        .collect();
+    assert_eq!(
+        r,
+        vec![
+            ("x@remote.example".to_string(), false),
+            ("y@remote.example".to_string(), false),
+            ("z@[192.0.2.1]".to_string(), false),
+            ("bob@local.example".to_string(), true),
+        ]
+    );
+}
+
+// ---- store answers ----
+
+#[test]
+fn store_failures_are_reported_and_the_session_goes_on() {
+    for (outcome, reply) in [
+        (
+            StoreOutcome::Failed,
+            "451 4.3.0 Error: queue file write error\r\n",
+        ),
+        (
+            StoreOutcome::DiskFull,
+            "452 4.3.1 Insufficient system storage\r\n",
+        ),
+        (
+            StoreOutcome::Stored { queue_id: None },
+            "250 2.0.0 Ok: queued\r\n",
+        ),
+    ] {
+        let mut s = Session::new(policy(), peer());
+        let t = run(
+            &mut s,
+            [&b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nx\r\n.\r\nMAIL FROM:<>\r\n"[..]],
+            now(),
+            lookup,
+            |_| outcome.clone(),
+        );
+        assert_eq!(
+            after_ehlo(&t),
+            format!("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n{reply}250 2.1.0 Ok\r\n")
+        );
+    }
+}
+
+#[test]
+fn answers_when_nothing_is_pending_are_ignored() {
+    let mut s = Session::new(policy(), peer());
+    assert!(s.stored(StoreOutcome::Failed, now()).is_empty());
+    assert!(s
+        .recipient_info(
+            RecipientInfo {
+                local_domain: true,
+                user_exists: true
+            },
+            now()
+        )
+        .is_empty());
+    assert!(!s.is_waiting());
+}
+
+// ---- limits ----
+
+#[test]
+fn command_too_long() {
+    let policy = SessionPolicy {
+        max_line_length: 512,
+        ..policy()
+    };
+    let long = format!("NOOP {}\r\n", "x".repeat(505));
+    assert_eq!(long.len(), 512);
+    let t = dialogue_with(policy.clone(), &long);
+    assert_eq!(t.text(), format!("{GREETING}250 2.0.0 Ok\r\n"));
+    let longer = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(5000));
+    let expected = format!("{GREETING}500 5.5.2 Error: command too long\r\n250 2.0.0 Ok\r\n");
+    assert_eq!(dialogue_with(policy.clone(), &longer).text(), expected);
+    let mut s = Session::new(policy, peer());
+    let t = run(&mut s, longer.as_bytes().chunks(7), now(), lookup, store_ok);
+    assert_eq!(t.text(), expected);
+}
+
+#[test]
+fn message_size_at_mail_and_after_the_dot() {
+    let policy = SessionPolicy {
+        max_message_size: 20,
+        ..policy()
+    };
+    let t = dialogue_with(policy, "EHLO c\r\nMAIL FROM:<> SIZE=21\r\nMAIL FROM:<> SIZE=20\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n0123456789\r\n0123456789\r\n.\r\nMAIL FROM:<>\r\n");
+    let text = t.text();
+    let replies = &text[text.find("250 DSN\r\n").unwrap() + 9..];
+    assert!(text.contains("250-SIZE 20\r\n"));
+    assert_eq!(
+        replies,
+        "552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n552 5.3.4 Message size exceeds fixed limit\r\n250 2.1.0 Ok\r\n"
+    );
+    assert!(t.stored.is_empty());
+}
+
+#[test]
+fn long_text_lines_in_data_are_accepted_whole() {
+    let line = "y".repeat(5000);
+    let t = dialogue(&format!(
+        "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n{line}\r\n.\r\n"
+    ));
+    assert_eq!(t.stored.len(), 1);
+    assert!(t.stored[0].data.ends_with(format!("{line}\r\n").as_bytes()));
+}
+
+#[test]
+fn too_many_recipients() {
+    let policy = SessionPolicy {
+        max_recipients: 2,
+        ..policy()
+    };
+    let t = dialogue_with(policy, "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<alice@local.example>\r\nRCPT TO:<postmaster@local.example>\r\nDATA\r\nx\r\n.\r\n");
+    assert_eq!(
+        after_ehlo(&t),
+        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n"
+    );
+    assert_eq!(t.stored[0].recipients.len(), 2);
+}
+
+#[test]
+fn hop_count() {
+    let policy = SessionPolicy {
+        max_hops: 2,
+        ..policy()
+    };
+    let body = |n: usize| "Received: x\r\n".repeat(n) + "\r\nbody\r\n.\r\n";
+    let head = "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n";
+    let t = dialogue_with(policy.clone(), &format!("{head}{}", body(3)));
+    assert!(
+        t.text()
+            .ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.4.0 Error: too many hops\r\n"),
+        "{}",
+        t.text()
+    );
+    assert!(t.stored.is_empty());
+    let t = dialogue_with(policy, &format!("{head}{}", body(2)));
+    assert_eq!(t.stored.len(), 1);
+}
+
+#[test]
+fn hard_error_limit_closes() {
+    let policy = SessionPolicy {
+        hard_error_limit: 3,
+        ..policy()
+    };
+    let t = dialogue_with(policy, "FOO\r\nNOOP\r\nBAR\r\nBAZ\r\nNOOP\r\n");
+    assert_eq!(
+        t.text(),
+        format!("{GREETING}500 5.5.2 Error: command not recognized\r\n250 2.0.0 Ok\r\n500 5.5.2 Error: command not recognized\r\n500 5.5.2 Error: command not recognized\r\n421 4.7.0 mx.local.example Error: too many errors\r\n")
+    );
+    assert!(t.closed);
+}
+
+#[test]
+fn timeout_and_shutdown_close() {
+    let mut s = Session::new(policy(), peer());
+    assert_eq!(
+        s.timeout(),
+        vec![
+            Action::Send(b"421 4.4.2 mx.local.example Error: timeout exceeded\r\n".to_vec()),
+            Action::Close
+        ]
+    );
+    assert!(s.is_closed());
+    assert!(s.shutdown().is_empty());
+    let mut s = Session::new(policy(), peer());
+    assert_eq!(
+        s.shutdown(),
+        vec![
+            Action::Send(b"421 4.3.2 mx.local.example Service shutting down\r\n".to_vec()),
+            Action::Close
+        ]
+    );
+}
+
+#[test]
+fn bare_line_ends_in_commands() {
+    let t = dialogue("NOOP\nNOOP\r\nNO\rOP\r\nNOOP\r\n");
+    assert_eq!(
+        t.text(),
+        format!("{GREETING}550 5.5.2 Error: bare <LF> received\r\n250 2.0.0 Ok\r\n550 5.5.2 Error: bare <CR> received\r\n250 2.0.0 Ok\r\n")
+    );
+}
+
+// ---- smuggling ----
+
+const SMUGGLING: [&str; 7] = [
+    "\n.\n",
+    "\r.\r",
+    "\r\n.\n",
+    "\n.\r\n",
+    "\r\n.\r",
+    "\r.\r\n",
+    "\r\n\0.\r\n",
+];
+
+fn smuggling_input(seq: &str) -> String {
+    format!(
+        "EHLO c\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nSubject: one\r\n\r\nfirst{seq}MAIL FROM:<evil@remote.example>\r\nRCPT TO:<alice@local.example>\r\nDATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\nQUIT\r\n"
+    )
+}
+
+#[test]
+fn each_smuggling_sequence_yields_at_most_one_message() {
+    for seq in SMUGGLING {
+        let t = dialogue(&smuggling_input(seq));
+        assert!(t.stored.len() <= 1, "{seq:?}: {:?}", t.stored);
+        let replies = after_ehlo(&t);
+        if seq.contains('\0') {
+            // No bare line end: it is one message that merely contains the text.
+            assert_eq!(t.stored.len(), 1);
+            assert_eq!(t.stored[0].recipients.len(), 1);
+            assert!(t.stored[0]
+                .data
+                .ends_with(b"DATA\r\nSubject: smuggled\r\n\r\nsecond\r\n"));
+            assert!(replies.ends_with("250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"));
+        } else {
+            let bare = if seq.starts_with("\r\n.\n") || seq.starts_with('\n') {
+                "LF"
+            } else {
+                "CR"
+            };
+            assert_eq!(
+                replies,
+                format!("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n550 5.5.2 Error: bare <{bare}> received\r\n221 2.0.0 Bye\r\n"),
+                "{seq:?}"
+            );
+            assert!(t.stored.is_empty(), "{seq:?}");
+            assert_eq!(
+                t.lookups.len(),
+                1,
+                "{seq:?}: the smuggled RCPT must never be read"
+            );
+        }
+    }
+}
+
+#[test]
+fn smuggling_verdict_does_not_depend_on_splitting() {
+    for seq in SMUGGLING {
+        let input = smuggling_input(seq);
+        let whole = dialogue(&input);
+        let mut s = Session::new(policy(), peer());
+        let bytewise = run(&mut s, input.as_bytes().chunks(1), now(), lookup, store_ok);
+        assert_eq!(whole, bytewise, "{seq:?}");
+    }
+}
+
+// ---- properties ----
+
+/// Dialogues covering every command, DATA with dot-stuffing, the smuggling sequences,
+/// limits and relay refusals.
+fn dialogues() -> Vec<String> {
+    let mut v = vec![
+        TX.to_string(),
+        "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<x@remote.example>\r\nDATA\r\n..\r\n...x\r\n.y\r\n\r\n.\r\nRSET\r\nVRFY x\r\nEXPN y\r\nHELP\r\nNOOP\r\nQUIT\r\n".to_string(),
+        "EHLO c\r\nMAIL FROM:<a@b> SIZE=99999999\r\nMAIL FROM:<a@b> BODY=8BITMIME RET=FULL ENVID=x\r\nRCPT TO:<user%r@local.example>\r\nRCPT TO:<@a:b@c>\r\nRCPT TO:<bob@local.example> NOTIFY=DELAY ORCPT=rfc822;x\r\nDATA\r\nReceived: a\r\n\r\nb\r\n.\r\nDATA\r\n".to_string(),
+        format!("EHLO c\r\nNOOP {}\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\n{}\r\n.\r\nQUIT\r\n", "z".repeat(3000), "w".repeat(3000)),
+        "FOO\r\nBAR\nBAZ\rQ\r\n\r\nEHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nDATA\r\n.\r\n".to_string(),
+    ];
+    v.extend(SMUGGLING.iter().map(|s| smuggling_input(s)));
+    v
+}
+
+fn small_policy(authorised: bool) -> SessionPolicy {
+    SessionPolicy {
+        max_message_size: 2000,
+        max_recipients: 3,
+        hard_error_limit: 8,
+        max_line_length: 512,
+        relay_authorised: authorised,
+        ..policy()
+    }
+}
+
+fn transcript(policy: SessionPolicy, input: &[u8], splits: &[usize]) -> Transcript {
+    let mut s = Session::new(policy, peer());
+    run_split(&mut s, input, splits, now(), lookup, store_ok)
+}
+
+#[test]
+fn split_invariance_one_byte_at_a_time() {
+    for d in dialogues() {
+        for auth in [false, true] {
+            let whole = transcript(small_policy(auth), d.as_bytes(), &[]);
+            let all: Vec<usize> = (1..d.len()).collect();
+            assert_eq!(
+                whole,
+                transcript(small_policy(auth), d.as_bytes(), &all),
+                "{d:?}"
+            );
+        }
+    }
+}
+
+/// Checks the reply stream is well-formed: every line `ddd` + space or hyphen + text.
+fn well_formed(output: &[u8]) -> bool {
+    output.split_inclusive(|b| *b == b'\n').all(|line| {
+        line.len() >= 6
+            && line.ends_with(b"\r\n")
+            && line[..3].iter().all(u8::is_ascii_digit)
+            && (line[3] == b' ' || line[3] == b'-')
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn split_invariance(
+        which in 0..12usize,
+        auth in any::<bool>(),
+        splits in proptest::collection::vec(0..4000usize, 0..40),
+    ) {
+        let all = dialogues();
+        let d = &all[which % all.len()];
+        let whole = transcript(small_policy(auth), d.as_bytes(), &[]);
+        let split = transcript(small_policy(auth), d.as_bytes(), &splits);
+        prop_assert!(well_formed(&whole.output));
+        prop_assert_eq!(whole, split);
+    }
+
+    /// Arbitrary bytes, biased toward SMTP tokens, split arbitrarily: no panic, the
+    /// driver's protocol checks hold, replies are well-formed, and the result does not
+    /// depend on the split either.
+    #[test]
+    fn fuzz_session(
+        pieces in proptest::collection::vec(
+            prop_oneof![
+                Just(b"EHLO x\r\n".to_vec()),
+                Just(b"MAIL FROM:<>\r\n".to_vec()),
+                Just(b"RCPT TO:<bob@local.example>\r\n".to_vec()),
+                Just(b"RCPT TO:<a%b@local.example>\r\n".to_vec()),
+                Just(b"DATA\r\n".to_vec()),
+                Just(b"\r\n.\r\n".to_vec()),
+                Just(b".".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b"\n".to_vec()),
+                proptest::collection::vec(any::<u8>(), 0..64),
+            ],
+            0..30,
+        ),
+        splits in proptest::collection::vec(0..2000usize, 0..20),
+        auth in any::<bool>(),
+    ) {
+        let input: Vec<u8> = pieces.concat();
+        let whole = transcript(small_policy(auth), &input, &[]);
+        let split = transcript(small_policy(auth), &input, &splits);
+        prop_assert!(well_formed(&whole.output));
+        prop_assert_eq!(whole, split);
+    }
+}
