@@ -39,9 +39,10 @@ use chrono::{DateTime, Utc};
 
 use crate::protocol::address::parse_domain;
 use crate::protocol::{
-    parse_command, BareNewline, Body, Command, CommandError, DataDecoder, DataOutcome, ForwardPath,
-    LineEvent, LineReader, MailParams, Mailbox, Path, RcptParams, Reply, ReversePath,
+    parse_command, BareNewline, Body, Command, CommandError, DataDecoder, DataOutcome, LineEvent,
+    LineReader, MailParams, Path, RcptParams, Reply,
 };
+pub use crate::protocol::{ForwardPath, Mailbox, ReversePath};
 pub use relay::{client_is_relay_authorised, relay_trick, RelayTrick};
 
 /// What the session needs to know about the server's configuration (built by the actor

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-/// Errors from a store backend.
-#[derive(Debug, thiserror::Error)]
+/// Errors from a store backend. `Clone` so an actor can answer several waiters with one
+/// failed commit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or refused the operation; temporary.
     #[error("store unavailable: {0}")]

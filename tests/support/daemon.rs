@@ -143,14 +143,13 @@ impl Daemon {
     /// Wait for the `listening on ADDR` line and return ADDR.
     pub fn wait_for_listener(&mut self) -> SocketAddr {
         let line = self.wait_for_log("listening on ", Duration::from_secs(30));
-        let addr = line
-            .rsplit("listening on ")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap();
-        addr.parse().expect("listener address")
+        let rest = line.rsplit("listening on ").next().unwrap();
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+            .collect();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("listener address in {line:?}: {e}"))
     }
 
     /// Wait until a log line contains `needle`; panics with the log on timeout.

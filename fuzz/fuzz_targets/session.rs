@@ -1,0 +1,66 @@
+//! Fuzzes the SMTP parser and session machine through their one entry point
+//! (`Session::receive` and the answers), with the input cut into reads of a size taken
+//! from the first byte. The driver panics when the session breaks its protocol with the
+//! actor; the target also checks that the outcome does not depend on the split.
+//!
+//! Run with `cargo fuzz run session` (nightly) from `fuzz/`.
+
+#![no_main]
+
+use chrono::{TimeZone, Utc};
+use erlmail::session::driver::{run, Transcript};
+use erlmail::session::{
+    ForwardPath, PeerInfo, RecipientInfo, Session, SessionPolicy, StoreOutcome, Transaction,
+};
+use libfuzzer_sys::fuzz_target;
+
+fn lookup(path: &ForwardPath) -> RecipientInfo {
+    let local_domain = path.mailbox.domain == "local.example";
+    RecipientInfo {
+        local_domain,
+        user_exists: local_domain && path.mailbox.local_part == "bob",
+    }
+}
+
+fn store(tx: &Transaction) -> StoreOutcome {
+    // Vary the answer so failure replies are exercised too.
+    match tx.data.len() % 3 {
+        0 => StoreOutcome::Failed,
+        1 => StoreOutcome::DiskFull,
+        _ => StoreOutcome::Stored {
+            queue_id: Some("Q".into()),
+        },
+    }
+}
+
+fn session(authorised: bool) -> Session {
+    let policy = SessionPolicy {
+        max_message_size: 4096,
+        max_recipients: 4,
+        hard_error_limit: 50,
+        max_line_length: 512,
+        relay_authorised: authorised,
+        ..SessionPolicy::with_defaults("mx.local.example")
+    };
+    let peer = PeerInfo {
+        ip: "192.0.2.1".parse().expect("literal"),
+        port: 25,
+    };
+    Session::new(policy, peer)
+}
+
+fn drive<'a>(authorised: bool, chunks: impl IntoIterator<Item = &'a [u8]>) -> Transcript {
+    let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+    run(&mut session(authorised), chunks, now, lookup, store)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&control, input)) = data.split_first() else {
+        return;
+    };
+    let authorised = control & 1 == 1;
+    let step = usize::from(control >> 1) + 1;
+    let whole = drive(authorised, [input]);
+    let split = drive(authorised, input.chunks(step));
+    assert_eq!(whole, split);
+});
