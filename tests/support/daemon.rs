@@ -161,19 +161,39 @@ impl Daemon {
     pub fn wait_for_log_after(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self.log.lock().unwrap().iter().skip(from).find(|l| l.contains(needle)) {
+            if let Some(l) = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(from)
+                .find(|l| l.contains(needle))
+            {
                 return l.clone();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader threads a moment to drain.
                 std::thread::sleep(Duration::from_millis(200));
-                if let Some(l) = self.log.lock().unwrap().iter().skip(from).find(|l| l.contains(needle)) {
+                if let Some(l) = self
+                    .log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .skip(from)
+                    .find(|l| l.contains(needle))
+                {
                     return l.clone();
                 }
-                panic!("erlmail exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+                panic!(
+                    "erlmail exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("no log line with {needle:?} within {timeout:?}:\n{}", self.log_text());
+                panic!(
+                    "no log line with {needle:?} within {timeout:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
