@@ -103,7 +103,7 @@ impl TreeNode {
             .filter(|c| c.get_status() == ractor::ActorStatus::Running)
             .map(TreeNode::of)
             .collect();
-        children.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+        children.sort_by_key(|c| natural_key(&c.name));
         TreeNode { name, children }
     }
 
@@ -153,6 +153,17 @@ fn natural_key(name: &str) -> (bool, String, u64) {
     match name.split_once('#') {
         Some((base, n)) => (true, base.to_string(), n.parse().unwrap_or(u64::MAX)),
         None => (false, name.to_string(), 0),
+    }
+}
+
+/// A stopped actor's name leaves the registry as it finishes; wait for that (up to 2 s)
+/// before a successor takes the name.
+pub(crate) async fn wait_unregistered(name: &str) {
+    for _ in 0..200 {
+        if ractor::registry::where_is(name).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

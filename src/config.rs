@@ -136,7 +136,7 @@ impl Default for Config {
             store_url: None,
             server_smtp_relay_host: None,
             server_smtp_routes: BTreeMap::new(),
-            server_smtp_queue_interval: Duration::from_secs(60),
+            server_smtp_queue_interval: Duration::from_secs(1),
             server_smtp_lock_lease: Duration::from_secs(300),
             server_smtp_max_message_size: 10_240_000,
             server_smtp_max_recipients: 100,

@@ -198,9 +198,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             log_file,
         } => {
             let config = load_config(path.as_deref(), &cli.set)?;
-            let log_file = log_file.clone().or_else(|| {
-                daemon.then(|| config.spool_dir.join("erlmail.log"))
-            });
+            let log_file = log_file
+                .clone()
+                .or_else(|| daemon.then(|| config.spool_dir.join("erlmail.log")));
             if *daemon {
                 std::fs::create_dir_all(&config.spool_dir)
                     .with_context(|| format!("creating {}", config.spool_dir.display()))?;
@@ -282,12 +282,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             use std::io::Write;
             match action {
                 MailboxCmd::List { address } => {
-                    println!("{:>6}  {:<25}  {:>8}  {:<30}  SUBJECT", "ID", "DATE", "SIZE", "FROM");
+                    println!(
+                        "{:>6}  {:<25}  {:>8}  {:<30}  SUBJECT",
+                        "ID", "DATE", "SIZE", "FROM"
+                    );
                     for m in store.list_mailbox(address, "INBOX").await? {
                         println!(
                             "{:>6}  {:<25}  {:>8}  {:<30}  {}",
                             m.id,
-                            m.internal_date.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            m.internal_date
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                             m.size,
                             if m.sender.is_empty() { "<>" } else { &m.sender },
                             m.subject.unwrap_or_default()
@@ -306,10 +310,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn queue_command(store: &dyn erlmail::store::MessageStore, action: &QueueCmd) -> anyhow::Result<()> {
+async fn queue_command(
+    store: &dyn erlmail::store::MessageStore,
+    action: &QueueCmd,
+) -> anyhow::Result<()> {
     use std::io::Write;
     let now = chrono::Utc::now();
-    let when = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let when =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     match action {
         QueueCmd::List => {
             let queue = store.list_queue().await?;
@@ -355,7 +363,11 @@ async fn queue_command(store: &dyn erlmail::store::MessageStore, action: &QueueC
                 }
             }
             let total: u64 = queue.iter().map(|m| m.size).sum();
-            println!("-- {} Kbytes in {} Requests.", total.div_ceil(1024), queue.len());
+            println!(
+                "-- {} Kbytes in {} Requests.",
+                total.div_ceil(1024),
+                queue.len()
+            );
         }
         QueueCmd::Show { id } => {
             let Some(m) = store.get_queued(id).await? else {
@@ -363,7 +375,12 @@ async fn queue_command(store: &dyn erlmail::store::MessageStore, action: &QueueC
             };
             println!("queue-id: {}", m.id);
             println!("sender: <{}>", m.sender);
-            println!("received: {} from {} (helo {})", when(m.received_at), m.client_ip, m.helo);
+            println!(
+                "received: {} from {} (helo {})",
+                when(m.received_at),
+                m.client_ip,
+                m.helo
+            );
             if let Some(r) = &m.ret {
                 println!("ret: {r}");
             }

@@ -9,6 +9,7 @@
 pub mod contract;
 pub mod maildir;
 pub mod password;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -375,7 +376,8 @@ pub type SharedStore = Arc<dyn MessageStore>;
 ///
 /// `sqlite://PATH` opens (or creates, with its parent directories) the SQLite file at
 /// PATH, relative to the working directory unless absolute (`sqlite:///var/spool/x.db`).
-/// `postgres://` and `postgresql://` are recognised but not built yet.
+/// `postgres://` and `postgresql://` connect to a shared PostgreSQL database (see
+/// `postgres::PgSettings` for the `pool_size` and `connect_timeout` query parameters).
 pub async fn open(url: &str) -> StoreResult<SharedStore> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
@@ -386,9 +388,8 @@ pub async fn open(url: &str) -> StoreResult<SharedStore> {
         let store = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
         Ok(Arc::new(store))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(StoreError::Invalid(
-            "the PostgreSQL store backend is not built yet; use sqlite://PATH".into(),
-        ))
+        let store = postgres::PostgresStore::open(url).await?;
+        Ok(Arc::new(store))
     } else {
         Err(StoreError::Invalid(format!(
             "unsupported store_url {url:?}: expected sqlite://PATH"

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use daemon::erlmail;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 #[test]
@@ -19,9 +21,15 @@ fn erlmail_files_load_and_convert_round_trips() {
     for name in ["erlmail.app", "erlmail.config"] {
         let (status, checked, err) = erlmail(&fixture(name), &["config", "check"], None);
         assert!(status.success(), "{name}: {err}");
-        assert!(err.contains("server_imap_start"), "ignored keys reported: {err}");
-        let (status, yaml, err) =
-            erlmail(&fixture(name), &["config", "convert", fixture(name).to_str().unwrap()], None);
+        assert!(
+            err.contains("server_imap_start"),
+            "ignored keys reported: {err}"
+        );
+        let (status, yaml, err) = erlmail(
+            &fixture(name),
+            &["config", "convert", fixture(name).to_str().unwrap()],
+            None,
+        );
         assert!(status.success(), "{name}: {err}");
         let converted = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&converted, &yaml).unwrap();
@@ -49,14 +57,19 @@ fn every_malformed_file_names_file_line_and_column_and_exits_non_zero() {
         let (status, out, err) = erlmail(&path, &["config", "check"], None);
         assert!(!status.success(), "{name} was accepted:\n{out}");
         // `FILE:LINE:COL: message`
-        let at = err.find(&name).unwrap_or_else(|| panic!("{name}: no file name in {err:?}"));
+        let at = err
+            .find(&name)
+            .unwrap_or_else(|| panic!("{name}: no file name in {err:?}"));
         let rest = &err[at + name.len()..];
         let mut parts = rest.splitn(4, ':');
         assert_eq!(parts.next(), Some(""), "{name}: {err}");
         let line: usize = parts.next().unwrap_or("").parse().unwrap_or(0);
         let col: usize = parts.next().unwrap_or("").parse().unwrap_or(0);
         assert!(line >= 1 && col >= 1, "{name}: no line/column in {err:?}");
-        assert!(!parts.next().unwrap_or("").trim().is_empty(), "{name}: no message");
+        assert!(
+            !parts.next().unwrap_or("").trim().is_empty(),
+            "{name}: no message"
+        );
     }
     assert!(seen >= 12, "only {seen} malformed fixtures");
 }
@@ -82,25 +95,44 @@ fn domains_and_users_end_to_end_with_hashed_passwords() {
     };
     ok(&["domain", "add", "Example.COM"], None);
     ok(&["domain", "add", "example.org"], None);
-    assert_eq!(ok(&["domain", "list"], None).0, "example.com\nexample.org\n");
+    assert_eq!(
+        ok(&["domain", "list"], None).0,
+        "example.com\nexample.org\n"
+    );
 
     let password = "correct horse battery staple";
-    let (out, err) = ok(&["user", "add", "alice@example.com"], Some(&format!("{password}\n")));
+    let (out, err) = ok(
+        &["user", "add", "alice@example.com"],
+        Some(&format!("{password}\n")),
+    );
     assert!(!out.contains(password) && !err.contains(password));
-    ok(&["user", "add", "bob@example.org"], Some("hunter2hunter2\n"));
+    ok(
+        &["user", "add", "bob@example.org"],
+        Some("hunter2hunter2\n"),
+    );
     assert_eq!(
         ok(&["user", "list"], None).0,
         "alice@example.com\nbob@example.org\n"
     );
-    assert_eq!(ok(&["user", "list", "example.org"], None).0, "bob@example.org\n");
+    assert_eq!(
+        ok(&["user", "list", "example.org"], None).0,
+        "bob@example.org\n"
+    );
 
     // Unknown domain and duplicate user are refused.
-    let (status, _, err) = erlmail(&config, &["user", "add", "carol@nowhere.test"], Some("pw\n"));
+    let (status, _, err) = erlmail(
+        &config,
+        &["user", "add", "carol@nowhere.test"],
+        Some("pw\n"),
+    );
     assert!(!status.success() && !err.is_empty());
     let (status, _, _) = erlmail(&config, &["user", "add", "alice@example.com"], Some("pw\n"));
     assert!(!status.success());
 
-    ok(&["user", "passwd", "alice@example.com"], Some("a new secret value\n"));
+    ok(
+        &["user", "passwd", "alice@example.com"],
+        Some("a new secret value\n"),
+    );
 
     // Nothing in the spool holds a password in clear; the hash is argon2.
     let mut found_hash = false;
@@ -122,5 +154,9 @@ fn domains_and_users_end_to_end_with_hashed_passwords() {
     assert!(!status.success(), "removing a missing user fails");
     ok(&["domain", "remove", "example.com"], None);
     assert_eq!(ok(&["domain", "list"], None).0, "example.org\n");
-    assert_eq!(ok(&["user", "list"], None).0, "", "users go with their domain");
+    assert_eq!(
+        ok(&["user", "list"], None).0,
+        "",
+        "users go with their domain"
+    );
 }

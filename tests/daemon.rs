@@ -18,7 +18,9 @@ fn serve_with_no_setup_starts_on_sqlite_and_logs_the_tree() {
     let dir = tempfile::tempdir().unwrap();
     let port_25_free = TcpListener::bind("0.0.0.0:25").is_ok();
     let mut cmd = Command::new(daemon::bin());
-    cmd.arg("serve").current_dir(dir.path()).env_remove("ERLMAIL_CONFIG");
+    cmd.arg("serve")
+        .current_dir(dir.path())
+        .env_remove("ERLMAIL_CONFIG");
     if !port_25_free {
         // Not root, or port 25 taken: the only change is the port.
         eprintln!("port 25 unavailable here; running the same command with -o server_smtp_port=0");
@@ -54,7 +56,9 @@ fn serve_with_no_setup_starts_on_sqlite_and_logs_the_tree() {
     );
     let _ = s.cmd("QUIT");
     d.signal("TERM");
-    let status = d.wait_exit(Duration::from_secs(5)).expect("exit after SIGTERM");
+    let status = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit after SIGTERM");
     assert!(status.success(), "{status}");
 }
 
@@ -93,16 +97,16 @@ fn sigusr1_logs_the_live_tree_with_sessions() {
     assert!(line.contains("actor tree"));
     std::thread::sleep(Duration::from_millis(100));
     let after = d.log.lock().unwrap()[mark..].join("\n");
-    assert!(after.contains("smtpd_fsm#1"), "live session missing:\n{after}");
+    assert!(
+        after.contains("smtpd_fsm#1"),
+        "live session missing:\n{after}"
+    );
 }
 
 fn fault_daemon() -> (Daemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let fault = dir.path().join("fault");
-    let d = Daemon::start_with_env(
-        "",
-        &[("ERLMAIL_TEST_FAULT_FILE", fault.to_str().unwrap())],
-    );
+    let d = Daemon::start_with_env("", &[("ERLMAIL_TEST_FAULT_FILE", fault.to_str().unwrap())]);
     std::mem::forget(dir);
     (d, fault)
 }
@@ -115,11 +119,20 @@ fn store_and_queue_panics_are_restarted_and_the_daemon_keeps_serving() {
         let mark = d.log_len();
         d.signal("USR2");
         let failed = d.wait_for_log_after(mark, "injected panic", Duration::from_secs(10));
-        assert!(failed.contains(&format!("erlmail_sup/{target}")), "{failed}");
+        assert!(
+            failed.contains(&format!("erlmail_sup/{target}")),
+            "{failed}"
+        );
         let restarted = d.wait_for_log_after(mark, "restarted", Duration::from_secs(10));
-        assert!(restarted.contains(&format!("erlmail_sup/{target}")), "{restarted}");
+        assert!(
+            restarted.contains(&format!("erlmail_sup/{target}")),
+            "{restarted}"
+        );
     }
-    assert!(d.child.try_wait().unwrap().is_none(), "daemon still running");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "daemon still running"
+    );
     let mut s = d.connect();
     assert!(s.greeting.starts_with("220 "), "{}", s.greeting);
     assert!(s.cmd("NOOP").starts_with("250"));
@@ -202,7 +215,9 @@ fn sighup_applies_a_new_greeting_and_relay_list_and_keeps_the_old_on_error() {
 
     let t = Instant::now();
     d.signal("TERM");
-    let status = d.wait_exit(Duration::from_secs(5)).expect("exit within 5 s");
+    let status = d
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit within 5 s");
     assert!(status.success(), "{status}");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
@@ -238,11 +253,20 @@ fn daemon_mode_detaches_and_writes_a_pidfile() {
         assert!(Instant::now() < deadline, "no pidfile/listener");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(5);
     while pidfile.exists() {
-        assert!(Instant::now() < deadline, "pidfile not removed after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "pidfile not removed after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(std::fs::read_to_string(&log).unwrap().contains("erlmail stopped"));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("erlmail stopped"));
 }

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use daemon::Daemon;
-use peers::{require, run, SmtpSink};
+use peers::{require, run, AioSink, SmtpSink};
 
 /// The local domain and user every test delivers to.
 const DOMAIN: &str = "example.test";
@@ -34,14 +34,13 @@ fn local_daemon(yaml: &str) -> Daemon {
     d
 }
 
-/// Config for a relay client (127.0.0.1) whose smarthost is `sink`.
-fn relay_yaml(sink: &SmtpSink) -> String {
+/// Config for a relay client (127.0.0.1) whose smarthost is 127.0.0.1:`port`.
+fn relay_yaml(port: u16) -> String {
     format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
-         server_smtp_relay_host: \"127.0.0.1:{}\"\n\
+         server_smtp_relay_host: \"127.0.0.1:{port}\"\n\
          server_smtp_queue_interval: \"100ms\"\n\
-         server_smtp_name: \"relay.test\"\n{LOAD_YAML}",
-        sink.port()
+         server_smtp_name: \"relay.test\"\n{LOAD_YAML}"
     )
 }
 
@@ -229,7 +228,7 @@ fn swaks_pipelines_a_whole_transaction() {
 #[test]
 fn swaks_relays_from_an_authorised_client_to_smtp_sink() {
     let sink = SmtpSink::start(&[]);
-    let d = local_daemon(&relay_yaml(&sink));
+    let d = local_daemon(&relay_yaml(sink.port()));
     let out = swaks(
         d.addr,
         &[
@@ -394,6 +393,61 @@ fn python_smtplib_sees_the_extensions_delivers_and_is_refused_relaying() {
     assert!(queue_list(&d).contains("Mail queue is empty"));
 }
 
+/// Sends one message with dot lines through erlmail with smtplib, as a relay client.
+const SMTPLIB_RELAY_SCRIPT: &str = r#"
+import smtplib, sys
+host, port, sent_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+msg = (b"From: py@client.test\r\nTo: carol@far.test\r\nSubject: relayed by smtplib\r\n\r\n"
+       b".leading dot\r\n..two dots\r\n.\r\nend of body\r\n")
+s = smtplib.SMTP(host, port, local_hostname="python.client.test", timeout=30)
+refused = s.sendmail("py@client.test", ["carol@far.test", "dave@far.test"], msg)
+assert refused == {}, refused
+s.quit()
+open(sent_path, "wb").write(msg)
+"#;
+
+/// smtplib -> erlmail (relay client) -> a Python aiosmtpd next hop: the relayed message
+/// arrives byte for byte (dot-stuffing undone and redone correctly on both legs), once,
+/// with both recipients in one transaction.
+#[test]
+fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
+    let sink = AioSink::start();
+    let d = Daemon::start(&relay_yaml(sink.addr.port()));
+    let sent_path = d.dir.path().join("relay-sent.bin");
+    let mut cmd = Command::new(require("python3"));
+    cmd.arg("-c")
+        .arg(SMTPLIB_RELAY_SCRIPT)
+        .arg(d.addr.ip().to_string())
+        .arg(d.addr.port().to_string())
+        .arg(&sent_path);
+    run(cmd, None, Duration::from_secs(60)).assert_success("python3 smtplib relay script");
+    let sent = String::from_utf8(std::fs::read(&sent_path).unwrap()).unwrap();
+
+    assert!(
+        sink.wait_for(1, Duration::from_secs(30)),
+        "nothing reached the aiosmtpd sink; log:\n{}",
+        d.log_text()
+    );
+    wait_until(&d, "an empty queue", Duration::from_secs(30), || {
+        queue_list(&d).contains("Mail queue is empty")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let msgs = sink.messages();
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    let m = &msgs[0];
+    assert_eq!(m.helo, "relay.test");
+    assert_eq!(m.from, "py@client.test");
+    let mut rcpts = m.rcpts.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, vec!["carol@far.test", "dave@far.test"]);
+    let data = String::from_utf8(m.data.clone()).unwrap();
+    assert!(
+        data.starts_with("Received: from python.client.test"),
+        "{data}"
+    );
+    assert_stored_as_sent(&data, &sent);
+}
+
 // ---------------------------------------------------------------------------------------
 // Postfix smtp-source and smtp-sink
 
@@ -463,7 +517,7 @@ fn smtp_source_1000_messages_over_20_sessions_are_all_stored() {
 fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
     const N: usize = 10_000;
     let sink = SmtpSink::start(&[]);
-    let d = Daemon::start(&relay_yaml(&sink));
+    let d = Daemon::start(&relay_yaml(sink.port()));
     let n = N.to_string();
     let start = Instant::now();
     let out = smtp_source(
@@ -528,8 +582,14 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
     let total = sink.settle(Duration::from_secs(3));
     assert_eq!(total, N, "transactions at smtp-sink");
 
+    let dumps = sink.dumps();
+    eprintln!(
+        "relay: queue empty and sink settled at {:.1}s; checking {} dumps",
+        start.elapsed().as_secs_f64(),
+        dumps.len()
+    );
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for m in sink.dumps() {
+    for m in dumps {
         assert_eq!(
             m.helo.as_deref(),
             Some("relay.test"),

@@ -60,7 +60,11 @@ async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     let d = Daemon::start(&relay_yaml(&sink, "server_smtp_queue_interval: \"1h\"\n"));
     relay_one(&d, "a@client.test", &["b@remote.test"], "immediate");
     // The tick is an hour away: only the NewMessage cast can have tried it.
-    assert!(sink.wait_for(1, Duration::from_secs(10)).await, "{}", d.log_text());
+    assert!(
+        sink.wait_for(1, Duration::from_secs(10)).await,
+        "{}",
+        d.log_text()
+    );
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, vec!["b@remote.test".to_string()]);
     assert_eq!(m.helo, "relay.test");
@@ -85,12 +89,18 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
     ));
     relay_one(&d, "a@client.test", &["b@remote.test"], "retry");
     // Meanwhile the reason is visible in the queue listing.
-    wait_until("first deferral", Duration::from_secs(10), || sink.transactions().len() == 1);
+    wait_until("first deferral", Duration::from_secs(10), || {
+        sink.transactions().len() == 1
+    });
     wait_until("listing with error", Duration::from_secs(5), || {
         let l = queue_list(&d);
         l.contains("451") && l.contains("b@remote.test")
     });
-    assert!(sink.wait_for(1, Duration::from_secs(20)).await, "{}", d.log_text());
+    assert!(
+        sink.wait_for(1, Duration::from_secs(20)).await,
+        "{}",
+        d.log_text()
+    );
     let t = sink.transactions();
     assert_eq!(t.len(), 3, "{t:?}");
     assert_eq!(
@@ -101,8 +111,14 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
     let gap2 = (t[2].at - t[1].at).to_std().unwrap();
     // The schedule: 2 s before the first retry, 3 s before the second; the queue tick
     // (100 ms) and the attempt itself add a little.
-    assert!(gap1 >= Duration::from_millis(1950) && gap1 < Duration::from_millis(3500), "{gap1:?}");
-    assert!(gap2 >= Duration::from_millis(2950) && gap2 < Duration::from_millis(4500), "{gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(1950) && gap1 < Duration::from_millis(3500),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(2950) && gap2 < Duration::from_millis(4500),
+        "{gap2:?}"
+    );
     assert_eq!(sink.count(), 1);
     wait_until("empty queue", Duration::from_secs(10), || {
         queue_list(&d).contains("Mail queue is empty")
@@ -135,7 +151,11 @@ print('\n'.join(fields))
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let fields = String::from_utf8_lossy(&out.stdout);
     for e in expect {
         assert!(fields.contains(e), "{e:?} not in\n{fields}");
@@ -148,7 +168,10 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
     // (origin.test) go to the report sink.
     let refusing = Sink::start(
         SinkConfig::default()
-            .rcpt_reply("fail", "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown")
+            .rcpt_reply(
+                "fail",
+                "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown",
+            )
             .rcpt_reply("slow", "450 4.2.0 <{rcpt}>: mailbox busy"),
     )
     .await;
@@ -166,7 +189,9 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
     // 5xx: one DSN at once. Exhausted 4xx: one DSN after the single retry.
     let mut s = d.connect();
     assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1").starts_with("250"));
+    assert!(s
+        .cmd("MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1")
+        .starts_with("250"));
     assert!(s
         .cmd("RCPT TO:<fail@remote.test> ORCPT=rfc822;fail@remote.test")
         .starts_with("250"));
@@ -185,13 +210,19 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
     s.send_raw(body("bounce of a bounce").as_bytes());
     assert!(s.cmd(".").starts_with("250"));
     assert!(s.cmd("MAIL FROM:<sender@origin.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<fail@remote.test> NOTIFY=NEVER").starts_with("250"));
+    assert!(s
+        .cmd("RCPT TO:<fail@remote.test> NOTIFY=NEVER")
+        .starts_with("250"));
     assert!(s.cmd("DATA").starts_with("354"));
     s.send_raw(body("never tell").as_bytes());
     assert!(s.cmd(".").starts_with("250"));
     let _ = s.cmd("QUIT");
 
-    assert!(reports.wait_for(2, Duration::from_secs(20)).await, "{}", d.log_text());
+    assert!(
+        reports.wait_for(2, Duration::from_secs(20)).await,
+        "{}",
+        d.log_text()
+    );
     wait_until("empty queue", Duration::from_secs(10), || {
         queue_list(&d).contains("Mail queue is empty")
     });
@@ -247,7 +278,10 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
             "Diagnostic-Code: smtp; 450 4.2.0",
         ],
     );
-    assert!(String::from_utf8_lossy(&expired.data).contains("will expire"), "RET absent: full message returned");
+    assert!(
+        String::from_utf8_lossy(&expired.data).contains("will expire"),
+        "RET absent: full message returned"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +292,11 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
         &[("ERLMAIL_TEST_SENDER_PANICS", "2")],
     );
     relay_one(&d, "a@client.test", &["b@remote.test"], "crashy");
-    assert!(sink.wait_for(1, Duration::from_secs(15)).await, "{}", d.log_text());
+    assert!(
+        sink.wait_for(1, Duration::from_secs(15)).await,
+        "{}",
+        d.log_text()
+    );
     wait_until("empty queue", Duration::from_secs(10), || {
         queue_list(&d).contains("Mail queue is empty")
     });
@@ -266,7 +304,10 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
     assert_eq!(sink.count(), 1);
     let log = d.log_text();
     assert_eq!(log.matches("sender failed").count(), 2, "{log}");
-    assert!(log.contains("erlmail_sup/smtpd_queue/smtpc_sender#"), "{log}");
+    assert!(
+        log.contains("erlmail_sup/smtpd_queue/smtpc_sender#"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +318,10 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
         &[("ERLMAIL_TEST_SENDER_PANICS", "1000")],
     );
     relay_one(&d, "a@client.test", &["b@remote.test"], "always crashes");
-    d.wait_for_log("counting the try as a temporary failure", Duration::from_secs(15));
+    d.wait_for_log(
+        "counting the try as a temporary failure",
+        Duration::from_secs(15),
+    );
     let listing = queue_list(&d);
     assert!(listing.contains("delivery agent crashed"), "{listing}");
     assert!(!listing.contains("being delivered"), "unlocked: {listing}");
@@ -299,13 +343,18 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     ));
     relay_one(&d, "a@client.test", &["b@remote.test"], "first");
     relay_one(&d, "a@client.test", &["c@remote.test"], "second");
-    wait_until("two deferrals", Duration::from_secs(10), || sink.transactions().len() == 2);
+    wait_until("two deferrals", Duration::from_secs(10), || {
+        sink.transactions().len() == 2
+    });
     let mut listing = String::new();
     wait_until("both listed with errors", Duration::from_secs(5), || {
         listing = queue_list(&d);
         listing.matches("451 4.3.0").count() >= 2
     });
-    assert!(listing.contains("-- 1 Kbytes in 2 Requests.") || listing.contains("in 2 Requests."), "{listing}");
+    assert!(
+        listing.contains("-- 1 Kbytes in 2 Requests.") || listing.contains("in 2 Requests."),
+        "{listing}"
+    );
     let ids: Vec<String> = listing
         .lines()
         .skip(1)
@@ -316,7 +365,10 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
 
     let (status, shown, _) = d.admin(&["queue", "show", &ids[0]], None);
     assert!(status.success());
-    assert!(shown.contains("sender: <a@client.test>") && shown.contains("Subject: first"), "{shown}");
+    assert!(
+        shown.contains("sender: <a@client.test>") && shown.contains("Subject: first"),
+        "{shown}"
+    );
 
     // Hold the first, delete the second, flush: nothing is sent.
     assert!(d.admin(&["queue", "hold", &ids[0]], None).0.success());
@@ -330,7 +382,10 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     // Release and flush: the running daemon delivers within a second or so.
     assert!(d.admin(&["queue", "release", &ids[0]], None).0.success());
     assert!(d.admin(&["queue", "flush", &ids[0]], None).0.success());
-    assert!(sink.wait_for(1, Duration::from_secs(2)).await, "flush woke the daemon");
+    assert!(
+        sink.wait_for(1, Duration::from_secs(2)).await,
+        "flush woke the daemon"
+    );
     assert!(String::from_utf8_lossy(&sink.messages()[0].data).contains("Subject: first"));
     wait_until("empty queue", Duration::from_secs(5), || {
         queue_list(&d).contains("Mail queue is empty")
@@ -357,11 +412,11 @@ async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     })
     .await;
     let a = Daemon::start(&relay_yaml(&sink, "node_name: \"node-a\"\n"));
-    let store_line = format!(
-        "spool_dir: \"{}\"\n",
-        a.dir.path().join("spool").display()
-    );
-    let b = Daemon::start(&relay_yaml(&sink, &format!("node_name: \"node-b\"\n{store_line}")));
+    let store_line = format!("spool_dir: \"{}\"\n", a.dir.path().join("spool").display());
+    let b = Daemon::start(&relay_yaml(
+        &sink,
+        &format!("node_name: \"node-b\"\n{store_line}"),
+    ));
     // Half the messages into each node, pipelined in batches.
     let send = |d: &Daemon, tag: &str| {
         let mut s: Smtp = d.connect();
@@ -403,5 +458,8 @@ async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     let sent_a = la.matches("status=\"sent\"").count() + la.matches("status=sent").count();
     let sent_b = lb.matches("status=\"sent\"").count() + lb.matches("status=sent").count();
     eprintln!("node-a sent {sent_a}, node-b sent {sent_b}");
-    assert!(sent_a > 0 && sent_b > 0, "both nodes took part ({sent_a}/{sent_b})");
+    assert!(
+        sent_a > 0 && sent_b > 0,
+        "both nodes took part ({sent_a}/{sent_b})"
+    );
 }

@@ -266,16 +266,16 @@ async fn store(path: &str, tx: Transaction) -> StoreOutcome {
     };
     let store: ActorRef<StoreMsg> = cell.into();
     match store
-        .call(|reply| StoreMsg::Accept(message, reply), Some(STORE_TIMEOUT))
+        .call(
+            |reply| StoreMsg::Accept(message, reply),
+            Some(STORE_TIMEOUT),
+        )
         .await
     {
         Ok(ractor::rpc::CallResult::Success(Ok(accepted))) => StoreOutcome::Stored {
-            queue_id: accepted.queue_id.or_else(|| {
-                accepted
-                    .message_ids
-                    .first()
-                    .map(|id| format!("L{id}"))
-            }),
+            queue_id: accepted
+                .queue_id
+                .or_else(|| accepted.message_ids.first().map(|id| format!("L{id}"))),
         },
         Ok(ractor::rpc::CallResult::Success(Err(StoreError::Full(e)))) => {
             warn!(path = %path, error = %e, "store full");
@@ -323,10 +323,7 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
 /// IPv4-mapped IPv6 clients (`::ffff:a.b.c.d`) are IPv4 clients.
 fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(ip),
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     }
 }

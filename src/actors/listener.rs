@@ -55,7 +55,10 @@ impl Actor for Listener {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        if sup.send_message(SmtpdSupMsg::Accepted(stream, peer)).is_err() {
+                        if sup
+                            .send_message(SmtpdSupMsg::Accepted(stream, peer))
+                            .is_err()
+                        {
                             break;
                         }
                     }

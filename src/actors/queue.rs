@@ -130,7 +130,7 @@ impl QueueState {
         crashes: u32,
     ) {
         let name = format!("smtpc_sender#{}", message.id);
-        super::smtpd_sup::wait_unregistered(&name).await;
+        super::wait_unregistered(&name).await;
         let args = SenderArgs {
             message: message.clone(),
             config: self.config.clone(),
@@ -142,7 +142,8 @@ impl QueueState {
         match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
             Ok((r, _)) => {
                 debug!(path = %super::child_path(&self.path, &name), "started");
-                self.senders.insert(r.get_id(), Running { message, crashes });
+                self.senders
+                    .insert(r.get_id(), Running { message, crashes });
             }
             Err(e) => {
                 error!(path = %self.path, queue_id = %message.id, error = %e, "could not start a sender; releasing the message");
@@ -250,9 +251,15 @@ impl Actor for QueueActor {
                 .await;
                 match claimed {
                     Some(Ok(Some(m))) => state.spawn_sender(&myself, m, 0).await,
-                    Some(Ok(None)) => debug!(path = %state.path, queue_id = %id, "not claimable (another node has it, or it is held)"),
-                    Some(Err(e)) => warn!(path = %state.path, queue_id = %id, error = %e, "claim failed"),
-                    None => warn!(path = %state.path, queue_id = %id, "store did not answer a claim"),
+                    Some(Ok(None)) => {
+                        debug!(path = %state.path, queue_id = %id, "not claimable (another node has it, or it is held)")
+                    }
+                    Some(Err(e)) => {
+                        warn!(path = %state.path, queue_id = %id, error = %e, "claim failed")
+                    }
+                    None => {
+                        warn!(path = %state.path, queue_id = %id, "store did not answer a claim")
+                    }
                 }
             }
             QueueMsg::Tick => state.claim_due(&myself).await,
@@ -310,7 +317,17 @@ impl Actor for QueueActor {
                 now,
             )
             // A crash is our fault, not the recipient's: never bounce for it.
-            .unwrap_or(now + chrono::Duration::from_std(state.config.server_smtp_retry_interval.last().copied().unwrap_or(Duration::from_secs(900))).unwrap_or(chrono::Duration::minutes(15)));
+            .unwrap_or(
+                now + chrono::Duration::from_std(
+                    state
+                        .config
+                        .server_smtp_retry_interval
+                        .last()
+                        .copied()
+                        .unwrap_or(Duration::from_secs(900)),
+                )
+                .unwrap_or(chrono::Duration::minutes(15)),
+            );
             let record = AttemptRecord {
                 at: now,
                 rcpt_results: m
@@ -321,7 +338,14 @@ impl Actor for QueueActor {
                 error: Some(format!("delivery agent crashed: {err}")),
                 next_retry_at: Some(next),
             };
-            sender::record(&m.id, &state.owner, record, &path).await;
+            sender::record(
+                &m.id,
+                &state.owner,
+                record,
+                &path,
+                state.config.server_smtp_lock_lease,
+            )
+            .await;
         }
         if state.backlog && state.free_slots() > 0 {
             let _ = myself.send_message(QueueMsg::Tick);

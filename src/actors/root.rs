@@ -226,7 +226,10 @@ impl Actor for Root {
                 if let Some(c) = state.smtpd_sup.take() {
                     let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
                     let _ = sup
-                        .call(smtpd_sup::SmtpdSupMsg::Shutdown, Some(Duration::from_secs(4)))
+                        .call(
+                            smtpd_sup::SmtpdSupMsg::Shutdown,
+                            Some(Duration::from_secs(4)),
+                        )
                         .await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_millis(500)))
                         .await
@@ -293,17 +296,6 @@ impl Actor for Root {
             return Ok(());
         }
         error!(path = %path, reason = %why, "child {why}");
-        if !state.intensity.allow(Instant::now()) {
-            let msg = format!(
-                "restart intensity exceeded (more than 5 restarts in 60 s, last: {path} {why}); giving up"
-            );
-            error!(path = super::ROOT, "{msg}");
-            state.shutting_down = true;
-            let _ = state.exit.send(RootExit::GaveUp(msg.clone()));
-            myself.stop_children(Some("root giving up".into()));
-            myself.stop(Some(msg));
-            return Ok(());
-        }
         match child {
             Child::Store => state.store = None,
             Child::SmtpdSup => state.smtpd_sup = None,
@@ -311,14 +303,30 @@ impl Actor for Root {
         }
         // The dead child's name leaves the registry as it stops; wait for that so the
         // new one can take it.
-        for _ in 0..100 {
-            if ractor::registry::where_is(child.name()).is_none() {
-                break;
+        super::wait_unregistered(child.name()).await;
+        let cell = loop {
+            if !state.intensity.allow(Instant::now()) {
+                let msg = format!(
+                    "restart intensity exceeded (more than 5 restarts in 60 s, last: {path} {why}); giving up"
+                );
+                error!(path = super::ROOT, "{msg}");
+                state.shutting_down = true;
+                let _ = state.exit.send(RootExit::GaveUp(msg.clone()));
+                myself.stop_children(Some("root giving up".into()));
+                myself.stop(Some(msg));
+                return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        warn!(path = %path, "restarting");
-        let cell = spawn_child(child, &myself, &state.config).await?;
+            warn!(path = %path, "restarting");
+            match spawn_child(child, &myself, &state.config).await {
+                Ok(cell) => break cell,
+                // A failed start counts as a restart too (OTP does the same), after a
+                // pause so that a missing database is not hammered.
+                Err(e) => {
+                    error!(path = %path, error = %e, "restart failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
         match child {
             Child::Store => state.store = Some(cell),
             Child::SmtpdSup => state.smtpd_sup = Some(cell),

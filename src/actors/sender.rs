@@ -231,7 +231,13 @@ fn plan_attempt(
         let notify = orig.and_then(|o| o.notify.as_deref());
         let orcpt = orig.and_then(|o| o.orcpt.as_deref());
         let dsn_rcpt = || {
-            DsnRecipient::from_status(&r.rcpt, orcpt, &r.status, r.remote_mta.as_deref(), Some(now))
+            DsnRecipient::from_status(
+                &r.rcpt,
+                orcpt,
+                &r.status,
+                r.remote_mta.as_deref(),
+                Some(now),
+            )
         };
         let response = Some(r.status.describe());
         let state = match &r.status {
@@ -289,7 +295,12 @@ fn plan_attempt(
 }
 
 /// Build a notification and hand it to the store actor, from `<>` to the original sender.
-async fn queue_dsn(args: &SenderArgs, kind: DsnKind, recipients: Vec<DsnRecipient>, now: DateTime<Utc>) {
+async fn queue_dsn(
+    args: &SenderArgs,
+    kind: DsnKind,
+    recipients: Vec<DsnRecipient>,
+    now: DateTime<Utc>,
+) {
     let msg = &args.message;
     let config = &args.config;
     let input = DsnInput {
@@ -299,7 +310,12 @@ async fn queue_dsn(args: &SenderArgs, kind: DsnKind, recipients: Vec<DsnRecipien
         envid: msg.envid.clone(),
         arrival_date: msg.received_at,
         date: now,
-        message_id: format!("{}.{}.dsn@{}", msg.id, now.timestamp_millis(), config.server_smtp_name),
+        message_id: format!(
+            "{}.{}.dsn@{}",
+            msg.id,
+            now.timestamp_millis(),
+            config.server_smtp_name
+        ),
         ret: msg.ret.as_deref().and_then(queue::Ret::parse),
         recipients,
         original: msg.body.clone(),
@@ -369,32 +385,66 @@ async fn queue_dsn(args: &SenderArgs, kind: DsnKind, recipients: Vec<DsnRecipien
 
 /// Record the attempt through the store actor (which also clears our lease).
 pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) {
-    record(&args.message.id, &args.owner, outcome, &args.path).await
+    let patience = args.config.server_smtp_lock_lease;
+    record(&args.message.id, &args.owner, outcome, &args.path, patience).await
 }
 
-/// Record an attempt for message `id` held by `owner`.
-pub(crate) async fn record(id: &str, owner: &str, record: AttemptRecord, path: &str) {
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        warn!(path = %path, queue_id = %id, "store not running; the lease will lapse and the message be retried");
-        return;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
-    let (id, node) = (id.to_string(), owner.to_string());
-    let r = store
-        .call(
-            |reply: RpcReplyPort<_>| {
-                StoreMsg::Queue(QueueOp::Record {
-                    id: id.clone(),
-                    node,
-                    record,
-                    reply,
-                })
-            },
-            Some(STORE_TIMEOUT),
-        )
-        .await;
-    if !matches!(r, Ok(ractor::rpc::CallResult::Success(Ok(())))) {
-        warn!(path = %path, queue_id = %id, "attempt not recorded (lease lost or store down); the message will be retried");
+/// Record an attempt for message `id` held by `owner`. While the store is unreachable
+/// the result is kept and offered again, for as long as our lease would last
+/// (`patience`): recording it late beats a second delivery after the lease lapses.
+pub(crate) async fn record(
+    id: &str,
+    owner: &str,
+    outcome: AttemptRecord,
+    path: &str,
+    patience: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let result = match ractor::registry::where_is(super::STORE) {
+            None => None,
+            Some(cell) => {
+                let store: ActorRef<StoreMsg> = cell.into();
+                let (id, node, record) = (id.to_string(), owner.to_string(), outcome.clone());
+                match store
+                    .call(
+                        |reply: RpcReplyPort<_>| {
+                            StoreMsg::Queue(QueueOp::Record {
+                                id,
+                                node,
+                                record,
+                                reply,
+                            })
+                        },
+                        Some(STORE_TIMEOUT),
+                    )
+                    .await
+                {
+                    Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
+                    _ => None,
+                }
+            }
+        };
+        match result {
+            Some(Ok(())) => return,
+            Some(Err(crate::store::StoreError::Invalid(why))) => {
+                warn!(path = %path, queue_id = %id, reason = %why, "attempt not recorded; another node owns the message now");
+                return;
+            }
+            Some(Err(e)) => {
+                warn!(path = %path, queue_id = %id, error = %e, "attempt not recorded yet; will offer it again");
+            }
+            None => {
+                warn!(path = %path, queue_id = %id, "store not answering; will offer the result again");
+            }
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            warn!(path = %path, queue_id = %id, "gave up recording the attempt; the lease lapses and the message will be tried again");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -462,13 +512,18 @@ mod tests {
 
     #[test]
     fn temporary_failure_stays_pending_until_retries_are_used_up() {
-        let mut config = Config::default();
-        config.server_smtp_retries = 2;
+        let config = Config {
+            server_smtp_retries: 2,
+            ..Config::default()
+        };
         let now = Utc::now();
         let m = message(0, "s@a.test", &[("r@b.test", None)]);
         let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, now);
         assert_eq!(p.record.rcpt_results[0].1, RcptState::Pending);
-        assert_eq!(p.record.next_retry_at, Some(now + chrono::Duration::minutes(15)));
+        assert_eq!(
+            p.record.next_retry_at,
+            Some(now + chrono::Duration::minutes(15))
+        );
         assert!(p.failed.is_empty());
         assert!(p.record.error.as_deref().unwrap().contains("451"));
 
@@ -484,7 +539,11 @@ mod tests {
     fn permanent_failure_notifies_unless_never_or_null_sender_or_disabled() {
         let config = Config::default();
         let now = Utc::now();
-        let m = message(0, "s@a.test", &[("x@b.test", None), ("y@b.test", Some("NEVER"))]);
+        let m = message(
+            0,
+            "s@a.test",
+            &[("x@b.test", None), ("y@b.test", Some("NEVER"))],
+        );
         let p = plan_attempt(
             &m,
             &[result("x@b.test", perm()), result("y@b.test", perm())],
@@ -499,8 +558,10 @@ mod tests {
         let p = plan_attempt(&m, &[result("x@b.test", perm())], &config, now);
         assert!(p.failed.is_empty(), "never a bounce for <>");
 
-        let mut off = Config::default();
-        off.server_stmp_failure_notification = false;
+        let off = Config {
+            server_stmp_failure_notification: false,
+            ..Config::default()
+        };
         let m = message(0, "s@a.test", &[("x@b.test", None)]);
         let p = plan_attempt(&m, &[result("x@b.test", perm())], &off, now);
         assert!(p.failed.is_empty());
@@ -528,8 +589,10 @@ mod tests {
 
     #[test]
     fn retries_zero_fails_after_the_first_try() {
-        let mut config = Config::default();
-        config.server_smtp_retries = 0;
+        let config = Config {
+            server_smtp_retries: 0,
+            ..Config::default()
+        };
         let m = message(0, "s@a.test", &[("r@b.test", None)]);
         let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, Utc::now());
         assert_eq!(p.record.rcpt_results[0].1, RcptState::Failed);

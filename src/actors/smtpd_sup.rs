@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
@@ -92,7 +94,10 @@ impl Actor for SmtpdSup {
         info!(path = %args.path, "started");
         let listener = spawn_listener(&myself, &args.config, &args.path).await?;
         Ok(SmtpdSupState {
-            listener_addr: (args.config.server_smtp_address, args.config.server_smtp_port),
+            listener_addr: (
+                args.config.server_smtp_address,
+                args.config.server_smtp_port,
+            ),
             config: args.config,
             path: args.path,
             listener,
@@ -123,10 +128,16 @@ impl Actor for SmtpdSup {
             SmtpdSupMsg::Accepted(stream, peer) => {
                 let host = state.config.server_smtp_name.clone();
                 if state.draining.is_some() {
-                    refuse(stream, format!("421 4.3.2 {host} Service shutting down\r\n"));
+                    refuse(
+                        stream,
+                        format!("421 4.3.2 {host} Service shutting down\r\n"),
+                    );
                 } else if state.sessions.len() >= state.config.server_smtp_max_connection {
                     warn!(path = %state.path, client = %peer, limit = state.config.server_smtp_max_connection, "too many connections");
-                    refuse(stream, format!("421 4.7.0 {host} Error: too many connections\r\n"));
+                    refuse(
+                        stream,
+                        format!("421 4.7.0 {host} Error: too many connections\r\n"),
+                    );
                 } else {
                     state.next_session += 1;
                     let name = format!("smtpd_fsm#{}", state.next_session);
@@ -136,11 +147,15 @@ impl Actor for SmtpdSup {
                         config: state.config.clone(),
                         path: child_path(&state.path, &name),
                     };
-                    match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell()).await {
+                    match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell())
+                        .await
+                    {
                         Ok((r, _)) => {
                             state.sessions.insert(r.get_id(), (name, r.get_cell()));
                         }
-                        Err(e) => error!(path = %state.path, error = %e, "could not start a session"),
+                        Err(e) => {
+                            error!(path = %state.path, error = %e, "could not start a session")
+                        }
                     }
                 }
             }
@@ -155,7 +170,7 @@ impl Actor for SmtpdSup {
                             .await
                             .ok();
                     }
-                    wait_unregistered(super::LISTENER).await;
+                    super::wait_unregistered(super::LISTENER).await;
                     state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
                 }
             }
@@ -225,7 +240,7 @@ impl Actor for SmtpdSup {
             // Escalate: our own failure lets the root decide.
             return Err(format!("{path}: restart intensity exceeded").into());
         }
-        wait_unregistered(super::LISTENER).await;
+        super::wait_unregistered(super::LISTENER).await;
         warn!(path = %path, "restarting");
         state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
         info!(path = %path, "restarted");
@@ -243,15 +258,4 @@ fn refuse(mut stream: TcpStream, reply: String) {
         })
         .await;
     });
-}
-
-/// A stopped actor's name leaves the registry as it finishes; wait for that before a
-/// successor takes the name.
-pub(crate) async fn wait_unregistered(name: &str) {
-    for _ in 0..200 {
-        if ractor::registry::where_is(name).is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -276,15 +276,22 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         match store.accept_batch(messages).await {
             Ok(results) => {
                 debug!(path = %path, messages = n, micros = started.elapsed().as_micros() as u64, "group commit");
-                if let Some(root) = &maildir_root {
-                    for (rcpts, body) in &maildir_copies {
-                        for rcpt in rcpts {
-                            if let Err(e) = store::maildir::deliver(root, rcpt, body, chrono::Utc::now()) {
-                                // The store copy is committed; the Maildir is a convenience copy.
-                                error!(path = %path, rcpt = %rcpt, error = %e, "maildir delivery failed");
+                if let Some(root) = maildir_root {
+                    // The store copy is committed; the Maildir is an extra copy, written
+                    // (tmp, fsync, rename) before the 250 all the same.
+                    let path = path.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for (rcpts, body) in &maildir_copies {
+                            for rcpt in rcpts {
+                                if let Err(e) =
+                                    store::maildir::deliver(&root, rcpt, body, chrono::Utc::now())
+                                {
+                                    error!(path = %path, rcpt = %rcpt, error = %e, "maildir delivery failed");
+                                }
                             }
                         }
-                    }
+                    })
+                    .await;
                 }
                 let queue = ractor::registry::where_is(super::QUEUE);
                 for (result, reply) in results.into_iter().zip(replies) {
@@ -297,21 +304,12 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
             Err(e) => {
                 warn!(path = %path, messages = n, error = %e, "commit failed");
                 for reply in replies {
-                    let _ = reply.send(Err(clone_error(&e)));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
         let _ = me.send_message(StoreMsg::CommitDone);
     });
-}
-
-fn clone_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
-        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
-        StoreError::Backend(s) => StoreError::Backend(s.clone()),
-        StoreError::Full(s) => StoreError::Full(s.clone()),
-    }
 }
 
 /// Hide a password in a `postgres://user:pass@host` URL before logging it.
@@ -338,6 +336,9 @@ mod tests {
             redact_url("postgres://postgres:secret@127.0.0.1/test"),
             "postgres://postgres:***@127.0.0.1/test"
         );
-        assert_eq!(redact_url("sqlite://spool/erlmail.db"), "sqlite://spool/erlmail.db");
+        assert_eq!(
+            redact_url("sqlite://spool/erlmail.db"),
+            "sqlite://spool/erlmail.db"
+        );
     }
 }

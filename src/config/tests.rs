@@ -116,7 +116,7 @@ fn to_yaml_writes_durations_with_units() {
         yaml.contains("server_smtp_retry_interval:\n- 1m\n- 5m\n- 15m\n"),
         "{yaml}"
     );
-    assert!(yaml.contains("server_smtp_queue_interval: 1m\n"), "{yaml}");
+    assert!(yaml.contains("server_smtp_queue_interval: 1s\n"), "{yaml}");
     assert!(yaml.contains("server_smtp_port: 2525\n"), "{yaml}");
 }
 

@@ -312,3 +312,145 @@ pub fn parse_dump(file: &Path) -> Dump {
         message,
     }
 }
+
+/// A message as the aiosmtpd sink received it.
+#[derive(Debug, Clone)]
+pub struct AioMessage {
+    /// HELO/EHLO name the client gave.
+    pub helo: String,
+    /// Envelope sender.
+    pub from: String,
+    /// Envelope recipients.
+    pub rcpts: Vec<String>,
+    /// MAIL FROM parameters.
+    pub mail_options: Vec<String>,
+    /// The content exactly as received, with dot-stuffing undone.
+    pub data: Vec<u8>,
+}
+
+/// A second, independent next hop: an SMTP sink written on Python's aiosmtpd, appending
+/// one JSON line per accepted message to a file.
+const AIOSMTPD_SINK: &str = r#"
+import asyncio, json, sys
+from aiosmtpd.smtp import SMTP
+out_path = sys.argv[1]
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        line = json.dumps({
+            "helo": session.host_name or "",
+            "from": envelope.mail_from,
+            "rcpts": envelope.rcpt_tos,
+            "mail_options": envelope.mail_options,
+            "data": envelope.original_content.decode("latin-1"),
+        }) + "\n"
+        with open(out_path, "a") as f:
+            f.write(line)
+        return "250 2.0.0 Ok: stored"
+async def main():
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(
+        lambda: SMTP(Handler(), decode_data=False, enable_SMTPUTF8=True),
+        "127.0.0.1", 0)
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"#;
+
+/// The aiosmtpd sink on 127.0.0.1.
+pub struct AioSink {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AioSink {
+    /// Start it and wait for its port; panics if python3 or aiosmtpd is missing.
+    pub fn start() -> AioSink {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("messages.jsonl");
+        let mut child = Command::new(require("python3"))
+            .arg("-c")
+            .arg(AIOSMTPD_SINK)
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn python3: {e} ({INSTALL_HINT})"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Ok(port) = line.trim().parse::<u16>() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("aiosmtpd sink did not start ({line:?}): {err}\n{INSTALL_HINT}");
+        };
+        AioSink {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// Every message accepted so far.
+    pub fn messages(&self) -> Vec<AioMessage> {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let strings = |k: &str| -> Vec<String> {
+                    v[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.as_str().unwrap().to_string())
+                        .collect()
+                };
+                AioMessage {
+                    helo: v["helo"].as_str().unwrap().to_string(),
+                    from: v["from"].as_str().unwrap().to_string(),
+                    rcpts: strings("rcpts"),
+                    mail_options: strings("mail_options"),
+                    // latin-1 maps each byte to the char of the same value.
+                    data: v["data"]
+                        .as_str()
+                        .unwrap()
+                        .chars()
+                        .map(|c| c as u8)
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Wait until at least `n` messages arrived; false on timeout.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.messages().len() < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+}
+
+impl Drop for AioSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

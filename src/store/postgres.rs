@@ -1,0 +1,1184 @@
+//! The PostgreSQL backend of `MessageStore`: one database shared by a cluster of nodes.
+//!
+//! Owns the connection pool, the schema migrations (`migrations/postgres/*.sql`, embedded,
+//! versioned in `erlmail_schema`, applied at open inside one transaction under an advisory
+//! lock so that several nodes starting at once apply each exactly once) and every SQL
+//! statement against the database. The schema and the meaning of every column are those
+//! of the SQLite backend (times are unix milliseconds), so the two behave alike under the
+//! contract suite. Queue claims are one `UPDATE` over a sub-select taken with
+//! `FOR UPDATE SKIP LOCKED`: concurrent claimers on other nodes skip each other's rows
+//! instead of waiting, and a row is never given to two nodes while its lease runs.
+//! A database outage is reported as `StoreError::Unavailable` (the pool fails fast, after
+//! `connect_timeout`), a full disk as `StoreError::Full`. It must not decide policy
+//! (retry schedule, who is local): callers pass those in.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+
+use super::password::is_phc_hash;
+use super::*;
+
+/// Connections per node unless the URL says `pool_size=N`. Each sender, session commit
+/// and admin command holds one only for a statement or a short transaction.
+pub const DEFAULT_POOL_SIZE: u32 = 10;
+
+/// How long connecting (and waiting for a free pooled connection) may take unless the URL
+/// says `connect_timeout=SECONDS`. Short, so that an outage turns into a quick `451`
+/// instead of a hung SMTP session.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Key of the advisory lock held while migrating (any fixed 64-bit number; this one spells
+/// "erlmail" in ASCII).
+const MIGRATION_LOCK: i64 = 0x65_72_6c_6d_61_69_6c;
+
+/// The schema migrations, in order: (version, name, SQL). Never edit a released one; add
+/// the next file instead.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/postgres/0001_initial.sql"),
+)];
+
+/// The columns of `outgoing` that a `QueuedMessage`/`QueueSummary` reads, body excluded.
+macro_rules! outgoing_cols {
+    () => {
+        "id, sender, ret, envid, client_ip, helo, received_at, tries, last_try_at, \
+         last_error, next_retry_at, lock_owner, lock_expires_at, held, size"
+    };
+}
+
+/// The settings `PostgresStore::open` takes from a store URL besides what libpq-style
+/// URLs already carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    /// The URL without erlmail's own query parameters, as handed to sqlx.
+    pub url: String,
+    /// Maximum connections of the pool (`pool_size=N`, default `DEFAULT_POOL_SIZE`).
+    pub pool_size: u32,
+    /// Connect and acquire timeout (`connect_timeout=SECONDS`, default
+    /// `DEFAULT_CONNECT_TIMEOUT`).
+    pub connect_timeout: Duration,
+}
+
+impl PgSettings {
+    /// Split erlmail's query parameters (`pool_size`, `connect_timeout`) off a
+    /// `postgres://` URL; the others are left for sqlx. `Invalid` on a bad value.
+    pub fn from_url(url: &str) -> StoreResult<PgSettings> {
+        let mut settings = PgSettings {
+            url: url.to_string(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        };
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok(settings);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "pool_size" => {
+                    settings.pool_size =
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| {
+                                StoreError::Invalid(format!(
+                                    "store_url: pool_size={value:?} is not a positive number"
+                                ))
+                            })?;
+                }
+                "connect_timeout" => {
+                    let secs = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            StoreError::Invalid(format!(
+                                "store_url: connect_timeout={value:?} is not a positive \
+                                 number of seconds"
+                            ))
+                        })?;
+                    settings.connect_timeout = Duration::from_secs(secs);
+                }
+                _ => kept.push(pair),
+            }
+        }
+        settings.url = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok(settings)
+    }
+}
+
+/// The PostgreSQL store: a connection pool on one database shared by every node.
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connect to the database named by a `postgres://` or `postgresql://` URL and bring
+    /// its schema up to date. Fails with `Unavailable` when the server cannot be reached
+    /// within the connect timeout.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let settings = PgSettings::from_url(url)?;
+        let options: PgConnectOptions = settings
+            .url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("store_url: {e}")))?;
+        let options = options.application_name("erlmail");
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .min_connections(0)
+            // sqlx has no separate connect timeout: the acquire deadline bounds connecting.
+            .acquire_timeout(settings.connect_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| match db_err(e) {
+                StoreError::Backend(m) => {
+                    StoreError::Unavailable(format!("cannot open PostgreSQL store: {m}"))
+                }
+                other => other,
+            })?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The schema version of the database (the last migration applied).
+    pub async fn schema_version(&self) -> StoreResult<i64> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// The connection pool (tests and administration look at the database directly).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Close every connection (waits for those in use).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Apply the missing migrations in one transaction holding a transaction-scoped
+    /// advisory lock: a second node opening at the same time waits, then finds them
+    /// applied. PostgreSQL's DDL is transactional, so a failed migration leaves nothing.
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS erlmail_schema (
+                 version     BIGINT PRIMARY KEY,
+                 name        TEXT NOT NULL,
+                 applied_at  BIGINT NOT NULL
+             )",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let current = current.unwrap_or(0);
+        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > latest {
+            return Err(StoreError::Invalid(format!(
+                "store schema version {current} is newer than this erlmail knows ({latest}); \
+                 upgrade erlmail"
+            )));
+        }
+        for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| match db_err(e) {
+                    StoreError::Backend(m) => {
+                        StoreError::Backend(format!("migration {version} ({name}): {m}"))
+                    }
+                    other => other,
+                })?;
+            sqlx::query(
+                "INSERT INTO erlmail_schema (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(version)
+            .bind(name)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            tracing::info!(version, name, "store migration applied (postgres)");
+        }
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+// ----- helpers -----
+
+/// Map a sqlx error to a `StoreError` by SQLSTATE: a full disk is `Full`; a lost or
+/// refused connection, a server shutting down, too many connections, a deadlock or
+/// serialization failure (all worth retrying) and pool trouble are `Unavailable`; the
+/// rest `Backend`.
+fn db_err(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Database(dbe) => {
+            let code = dbe.code().map(|c| c.into_owned()).unwrap_or_default();
+            let msg = format!("{} (SQLSTATE {code})", dbe.message());
+            match code.as_str() {
+                // disk_full
+                "53100" => StoreError::Full(msg),
+                // class 08 connection_exception; admin_shutdown, crash_shutdown,
+                // cannot_connect_now, database_dropped; insufficient_resources,
+                // out_of_memory, too_many_connections; serialization_failure,
+                // deadlock_detected; read_only_sql_transaction (a standby after failover).
+                c if c.starts_with("08") => StoreError::Unavailable(msg),
+                "57P01" | "57P02" | "57P03" | "57P04" | "53000" | "53200" | "53300" | "40001"
+                | "40P01" | "25006" => StoreError::Unavailable(msg),
+                _ => StoreError::Backend(msg),
+            }
+        }
+        sqlx::Error::Io(io) => StoreError::Unavailable(io.to_string()),
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> StoreResult<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(v)
+        .ok_or_else(|| StoreError::Backend(format!("stored time {v} out of range")))
+}
+
+fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
+    v.map(from_ms).transpose()
+}
+
+/// `now + lease` in milliseconds, saturating rather than wrapping on absurd leases.
+fn lease_end(now: DateTime<Utc>, lease: Duration) -> i64 {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    ms(now).saturating_add(lease_ms)
+}
+
+/// A domain name as stored: trimmed, lower-case, without a trailing dot (the SQLite
+/// backend's rule, repeated so both backends store the same names).
+fn norm_domain(name: &str) -> StoreResult<String> {
+    let d = name.trim().trim_end_matches('.').to_lowercase();
+    if d.is_empty() || d.chars().any(|c| c.is_whitespace() || c == '@' || c == '/') {
+        return Err(StoreError::Invalid(format!("invalid domain name {name:?}")));
+    }
+    Ok(d)
+}
+
+/// A user address as stored: `local@domain`, lower-case. Returns (address, local part,
+/// domain).
+fn norm_address(address: &str) -> StoreResult<(String, String, String)> {
+    let a = address.trim();
+    let (local, domain) = a
+        .rsplit_once('@')
+        .ok_or_else(|| StoreError::Invalid(format!("invalid address {address:?}: no @domain")))?;
+    if local.is_empty() || local.chars().any(char::is_whitespace) {
+        return Err(StoreError::Invalid(format!("invalid address {address:?}")));
+    }
+    let local = local.to_lowercase();
+    let domain = norm_domain(domain)?;
+    Ok((format!("{local}@{domain}"), local, domain))
+}
+
+/// The IMAP rule: `INBOX` is case-insensitive; other names are as given.
+fn norm_mailbox(name: &str) -> &str {
+    if name.eq_ignore_ascii_case("INBOX") {
+        "INBOX"
+    } else {
+        name
+    }
+}
+
+/// A Postfix-like queue id: 16 upper-case hex digits (64 random bits).
+fn new_queue_id() -> String {
+    format!("{:016X}", rand::rng().next_u64())
+}
+
+fn to_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The row part of a queued message (recipients read separately).
+struct OutgoingRow {
+    id: String,
+    sender: String,
+    ret: Option<String>,
+    envid: Option<String>,
+    client_ip: String,
+    helo: String,
+    received_at: DateTime<Utc>,
+    tries: u32,
+    last_try_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    next_retry_at: DateTime<Utc>,
+    lock_owner: Option<String>,
+    lock_expires_at: Option<DateTime<Utc>>,
+    held: bool,
+    size: u64,
+}
+
+impl OutgoingRow {
+    /// The sender's view: this row with its pending recipients and body.
+    fn into_queued(self, rcpts: Vec<OutgoingRcpt>, body: Vec<u8>) -> QueuedMessage {
+        QueuedMessage {
+            id: self.id,
+            sender: self.sender,
+            ret: self.ret,
+            envid: self.envid,
+            client_ip: self.client_ip,
+            helo: self.helo,
+            received_at: self.received_at,
+            tries: self.tries,
+            last_try_at: self.last_try_at,
+            last_error: self.last_error,
+            next_retry_at: self.next_retry_at,
+            lock_owner: self.lock_owner,
+            lock_expires_at: self.lock_expires_at,
+            held: self.held,
+            size: self.size,
+            rcpts,
+            body,
+        }
+    }
+}
+
+fn outgoing_row(r: &PgRow) -> StoreResult<OutgoingRow> {
+    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing row: {e}"));
+    Ok(OutgoingRow {
+        id: r.try_get("id").map_err(g)?,
+        sender: r.try_get("sender").map_err(g)?,
+        ret: r.try_get("ret").map_err(g)?,
+        envid: r.try_get("envid").map_err(g)?,
+        client_ip: r.try_get("client_ip").map_err(g)?,
+        helo: r.try_get("helo").map_err(g)?,
+        received_at: from_ms(r.try_get("received_at").map_err(g)?)?,
+        tries: to_u32(r.try_get("tries").map_err(g)?),
+        last_try_at: opt_from_ms(r.try_get("last_try_at").map_err(g)?)?,
+        last_error: r.try_get("last_error").map_err(g)?,
+        next_retry_at: from_ms(r.try_get("next_retry_at").map_err(g)?)?,
+        lock_owner: r.try_get("lock_owner").map_err(g)?,
+        lock_expires_at: opt_from_ms(r.try_get("lock_expires_at").map_err(g)?)?,
+        held: r.try_get("held").map_err(g)?,
+        size: to_u64(r.try_get("size").map_err(g)?),
+    })
+}
+
+fn body_of(r: &PgRow) -> StoreResult<Vec<u8>> {
+    r.try_get("body")
+        .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))
+}
+
+/// The pending recipients of the messages `ids`, in received order, by queue id. One
+/// query for a whole claimed batch.
+async fn pending_rcpts(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> StoreResult<HashMap<String, Vec<OutgoingRcpt>>> {
+    let rows = sqlx::query(
+        "SELECT queue_id, address, orcpt, notify FROM outgoing_rcpts
+         WHERE queue_id = ANY($1) AND state = 'pending' ORDER BY queue_id, seq",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+    let mut by_id: HashMap<String, Vec<OutgoingRcpt>> = HashMap::new();
+    for r in &rows {
+        by_id
+            .entry(r.try_get("queue_id").map_err(g)?)
+            .or_default()
+            .push(OutgoingRcpt {
+                address: r.try_get("address").map_err(g)?,
+                orcpt: r.try_get("orcpt").map_err(g)?,
+                notify: r.try_get("notify").map_err(g)?,
+            });
+    }
+    Ok(by_id)
+}
+
+/// Turn claimed/read rows (outgoing columns plus body) into queued messages with their
+/// pending recipients, read on `conn` inside the caller's transaction.
+async fn with_rcpts(conn: &mut PgConnection, rows: &[PgRow]) -> StoreResult<Vec<QueuedMessage>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parsed = rows
+        .iter()
+        .map(|r| Ok((outgoing_row(r)?, body_of(r)?)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let ids: Vec<String> = parsed.iter().map(|(o, _)| o.id.clone()).collect();
+    let mut rcpts = pending_rcpts(conn, &ids).await?;
+    Ok(parsed
+        .into_iter()
+        .map(|(o, body)| {
+            let r = rcpts.remove(&o.id).unwrap_or_default();
+            o.into_queued(r, body)
+        })
+        .collect())
+}
+
+fn message_summary(r: &PgRow) -> StoreResult<MessageSummary> {
+    let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
+    Ok(MessageSummary {
+        id: r.try_get("id").map_err(g)?,
+        mailbox: r.try_get("mailbox").map_err(g)?,
+        sender: r.try_get("sender").map_err(g)?,
+        subject: r.try_get("subject").map_err(g)?,
+        size: to_u64(r.try_get("size").map_err(g)?),
+        internal_date: from_ms(r.try_get("internal_date").map_err(g)?)?,
+    })
+}
+
+/// Store one accepted message inside the batch transaction.
+async fn accept_one(conn: &mut PgConnection, m: IncomingMessage) -> StoreResult<Accepted> {
+    let received = ms(m.received_at);
+    let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
+    let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
+    for rcpt in &m.local_rcpts {
+        let (address, _, _) = norm_address(rcpt)?;
+        let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let user_id = user_id
+            .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
+        sqlx::query(
+            "INSERT INTO mailboxes (user_id, name) VALUES ($1, 'INBOX')
+             ON CONFLICT (user_id, name) DO NOTHING",
+        )
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        let mailbox_id: i64 =
+            sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = 'INBOX'")
+                .bind(user_id)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db_err)?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO messages
+                 (mailbox_id, sender, recipients, subject, size, internal_date, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .bind(mailbox_id)
+        .bind(&m.sender)
+        .bind(&address)
+        .bind(&m.subject)
+        .bind(size)
+        .bind(received)
+        .bind(&m.body)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        message_ids.push(id);
+    }
+    let mut queue_id = None;
+    if !m.remote_rcpts.is_empty() {
+        // 64 random bits make a clash unlikely; ON CONFLICT lets us draw again without
+        // aborting the transaction (a unique violation would abort it on PostgreSQL).
+        let mut inserted = None;
+        for _ in 0..8 {
+            let id = new_queue_id();
+            let done = sqlx::query(
+                "INSERT INTO outgoing
+                     (id, sender, ret, envid, client_ip, helo, received_at, tries,
+                      next_retry_at, held, size, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $7, FALSE, $8, $9)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&id)
+            .bind(&m.sender)
+            .bind(&m.ret)
+            .bind(&m.envid)
+            .bind(&m.client_ip)
+            .bind(&m.helo)
+            .bind(received)
+            .bind(size)
+            .bind(&m.body)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+            if done.rows_affected() == 1 {
+                inserted = Some(id);
+                break;
+            }
+        }
+        let id =
+            inserted.ok_or_else(|| StoreError::Backend("could not draw a free queue id".into()))?;
+        // All recipients in one statement: parallel arrays unnested in order.
+        let seqs: Vec<i64> = (0..m.remote_rcpts.len())
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX))
+            .collect();
+        let addresses: Vec<&str> = m.remote_rcpts.iter().map(|r| r.address.as_str()).collect();
+        let orcpts: Vec<Option<&str>> = m.remote_rcpts.iter().map(|r| r.orcpt.as_deref()).collect();
+        let notifies: Vec<Option<&str>> =
+            m.remote_rcpts.iter().map(|r| r.notify.as_deref()).collect();
+        sqlx::query(
+            "INSERT INTO outgoing_rcpts
+                 (queue_id, seq, address, orcpt, notify, state, updated_at)
+             SELECT $1, r.seq, r.address, r.orcpt, r.notify, 'pending', $2
+             FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
+                  AS r (seq, address, orcpt, notify)",
+        )
+        .bind(&id)
+        .bind(received)
+        .bind(&seqs)
+        .bind(&addresses)
+        .bind(&orcpts)
+        .bind(&notifies)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        queue_id = Some(id);
+    }
+    Ok(Accepted {
+        queue_id,
+        message_ids,
+    })
+}
+
+#[async_trait::async_trait]
+impl MessageStore for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn add_domain(&self, name: &str) -> StoreResult<bool> {
+        let name = norm_domain(name)?;
+        let done = sqlx::query(
+            "INSERT INTO domains (name, created_at) VALUES ($1, $2)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&name)
+        .bind(Utc::now().timestamp_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_domain(&self, name: &str) -> StoreResult<bool> {
+        let name = norm_domain(name)?;
+        // Users, their mailboxes and messages go with it (ON DELETE CASCADE).
+        let done = sqlx::query("DELETE FROM domains WHERE name = $1")
+            .bind(&name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_domains(&self) -> StoreResult<Vec<String>> {
+        // COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+        sqlx::query_scalar("SELECT name FROM domains ORDER BY name COLLATE \"C\"")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn is_local_domain(&self, name: &str) -> StoreResult<bool> {
+        let Ok(name) = norm_domain(name) else {
+            return Ok(false);
+        };
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
+            .bind(&name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn add_user(&self, address: &str, password_hash: &str) -> StoreResult<()> {
+        let (address, local, domain) = norm_address(address)?;
+        if !is_phc_hash(password_hash) {
+            // Never echo the value: it might be a clear-text password passed by mistake.
+            return Err(StoreError::Invalid(
+                "password must be given as an argon2 PHC hash".into(),
+            ));
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // FOR SHARE keeps the domain from being removed by another node before we commit.
+        let known: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1 FOR SHARE")
+                .bind(&domain)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if known.is_none() {
+            return Err(StoreError::Invalid(format!("unknown domain {domain}")));
+        }
+        let done = sqlx::query(
+            "INSERT INTO users (address, local_part, domain, password_hash, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO NOTHING",
+        )
+        .bind(&address)
+        .bind(&local)
+        .bind(&domain)
+        .bind(password_hash)
+        .bind(Utc::now().timestamp_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Invalid(format!(
+                "user {address} already exists"
+            )));
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn set_password(&self, address: &str, password_hash: &str) -> StoreResult<bool> {
+        let (address, _, _) = norm_address(address)?;
+        if !is_phc_hash(password_hash) {
+            return Err(StoreError::Invalid(
+                "password must be given as an argon2 PHC hash".into(),
+            ));
+        }
+        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE address = $2")
+            .bind(password_hash)
+            .bind(&address)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_user(&self, address: &str) -> StoreResult<bool> {
+        let (address, _, _) = norm_address(address)?;
+        let done = sqlx::query("DELETE FROM users WHERE address = $1")
+            .bind(&address)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_users(&self, domain: Option<&str>) -> StoreResult<Vec<String>> {
+        match domain {
+            Some(d) => {
+                let d = norm_domain(d)?;
+                sqlx::query_scalar(
+                    "SELECT address FROM users WHERE domain = $1 ORDER BY address COLLATE \"C\"",
+                )
+                .bind(d)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query_scalar("SELECT address FROM users ORDER BY address COLLATE \"C\"")
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(db_err)
+    }
+
+    async fn password_hash(&self, address: &str) -> StoreResult<Option<String>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(None);
+        };
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn user_exists(&self, address: &str) -> StoreResult<bool> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(false);
+        };
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM users WHERE address = $1")
+            .bind(&address)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            // An error drops `tx`, which rolls the whole batch back.
+            out.push(accept_one(&mut tx, m).await?);
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(
+            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
+             FROM messages m
+             JOIN mailboxes b ON m.mailbox_id = b.id
+             JOIN users u ON b.user_id = u.id
+             WHERE u.address = $1 AND b.name = $2
+             ORDER BY m.id",
+        )
+        .bind(&address)
+        .bind(norm_mailbox(mailbox))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(message_summary).collect()
+    }
+
+    async fn get_message(&self, address: &str, id: i64) -> StoreResult<Option<StoredMessage>> {
+        let Ok((address, _, _)) = norm_address(address) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
+                    m.recipients, m.body
+             FROM messages m
+             JOIN mailboxes b ON m.mailbox_id = b.id
+             JOIN users u ON b.user_id = u.id
+             WHERE u.address = $1 AND m.id = $2",
+        )
+        .bind(&address)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
+        let recipients: String = row.try_get("recipients").map_err(g)?;
+        Ok(Some(StoredMessage {
+            summary: message_summary(&row)?,
+            recipients: recipients.lines().map(str::to_string).collect(),
+            body: row.try_get("body").map_err(g)?,
+        }))
+    }
+
+    async fn claim_due(
+        &self,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // The claim is this one statement. SKIP LOCKED: rows another node is claiming or
+        // recording right now are passed over instead of waited for; once its transaction
+        // commits they carry its unexpired lease, which the WHERE clause refuses.
+        // MATERIALIZED keeps the locking sub-select from being inlined and re-run.
+        let rows = sqlx::query(concat!(
+            "WITH due AS MATERIALIZED (
+                 SELECT id FROM outgoing
+                 WHERE next_retry_at <= $3 AND NOT held
+                   AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $3)
+                 ORDER BY next_retry_at, id
+                 LIMIT $4
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE outgoing o SET lock_owner = $1, lock_expires_at = $2
+             FROM due WHERE o.id = due.id
+             RETURNING ",
+            "o.id, o.sender, o.ret, o.envid, o.client_ip, o.helo, o.received_at, o.tries, \
+             o.last_try_at, o.last_error, o.next_retry_at, o.lock_owner, o.lock_expires_at, \
+             o.held, o.size, o.body"
+        ))
+        .bind(node)
+        .bind(lease_end(now, lease))
+        .bind(ms(now))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let mut claimed = with_rcpts(&mut tx, &rows).await?;
+        tx.commit().await.map_err(db_err)?;
+        // RETURNING gives no order; hand them out in due order.
+        claimed.sort_by(|a, b| (a.next_retry_at, &a.id).cmp(&(b.next_retry_at, &b.id)));
+        Ok(claimed)
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<Option<QueuedMessage>> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // A concurrent claimer of the same row makes this one wait for its commit; the
+        // conditions are then re-checked on the new row version, so only one wins.
+        let row = sqlx::query(concat!(
+            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+             WHERE id = $3 AND next_retry_at <= $4 AND NOT held
+               AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)
+             RETURNING ",
+            outgoing_cols!(),
+            ", body"
+        ))
+        .bind(node)
+        .bind(lease_end(now, lease))
+        .bind(id)
+        .bind(ms(now))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let m = with_rcpts(&mut tx, std::slice::from_ref(&row)).await?.pop();
+        tx.commit().await.map_err(db_err)?;
+        Ok(m)
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &str,
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_expires_at = $1 WHERE id = $2 AND lock_owner = $3",
+        )
+        .bind(lease_end(now, lease))
+        .bind(id)
+        .bind(node)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_attempt(
+        &self,
+        id: &str,
+        node: &str,
+        outcome: AttemptRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // FOR UPDATE: no other node can claim the row between this check and our commit.
+        let owner: Option<Option<String>> =
+            sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        match owner {
+            None => {
+                return Err(StoreError::Invalid(format!("no queued message {id}")));
+            }
+            Some(owner) if owner.as_deref() != Some(node) => {
+                return Err(StoreError::Invalid(format!(
+                    "queued message {id} is not locked by {node} (lease lost)"
+                )));
+            }
+            Some(_) => {}
+        }
+        let at = ms(outcome.at);
+        for (address, state, response) in &outcome.rcpt_results {
+            sqlx::query(
+                "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
+                 WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
+            )
+            .bind(state.as_str())
+            .bind(response)
+            .bind(at)
+            .bind(id)
+            .bind(address)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if pending == 0 {
+            sqlx::query("DELETE FROM outgoing WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        } else {
+            sqlx::query(
+                "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
+                     next_retry_at = COALESCE($3, next_retry_at),
+                     lock_owner = NULL, lock_expires_at = NULL
+                 WHERE id = $4",
+            )
+            .bind(at)
+            .bind(&outcome.error)
+            .bind(outcome.next_retry_at.map(ms))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL
+             WHERE id = $1 AND lock_owner = $2",
+        )
+        .bind(id)
+        .bind(node)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {
+        // REPEATABLE READ: rows and recipients from one snapshot (READ COMMITTED, the
+        // default, takes a new snapshot per statement).
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(db_err)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outgoing_cols!(),
+            " FROM outgoing ORDER BY received_at, id COLLATE \"C\""
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let rrows = sqlx::query(
+            "SELECT queue_id, address, orcpt, notify, state, last_response
+             FROM outgoing_rcpts ORDER BY queue_id, seq",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+        let mut by_id: HashMap<String, Vec<QueueRcpt>> = HashMap::new();
+        for r in &rrows {
+            let state: String = r.try_get("state").map_err(g)?;
+            let state = RcptState::parse(&state)
+                .ok_or_else(|| StoreError::Backend(format!("unknown recipient state {state:?}")))?;
+            by_id
+                .entry(r.try_get("queue_id").map_err(g)?)
+                .or_default()
+                .push(QueueRcpt {
+                    address: r.try_get("address").map_err(g)?,
+                    orcpt: r.try_get("orcpt").map_err(g)?,
+                    notify: r.try_get("notify").map_err(g)?,
+                    state,
+                    last_response: r.try_get("last_response").map_err(g)?,
+                });
+        }
+        rows.iter()
+            .map(|r| {
+                let o = outgoing_row(r)?;
+                Ok(QueueSummary {
+                    rcpts: by_id.remove(&o.id).unwrap_or_default(),
+                    id: o.id,
+                    size: o.size,
+                    received_at: o.received_at,
+                    sender: o.sender,
+                    tries: o.tries,
+                    last_try_at: o.last_try_at,
+                    next_retry_at: o.next_retry_at,
+                    last_error: o.last_error,
+                    held: o.held,
+                    lock_owner: o.lock_owner,
+                    lock_expires_at: o.lock_expires_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn get_queued(&self, id: &str) -> StoreResult<Option<QueuedMessage>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(db_err)?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            outgoing_cols!(),
+            ", body FROM outgoing WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let m = match row {
+            Some(row) => with_rcpts(&mut tx, std::slice::from_ref(&row)).await?.pop(),
+            None => None,
+        };
+        tx.commit().await.map_err(db_err)?;
+        Ok(m)
+    }
+
+    async fn delete_queued(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM outgoing WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete_all_queued(&self) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM outgoing")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn hold(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE outgoing SET held = TRUE WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_hold(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE outgoing SET held = FALSE WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {
+        let done = match id {
+            Some(id) => {
+                sqlx::query(
+                    "UPDATE outgoing SET next_retry_at = LEAST(next_retry_at, $1)
+                     WHERE id = $2 AND NOT held",
+                )
+                .bind(ms(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE outgoing SET next_retry_at = LEAST(next_retry_at, $1)
+                     WHERE NOT held",
+                )
+                .bind(ms(now))
+                .execute(&self.pool)
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_url_parameters_are_split_off() {
+        let s = PgSettings::from_url("postgres://u@h:5432/db").unwrap();
+        assert_eq!(
+            s,
+            PgSettings {
+                url: "postgres://u@h:5432/db".into(),
+                pool_size: DEFAULT_POOL_SIZE,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            }
+        );
+        let s = PgSettings::from_url(
+            "postgresql://u@h/db?sslmode=disable&pool_size=3&connect_timeout=2&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(
+            s.url,
+            "postgresql://u@h/db?sslmode=disable&application_name=x"
+        );
+        assert_eq!(s.pool_size, 3);
+        assert_eq!(s.connect_timeout, Duration::from_secs(2));
+        let s = PgSettings::from_url("postgres://u@h/db?pool_size=7").unwrap();
+        assert_eq!((s.url.as_str(), s.pool_size), ("postgres://u@h/db", 7));
+        for bad in [
+            "postgres://h/db?pool_size=0",
+            "postgres://h/db?pool_size=x",
+            "postgres://h/db?connect_timeout=",
+        ] {
+            assert!(
+                matches!(PgSettings::from_url(bad), Err(StoreError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_map_by_kind() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(db_err(io), StoreError::Unavailable(_)));
+        assert!(matches!(
+            db_err(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            db_err(sqlx::Error::RowNotFound),
+            StoreError::Backend(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_unavailable() {
+        // Port 1 on the loopback: nothing listens, the connection is refused at once.
+        let err = PostgresStore::open("postgres://postgres@127.0.0.1:1/erlmail?connect_timeout=2")
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+}

@@ -1,0 +1,256 @@
+//! The SMTP server through the real binary: local delivery read back byte for byte (store
+//! and Maildir), relaying into the queue with the whole envelope, a failing store
+//! answered with 451 and nothing half-stored, pipelining over a real socket, and the
+//! connection-level limits (total connections, idle timeout).
+
+#[path = "support/daemon.rs"]
+mod daemon;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use daemon::Daemon;
+
+fn local_daemon(extra: &str) -> Daemon {
+    let d = Daemon::start(extra);
+    assert!(d
+        .admin(&["domain", "add", "example.test"], None)
+        .0
+        .success());
+    assert!(d
+        .admin(&["user", "add", "alice@example.test"], Some("pw-alice\n"))
+        .0
+        .success());
+    d
+}
+
+const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\nSubject: Hello Alice\r\nMessage-ID: <m1@remote.test>\r\n\r\nFirst line.\r\n..leading dot line\r\nTrailing line without break";
+
+#[test]
+fn local_message_reads_back_byte_for_byte_with_a_received_header() {
+    let maildir = tempfile::tempdir().unwrap();
+    let d = local_daemon(&format!(
+        "maildir_root: \"{}\"\nserver_smtp_name: \"mx.example.test\"\n",
+        maildir.path().display()
+    ));
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO client.remote.test").starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<bob@remote.test>").starts_with("250"));
+    assert!(s.cmd("RCPT TO:<Alice@EXAMPLE.test>").starts_with("250"));
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
+    let r = s.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let _ = s.cmd("QUIT");
+
+    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert!(status.success(), "{err}");
+    assert!(
+        list.contains("Hello Alice") && list.contains("bob@remote.test"),
+        "{list}"
+    );
+    let id = list
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let (status, shown, _) = d.admin(&["mailbox", "show", "alice@example.test", id], None);
+    assert!(status.success());
+    // The client's text with dots unstuffed, CRLF line ends, after our Received: header.
+    let expected = MESSAGE.replace("\r\n..leading", "\r\n.leading") + "\r\n";
+    assert!(
+        shown.starts_with("Received: from client.remote.test"),
+        "{shown}"
+    );
+    assert!(shown.contains("by mx.example.test"), "{shown}");
+    let at = shown.find("From: Bob").unwrap();
+    assert_eq!(
+        &shown[at..],
+        expected,
+        "byte for byte after the Received: header"
+    );
+    let received = &shown[..at];
+    assert!(received.ends_with("\r\n") && !received.contains("\n\n"));
+
+    // The same bytes in the Maildir.
+    let new = maildir.path().join("example.test/alice/new");
+    let files: Vec<_> = std::fs::read_dir(&new)
+        .unwrap_or_else(|e| panic!("{}: {e}", new.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), shown);
+    assert!(
+        std::fs::read_dir(maildir.path().join("example.test/alice/tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+#[test]
+fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
+    let d = local_daemon(
+        "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
+         server_smtp_relay_host: \"127.0.0.1:9\"\n\
+         server_smtp_retry_interval: [\"1h\"]\n",
+    );
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO relay-client.test").starts_with("250"));
+    assert!(s
+        .cmd("MAIL FROM:<sender@relay-client.test> RET=HDRS ENVID=QQ314159")
+        .starts_with("250"));
+    assert!(s
+        .cmd("RCPT TO:<far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example")
+        .starts_with("250"));
+    assert!(s.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(b"Subject: both ways\r\n\r\nbody\r\n");
+    let r = s.cmd(".");
+    assert!(r.starts_with("250"), "{r}");
+    let queue_id = r.rsplit(' ').next().unwrap().to_string();
+    let _ = s.cmd("QUIT");
+
+    // Local copy delivered, remote copy queued (port 9 refuses: it stays queued).
+    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert!(list.contains("both ways"), "{list}");
+    let (status, shown, err) = d.admin(&["queue", "show", &queue_id], None);
+    assert!(status.success(), "{queue_id}: {err}");
+    for want in [
+        "sender: <sender@relay-client.test>",
+        "from 127.0.0.1 (helo relay-client.test)",
+        "ret: HDRS",
+        "envid: QQ314159",
+        "recipient: <far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
+        "Subject: both ways",
+        "Received: from relay-client.test",
+    ] {
+        assert!(shown.contains(want), "{want:?} missing:\n{shown}");
+    }
+    assert!(
+        !shown.contains("alice@example.test"),
+        "local recipient not queued:\n{shown}"
+    );
+}
+
+#[test]
+fn a_failing_store_gets_451_and_nothing_is_half_stored() {
+    let d = local_daemon(
+        "server_smtp_relay_clients: [\"127.0.0.1/32\"]\nserver_smtp_relay_host: \"127.0.0.1:9\"\n",
+    );
+    // Make the outgoing insert fail inside the transaction that also delivers locally.
+    let db = d.dir.path().join("spool/erlmail.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER fail_outgoing BEFORE INSERT ON outgoing BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    });
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO c.test").starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<x@c.test>").starts_with("250"));
+    assert!(s.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
+    assert!(s.cmd("RCPT TO:<far@remote.example>").starts_with("250"));
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(b"Subject: doomed\r\n\r\nbody\r\n");
+    let r = s.cmd(".");
+    assert_eq!(r, "451 4.3.0 Error: queue file write error");
+    // The session goes on: the client may retry later.
+    assert!(s.cmd("NOOP").starts_with("250"));
+    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert_eq!(
+        list.lines().count(),
+        1,
+        "no local copy of a 451 message:\n{list}"
+    );
+    let (_, q, _) = d.admin(&["queue", "list"], None);
+    assert!(q.contains("Mail queue is empty"), "{q}");
+}
+
+#[test]
+fn a_whole_pipelined_transaction_in_one_write_gets_every_reply_in_order() {
+    let d = local_daemon("");
+    let mut s = d.connect();
+    s.send_raw(
+        b"EHLO p.test\r\nMAIL FROM:<p@p.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\nSubject: piped\r\n\r\nhi\r\n.\r\nQUIT\r\n",
+    );
+    let mut all = String::new();
+    s.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = s.stream.read_to_string(&mut all);
+    let codes: Vec<&str> = all
+        .lines()
+        .filter(|l| l.len() > 3 && l.as_bytes()[3] == b' ')
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(
+        codes,
+        ["250", "250", "250", "550", "354", "250", "221"],
+        "{all}"
+    );
+}
+
+#[test]
+fn connections_beyond_the_limit_get_421_and_the_others_are_served() {
+    let d = local_daemon("server_smtp_max_connection: 2\n");
+    let mut a = d.connect();
+    let b = d.connect();
+    assert!(a.greeting.starts_with("220") && b.greeting.starts_with("220"));
+    let mut c = std::net::TcpStream::connect(d.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert_eq!(
+        reply,
+        "421 4.7.0 smtp.erlsoft.net Error: too many connections\r\n"
+    );
+    assert!(a.cmd("NOOP").starts_with("250"));
+    drop(b);
+    // Once a slot is free, a new client is served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = daemon::Smtp::connect(d.addr);
+        if s.greeting.starts_with("220") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot never freed: {}",
+            s.greeting
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_idle_session_is_closed_with_421_after_the_timeout() {
+    let d = local_daemon("server_smtp_timeout: \"1s\"\n");
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO idle.test").starts_with("250"));
+    let t = Instant::now();
+    let reply = s.read_reply();
+    assert_eq!(reply, "421 4.4.2 smtp.erlsoft.net Error: timeout exceeded");
+    assert!(t.elapsed() >= Duration::from_millis(900));
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.stream.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the 421"
+    );
+    let _ = s.stream.write_all(b"NOOP\r\n");
+}

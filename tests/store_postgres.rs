@@ -1,0 +1,254 @@
+//! The store contract suite against PostgreSQL, through `erlmail::store::open` on a
+//! `postgres://` URL as the daemon opens it.
+//!
+//! `ERLMAIL_TEST_PG` names a server and an existing database to administer from (e.g.
+//! `postgres://postgres@127.0.0.1:5432/test`). Unset: every test prints a note and passes
+//! without running. Set: an unreachable server fails the tests. Each test creates its own
+//! database `erlmail_test_<random>` and drops it at the end (also when it panics), so the
+//! tests run in parallel and repeatedly.
+
+use erlmail::store::postgres::PostgresStore;
+use erlmail::store::{MessageStore, StoreError};
+use rand::RngCore;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// A database of its own for one test, dropped when the guard is.
+struct TestDb {
+    /// `postgres://` URL of the fresh database.
+    url: String,
+    /// Its name, `erlmail_test_<16 hex digits>`.
+    name: String,
+    /// URL of the administration database named by `ERLMAIL_TEST_PG`.
+    admin_url: String,
+}
+
+impl TestDb {
+    /// Create a fresh database on the `ERLMAIL_TEST_PG` server; `None` (after a note)
+    /// when the variable is unset. Panics when it is set but the server is unreachable.
+    async fn create() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var("ERLMAIL_TEST_PG") else {
+            eprintln!("note: ERLMAIL_TEST_PG is not set; skipping this PostgreSQL test");
+            return None;
+        };
+        let name = format!("erlmail_test_{:016x}", rand::rng().next_u64());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("ERLMAIL_TEST_PG={admin_url} is unreachable: {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let url = with_database(&admin_url, &name);
+        Some(TestDb {
+            url,
+            name,
+            admin_url,
+        })
+    }
+
+    /// The database URL with extra query parameters.
+    fn url_with(&self, params: &str) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}{params}", self.url)
+    }
+
+    /// A pool on the administration database.
+    async fn admin_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.admin_url)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    /// Drop the database even when the test panicked: a runtime of its own on a thread of
+    /// its own, since `drop` cannot await and may run inside the test's runtime.
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin_url)
+                    .await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await?;
+                admin.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = done {
+            eprintln!("note: could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database (the path) replaced by `name`, query kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let authority_end = base[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[test]
+fn test_database_urls() {
+    assert_eq!(
+        with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        with_database("postgresql://u:p@h/test?sslmode=disable", "x"),
+        "postgresql://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+}
+
+#[tokio::test]
+async fn contract_suite_through_open() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = erlmail::store::open(&db.url).await.unwrap();
+    assert_eq!(store.backend(), "postgres");
+    erlmail::store::contract::run_all(store.as_ref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_on_one_database_never_claim_the_same_message() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a = erlmail::store::open(&db.url).await.unwrap();
+    let b = erlmail::store::open(&db.url).await.unwrap();
+    erlmail::store::contract::concurrent_claims(a.as_ref(), b.as_ref(), 500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_opening_a_fresh_database_at_once_migrate_it_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let opens = (0..4).map(|_| PostgresStore::open(&db.url));
+    let stores = futures::future::join_all(opens).await;
+    for s in &stores {
+        let s = s.as_ref().unwrap();
+        assert_eq!(s.schema_version().await.unwrap(), 1);
+    }
+    let s = stores[0].as_ref().unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM erlmail_schema")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(applied, 1, "migration 1 recorded exactly once");
+    // Data written through one node is seen by another (domains are cluster-wide).
+    assert!(s.add_domain("shared.test").await.unwrap());
+    let other = stores[3].as_ref().unwrap();
+    assert!(other.is_local_domain("SHARED.test").await.unwrap());
+    for s in &stores {
+        s.as_ref().unwrap().close().await;
+    }
+    // Re-opening applies nothing twice and keeps the data.
+    let again = PostgresStore::open(&db.url).await.unwrap();
+    assert_eq!(again.schema_version().await.unwrap(), 1);
+    assert_eq!(again.list_domains().await.unwrap(), vec!["shared.test"]);
+    again.close().await;
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = PostgresStore::open(&db.url).await.unwrap();
+    sqlx::query("INSERT INTO erlmail_schema (version, name, applied_at) VALUES (99, 'future', 0)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    store.close().await;
+    let err = PostgresStore::open(&db.url).await.err().unwrap();
+    assert!(
+        matches!(err, StoreError::Invalid(ref m) if m.contains("99")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn pool_size_comes_from_the_url() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = PostgresStore::open(&db.url_with("pool_size=3&connect_timeout=2"))
+        .await
+        .unwrap();
+    assert_eq!(store.pool().options().get_max_connections(), 3);
+    assert_eq!(
+        store.pool().options().get_acquire_timeout(),
+        std::time::Duration::from_secs(2)
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_terminated_connection_is_unavailable_then_service_resumes() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = PostgresStore::open(&db.url_with("pool_size=1"))
+        .await
+        .unwrap();
+    assert!(store.add_domain("before.test").await.unwrap());
+    // Kill the backend of the one pooled connection from the outside, as an administrator
+    // (or a server restart) would: SQLSTATE 57P01 or a closed socket.
+    let admin = db.admin_pool().await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND application_name = 'erlmail') t",
+    )
+    .bind(&db.name)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1);
+    admin.close().await;
+    // The next statement either sees the dead connection (Unavailable) or is given a new
+    // one by the pool's liveness check; after at most one failure, it works again.
+    match store.add_domain("after.test").await {
+        Ok(added) => assert!(added),
+        Err(e) => {
+            assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+            assert!(store.add_domain("after.test").await.unwrap());
+        }
+    }
+    assert_eq!(
+        store.list_domains().await.unwrap(),
+        vec!["after.test", "before.test"]
+    );
+    store.close().await;
+}
