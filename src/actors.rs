@@ -192,8 +192,10 @@ mod tests {
         let t0 = Instant::now();
         assert!(i.allow(t0));
         assert!(i.allow(t0 + Duration::from_secs(1)));
+        // Both earlier restarts are over a minute old by now.
         assert!(i.allow(t0 + Duration::from_secs(62)));
-        assert!(!i.allow(t0 + Duration::from_secs(63)));
+        assert!(i.allow(t0 + Duration::from_secs(63)));
+        assert!(!i.allow(t0 + Duration::from_secs(64)), "three within a minute");
     }
 
     #[test]

@@ -171,6 +171,7 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
     let plan = plan_attempt(msg, &results, config, now);
     for (kind, dsn_rcpts) in [
         (DsnKind::Failure, &plan.failed),
+        (DsnKind::Delay, &plan.delayed),
         (DsnKind::Success, &plan.delivered),
     ] {
         if !dsn_rcpts.is_empty() {
@@ -205,6 +206,8 @@ struct AttemptPlan {
     record: AttemptRecord,
     /// Recipients to report as failed.
     failed: Vec<DsnRecipient>,
+    /// Recipients to warn about (still being retried past `server_smtp_delay_warning`).
+    delayed: Vec<DsnRecipient>,
     /// Recipients to report as delivered (NOTIFY=SUCCESS).
     delivered: Vec<DsnRecipient>,
 }
@@ -225,7 +228,14 @@ fn plan_attempt(
     let mut rcpt_results = Vec::new();
     let mut failed = Vec::new();
     let mut delivered = Vec::new();
+    let mut delayed = Vec::new();
     let mut first_error = None;
+    // The delay warning goes out with the one attempt that crosses the threshold: the
+    // previous try was before it and this one is at or after it. No flag to keep.
+    let warn_now = config.server_smtp_delay_warning.is_some_and(|w| {
+        let threshold = msg.received_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX);
+        msg.last_try_at.unwrap_or(msg.received_at) < threshold && threshold <= now
+    });
     for r in results {
         let orig = msg.rcpts.iter().find(|o| o.address == r.rcpt);
         let notify = orig.and_then(|o| o.notify.as_deref());
@@ -263,6 +273,11 @@ fn plan_attempt(
                     first_error = Some(format!("{}: {}", r.rcpt, r.status.describe()));
                 }
                 if next.is_some() {
+                    if warn_now
+                        && queue::should_notify(&msg.sender, notify, DsnKind::Delay, true)
+                    {
+                        delayed.push(dsn_rcpt());
+                    }
                     RcptState::Pending
                 } else {
                     if queue::should_notify(
@@ -290,6 +305,7 @@ fn plan_attempt(
             next_retry_at: if any_pending { next } else { None },
         },
         failed,
+        delayed,
         delivered,
     }
 }
@@ -585,6 +601,35 @@ mod tests {
         assert_eq!(p.delivered.len(), 1);
         assert_eq!(p.delivered[0].final_recipient, "x@b.test");
         assert_eq!(p.record.next_retry_at, None);
+    }
+
+    #[test]
+    fn delay_warning_goes_out_once_with_the_attempt_that_crosses_the_threshold() {
+        let config = Config {
+            server_smtp_delay_warning: Some(Duration::from_secs(4 * 3600)),
+            ..Config::default()
+        };
+        let t0 = Utc::now();
+        let mut m = message(3, "s@a.test", &[("r@b.test", None), ("q@b.test", Some("FAILURE"))]);
+        m.received_at = t0;
+        let results = [result("r@b.test", temp()), result("q@b.test", temp())];
+        // Before the threshold: nothing.
+        m.last_try_at = Some(t0 + chrono::Duration::hours(2));
+        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(3));
+        assert!(p.delayed.is_empty());
+        // Crossing it: one warning, only where NOTIFY allows DELAY.
+        m.last_try_at = Some(t0 + chrono::Duration::hours(3));
+        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(5));
+        assert_eq!(p.delayed.len(), 1);
+        assert_eq!(p.delayed[0].final_recipient, "r@b.test");
+        // Already past it at the previous try: no second warning.
+        m.last_try_at = Some(t0 + chrono::Duration::hours(5));
+        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(9));
+        assert!(p.delayed.is_empty());
+        // Off when unset.
+        m.last_try_at = Some(t0 + chrono::Duration::hours(3));
+        let p = plan_attempt(&m, &results, &Config::default(), t0 + chrono::Duration::hours(5));
+        assert!(p.delayed.is_empty());
     }
 
     #[test]
