@@ -15,6 +15,7 @@
 //! `actors` imports ractor; durable state lives in the store, so any actor can die and be
 //! re-created from it.
 
+pub mod admin;
 pub mod fsm;
 pub mod listener;
 pub mod queue;

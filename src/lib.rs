@@ -20,6 +20,7 @@
 
 pub mod actors;
 pub mod config;
+pub mod import;
 pub mod net;
 pub mod outbound;
 pub mod protocol;

@@ -70,6 +70,9 @@ enum Command {
         #[command(subcommand)]
         action: MailboxCmd,
     },
+    /// The live actor tree, queue summary and key counters of the running daemon
+    /// (through its admin endpoint, `admin_listen`).
+    Status,
     /// The outgoing queue (like mailq, postqueue and postsuper).
     Queue {
         #[command(subcommand)]
@@ -77,22 +80,106 @@ enum Command {
     },
 }
 
+/// Which queued messages a queue command applies to (all given filters must match).
+#[derive(clap::Args, Debug, Default, Clone)]
+struct QueueFilter {
+    /// Envelope sender contains this (case-insensitive; `<>` for the null sender).
+    #[arg(long)]
+    sender: Option<String>,
+    /// Some recipient contains this (case-insensitive).
+    #[arg(long)]
+    rcpt: Option<String>,
+    /// Some recipient is in this domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Received longer ago than this (`30m`, `4h`, `2d`).
+    #[arg(long, value_parser = parse_age)]
+    older_than: Option<Duration>,
+    /// The last error contains this (case-insensitive).
+    #[arg(long)]
+    error: Option<String>,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    erlmail::config::values::parse_duration(s)
+}
+
+impl QueueFilter {
+    fn is_empty(&self) -> bool {
+        self.sender.is_none()
+            && self.rcpt.is_none()
+            && self.domain.is_none()
+            && self.older_than.is_none()
+            && self.error.is_none()
+    }
+
+    fn matches(&self, m: &erlmail::store::QueueSummary, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let has = |hay: &str, needle: &str| hay.to_lowercase().contains(&needle.to_lowercase());
+        if let Some(s) = &self.sender {
+            let sender = if m.sender.is_empty() { "<>" } else { m.sender.as_str() };
+            if !has(sender, s) {
+                return false;
+            }
+        }
+        if let Some(r) = &self.rcpt {
+            if !m.rcpts.iter().any(|x| has(&x.address, r)) {
+                return false;
+            }
+        }
+        if let Some(d) = &self.domain {
+            let d = d.trim_end_matches('.').to_lowercase();
+            if !m.rcpts.iter().any(|x| {
+                x.address
+                    .rsplit_once('@')
+                    .is_some_and(|(_, dom)| dom.to_lowercase() == d)
+            }) {
+                return false;
+            }
+        }
+        if let Some(age) = self.older_than {
+            if (now - m.received_at).to_std().unwrap_or_default() < age {
+                return false;
+            }
+        }
+        if let Some(e) = &self.error {
+            if !m.last_error.as_deref().is_some_and(|x| has(x, e)) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum QueueCmd {
     /// List queued messages and why each waits (like `mailq`).
-    List,
+    List {
+        #[command(flatten)]
+        filter: QueueFilter,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print one queued message: envelope, state and body.
     Show { id: String },
-    /// Make one or all messages due now (like `postqueue -f` / `-i ID`).
-    Flush { id: Option<String> },
-    /// Delete one message, or all with --all (like `postsuper -d`).
+    /// Make one message, the filtered ones, or all due now (like `postqueue -f` / `-i ID`).
+    Flush {
+        /// The queue id (default: every message the filters select).
+        id: Option<String>,
+        #[command(flatten)]
+        filter: QueueFilter,
+    },
+    /// Delete one message, or with --all every message the filters select (like
+    /// `postsuper -d`).
     Delete {
         /// The queue id.
         #[arg(required_unless_present = "all")]
         id: Option<String>,
-        /// Delete every queued message.
+        /// Delete every queued message (that the filters select).
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        #[command(flatten)]
+        filter: QueueFilter,
     },
     /// Keep a message from being tried (like `postsuper -h`).
     Hold { id: String },
@@ -275,6 +362,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(())
         }),
+        Command::Status => {
+            let config = load_config(path.as_deref(), &cli.set)?;
+            let Some(addr) = config.admin_listen else {
+                bail!("admin_listen is off in this configuration; status needs it");
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(status(addr))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Queue { action } => admin(path.as_deref(), &cli.set, |store| async move {
             queue_command(&*store, action).await
         }),
@@ -319,8 +417,17 @@ async fn queue_command(
     let when =
         |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     match action {
-        QueueCmd::List => {
-            let queue = store.list_queue().await?;
+        QueueCmd::List { filter, json } => {
+            let queue: Vec<_> = store
+                .list_queue()
+                .await?
+                .into_iter()
+                .filter(|m| filter.matches(m, now))
+                .collect();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&queue_json(&queue))?);
+                return Ok(());
+            }
             if queue.is_empty() {
                 println!("Mail queue is empty");
                 return Ok(());
@@ -406,18 +513,34 @@ async fn queue_command(
             println!();
             std::io::stdout().write_all(&m.body)?;
         }
-        QueueCmd::Flush { id } => {
-            let n = store.flush(id.as_deref(), now).await?;
+        QueueCmd::Flush { id, filter } => {
             if let Some(id) = id {
-                if n == 0 {
+                if store.flush(Some(id), now).await? == 0 {
                     bail!("no queued message {id} (or it is held)");
                 }
+                println!("1 message(s) due now");
+            } else if filter.is_empty() {
+                let n = store.flush(None, now).await?;
+                println!("{n} message(s) due now");
+            } else {
+                let ids = selected(store, filter, now).await?;
+                let n = bulk(&ids, "flushing", |id| async move {
+                    Ok(store.flush(Some(&id), now).await? > 0)
+                })
+                .await?;
+                println!("{n} message(s) due now");
             }
-            println!("{n} message(s) due now");
         }
-        QueueCmd::Delete { id, all } => {
-            if *all {
+        QueueCmd::Delete { id, all, filter } => {
+            if *all && filter.is_empty() {
                 let n = store.delete_all_queued().await?;
+                println!("postsuper: Deleted: {n} message(s)");
+            } else if *all {
+                let ids = selected(store, filter, now).await?;
+                let n = bulk(&ids, "deleting", |id| async move {
+                    Ok(store.delete_queued(&id).await?)
+                })
+                .await?;
                 println!("postsuper: Deleted: {n} message(s)");
             } else if let Some(id) = id {
                 if !store.delete_queued(id).await? {
@@ -440,6 +563,76 @@ async fn queue_command(
         }
     }
     Ok(())
+}
+
+/// The ids of the queued messages a filter selects.
+async fn selected(
+    store: &dyn erlmail::store::MessageStore,
+    filter: &QueueFilter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Vec<String>> {
+    Ok(store
+        .list_queue()
+        .await?
+        .into_iter()
+        .filter(|m| filter.matches(m, now))
+        .map(|m| m.id)
+        .collect())
+}
+
+/// Apply `op` to each id with a progress bar (on a terminal); how many it applied to.
+async fn bulk<F, Fut>(ids: &[String], what: &str, op: F) -> anyhow::Result<u64>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    let mut n = 0;
+    for id in ids {
+        if op(id.clone()).await? {
+            n += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(n)
+}
+
+/// The queue listing as JSON: every field of the table, recipients with their states.
+fn queue_json(queue: &[erlmail::store::QueueSummary]) -> serde_json::Value {
+    let t = |d: chrono::DateTime<chrono::Utc>| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    serde_json::Value::Array(
+        queue
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id,
+                    "size": m.size,
+                    "received_at": t(m.received_at),
+                    "sender": m.sender,
+                    "tries": m.tries,
+                    "last_try_at": m.last_try_at.map(t),
+                    "next_retry_at": t(m.next_retry_at),
+                    "last_error": m.last_error,
+                    "held": m.held,
+                    "lock_owner": m.lock_owner,
+                    "lock_expires_at": m.lock_expires_at.map(t),
+                    "recipients": m.rcpts.iter().map(|r| serde_json::json!({
+                        "address": r.address,
+                        "state": r.state.as_str(),
+                        "notify": r.notify,
+                        "orcpt": r.orcpt,
+                        "last_response": r.last_response,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// `local@domain`, with a domain part, or an error.
@@ -480,6 +673,32 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
+/// Print what a running daemon's admin endpoint knows.
+async fn status(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use erlmail::net::admin::get;
+    let tree = get(addr, "/tree")
+        .await
+        .with_context(|| format!("no erlmail admin endpoint answers at {addr}"))?;
+    println!("actor tree:\n{tree}");
+    println!("{}", get(addr, "/queue").await?);
+    println!("counters:");
+    for line in get(addr, "/metrics").await?.lines() {
+        let wanted = !line.starts_with('#')
+            && !line.contains("_bucket")
+            && (line.starts_with("erlmail_smtp_sessions")
+                || line.starts_with("erlmail_messages_accepted")
+                || line.starts_with("erlmail_relay_denied")
+                || line.starts_with("erlmail_deliveries")
+                || line.starts_with("erlmail_dsn_sent")
+                || line.starts_with("erlmail_actor_restarts")
+                || line.starts_with("erlmail_queue_messages"));
+        if wanted {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
 async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let source = path
@@ -496,6 +715,14 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             return ExitCode::from(1);
         }
     }
+    let metrics = match erlmail::telemetry::install_metrics() {
+        Ok(h) => h,
+        Err(e) => {
+            error!(error = %e, "cannot install the metrics recorder");
+            return ExitCode::from(1);
+        }
+    };
+    let admin_listen = config.admin_listen;
     let (root, handle, mut exit) = match root::start(Arc::new(config)).await {
         Ok(r) => r,
         Err(e) => {
@@ -515,6 +742,20 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             error!("cannot install signal handlers");
             return ExitCode::from(1);
         }
+    };
+    // The admin endpoint is a convenience: a taken port is logged, not fatal.
+    let _admin = match admin_listen {
+        Some(addr) => match erlmail::net::admin::serve(addr, erlmail::actors::admin::handler(metrics)).await {
+            Ok((local, task)) => {
+                info!(addr = %local, "admin endpoint listening on {local}");
+                Some(task)
+            }
+            Err(e) => {
+                error!(error = %e, "admin endpoint not started on {addr}");
+                None
+            }
+        },
+        None => None,
     };
     let mut handle = std::pin::pin!(handle);
     loop {

@@ -1,5 +1,7 @@
-//! The only code that touches inbound sockets: binding the listener and the connection
-//! halves a session reads and writes. No SMTP grammar lives here.
+//! The only code that touches inbound sockets: binding the SMTP listener, and the
+//! small HTTP server of the admin endpoint (`admin`). No SMTP grammar lives here.
+
+pub mod admin;
 
 use std::net::SocketAddr;
 

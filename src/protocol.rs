@@ -4,7 +4,7 @@
 //! nothing here knows what state a session is in (that is `session`). Each step is its
 //! own module, in the order input flows through them:
 //!
-//! - [`line`]: where a command line ends (CRLF only; bare CR/LF and over-long lines).
+//! - [`line`](mod@line): where a command line ends (CRLF only; bare CR/LF and over-long lines).
 //! - [`command`]: a line becomes a [`Command`] with its ESMTP parameters.
 //! - [`address`]: RFC 5321 paths, [`Mailbox`], [`ReversePath`], [`ForwardPath`].
 //! - [`data`]: the DATA section becomes a message (dot-unstuffing, smuggling defence).

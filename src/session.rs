@@ -116,6 +116,9 @@ pub struct RecipientInfo {
     pub local_domain: bool,
     /// The user exists in that domain (meaningless when the domain is not local).
     pub user_exists: bool,
+    /// The look-up itself failed (store unreachable): answer 451, never a permanent
+    /// verdict, so the client tries again later.
+    pub temporary_failure: bool,
 }
 
 /// The store's answer to [`Action::Store`].
@@ -281,6 +284,15 @@ impl Session {
         };
         let mut out = Vec::new();
         let raw = &pending.path.raw;
+        if info.temporary_failure {
+            let r = Reply::new(
+                451,
+                format!("4.3.0 <{raw}>: Temporary lookup failure"),
+            );
+            self.error(&mut out, r);
+            self.run(&mut out, now);
+            return out;
+        }
         let local = match (info.local_domain, info.user_exists) {
             (true, true) => Some(true),
             (true, false) => None,
@@ -376,6 +388,11 @@ impl Session {
     /// Errors counted so far toward `hard_error_limit`.
     pub fn error_count(&self) -> u32 {
         self.errors
+    }
+
+    /// The client this session serves.
+    pub fn peer(&self) -> PeerInfo {
+        self.peer
     }
 
     /// The policy this session runs under.

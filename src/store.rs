@@ -367,6 +367,49 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Make one message (`Some(id)`) or all messages due at `now` (an earlier due time is
     /// kept). Held messages are skipped. Returns how many messages are now due.
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// How many queued messages are in each state at `now`, for metrics and status.
+    /// The default counts through `list_queue`; backends override it with one query.
+    async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<QueueCounts> {
+        let mut c = QueueCounts::default();
+        for m in self.list_queue().await? {
+            c.add(m.held, m.lock_expires_at.is_some_and(|t| t > now), m.tries);
+        }
+        Ok(c)
+    }
+}
+
+/// Queued messages by state (each message in exactly one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct QueueCounts {
+    /// Never tried yet and not being tried.
+    pub incoming: u64,
+    /// Being tried now (a live lease).
+    pub active: u64,
+    /// Tried before, waiting for a retry.
+    pub deferred: u64,
+    /// On hold.
+    pub held: u64,
+}
+
+impl QueueCounts {
+    /// Count one message.
+    pub fn add(&mut self, held: bool, locked: bool, tries: u32) {
+        if held {
+            self.held += 1;
+        } else if locked {
+            self.active += 1;
+        } else if tries > 0 {
+            self.deferred += 1;
+        } else {
+            self.incoming += 1;
+        }
+    }
+
+    /// All queued messages.
+    pub fn total(&self) -> u64 {
+        self.incoming + self.active + self.deferred + self.held
+    }
 }
 
 /// A shared handle to whichever backend the configuration names.

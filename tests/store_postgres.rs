@@ -252,3 +252,74 @@ async fn a_terminated_connection_is_unavailable_then_service_resumes() {
     );
     store.close().await;
 }
+
+#[tokio::test]
+async fn accepted_and_flushed_messages_are_announced_to_every_node() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a = PostgresStore::open(&db.url).await.unwrap();
+    let b = PostgresStore::open(&db.url).await.unwrap();
+    let mut heard = b.queue_listener().await.unwrap();
+    let msg = |rcpt: Option<&str>| erlmail::store::IncomingMessage {
+        sender: "s@x.test".into(),
+        local_rcpts: vec![],
+        remote_rcpts: rcpt
+            .map(|r| erlmail::store::OutgoingRcpt {
+                address: r.into(),
+                orcpt: None,
+                notify: None,
+            })
+            .into_iter()
+            .collect(),
+        ret: None,
+        envid: None,
+        client_ip: "127.0.0.1".into(),
+        helo: "h".into(),
+        received_at: chrono::Utc::now(),
+        subject: None,
+        body: b"x".to_vec(),
+    };
+    // A failed batch announces nothing: notices are sent on commit only.
+    let mut bad = msg(Some("r@far.test"));
+    bad.local_rcpts = vec!["nobody@nowhere.test".into()];
+    assert!(a.accept_batch(vec![bad]).await.is_err());
+    let acc = a
+        .accept_batch(vec![msg(Some("r1@far.test")), msg(Some("r2@far.test"))])
+        .await
+        .unwrap();
+    let ids: Vec<String> = acc.into_iter().map(|x| x.queue_id.unwrap()).collect();
+    let wait = std::time::Duration::from_secs(10);
+    for id in &ids {
+        let n = tokio::time::timeout(wait, heard.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (n.channel(), n.payload()),
+            (erlmail::store::postgres::QUEUE_CHANNEL, id.as_str())
+        );
+    }
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(a.flush(None, later).await.unwrap(), 2);
+    let n = tokio::time::timeout(wait, heard.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.payload(), "*");
+    assert_eq!(a.flush(Some(&ids[1]), later).await.unwrap(), 1);
+    let n = tokio::time::timeout(wait, heard.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.payload(), ids[1]);
+    // Nothing else was announced (the failed batch included).
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), heard.recv())
+            .await
+            .is_err()
+    );
+    drop(heard);
+    a.close().await;
+    b.close().await;
+}

@@ -19,6 +19,7 @@ fn lookup(path: &ForwardPath) -> RecipientInfo {
     RecipientInfo {
         local_domain,
         user_exists: local_domain && path.mailbox.local_part == "bob",
+        temporary_failure: false,
     }
 }
 

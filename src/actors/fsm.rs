@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::store::{RecipientFacts, StoreMsg};
 use crate::config::Config;
+use crate::telemetry::{self, names};
 use crate::session::{
     client_is_relay_authorised, Action, PeerInfo, RecipientInfo, Session, SessionPolicy,
     StoreOutcome, Transaction,
@@ -107,6 +108,8 @@ impl Actor for Fsm {
                 port: args.peer.port(),
             },
         );
+        metrics::gauge!(names::SESSIONS_OPEN).increment(1.0);
+        metrics::counter!(names::SESSIONS_TOTAL).increment(1);
         let (read_half, writer) = args.stream.into_split();
         let (more_tx, more_rx) = mpsc::channel(1);
         let reader = tokio::spawn(read_loop(
@@ -141,6 +144,7 @@ impl Actor for Fsm {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.reader.abort();
+        metrics::gauge!(names::SESSIONS_OPEN).decrement(1.0);
         if let Some(mut w) = state.writer.take() {
             let _ = w.shutdown().await;
         }
@@ -192,6 +196,7 @@ async fn run(myself: &ActorRef<FsmMsg>, state: &mut FsmState, actions: Vec<Actio
     while let Some(action) = work.pop_front() {
         match action {
             Action::Send(bytes) => {
+                count_rejections(&bytes);
                 let Some(w) = state.writer.as_mut() else {
                     return;
                 };
@@ -212,12 +217,14 @@ async fn run(myself: &ActorRef<FsmMsg>, state: &mut FsmState, actions: Vec<Actio
                     Ok(f) => RecipientInfo {
                         local_domain: f.local_domain,
                         user_exists: f.user_exists,
+                        temporary_failure: false,
                     },
                     Err(e) => {
                         warn!(path = %state.path, error = %e, "recipient look-up failed");
                         RecipientInfo {
                             local_domain: false,
                             user_exists: false,
+                            temporary_failure: true,
                         }
                     }
                 };
@@ -260,6 +267,11 @@ async fn lookup(address: &str) -> Result<RecipientFacts, String> {
 /// Hand the transaction to the store actor and wait for its group commit.
 async fn store(path: &str, tx: Transaction) -> StoreOutcome {
     let message = to_incoming(tx);
+    let destination = match (message.local_rcpts.is_empty(), message.remote_rcpts.is_empty()) {
+        (false, true) => "local",
+        (true, false) => "relay",
+        _ => "both",
+    };
     let Some(cell) = ractor::registry::where_is(super::STORE) else {
         warn!(path = %path, "store not running");
         return StoreOutcome::Failed;
@@ -272,11 +284,14 @@ async fn store(path: &str, tx: Transaction) -> StoreOutcome {
         )
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(accepted))) => StoreOutcome::Stored {
+        Ok(ractor::rpc::CallResult::Success(Ok(accepted))) => {
+            metrics::counter!(names::ACCEPTED, "destination" => destination).increment(1);
+            StoreOutcome::Stored {
             queue_id: accepted
                 .queue_id
                 .or_else(|| accepted.message_ids.first().map(|id| format!("L{id}"))),
-        },
+            }
+        }
         Ok(ractor::rpc::CallResult::Success(Err(StoreError::Full(e)))) => {
             warn!(path = %path, error = %e, "store full");
             StoreOutcome::DiskFull
@@ -288,6 +303,22 @@ async fn store(path: &str, tx: Transaction) -> StoreOutcome {
         _ => {
             warn!(path = %path, "store did not answer");
             StoreOutcome::Failed
+        }
+    }
+}
+
+/// Count each refusing reply among the (possibly pipelined) replies in `bytes`.
+fn count_rejections(bytes: &[u8]) {
+    for line in bytes.split(|b| *b == b'\n') {
+        // Only the last line of a multi-line reply (`250 ` not `250-`) counts.
+        if line.get(3) != Some(&b' ') {
+            continue;
+        }
+        if let Some(reason) = telemetry::rejection_reason(line) {
+            metrics::counter!(names::REJECTED, "reason" => reason).increment(1);
+            if reason == "relay_denied" {
+                metrics::counter!(names::RELAY_DENIED).increment(1);
+            }
         }
     }
 }

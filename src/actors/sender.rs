@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
+use crate::telemetry::names;
 use crate::outbound::{self, RcptResult, Router};
 use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};
 use crate::store::{AttemptRecord, IncomingMessage, OutgoingRcpt, QueuedMessage, RcptState};
@@ -159,6 +160,10 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
     let msg = &args.message;
     let config = &args.config;
     let rcpts: Vec<String> = msg.rcpts.iter().map(|r| r.address.clone()).collect();
+    if msg.tries > 0 {
+        metrics::counter!(names::RETRIES).increment(1);
+    }
+    let started = std::time::Instant::now();
     let results = outbound::deliver_message(
         &args.router,
         &config.server_smtp_name,
@@ -168,6 +173,7 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
     )
     .await;
     let now = Utc::now();
+    metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
     let plan = plan_attempt(msg, &results, config, now);
     for (kind, dsn_rcpts) in [
         (DsnKind::Failure, &plan.failed),
@@ -179,6 +185,11 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
         }
     }
     for r in &results {
+        metrics::counter!(names::DELIVERIES, "result" => outcome_word(&r.status)).increment(1);
+        if matches!(r.status, RcptStatus::Delivered { .. }) {
+            let latency = (now - msg.received_at).to_std().unwrap_or_default();
+            metrics::histogram!(names::DELIVERY_LATENCY).record(latency.as_secs_f64());
+        }
         info!(
             path = %args.path,
             queue_id = %msg.id,
@@ -387,14 +398,17 @@ async fn queue_dsn(
         .call(|reply| StoreMsg::Accept(dsn, reply), Some(STORE_TIMEOUT))
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(a))) => info!(
+        Ok(ractor::rpc::CallResult::Success(Ok(a))) => {
+            metrics::counter!(names::DSNS, "kind" => kind.action()).increment(1);
+            info!(
             path = %args.path,
             queue_id = %msg.id,
             dsn = ?a.queue_id,
             to = %address,
             kind = kind.action(),
             "delivery status notification queued"
-        ),
+            )
+        }
         _ => warn!(path = %args.path, queue_id = %msg.id, "could not queue a notification"),
     }
 }

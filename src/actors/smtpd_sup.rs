@@ -242,6 +242,7 @@ impl Actor for SmtpdSup {
         }
         super::wait_unregistered(super::LISTENER).await;
         warn!(path = %path, "restarting");
+        metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone()).increment(1);
         state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
         info!(path = %path, "restarted");
         Ok(())

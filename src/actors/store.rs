@@ -105,6 +105,16 @@ pub enum QueueOp {
         /// Done, or why not.
         reply: RpcReplyPort<StoreResult<()>>,
     },
+    /// Every queued message, for the admin endpoint.
+    List {
+        /// The listing.
+        reply: RpcReplyPort<StoreResult<Vec<store::QueueSummary>>>,
+    },
+    /// Queued messages by state, for metrics.
+    Counts {
+        /// The counts.
+        reply: RpcReplyPort<StoreResult<store::QueueCounts>>,
+    },
     /// Clear our lock without recording a try.
     Release {
         /// Queue id.
@@ -234,6 +244,12 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
         } => {
             let _ = reply.send(store.record_attempt(&id, &node, record).await);
         }
+        QueueOp::List { reply } => {
+            let _ = reply.send(store.list_queue().await);
+        }
+        QueueOp::Counts { reply } => {
+            let _ = reply.send(store.queue_counts(now).await);
+        }
         QueueOp::Release { id, node } => {
             if let Err(e) = store.release(&id, &node).await {
                 warn!(queue_id = %id, error = %e, "could not release a lease; it will lapse");
@@ -275,7 +291,10 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         let started = std::time::Instant::now();
         match store.accept_batch(messages).await {
             Ok(results) => {
-                debug!(path = %path, messages = n, micros = started.elapsed().as_micros() as u64, "group commit");
+                let took = started.elapsed();
+                metrics::histogram!(crate::telemetry::names::COMMIT_SECONDS).record(took.as_secs_f64());
+                metrics::histogram!(crate::telemetry::names::COMMIT_BATCH).record(n as f64);
+                debug!(path = %path, messages = n, micros = took.as_micros() as u64, "group commit");
                 if let Some(root) = maildir_root {
                     // The store copy is committed; the Maildir is an extra copy, written
                     // (tmp, fsync, rename) before the 250 all the same.

@@ -38,6 +38,7 @@ fn lookup(path: &ForwardPath) -> RecipientInfo {
     RecipientInfo {
         local_domain,
         user_exists,
+        temporary_failure: false,
     }
 }
 
@@ -455,6 +456,30 @@ fn store_failures_are_reported_and_the_session_goes_on() {
 }
 
 #[test]
+fn a_failed_lookup_is_a_temporary_451_and_the_session_goes_on() {
+    let mut s = Session::new(policy(), peer());
+    s.greeting();
+    s.receive(b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<bob@local.example>\r\n", now());
+    let out = s.recipient_info(
+        RecipientInfo {
+            local_domain: false,
+            user_exists: false,
+            temporary_failure: true,
+        },
+        now(),
+    );
+    assert_eq!(
+        out,
+        vec![Action::Send(
+            b"451 4.3.0 <bob@local.example>: Temporary lookup failure\r\n".to_vec()
+        )]
+    );
+    assert!(!s.is_waiting());
+    let out = s.receive(b"NOOP\r\n", now());
+    assert_eq!(out, vec![Action::Send(b"250 2.0.0 Ok\r\n".to_vec())]);
+}
+
+#[test]
 fn answers_when_nothing_is_pending_are_ignored() {
     let mut s = Session::new(policy(), peer());
     assert!(s.stored(StoreOutcome::Failed, now()).is_empty());
@@ -462,7 +487,8 @@ fn answers_when_nothing_is_pending_are_ignored() {
         .recipient_info(
             RecipientInfo {
                 local_domain: true,
-                user_exists: true
+                user_exists: true,
+                temporary_failure: false,
             },
             now()
         )

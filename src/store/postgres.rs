@@ -8,6 +8,8 @@
 //! contract suite. Queue claims are one `UPDATE` over a sub-select taken with
 //! `FOR UPDATE SKIP LOCKED`: concurrent claimers on other nodes skip each other's rows
 //! instead of waiting, and a row is never given to two nodes while its lease runs.
+//! Accepting or flushing queued messages also sends a `NOTIFY` on `QUEUE_CHANNEL`, so that
+//! every node can hear of new work at once (`PostgresStore::queue_listener`).
 //! A database outage is reported as `StoreError::Unavailable` (the pool fails fast, after
 //! `connect_timeout`), a full disk as `StoreError::Full`. It must not decide policy
 //! (retry schedule, who is local): callers pass those in.
@@ -31,6 +33,12 @@ pub const DEFAULT_POOL_SIZE: u32 = 10;
 /// says `connect_timeout=SECONDS`. Short, so that an outage turns into a quick `451`
 /// instead of a hung SMTP session.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `LISTEN`/`NOTIFY` channel on which every node hears of queue work: the payload is
+/// a queue id (a message newly accepted, or flushed, on some node: whoever claims it first
+/// tries it at once) or `*` (`queue flush` of everything: run the due scan now). Sent on
+/// commit only, so a listener never hears of a message it cannot read yet.
+pub const QUEUE_CHANNEL: &str = "erlmail_queue";
 
 /// Key of the advisory lock held while migrating (any fixed 64-bit number; this one spells
 /// "erlmail" in ASCII).
@@ -164,6 +172,18 @@ impl PostgresStore {
     /// The connection pool (tests and administration look at the database directly).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// A listener on `QUEUE_CHANNEL`, on a connection of the pool kept for it (it
+    /// reconnects by itself after an outage; notices sent meanwhile are lost, which the
+    /// periodic due scan covers). Not yet part of `MessageStore`: the queue actor would
+    /// call `claim(id)` for each id heard and a due scan for `*`.
+    pub async fn queue_listener(&self) -> StoreResult<sqlx::postgres::PgListener> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(db_err)?;
+        l.listen(QUEUE_CHANNEL).await.map_err(db_err)?;
+        Ok(l)
     }
 
     /// Close every connection (waits for those in use).
@@ -326,6 +346,18 @@ fn to_u32(v: i64) -> u32 {
 
 fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// Queue `NOTIFY`s on `QUEUE_CHANNEL` inside the caller's transaction, one per payload;
+/// PostgreSQL delivers them when (and only if) it commits.
+async fn notify(conn: &mut PgConnection, payloads: &[&str]) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::TEXT[]) AS p")
+        .bind(QUEUE_CHANNEL)
+        .bind(payloads)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// The row part of a queued message (recipients read separately).
@@ -739,6 +771,10 @@ impl MessageStore for PostgresStore {
             // An error drops `tx`, which rolls the whole batch back.
             out.push(accept_one(&mut tx, m).await?);
         }
+        let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
+        if !queued.is_empty() {
+            notify(&mut tx, &queued).await?;
+        }
         tx.commit().await.map_err(db_err)?;
         Ok(out)
     }
@@ -1093,6 +1129,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
         let done = match id {
             Some(id) => {
                 sqlx::query(
@@ -1101,7 +1138,7 @@ impl MessageStore for PostgresStore {
                 )
                 .bind(ms(now))
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
             }
             None => {
@@ -1110,11 +1147,16 @@ impl MessageStore for PostgresStore {
                      WHERE NOT held",
                 )
                 .bind(ms(now))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
             }
         }
         .map_err(db_err)?;
+        // Every node hears of it, not only the one the administrator asked.
+        if done.rows_affected() > 0 {
+            notify(&mut tx, &[id.unwrap_or("*")]).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
         Ok(done.rows_affected())
     }
 }

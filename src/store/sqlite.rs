@@ -1016,6 +1016,28 @@ impl MessageStore for SqliteStore {
         .map_err(db_err)?;
         Ok(done.rows_affected())
     }
+
+    async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<super::QueueCounts> {
+        let row = sqlx::query(
+            "SELECT
+               COALESCE(SUM(CASE WHEN held = 1 THEN 1 ELSE 0 END), 0),
+               COALESCE(SUM(CASE WHEN held = 0 AND lock_expires_at > $1 THEN 1 ELSE 0 END), 0),
+               COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > $1, 0) AND tries > 0 THEN 1 ELSE 0 END), 0),
+               COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > $1, 0) AND tries = 0 THEN 1 ELSE 0 END), 0)
+             FROM outgoing",
+        )
+        .bind(ms(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let n = |i: usize| row.try_get::<i64, _>(i).map(|v| v.max(0) as u64);
+        Ok(super::QueueCounts {
+            held: n(0).map_err(db_err)?,
+            active: n(1).map_err(db_err)?,
+            deferred: n(2).map_err(db_err)?,
+            incoming: n(3).map_err(db_err)?,
+        })
+    }
 }
 
 #[cfg(test)]
