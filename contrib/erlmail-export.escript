@@ -199,18 +199,20 @@ read_tables(Copy, Tabs) ->
     end,
     Names = maps:values(Tabs),
     Existing = mnesia:system_info(tables),
-    [throw({fail, io_lib:format("no table ~p in this Mnesia directory", [N])})
-     || N <- Names, not lists:member(N, Existing)],
-    case mnesia:wait_for_tables(Names, 30000) of
+    Present = [N || N <- Names, lists:member(N, Existing)],
+    %% Let the tables that exist finish loading before any complaint stops Mnesia.
+    case mnesia:wait_for_tables(Present, 30000) of
         ok -> ok;
         {timeout, Missing} ->
             %% A table that also lived on another node of an ErlMail cluster waits for
             %% that node; our copy is all we have, so load it as it is.
             [yes = mnesia:force_load_table(N) || N <- Missing],
-            ok = mnesia:wait_for_tables(Names, 30000);
+            ok = mnesia:wait_for_tables(Present, 30000);
         {error, R2} ->
             throw({fail, io_lib:format("tables did not load: ~p", [R2])})
     end,
+    [throw({fail, io_lib:format("no table ~p in this Mnesia directory", [N])})
+     || N <- Names, not lists:member(N, Existing)],
     Domains = [domain(R) || R <- rows(maps:get(domain, Tabs))],
     Users = [user(R) || R <- rows(maps:get(user, Tabs))],
     Mailboxes = [mailbox(R) || R <- rows(maps:get(mailbox, Tabs))],

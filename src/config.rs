@@ -37,6 +37,43 @@ pub enum LogFormat {
     Json,
 }
 
+/// Outbound STARTTLS policy (`server_smtp_tls_outbound`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsOutbound {
+    /// Use STARTTLS when the next hop offers it; deliver in plain text otherwise.
+    #[default]
+    May,
+    /// Deliver only over TLS: a next hop without STARTTLS is a temporary failure.
+    Require,
+    /// Never use STARTTLS.
+    None,
+}
+
+impl TlsOutbound {
+    /// The configuration spelling: `may`, `require` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsOutbound::May => "may",
+            TlsOutbound::Require => "require",
+            TlsOutbound::None => "none",
+        }
+    }
+}
+
+impl values::Scalar for TlsOutbound {
+    const EXPECTING: &'static str = "may, require or none";
+    fn from_text(s: &str) -> Result<Self, String> {
+        match s {
+            "may" => Ok(TlsOutbound::May),
+            "require" => Ok(TlsOutbound::Require),
+            "none" => Ok(TlsOutbound::None),
+            _ => Err(format!(
+                "bad server_smtp_tls_outbound `{s}`: expected may, require or none"
+            )),
+        }
+    }
+}
+
 /// The effective configuration of an erlmail node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -98,6 +135,13 @@ pub struct Config {
     pub server_smtp_tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
     pub server_smtp_tls_key: Option<PathBuf>,
+    /// Port of an implicit-TLS (SMTPS, e.g. 465) listener; `None` means none. Needs the
+    /// certificate and key.
+    pub server_smtp_tls_port: Option<u16>,
+    /// Whether a client authenticated with SMTP AUTH may relay.
+    pub server_smtp_relay_auth: bool,
+    /// Outbound STARTTLS policy.
+    pub server_smtp_tls_outbound: TlsOutbound,
     /// DNS servers for MX look-ups; empty means the system resolver.
     pub dns_nameservers: Vec<SocketAddr>,
     /// This node's name, stamped on the queue locks it takes.
@@ -148,6 +192,9 @@ impl Default for Config {
             server_smtp_delay_warning: None,
             server_smtp_tls_cert: None,
             server_smtp_tls_key: None,
+            server_smtp_tls_port: None,
+            server_smtp_relay_auth: true,
+            server_smtp_tls_outbound: TlsOutbound::May,
             dns_nameservers: Vec::new(),
             node_name: default_node_name(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8025))),
@@ -464,6 +511,12 @@ impl Config {
                 )
             }
             _ => {}
+        }
+        if self.server_smtp_tls_port.is_some() && self.server_smtp_tls_cert.is_none() {
+            return fail(
+                "server_smtp_tls_port",
+                "is set but server_smtp_tls_cert and server_smtp_tls_key are not",
+            );
         }
         if let Some(url) = &self.store_url {
             let known = ["sqlite:", "postgres://", "postgresql://"];

@@ -70,6 +70,12 @@ enum Command {
         #[command(subcommand)]
         action: MailboxCmd,
     },
+    /// Load a file written by contrib/erlmail-export.escript (ErlMail's Mnesia domains,
+    /// users and messages). Importing twice changes nothing.
+    Import {
+        /// The exported file.
+        file: PathBuf,
+    },
     /// The live actor tree, queue summary and key counters of the running daemon
     /// (through its admin endpoint, `admin_listen`).
     Status,
@@ -360,6 +366,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("changed the password of {address}");
                 }
             }
+            Ok(())
+        }),
+        Command::Import { file } => admin(path.as_deref(), &cli.set, |store| async move {
+            use std::io::IsTerminal;
+            let report =
+                erlmail::import::import(&*store, file, std::io::stderr().is_terminal()).await?;
+            println!("{report}");
             Ok(())
         }),
         Command::Status => {

@@ -1,7 +1,9 @@
 //! The only code that touches inbound sockets: binding the SMTP listener, and the
-//! small HTTP server of the admin endpoint (`admin`). No SMTP grammar lives here.
+//! small HTTP server of the admin endpoint (`admin`), and the inbound TLS acceptor
+//! (`tls`). No SMTP grammar lives here.
 
 pub mod admin;
+pub mod tls;
 
 use std::net::SocketAddr;
 

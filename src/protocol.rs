@@ -9,14 +9,17 @@
 //! - [`address`]: RFC 5321 paths, [`Mailbox`], [`ReversePath`], [`ForwardPath`].
 //! - [`data`]: the DATA section becomes a message (dot-unstuffing, smuggling defence).
 //! - [`reply`]: the exact reply bytes.
+//! - [`auth`]: SMTP AUTH's base64 and the PLAIN and LOGIN mechanisms.
 
 pub mod address;
+pub mod auth;
 pub mod command;
 pub mod data;
 pub mod line;
 pub mod reply;
 
 pub use address::{AddressError, ForwardPath, Mailbox, Path, ReversePath};
+pub use auth::Secret;
 pub use command::{parse_command, Body, Command, CommandError, MailParams, RcptParams};
 pub use data::{BareNewline, DataDecoder, DataOutcome};
 pub use line::{LineEvent, LineReader};

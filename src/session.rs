@@ -26,6 +26,17 @@
 //! - HELO/EHLO replies carry no enhanced status code (RFC 2034 §3); all other replies
 //!   after the greeting do, except `354`, which is not 2xx/4xx/5xx.
 //! - A limit of `0` in [`SessionPolicy`] for size, recipients or errors means "none".
+//! - STARTTLS (RFC 3207): the reply `220` is followed by [`Action::StartTls`], and every
+//!   byte the client sent after the command line is discarded, never executed (the
+//!   CVE-2011-0411 class of command injection); the actor must not feed bytes again until
+//!   it calls [`Session::tls_started`], which resets the session to just after the
+//!   greeting (EHLO again; STARTTLS no longer offered; AUTH offered).
+//! - AUTH PLAIN and LOGIN (RFC 4954) are offered and accepted only over TLS (`530 5.7.0`
+//!   before); the credentials go out in [`Action::Authenticate`] with the password as a
+//!   [`Secret`] (never printed by `Debug`), and [`Session::authenticated`] answers. A
+//!   failure is `535 5.7.8` and counts toward `hard_error_limit`; slowing failures down
+//!   is the actor's business (it owns time). An authenticated client may relay when
+//!   `SessionPolicy::auth_relay` says so.
 //!
 //! No tokio, no sockets, no clock (time comes in as `now`), no store access.
 
@@ -39,10 +50,10 @@ use chrono::{DateTime, Utc};
 
 use crate::protocol::address::parse_domain;
 use crate::protocol::{
-    parse_command, BareNewline, Body, Command, CommandError, DataDecoder, DataOutcome, LineEvent,
-    LineReader, MailParams, Path, RcptParams, Reply,
+    auth, parse_command, BareNewline, Body, Command, CommandError, DataDecoder, DataOutcome,
+    LineEvent, LineReader, MailParams, Path, RcptParams, Reply,
 };
-pub use crate::protocol::{ForwardPath, Mailbox, ReversePath};
+pub use crate::protocol::{ForwardPath, Mailbox, ReversePath, Secret};
 pub use relay::{client_is_relay_authorised, relay_trick, RelayTrick};
 
 /// What the session needs to know about the server's configuration (built by the actor
@@ -67,6 +78,10 @@ pub struct SessionPolicy {
     /// Longest command line accepted, octets including CRLF (at least 512, RFC 5321
     /// §4.5.3.1.4; Postfix reads 2048).
     pub max_line_length: usize,
+    /// STARTTLS can be offered: a certificate is configured and loaded.
+    pub tls_available: bool,
+    /// A client that authenticated with SMTP AUTH may relay (`server_smtp_relay_auth`).
+    pub auth_relay: bool,
 }
 
 impl SessionPolicy {
@@ -81,6 +96,8 @@ impl SessionPolicy {
             max_hops: 50,
             relay_authorised: false,
             max_line_length: 2048,
+            tls_available: false,
+            auth_relay: true,
         }
     }
 }
@@ -107,6 +124,19 @@ pub enum Action {
     Store(Transaction),
     /// Close the connection once everything before has been written.
     Close,
+    /// Write what came before (the `220` to STARTTLS), discard any input not yet fed,
+    /// perform the TLS handshake, then call [`Session::tls_started`] (or close the
+    /// connection if the handshake fails). Always the last action of its batch.
+    StartTls,
+    /// Check these credentials against the store's users, then call
+    /// [`Session::authenticated`]. Always the last action of its batch. Never log it
+    /// beyond the user name; the password's `Debug` is redacted.
+    Authenticate {
+        /// The user name given (an address such as `alice@example.com`).
+        user: String,
+        /// The password given.
+        password: Secret,
+    },
 }
 
 /// The store's answer to [`Action::LookupRecipient`].
@@ -184,6 +214,16 @@ enum Mode {
     AwaitRecipient(PendingRcpt),
     /// Waiting for `stored`.
     AwaitStore,
+    /// Waiting for `tls_started`; input is discarded.
+    AwaitTls,
+    /// Waiting for the PLAIN response after `334 `.
+    AuthPlain,
+    /// Waiting for the LOGIN user name after `334 VXNlcm5hbWU6`.
+    AuthLoginUser,
+    /// Waiting for the LOGIN password after `334 UGFzc3dvcmQ6`; holds the user name.
+    AuthLoginPassword(String),
+    /// Waiting for `authenticated` about this user.
+    AwaitAuth(String),
     /// Done: nothing more is read or sent.
     Closed,
 }
@@ -223,6 +263,10 @@ pub struct Session {
     helo: Option<Helo>,
     envelope: Option<Envelope>,
     errors: u32,
+    /// The connection is encrypted (after STARTTLS, or an implicit-TLS listener).
+    tls: bool,
+    /// The user who authenticated with AUTH, if any.
+    user: Option<String>,
 }
 
 /// Appends reply bytes, merging with a preceding `Send` so a pipelined batch is written
@@ -248,7 +292,17 @@ impl Session {
             helo: None,
             envelope: None,
             errors: 0,
+            tls: false,
+            user: None,
         }
+    }
+
+    /// A session on a connection that is encrypted from the start (implicit TLS, e.g.
+    /// port 465): STARTTLS is not offered, AUTH is.
+    pub fn new_tls(policy: SessionPolicy, peer: PeerInfo) -> Self {
+        let mut s = Session::new(policy, peer);
+        s.tls = true;
+        s
     }
 
     /// The `220 <hostname> ESMTP <greeting>` banner, to write before reading.
@@ -263,7 +317,9 @@ impl Session {
     /// Feeds bytes read from the client; returns what to do. While an answer
     /// (`recipient_info`/`stored`) is due, only buffers and returns nothing.
     pub fn receive(&mut self, bytes: &[u8], now: DateTime<Utc>) -> Vec<Action> {
-        if self.is_closed() {
+        if self.is_closed() || matches!(self.mode, Mode::AwaitTls) {
+            // During the upgrade nothing read in plain text may survive into the TLS
+            // session: drop it.
             return Vec::new();
         }
         self.input.extend_from_slice(bytes);
@@ -285,10 +341,7 @@ impl Session {
         let mut out = Vec::new();
         let raw = &pending.path.raw;
         if info.temporary_failure {
-            let r = Reply::new(
-                451,
-                format!("4.3.0 <{raw}>: Temporary lookup failure"),
-            );
+            let r = Reply::new(451, format!("4.3.0 <{raw}>: Temporary lookup failure"));
             self.error(&mut out, r);
             self.run(&mut out, now);
             return out;
@@ -296,7 +349,7 @@ impl Session {
         let local = match (info.local_domain, info.user_exists) {
             (true, true) => Some(true),
             (true, false) => None,
-            (false, _) if self.policy.relay_authorised => Some(false),
+            (false, _) if self.may_relay() => Some(false),
             (false, _) => {
                 let r = Reply::new(554, format!("5.7.1 <{raw}>: Relay access denied"));
                 self.error(&mut out, r);
@@ -358,6 +411,63 @@ impl Session {
         out
     }
 
+    /// The TLS handshake after [`Action::StartTls`] succeeded: the session starts over as
+    /// RFC 3207 §4.2 requires (no HELO, no transaction, not authenticated, nothing
+    /// buffered); the client must send EHLO again. No reply is sent. Ignored (empty) if
+    /// no upgrade is pending.
+    pub fn tls_started(&mut self) -> Vec<Action> {
+        if !matches!(self.mode, Mode::AwaitTls) {
+            return Vec::new();
+        }
+        self.mode = Mode::Command;
+        self.tls = true;
+        self.helo = None;
+        self.envelope = None;
+        self.user = None;
+        self.input = Vec::new();
+        self.pos = 0;
+        self.lines = LineReader::new(self.policy.max_line_length);
+        Vec::new()
+    }
+
+    /// The answer to [`Action::Authenticate`]: `235 2.7.0` and the user is logged in,
+    /// or `535 5.7.8` (counted as an error). Resumes buffered input. Ignored (empty) if
+    /// no check is pending.
+    pub fn authenticated(&mut self, ok: bool, now: DateTime<Utc>) -> Vec<Action> {
+        let user = match std::mem::replace(&mut self.mode, Mode::Command) {
+            Mode::AwaitAuth(user) => user,
+            other => {
+                self.mode = other;
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        if ok {
+            self.user = Some(user);
+            self.reply(&mut out, Reply::new(235, "2.7.0 Authentication successful"));
+        } else {
+            self.error(&mut out, auth_failed());
+        }
+        self.run(&mut out, now);
+        out
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// Whether this client may send to remote recipients now: by address
+    /// (`server_smtp_relay_clients`) or by AUTH (when `auth_relay`).
+    pub fn may_relay(&self) -> bool {
+        self.policy.relay_authorised || (self.user.is_some() && self.policy.auth_relay)
+    }
+
     /// The idle timeout fired: `421 4.4.2 <host> Error: timeout exceeded`, then close.
     pub fn timeout(&mut self) -> Vec<Action> {
         let text = format!("4.4.2 {} Error: timeout exceeded", self.policy.hostname);
@@ -377,7 +487,10 @@ impl Session {
 
     /// Whether the session waits for `recipient_info` or `stored`.
     pub fn is_waiting(&self) -> bool {
-        matches!(self.mode, Mode::AwaitRecipient(_) | Mode::AwaitStore)
+        matches!(
+            self.mode,
+            Mode::AwaitRecipient(_) | Mode::AwaitStore | Mode::AwaitTls | Mode::AwaitAuth(_)
+        )
     }
 
     /// Whether the session is inside DATA (useful for the actor's logging).
@@ -436,7 +549,28 @@ impl Session {
     fn run(&mut self, out: &mut Vec<Action>, now: DateTime<Utc>) {
         loop {
             match &mut self.mode {
-                Mode::Closed | Mode::AwaitRecipient(_) | Mode::AwaitStore => break,
+                Mode::Closed
+                | Mode::AwaitRecipient(_)
+                | Mode::AwaitStore
+                | Mode::AwaitTls
+                | Mode::AwaitAuth(_) => break,
+                Mode::AuthPlain | Mode::AuthLoginUser | Mode::AuthLoginPassword(_) => {
+                    let start = self.pos;
+                    let (n, event) = self.lines.next(&self.input[start..]);
+                    self.pos += n;
+                    match event {
+                        None => break,
+                        Some(LineEvent::Line(range)) => {
+                            let line = self.input[start + range.start..start + range.end].to_vec();
+                            self.auth_response(&line, out);
+                        }
+                        Some(_) => {
+                            // Too long or a bare line end: the exchange is over.
+                            self.mode = Mode::Command;
+                            self.error(out, Reply::new(501, "5.5.2 Cannot decode response"));
+                        }
+                    }
+                }
                 Mode::Data(decoder) => {
                     let (n, done) = decoder.feed(&self.input[self.pos..]);
                     self.pos += n;
@@ -530,13 +664,110 @@ impl Session {
                     "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
                 ),
             ),
+            Command::StartTls => self.starttls(out),
+            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial, out),
         }
     }
 
-    /// EHLO keywords. STARTTLS (when a certificate is configured) and AUTH (after TLS)
-    /// belong in this list when they exist.
+    fn starttls(&mut self, out: &mut Vec<Action>) {
+        if self.tls {
+            return self.error(out, Reply::new(554, "5.5.1 Error: TLS already active"));
+        }
+        if !self.policy.tls_available {
+            return self.error(out, Reply::new(502, "5.5.1 Error: command not implemented"));
+        }
+        self.reply(out, Reply::new(220, "2.0.0 Ready to start TLS"));
+        // Whatever the client pipelined after STARTTLS was sent in plain text: discard
+        // it so it can never run as if it came over TLS.
+        self.input = Vec::new();
+        self.pos = 0;
+        out.push(Action::StartTls);
+        self.mode = Mode::AwaitTls;
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<Secret>, out: &mut Vec<Action>) {
+        if !self.tls {
+            let r = Reply::new(530, "5.7.0 Must issue a STARTTLS command first");
+            return self.error(out, r);
+        }
+        if self.helo.is_none() {
+            return self.error(out, Reply::new(503, "5.5.1 Error: send HELO/EHLO first"));
+        }
+        if self.user.is_some() {
+            return self.error(out, Reply::new(503, "5.5.1 Error: already authenticated"));
+        }
+        if self.envelope.is_some() {
+            let r = Reply::new(503, "5.5.1 Error: MAIL transaction in progress");
+            return self.error(out, r);
+        }
+        match (mechanism, initial) {
+            ("PLAIN", Some(response)) => self.auth_plain(response.expose(), out),
+            ("PLAIN", None) => {
+                self.mode = Mode::AuthPlain;
+                self.reply(out, Reply::new(334, ""));
+            }
+            ("LOGIN", Some(user)) => self.auth_login_user(user.expose(), out),
+            ("LOGIN", None) => {
+                self.mode = Mode::AuthLoginUser;
+                self.reply(out, Reply::new(334, auth::LOGIN_USERNAME_PROMPT));
+            }
+            _ => self.error(
+                out,
+                Reply::new(504, "5.5.4 Unrecognized authentication type"),
+            ),
+        }
+    }
+
+    /// One line of a SASL exchange, in an `Auth*` mode.
+    fn auth_response(&mut self, line: &[u8], out: &mut Vec<Action>) {
+        let mode = std::mem::replace(&mut self.mode, Mode::Command);
+        if auth::is_cancel(line) {
+            return self.error(out, Reply::new(501, "5.7.0 Authentication aborted"));
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            return self.error(out, Reply::new(501, "5.5.2 Cannot decode response"));
+        };
+        match mode {
+            Mode::AuthPlain => self.auth_plain(text, out),
+            Mode::AuthLoginUser => self.auth_login_user(text, out),
+            Mode::AuthLoginPassword(user) => match auth::decode_text(text) {
+                Some(password) => self.request_auth(user, Secret(password), out),
+                None => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
+            },
+            other => self.mode = other,
+        }
+    }
+
+    fn auth_plain(&mut self, response: &str, out: &mut Vec<Action>) {
+        // `=` is an empty initial response (RFC 4954 §4), which PLAIN cannot use.
+        match auth::decode_plain(response) {
+            Some((user, password)) => self.request_auth(user, password, out),
+            None => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
+        }
+    }
+
+    fn auth_login_user(&mut self, response: &str, out: &mut Vec<Action>) {
+        match auth::decode_text(response) {
+            Some(user) if !user.is_empty() => {
+                self.mode = Mode::AuthLoginPassword(user);
+                self.reply(out, Reply::new(334, auth::LOGIN_PASSWORD_PROMPT));
+            }
+            _ => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
+        }
+    }
+
+    fn request_auth(&mut self, user: String, password: Secret, out: &mut Vec<Action>) {
+        out.push(Action::Authenticate {
+            user: user.clone(),
+            password,
+        });
+        self.mode = Mode::AwaitAuth(user);
+    }
+
+    /// EHLO keywords: STARTTLS when a certificate is configured and the connection is
+    /// not yet encrypted, AUTH only once it is (RFC 4954 §4: no plain-text passwords).
     fn ehlo_lines(&self) -> Vec<String> {
-        vec![
+        let mut lines = vec![
             self.policy.hostname.clone(),
             "PIPELINING".to_string(),
             format!("SIZE {}", self.policy.max_message_size),
@@ -544,7 +775,13 @@ impl Session {
             "ENHANCEDSTATUSCODES".to_string(),
             "SMTPUTF8".to_string(),
             "DSN".to_string(),
-        ]
+        ];
+        if self.tls {
+            lines.push(format!("AUTH {}", auth::MECHANISMS));
+        } else if self.policy.tls_available {
+            lines.push("STARTTLS".to_string());
+        }
+        lines
     }
 
     fn mail(&mut self, from: Option<Path>, params: MailParams, out: &mut Vec<Action>) {
@@ -584,7 +821,7 @@ impl Session {
             // Not counted as an error: see the module documentation.
             return self.reply(out, Reply::new(452, "4.5.3 Error: too many recipients"));
         }
-        if !self.policy.relay_authorised && relay_trick(&to).is_some() {
+        if !self.may_relay() && relay_trick(&to).is_some() {
             let r = Reply::new(554, format!("5.7.1 <{}>: Relay access denied", to.raw));
             return self.error(out, r);
         }
@@ -668,6 +905,10 @@ impl Session {
         out.push(Action::Store(transaction));
         self.mode = Mode::AwaitStore;
     }
+}
+
+fn auth_failed() -> Reply {
+    Reply::new(535, "5.7.8 Error: authentication failed")
 }
 
 fn too_big() -> Reply {

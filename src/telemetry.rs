@@ -104,6 +104,18 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     describe_histogram!(names::COMMIT_BATCH, Unit::Count, "Messages per group commit");
     describe_histogram!(names::ATTEMPT_SECONDS, Unit::Seconds, "Delivery attempt duration");
     describe_histogram!(names::DELIVERY_LATENCY, Unit::Seconds, "Acceptance to delivery");
+    // Counters exist from the start, at zero, so that a scrape (and `erlmail status`)
+    // shows them before the first event and rates are defined.
+    metrics::gauge!(names::SESSIONS_OPEN).set(0.0);
+    metrics::counter!(names::SESSIONS_TOTAL).absolute(0);
+    metrics::counter!(names::RELAY_DENIED).absolute(0);
+    metrics::counter!(names::RETRIES).absolute(0);
+    for d in ["local", "relay", "both"] {
+        metrics::counter!(names::ACCEPTED, "destination" => d).absolute(0);
+    }
+    for r in ["sent", "deferred", "bounced"] {
+        metrics::counter!(names::DELIVERIES, "result" => r).absolute(0);
+    }
     Ok(handle)
 }
 

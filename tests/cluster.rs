@@ -1,6 +1,13 @@
 //! An erlmail cluster: several `erlmail serve` processes (own `node_name`, own ports) on
 //! one PostgreSQL database relay messages injected across all of them to one sink, and
-//! each message is delivered exactly once.
+//! each message is delivered exactly once; a node killed with SIGKILL loses nothing (the
+//! others take over its leases when they lapse); a PostgreSQL restart during a run turns
+//! into `451 4.3.0` answers and loses nothing; and domains and users added through one
+//! node are served by all.
+//!
+//! The PostgreSQL-restart test stops and starts the local cluster with `pg_ctlcluster`
+//! (as root); where there is no local cluster under /etc/postgresql it prints a note and
+//! passes without running.
 //!
 //! Needs `ERLMAIL_TEST_PG` (e.g. `postgres://postgres@127.0.0.1:5432/test`): unset, the
 //! tests print a note and pass without running; set and unreachable, they fail. Each test
@@ -11,7 +18,12 @@ mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon::Daemon;
@@ -98,15 +110,19 @@ impl Drop for TestDb {
 
 /// The configuration of one relaying node on the shared database.
 fn node_yaml(db: &TestDb, sink: &Sink, node: &str) -> String {
+    relay_yaml(&db.url, sink.port(), node)
+}
+
+/// The configuration of one node on store `store_url` relaying everything from
+/// 127.0.0.1 to the sink on `sink_port`; its EHLO name is `<node>.relay.test`.
+fn relay_yaml(store_url: &str, sink_port: u16, node: &str) -> String {
     format!(
-        "store_url: \"{}\"\n\
+        "store_url: \"{store_url}\"\n\
          node_name: \"{node}\"\n\
          server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
-         server_smtp_relay_host: \"127.0.0.1:{}\"\n\
+         server_smtp_relay_host: \"127.0.0.1:{sink_port}\"\n\
          server_smtp_name: \"{node}.relay.test\"\n\
-         server_smtp_queue_interval: \"100ms\"\n",
-        db.url,
-        sink.port()
+         server_smtp_queue_interval: \"100ms\"\n"
     )
 }
 
@@ -214,5 +230,836 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
             "queue not empty: {out}"
         );
     }
+    drop(daemons);
+}
+
+// ---------------------------------------------------------------------------------------
+// Failures: a node killed, the database restarted; and administration through one node.
+// ---------------------------------------------------------------------------------------
+
+/// How long an injecting client waits for any one reply. A session that takes longer (the
+/// daemon's own store timeout is 60 s) counts as hung.
+const REPLY_PATIENCE: Duration = Duration::from_secs(30);
+
+impl TestDb {
+    /// A small pool on the test database, to look at the shared state directly.
+    async fn pool(&self) -> sqlx::PgPool {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.url)
+            .await
+            .unwrap()
+    }
+
+    /// The store URL with `extra` (`key=value`) added to its query.
+    fn url_with(&self, extra: &str) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}{extra}", self.url)
+    }
+}
+
+/// Start one daemon per configuration, all at once (as a cluster comes up).
+fn start_all(yamls: Vec<String>) -> Vec<Daemon> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = yamls
+            .iter()
+            .map(|yaml| sc.spawn(move || Daemon::start(yaml)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// One message the slow sink took.
+#[derive(Clone)]
+struct Got {
+    /// The EHLO argument: which node delivered it.
+    helo: String,
+    /// The message, dot-stuffing undone.
+    data: Vec<u8>,
+    /// When its final dot arrived.
+    at: Instant,
+}
+
+/// A plain SMTP sink on threads of its own (so it does not depend on the test's runtime)
+/// that records each message when its final dot arrives and answers 250 only `delay`
+/// later: for that long a delivery is received but not acknowledged, as on a slow link.
+/// So a node killed mid-run surely holds leases, and a duplicate is possible.
+struct SlowSink {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Got>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SlowSink {
+    fn start(delay: Duration) -> SlowSink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, st) = (got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    let _ = sink_session(conn, &g, delay);
+                });
+            }
+        });
+        SlowSink { addr, got, stop }
+    }
+
+    fn messages(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// How many times each `X-Seq` tag arrived.
+    fn tally(&self) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for m in self.got.lock().unwrap().iter() {
+            *seen.entry(tag_of(&m.data)).or_insert(0) += 1;
+        }
+        seen
+    }
+}
+
+impl Drop for SlowSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn sink_session(conn: TcpStream, got: &Mutex<Vec<Got>>, delay: Duration) -> std::io::Result<()> {
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn);
+    w.write_all(b"220 slow.sink.test ESMTP\r\n")?;
+    let mut helo = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let text = line.trim_end();
+        let upper = text.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO ") || upper.starts_with("HELO ") {
+            helo = text[5..].trim().to_string();
+            "250-slow.sink.test\r\n250 8BITMIME".to_string()
+        } else if upper.starts_with("MAIL ")
+            || upper.starts_with("RCPT ")
+            || upper == "RSET"
+            || upper == "NOOP"
+        {
+            "250 2.0.0 Ok".to_string()
+        } else if upper == "DATA" {
+            w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")?;
+            let mut data = Vec::new();
+            let mut l = Vec::new();
+            loop {
+                l.clear();
+                if r.read_until(b'\n', &mut l)? == 0 {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                data.extend_from_slice(if l.starts_with(b".") { &l[1..] } else { &l });
+            }
+            got.lock().unwrap().push(Got {
+                helo: helo.clone(),
+                data,
+                at: Instant::now(),
+            });
+            std::thread::sleep(delay);
+            "250 2.0.0 Ok: queued".to_string()
+        } else if upper == "QUIT" {
+            w.write_all(b"221 2.0.0 Bye\r\n")?;
+            return Ok(());
+        } else {
+            "502 5.5.2 Error: command not recognized".to_string()
+        };
+        w.write_all(format!("{reply}\r\n").as_bytes())?;
+    }
+}
+
+/// The `X-Seq:` header of a message: the tag naming one injection attempt.
+fn tag_of(data: &[u8]) -> String {
+    String::from_utf8_lossy(data)
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Seq: "))
+        .expect("X-Seq header")
+        .trim()
+        .to_string()
+}
+
+/// An injecting SMTP client for which every failure is a value: nodes die and the
+/// database goes away under it.
+struct Client {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connect, read the greeting and say EHLO.
+    fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(REPLY_PATIENCE))?;
+        let mut c = Client {
+            w: s.try_clone()?,
+            r: BufReader::new(s),
+        };
+        for (step, reply) in [
+            ("greeting", c.reply()?),
+            ("EHLO", c.cmd("EHLO client.test")?),
+        ] {
+            if !reply.starts_with("2") {
+                return Err(std::io::Error::other(format!("{step}: {reply}")));
+            }
+        }
+        Ok(c)
+    }
+
+    fn reply(&mut self) -> std::io::Result<String> {
+        let mut out = Vec::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let l = line.trim_end().to_string();
+            let more = l.as_bytes().get(3) == Some(&b'-');
+            out.push(l);
+            if !more {
+                return Ok(out.join("\n"));
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.w.write_all(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+
+    /// One transaction for message `tag` to `rcpt`: the first reply that is not a
+    /// success, else the reply to the final dot.
+    fn send(&mut self, rcpt: &str, tag: &str) -> std::io::Result<String> {
+        let r = self.cmd("MAIL FROM:<a@client.test>")?;
+        if !r.starts_with("250") {
+            return Ok(r);
+        }
+        let r = self.cmd(&format!("RCPT TO:<{rcpt}>"))?;
+        if !r.starts_with("250") {
+            self.cmd("RSET")?;
+            return Ok(r);
+        }
+        let r = self.cmd("DATA")?;
+        if !r.starts_with("354") {
+            self.cmd("RSET")?;
+            return Ok(r);
+        }
+        self.w.write_all(
+            format!("Subject: m{tag}\r\nX-Seq: {tag}\r\n\r\nbody {tag}\r\n").as_bytes(),
+        )?;
+        self.cmd(".")
+    }
+}
+
+/// What the injecting lanes saw, shared between them.
+#[derive(Default)]
+struct Injection {
+    /// The next sequence number to hand out.
+    next: AtomicUsize,
+    /// Set to end lanes that run until told.
+    stop: AtomicBool,
+    /// (tag, node) of every message answered 250.
+    accepted: Mutex<Vec<(String, usize)>>,
+    /// (node, reply) of every transaction answered otherwise.
+    refused: Mutex<Vec<(usize, String)>>,
+    /// (node, error) of every broken or hung connection.
+    broken: Mutex<Vec<(usize, String)>>,
+}
+
+impl Injection {
+    fn accepted_tags(&self) -> HashSet<String> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+}
+
+/// A lane that sends sequence numbers below `n` once each, through node `node` at
+/// `addr`, until they run out; a broken connection ends it (its node died).
+fn inject_once(addr: SocketAddr, node: usize, n: usize, inj: &Injection) {
+    let mut c = match Client::connect(addr) {
+        Ok(c) => c,
+        Err(e) => {
+            inj.broken.lock().unwrap().push((node, e.to_string()));
+            return;
+        }
+    };
+    loop {
+        let seq = inj.next.fetch_add(1, Ordering::SeqCst);
+        if seq >= n {
+            let _ = c.cmd("QUIT");
+            return;
+        }
+        let tag = seq.to_string();
+        match c.send("b@remote.test", &tag) {
+            Ok(r) if r.starts_with("250") => inj.accepted.lock().unwrap().push((tag, node)),
+            Ok(r) => inj.refused.lock().unwrap().push((node, r)),
+            Err(e) => {
+                inj.broken.lock().unwrap().push((node, e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// A lane that sends until `stop`, through node `node` at `addr`: a refused message is
+/// offered again (tag `<seq>.<try>`) in a new session after a short pause, as a client
+/// retrying after a 4xx would; a broken connection is reconnected.
+fn inject_until_stopped(addr: SocketAddr, node: usize, inj: &Injection) {
+    let mut client: Option<Client> = None;
+    while !inj.stop.load(Ordering::SeqCst) {
+        let seq = inj.next.fetch_add(1, Ordering::SeqCst);
+        let mut attempt = 0;
+        while !inj.stop.load(Ordering::SeqCst) {
+            let tag = format!("{seq}.{attempt}");
+            attempt += 1;
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match Client::connect(addr) {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        inj.broken.lock().unwrap().push((node, e.to_string()));
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
+                },
+            };
+            match c.send("b@remote.test", &tag) {
+                Ok(r) if r.starts_with("250") => {
+                    inj.accepted.lock().unwrap().push((tag, node));
+                    break;
+                }
+                Ok(r) => {
+                    inj.refused.lock().unwrap().push((node, r));
+                    // A new session for the retry, so that the hard error limit of one
+                    // session is never what the test measures.
+                    if let Some(mut c) = client.take() {
+                        let _ = c.cmd("QUIT");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    inj.broken.lock().unwrap().push((node, e.to_string()));
+                    client = None;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    if let Some(mut c) = client {
+        let _ = c.cmd("QUIT");
+    }
+}
+
+/// Wait (up to `timeout`) until every accepted tag has reached the sink and the shared
+/// queue is empty; panics with what is missing otherwise.
+async fn wait_until_all_delivered(
+    sink: &SlowSink,
+    pool: &sqlx::PgPool,
+    accepted: &HashSet<String>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let tally = sink.tally();
+        let missing: Vec<&String> = accepted
+            .iter()
+            .filter(|t| !tally.contains_key(*t))
+            .collect();
+        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outgoing")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if missing.is_empty() && queued == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            let mut some: Vec<_> = missing.iter().take(20).collect();
+            some.sort();
+            panic!(
+                "after {timeout:?}: {} accepted messages not delivered (e.g. {some:?}), \
+                 {queued} still queued",
+                missing.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Tags delivered more than once, with their counts, sorted.
+fn duplicates(tally: &HashMap<String, usize>) -> Vec<(String, usize)> {
+    let mut dups: Vec<(String, usize)> = tally
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(t, n)| (t.clone(), *n))
+        .collect();
+    dups.sort();
+    dups
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_run_loses_nothing_and_its_leases_pass_to_the_others() {
+    const N: usize = 1500;
+    const LANES_PER_NODE: usize = 2;
+    const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+    const VICTIM: usize = 2;
+    const VICTIM_SENDERS: usize = 8;
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // 200 ms between a message's final dot and its 250: each node delivers at most
+    // max_senders / 0.2 s, so a backlog builds up and every node holds leases all along.
+    let sink = SlowSink::start(Duration::from_millis(200));
+    let yamls = NODES
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let senders = if i == VICTIM { VICTIM_SENDERS } else { 10 };
+            format!(
+                "{}server_smtp_lock_lease: \"3s\"\nserver_smtp_max_senders: {senders}\n",
+                relay_yaml(&db.url, sink.addr.port(), node)
+            )
+        })
+        .collect();
+    let mut daemons = start_all(yamls);
+    let inj = Arc::new(Injection::default());
+    let lanes: Vec<_> = (0..NODES.len() * LANES_PER_NODE)
+        .map(|lane| {
+            let node = lane % NODES.len();
+            let (addr, inj) = (daemons[node].addr, inj.clone());
+            std::thread::spawn(move || inject_once(addr, node, N, &inj))
+        })
+        .collect();
+
+    // Mid-run: the victim has delivered some, and much is still to do.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sent_by(&daemons[VICTIM]) < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "{} never got going:\n{}",
+            NODES[VICTIM],
+            daemons[VICTIM].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemons[VICTIM].signal("KILL");
+    let killed_at = Instant::now();
+    let status = daemons[VICTIM]
+        .wait_exit(Duration::from_secs(10))
+        .expect("the killed node exits");
+    assert!(!status.success(), "{status}");
+    let victim_sent = sent_by(&daemons[VICTIM]);
+
+    // What it had in flight: the rows still leased to it. Its leases were renewed at
+    // most a third of a lease ago, so none has lapsed (nor been taken over) yet.
+    let pool = db.pool().await;
+    let leased: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT id, body FROM outgoing WHERE lock_owner LIKE $1")
+            .bind(format!("{}:%", NODES[VICTIM]))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let in_flight: HashSet<String> = leased.iter().map(|(_, body)| tag_of(body)).collect();
+    assert_eq!(in_flight.len(), leased.len(), "one row per message");
+    assert!(
+        !in_flight.is_empty() && in_flight.len() <= VICTIM_SENDERS,
+        "killed mid-run, {} must hold between 1 and max_senders ({VICTIM_SENDERS}) leases: \
+         {leased:?}",
+        NODES[VICTIM],
+        leased = leased.iter().map(|(id, _)| id).collect::<Vec<_>>()
+    );
+
+    tokio::task::block_in_place(|| {
+        for lane in lanes {
+            lane.join().unwrap();
+        }
+    });
+    let accepted = inj.accepted_tags();
+    wait_until_all_delivered(&sink, &pool, &accepted, Duration::from_secs(180)).await;
+    // Longer than a lease: a late second delivery would show up too.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let tally = sink.tally();
+    let dups = duplicates(&tally);
+    let extra: usize = dups.iter().map(|(_, n)| n - 1).sum();
+    let got = sink.messages();
+    let victim_helo = format!("{}.relay.test", NODES[VICTIM]);
+    // Every message it held was then delivered by another node (after its lease lapsed).
+    let mut taken_over_after = Duration::ZERO;
+    for tag in &in_flight {
+        let by_other = got
+            .iter()
+            .filter(|m| tag_of(&m.data) == *tag && m.helo != victim_helo)
+            .map(|m| m.at)
+            .min();
+        let at = by_other.unwrap_or_else(|| {
+            panic!(
+                "message {tag}, leased to {} when killed, never delivered by another node",
+                NODES[VICTIM]
+            )
+        });
+        taken_over_after = taken_over_after.max(at.saturating_duration_since(killed_at));
+    }
+    let broken = inj.broken.lock().unwrap().clone();
+    let refused = inj.refused.lock().unwrap().clone();
+    let per_node: Vec<usize> = (0..NODES.len())
+        .map(|n| {
+            inj.accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, i)| *i == n)
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "SIGKILL of {}: {} of {N} messages accepted (per node {per_node:?}); it had sent \
+         {victim_sent} and held {} leases ({:?}); the last of those was delivered by another \
+         node {taken_over_after:?} after the kill (lease 3s); duplicates: {extra} {dups:?}; \
+         {} sessions broken by the kill",
+        NODES[VICTIM],
+        accepted.len(),
+        in_flight.len(),
+        {
+            let mut v: Vec<_> = in_flight.iter().collect();
+            v.sort();
+            v
+        },
+        broken.len()
+    );
+
+    // Nothing accepted was lost.
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|t| !tally.contains_key(*t))
+        .collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    // Duplicates only among what the victim had in flight, at most one each.
+    assert!(
+        dups.iter().all(|(t, n)| *n == 2 && in_flight.contains(t)),
+        "duplicates outside the victim's leases: {dups:?} (leased: {in_flight:?})"
+    );
+    assert!(extra <= in_flight.len() && extra <= VICTIM_SENDERS);
+    // The survivors served every client without a hitch.
+    assert!(
+        broken.iter().all(|(n, _)| *n == VICTIM),
+        "a surviving node broke a session: {broken:?}"
+    );
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    for (i, d) in daemons.iter_mut().enumerate() {
+        if i != VICTIM {
+            assert!(d.child.try_wait().unwrap().is_none(), "{} died", NODES[i]);
+        }
+    }
+    pool.close().await;
+    drop(daemons);
+}
+
+/// The local PostgreSQL cluster (`pg_ctlcluster VERSION main`), stopped and started by a
+/// test; started again on drop, even when the test panics.
+struct PgCluster {
+    version: String,
+    down: bool,
+}
+
+impl PgCluster {
+    /// The cluster under /etc/postgresql/<version>/main, or `None` (the server is not
+    /// local, or not managed by pg_ctlcluster).
+    fn local() -> Option<PgCluster> {
+        let mut versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("main").is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        versions.sort();
+        Some(PgCluster {
+            version: versions.pop()?,
+            down: false,
+        })
+    }
+
+    fn ctl(&self, action: &str) -> std::process::Output {
+        let mut cmd = Command::new("pg_ctlcluster");
+        cmd.args(["--skip-systemctl-redirect", &self.version, "main", action]);
+        if action == "stop" {
+            cmd.args(["-m", "fast"]);
+        }
+        cmd.output().expect("run pg_ctlcluster")
+    }
+
+    fn stop(&mut self) {
+        self.down = true;
+        let out = self.ctl("stop");
+        assert!(
+            out.status.success(),
+            "pg_ctlcluster stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&mut self) {
+        let out = self.ctl("start");
+        assert!(
+            out.status.success(),
+            "pg_ctlcluster start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.down = false;
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.down {
+            let out = self.ctl("start");
+            if !out.status.success() {
+                eprintln!(
+                    "PostgreSQL could not be started again: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
+    const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+    const LANES_PER_NODE: usize = 2;
+    /// How long PostgreSQL stays down (short: other tests may share the server).
+    const OUTAGE: Duration = Duration::from_secs(4);
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let Some(mut cluster) = PgCluster::local() else {
+        eprintln!("note: no local PostgreSQL cluster under /etc/postgresql; skipping");
+        return;
+    };
+    let sink = SlowSink::start(Duration::ZERO);
+    // A lease far longer than the outage: every result is recorded once the database is
+    // back, and no message is tried twice. connect_timeout=2: a store call during the
+    // outage fails within 2 s and the session answers 451 instead of hanging.
+    let store_url = db.url_with("connect_timeout=2");
+    let yamls = NODES
+        .iter()
+        .map(|node| {
+            format!(
+                "{}server_smtp_lock_lease: \"30s\"\n",
+                relay_yaml(&store_url, sink.addr.port(), node)
+            )
+        })
+        .collect();
+    let mut daemons = start_all(yamls);
+    let pids: Vec<u32> = daemons.iter().map(|d| d.child.id()).collect();
+    let inj = Arc::new(Injection::default());
+    let lanes: Vec<_> = (0..NODES.len() * LANES_PER_NODE)
+        .map(|lane| {
+            let node = lane % NODES.len();
+            let (addr, inj) = (daemons[node].addr, inj.clone());
+            std::thread::spawn(move || inject_until_stopped(addr, node, &inj))
+        })
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sink.count() < 200 {
+        assert!(Instant::now() < deadline, "no deliveries before the outage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let accepted_before = inj.accepted.lock().unwrap().len();
+    let delivered_before = sink.count();
+    let refused_before = inj.refused.lock().unwrap().len();
+    let down_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop());
+    tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
+    let refused_during = inj.refused.lock().unwrap().len() - refused_before;
+    let accepted_during = inj.accepted.lock().unwrap().len();
+    tokio::task::block_in_place(|| cluster.start());
+    let downtime = down_at.elapsed();
+
+    // Service resumes by itself: new messages are accepted and delivered.
+    let resumed = inj.accepted.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while inj.accepted.lock().unwrap().len() < resumed + 300 {
+        assert!(
+            Instant::now() < deadline,
+            "no new messages accepted after PostgreSQL came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed_after = down_at.elapsed() - downtime;
+    inj.stop.store(true, Ordering::SeqCst);
+    tokio::task::block_in_place(|| {
+        for lane in lanes {
+            lane.join().unwrap();
+        }
+    });
+    let accepted = inj.accepted_tags();
+    let pool = db.pool().await;
+    wait_until_all_delivered(&sink, &pool, &accepted, Duration::from_secs(180)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let tally = sink.tally();
+    let dups = duplicates(&tally);
+    let refused = inj.refused.lock().unwrap().clone();
+    let broken = inj.broken.lock().unwrap().clone();
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    for (_, r) in &refused {
+        let kind = r.split(['<', ':']).next().unwrap_or("").trim().to_string();
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    eprintln!(
+        "PostgreSQL down for {downtime:?} (fast stop to started): {} accepted before it \
+         ({delivered_before} delivered), {} during, {} in all; {refused_during} refusals \
+         while down, {} in all {kinds:?}; accepting again {resumed_after:?} after the \
+         restart; {} broken sessions {broken:?}; duplicates {dups:?}",
+        accepted_before,
+        accepted_during - accepted_before,
+        accepted.len(),
+        refused.len(),
+        broken.len()
+    );
+
+    assert!(refused_during > 0, "no 451 while PostgreSQL was down");
+    assert!(
+        refused.iter().all(|(_, r)| r.starts_with("451 4.3.0")),
+        "refusals other than 451 4.3.0: {refused:?}"
+    );
+    assert!(broken.is_empty(), "sessions broke or hung: {broken:?}");
+    let lost: Vec<&String> = accepted
+        .iter()
+        .filter(|t| !tally.contains_key(*t))
+        .collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(dups.is_empty(), "delivered twice: {dups:?}");
+    // Still the same processes: nothing was restarted.
+    for (d, pid) in daemons.iter_mut().zip(&pids) {
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "a node died:\n{}",
+            d.log_text()
+        );
+        assert_eq!(d.child.id(), *pid);
+    }
+    pool.close().await;
+    drop(daemons);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domains_and_users_added_on_one_node_are_served_by_all() {
+    const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // No relay clients: a domain that is not local is refused (554), so a 250 shows the
+    // node knows the domain and the user.
+    let yamls = NODES
+        .iter()
+        .map(|node| {
+            format!(
+                "store_url: \"{}\"\nnode_name: \"{node}\"\nserver_smtp_name: \"{node}.test\"\n",
+                db.url
+            )
+        })
+        .collect();
+    let daemons = start_all(yamls);
+    let rcpt = |d: &Daemon, to: &str| {
+        let mut c = Client::connect(d.addr).unwrap();
+        c.cmd("MAIL FROM:<a@client.test>").unwrap();
+        let r = c.cmd(&format!("RCPT TO:<{to}>")).unwrap();
+        let _ = c.cmd("QUIT");
+        r
+    };
+    let r = rcpt(&daemons[1], "carol@cluster.test");
+    assert!(r.starts_with("554 5.7.1"), "before the domain exists: {r}");
+
+    let ok = |d: &Daemon, args: &[&str], stdin: Option<&str>| {
+        let (status, out, err) = d.admin(args, stdin);
+        assert!(status.success(), "erlmail {args:?}: {err}");
+        out
+    };
+    ok(&daemons[0], &["domain", "add", "cluster.test"], None);
+    ok(
+        &daemons[0],
+        &["user", "add", "carol@cluster.test"],
+        Some("secret\n"),
+    );
+    for d in &daemons {
+        assert_eq!(ok(d, &["domain", "list"], None), "cluster.test\n");
+        assert_eq!(ok(d, &["user", "list"], None), "carol@cluster.test\n");
+    }
+
+    // A message through each node (node 1's own too), all for carol.
+    for (i, d) in daemons.iter().enumerate() {
+        let mut c = Client::connect(d.addr).unwrap();
+        let r = c
+            .send("carol@cluster.test", &format!("via-{}", NODES[i]))
+            .unwrap();
+        assert!(r.starts_with("250"), "via {}: {r}", NODES[i]);
+        // An unknown user of the new domain is refused by every node alike.
+        c.cmd("MAIL FROM:<a@client.test>").unwrap();
+        let r = c.cmd("RCPT TO:<nobody@cluster.test>").unwrap();
+        assert!(
+            r.starts_with("550 5.1.1"),
+            "unknown user via {}: {r}",
+            NODES[i]
+        );
+        let _ = c.cmd("QUIT");
+    }
+    // One INBOX, the same through every node's configuration.
+    let listings: Vec<String> = daemons
+        .iter()
+        .map(|d| ok(d, &["mailbox", "list", "carol@cluster.test"], None))
+        .collect();
+    for l in &listings {
+        assert_eq!(l, &listings[0]);
+    }
+    let rows: Vec<&str> = listings[0].lines().skip(1).collect();
+    assert_eq!(rows.len(), NODES.len(), "{}", listings[0]);
+    for node in NODES {
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.ends_with(&format!("mvia-{node}")))
+                .count(),
+            1,
+            "{}",
+            listings[0]
+        );
+    }
+    // Nothing was queued for relaying: all of it was local delivery.
+    let (_, queue, _) = daemons[2].admin(&["queue", "list"], None);
+    assert!(queue.contains("Mail queue is empty"), "{queue}");
+
+    // A removal through node 3 is seen by the others at once.
+    ok(&daemons[2], &["user", "remove", "carol@cluster.test"], None);
+    let r = rcpt(&daemons[0], "carol@cluster.test");
+    assert!(r.starts_with("550 5.1.1"), "after removal, via node-a: {r}");
     drop(daemons);
 }

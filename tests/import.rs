@@ -4,7 +4,8 @@
 //! domain, user (the old password logs in) and message (byte for byte, right INBOX)
 //! arrives, and a second import changes nothing.
 //!
-//! Needs `escript` on PATH (Debian: `erlang-nox`); the test fails, not skips, without it.
+//! Needs `escript` and Mnesia (Debian: `erlang-base` and `erlang-mnesia`, or the
+//! `erlang-nox` bundle); the test fails, not skips, without them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +26,7 @@ fn escript(script: &Path, args: &[&Path], erl_flags: Option<&str>) {
         None => cmd.env_remove("ERL_FLAGS"),
     };
     let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run escript ({e}): install Erlang/OTP (Debian package erlang-nox)")
+        panic!("cannot run escript ({e}): install Erlang/OTP (Debian: erlang-base erlang-mnesia)")
     });
     assert!(
         out.status.success(),

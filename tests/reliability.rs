@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chaos::{FaultRule, FaultSink, Fault, Load, Outcome};
+use chaos::{Fault, FaultRule, FaultSink, Load, Outcome};
 use daemon::Daemon;
 use rand::Rng;
 
@@ -83,9 +83,67 @@ fn log_tail(d: &Daemon) -> String {
 
 #[test]
 fn kill_9_under_load_loses_nothing_accepted() {
+    kill_9_run("kill9-sqlite", "");
+}
+
+/// A fresh PostgreSQL database on the `ERLMAIL_TEST_PG` server (dropped at the end).
+struct PgDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    fn create(admin: &str) -> PgDb {
+        let name = format!("erlmail_chaos_{:016x}", rand::rng().random::<u64>());
+        let out = Command::new("psql")
+            .args([admin, "-q", "-c", &format!("CREATE DATABASE {name}")])
+            .output()
+            .expect("psql (postgresql-client) is needed for the PostgreSQL case");
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+        PgDb {
+            admin: admin.into(),
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &self.admin,
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+#[test]
+fn kill_9_under_load_loses_nothing_accepted_postgres() {
+    let Ok(admin) = std::env::var("ERLMAIL_TEST_PG") else {
+        eprintln!("note: ERLMAIL_TEST_PG is not set; skipping the PostgreSQL kill -9 case");
+        return;
+    };
+    let db = PgDb::create(&admin);
+    kill_9_run("kill9-postgres", &format!("store_url: \"{}\"\n", db.url));
+}
+
+fn kill_9_run(case: &str, store_yaml: &str) {
     let _g = serial();
     let rt = runtime();
-    let total = chaos::env_u64("ERLMAIL_CHAOS_KILL_MESSAGES", if chaos::long() { 10_000 } else { 1_500 });
+    let total = chaos::env_u64(
+        "ERLMAIL_CHAOS_KILL_MESSAGES",
+        if chaos::long() { 10_000 } else { 1_500 },
+    );
     let kills = chaos::env_u64("ERLMAIL_CHAOS_KILLS", if chaos::long() { 10 } else { 5 }) as usize;
     let max_senders = 10;
     let sink = rt.block_on(FaultSink::start(vec![]));
@@ -94,7 +152,7 @@ fn kill_9_under_load_loses_nothing_accepted() {
         sink.port(),
         &format!(
             "server_smtp_port: {port}\nserver_smtp_max_senders: {max_senders}\n\
-             server_smtp_lock_lease: \"3s\"\nserver_smtp_max_connection: 100\n"
+             server_smtp_lock_lease: \"3s\"\nserver_smtp_max_connection: 100\n{store_yaml}"
         ),
     ));
     let addr: SocketAddr = d.addr;
@@ -128,7 +186,10 @@ fn kill_9_under_load_loses_nothing_accepted() {
         let active = sink.active();
         d.signal("KILL");
         kill_log.push((Instant::now(), active, recent));
-        assert!(d.wait_exit(Duration::from_secs(10)).is_some(), "not dead after SIGKILL");
+        assert!(
+            d.wait_exit(Duration::from_secs(10)).is_some(),
+            "not dead after SIGKILL"
+        );
         d = restart(d);
     }
     let ledger = rt.block_on(async {
@@ -140,11 +201,18 @@ fn kill_9_under_load_loses_nothing_accepted() {
         run.join().await
     });
     let accepted = ledger.accepted();
-    wait_until("every accepted message at the sink", Duration::from_secs(120), || {
-        let got: std::collections::HashSet<u64> =
-            sink.datas().iter().filter_map(|x| chaos::seq_of(x)).collect();
-        accepted.iter().all(|s| got.contains(s))
-    });
+    wait_until(
+        "every accepted message at the sink",
+        Duration::from_secs(120),
+        || {
+            let got: std::collections::HashSet<u64> = sink
+                .datas()
+                .iter()
+                .filter_map(|x| chaos::seq_of(x))
+                .collect();
+            accepted.iter().all(|s| got.contains(s))
+        },
+    );
     wait_until("empty queue", Duration::from_secs(60), || {
         queue_list(&d).contains("Mail queue is empty")
     });
@@ -178,7 +246,7 @@ fn kill_9_under_load_loses_nothing_accepted() {
     }
     println!("{t:?}");
     chaos::row(
-        "kill9-sqlite",
+        case,
         &[
             ("sent", ledger.snapshot().len().to_string()),
             ("accepted", t.accepted.to_string()),
@@ -186,7 +254,10 @@ fn kill_9_under_load_loses_nothing_accepted() {
             ("duplicated", t.duplicates.to_string()),
             ("lost", t.lost.len().to_string()),
             ("cut_short", t.cut_short.len().to_string()),
-            ("uncertain", format!("{}/{}", t.uncertain_delivered, t.uncertain)),
+            (
+                "uncertain",
+                format!("{}/{}", t.uncertain_delivered, t.uncertain),
+            ),
             ("restarts", kill_log.len().to_string()),
             ("max_rss_kb", max_rss.to_string()),
         ],
@@ -197,7 +268,11 @@ fn kill_9_under_load_loses_nothing_accepted() {
     assert_eq!(t.unexpected, Vec::<u64>::new(), "delivered without a 250");
     for (i, n) in per_kill.iter().enumerate() {
         // At most one message per sender was between the remote 250 and its record.
-        assert!(*n <= max_senders, "kill {}: {n} duplicates > {max_senders} senders", i + 1);
+        assert!(
+            *n <= max_senders,
+            "kill {}: {n} duplicates > {max_senders} senders",
+            i + 1
+        );
     }
 }
 
@@ -254,7 +329,10 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
             ("452-never", "never@remote.test", "452"),
         ] {
             // The reason is on the recipient's line (its last response).
-            if let Some(l) = list.lines().find(|l| l.contains(rcpt) && l.contains("[pending]")) {
+            if let Some(l) = list
+                .lines()
+                .find(|l| l.contains(rcpt) && l.contains("[pending]"))
+            {
                 let has_reason = l.contains(needle);
                 if has_reason {
                     seen.entry(key).or_insert_with(|| l.trim().to_string());
@@ -286,7 +364,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     };
     println!("injected: {:?}", sink.injected());
     for r in ["drop", "close421", "stall", "ok", "full"] {
-        assert_eq!(to(&format!("{r}@remote.test")), 1, "{r} delivered once: {arrivals:?}");
+        assert_eq!(
+            to(&format!("{r}@remote.test")),
+            1,
+            "{r} delivered once: {arrivals:?}"
+        );
     }
     assert_eq!(to("never@remote.test"), 0);
     // The one bounce: to the sender, from <>, about never@.
@@ -294,7 +376,10 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     assert_eq!(dsns.len(), 1, "{dsns:?}");
     assert_eq!(dsns[0].rcpts, vec!["a@origin.test".to_string()]);
     let text = String::from_utf8_lossy(&dsns[0].data);
-    assert!(text.contains("never@remote.test") && text.contains("Action: failed"), "{text}");
+    assert!(
+        text.contains("never@remote.test") && text.contains("Action: failed"),
+        "{text}"
+    );
     assert!(text.contains("452"), "{text}");
     let injected = sink.injected();
     let count = |k: &str| injected.iter().filter(|i| *i == k).count();
@@ -302,7 +387,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     assert_eq!(count("421:close421"), 2);
     assert_eq!(count("stall:stall"), 1);
     assert_eq!(count("452:full"), 2);
-    assert_eq!(count("452:never"), 3, "first try + 2 retries, then the bounce");
+    assert_eq!(
+        count("452:never"),
+        3,
+        "first try + 2 retries, then the bounce"
+    );
     chaos::row(
         "sink-faults",
         &[
@@ -347,7 +436,11 @@ fn fill(dir: &Path) -> u64 {
 fn try_send(addr: SocketAddr, seq: u64, pad: usize) -> (u16, String) {
     let mut s = daemon::Smtp::connect(addr);
     assert!(s.cmd("EHLO client.test").starts_with("250"));
-    for line in ["MAIL FROM:<load@client.test>", "RCPT TO:<sink@remote.test>", "DATA"] {
+    for line in [
+        "MAIL FROM:<load@client.test>",
+        "RCPT TO:<sink@remote.test>",
+        "DATA",
+    ] {
         let r = s.cmd(line);
         if !(r.starts_with("250") || r.starts_with("354")) {
             return (r[..3].parse().unwrap_or(0), r);
@@ -407,7 +500,9 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
     while refused < 5 && seq < 200 {
         let (c, r) = try_send(d.addr, seq, pad);
         outcomes.push((seq, c));
-        *replies.entry(r.lines().last().unwrap_or("").to_string()).or_default() += 1;
+        *replies
+            .entry(r.lines().last().unwrap_or("").to_string())
+            .or_default() += 1;
         if c != 250 {
             assert!(
                 r.starts_with("452 4.3.1") || r.starts_with("451"),
@@ -430,19 +525,36 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
         assert_eq!(c, 250, "after space returned: {r}\n{}", log_tail(&d));
         after += 1;
     }
-    assert!(d.child.try_wait().unwrap().is_none(), "daemon still running");
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "daemon still running"
+    );
     assert_eq!(d.child.id(), pid);
     sink.set_closed(false);
     let ledger = chaos::Ledger::default();
     for (s, c) in &outcomes {
-        ledger.set(*s, if *c == 250 { Outcome::Accepted } else { Outcome::Rejected(*c) });
+        ledger.set(
+            *s,
+            if *c == 250 {
+                Outcome::Accepted
+            } else {
+                Outcome::Rejected(*c)
+            },
+        );
     }
     let accepted = ledger.accepted();
-    wait_until("accepted messages delivered", Duration::from_secs(60), || {
-        let got: std::collections::HashSet<u64> =
-            sink.datas().iter().filter_map(|x| chaos::seq_of(x)).collect();
-        accepted.iter().all(|s| got.contains(s))
-    });
+    wait_until(
+        "accepted messages delivered",
+        Duration::from_secs(60),
+        || {
+            let got: std::collections::HashSet<u64> = sink
+                .datas()
+                .iter()
+                .filter_map(|x| chaos::seq_of(x))
+                .collect();
+            accepted.iter().all(|s| got.contains(s))
+        },
+    );
     wait_until("empty queue", Duration::from_secs(30), || {
         queue_list(&d).contains("Mail queue is empty")
     });
@@ -460,7 +572,11 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
         ],
     );
     assert_eq!(t.lost, Vec::<u64>::new());
-    assert_eq!(t.unexpected, Vec::<u64>::new(), "refused mail was delivered");
+    assert_eq!(
+        t.unexpected,
+        Vec::<u64>::new(),
+        "refused mail was delivered"
+    );
     assert_eq!(t.cut_short, Vec::<u64>::new());
     assert_eq!(t.duplicates, 0);
     d.signal("TERM");
@@ -475,7 +591,10 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
     let _g = serial();
     let rt = runtime();
     let drippers = chaos::env_u64("ERLMAIL_CHAOS_DRIPPERS", 500) as usize;
-    let secs = chaos::env_u64("ERLMAIL_CHAOS_DRIP_SECS", if chaos::long() { 60 } else { 12 });
+    let secs = chaos::env_u64(
+        "ERLMAIL_CHAOS_DRIP_SECS",
+        if chaos::long() { 60 } else { 12 },
+    );
     let sink = rt.block_on(FaultSink::start(vec![]));
     let d = Daemon::start(&relay_yaml(
         sink.port(),
@@ -552,7 +671,11 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
         assert!(s.greeting.starts_with("220"), "{}", s.greeting);
         assert!(s.cmd("EHLO good.test").starts_with("250"));
         for i in 0..good {
-            let r = s.send_mail("good@client.test", &["sink@remote.test"], &chaos::body(i, 5));
+            let r = s.send_mail(
+                "good@client.test",
+                &["sink@remote.test"],
+                &chaos::body(i, 5),
+            );
             assert!(r.starts_with("250"), "good client message {i}: {r}");
         }
         let _ = s.cmd("QUIT");
@@ -567,13 +690,19 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
     }
     for s in half_closed.iter_mut() {
         let r = s.read_reply();
-        assert!(r.is_empty() || r.starts_with("421"), "half-closed session: {r:?}");
+        assert!(
+            r.is_empty() || r.starts_with("421"),
+            "half-closed session: {r:?}"
+        );
         if !r.is_empty() {
             assert_eq!(s.read_reply(), "");
         }
     }
     let closed_after = opened.elapsed();
-    assert!(closed_after < Duration::from_secs(15), "idle sessions closed after {closed_after:?}");
+    assert!(
+        closed_after < Duration::from_secs(15),
+        "idle sessions closed after {closed_after:?}"
+    );
     assert!(rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
         while sink.count() < good as usize && Instant::now() < deadline {
@@ -608,7 +737,10 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
             ("rss_kb", chaos::rss_kb(pid).to_string()),
         ],
     );
-    assert!(fds_loaded >= fds_before + drippers, "the drippers were all being served");
+    assert!(
+        fds_loaded >= fds_before + drippers,
+        "the drippers were all being served"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -643,23 +775,37 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
             rcpt: "sink@remote.test".into(),
         })
     };
-    std::thread::sleep(Duration::from_millis(rand::rng().random_range(1_500..3_000)));
+    std::thread::sleep(Duration::from_millis(
+        rand::rng().random_range(1_500..3_000),
+    ));
     d.signal("TERM");
-    let status = d.wait_exit(Duration::from_secs(20)).expect("exit after SIGTERM");
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit after SIGTERM");
     assert!(status.success(), "exit status {status}:\n{}", log_tail(&d));
     run.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let ledger = rt.block_on(run.join());
     let refused_421 = ledger.count(|o| *o == Outcome::Rejected(421));
     let uncertain = ledger.count(|o| *o == Outcome::Uncertain);
-    println!("at shutdown: {} accepted, {refused_421} got 421, {uncertain} no reply", ledger.accepted().len());
+    println!(
+        "at shutdown: {} accepted, {refused_421} got 421, {uncertain} no reply",
+        ledger.accepted().len()
+    );
     sink.set_closed(false);
     let d = restart(d);
     let accepted = ledger.accepted();
-    wait_until("accepted messages delivered after restart", Duration::from_secs(90), || {
-        let got: std::collections::HashSet<u64> =
-            sink.datas().iter().filter_map(|x| chaos::seq_of(x)).collect();
-        accepted.iter().all(|s| got.contains(s))
-    });
+    wait_until(
+        "accepted messages delivered after restart",
+        Duration::from_secs(90),
+        || {
+            let got: std::collections::HashSet<u64> = sink
+                .datas()
+                .iter()
+                .filter_map(|x| chaos::seq_of(x))
+                .collect();
+            accepted.iter().all(|s| got.contains(s))
+        },
+    );
     wait_until("empty queue", Duration::from_secs(30), || {
         queue_list(&d).contains("Mail queue is empty")
     });
@@ -697,10 +843,16 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
 fn soak_memory_and_fds_stay_flat() {
     let _g = serial();
     let rt = runtime();
-    let secs = chaos::env_u64("ERLMAIL_CHAOS_SOAK_SECS", if chaos::long() { 1800 } else { 120 });
+    let secs = chaos::env_u64(
+        "ERLMAIL_CHAOS_SOAK_SECS",
+        if chaos::long() { 1800 } else { 120 },
+    );
     let rate = chaos::env_u64("ERLMAIL_CHAOS_SOAK_RATE", 20) as f64;
     let sink = rt.block_on(FaultSink::start(vec![]));
-    let d = Daemon::start(&relay_yaml(sink.port(), "server_smtp_max_connection: 100\n"));
+    let d = Daemon::start(&relay_yaml(
+        sink.port(),
+        "server_smtp_max_connection: 100\n",
+    ));
     let pid = d.child.id();
     let pad = 20;
     let total = (secs as f64 * rate) as u64;
@@ -729,13 +881,19 @@ fn soak_memory_and_fds_stay_flat() {
         ));
         let s = samples.last().unwrap();
         println!("t={}s rss={} KiB fds={} delivered={}", s.0, s.1, s.2, s.3);
-        assert!(started.elapsed() < Duration::from_secs(secs * 2 + 60), "load fell behind");
+        assert!(
+            started.elapsed() < Duration::from_secs(secs * 2 + 60),
+            "load fell behind"
+        );
     }
     let ledger = rt.block_on(run.join());
     let accepted = ledger.accepted();
     wait_until("all delivered", Duration::from_secs(60), || {
-        let got: std::collections::HashSet<u64> =
-            sink.datas().iter().filter_map(|x| chaos::seq_of(x)).collect();
+        let got: std::collections::HashSet<u64> = sink
+            .datas()
+            .iter()
+            .filter_map(|x| chaos::seq_of(x))
+            .collect();
         accepted.iter().all(|s| got.contains(s))
     });
     let t = chaos::tally(&ledger, &sink.datas(), pad);
@@ -761,9 +919,15 @@ fn soak_memory_and_fds_stay_flat() {
             ("fds_max", fd_max.to_string()),
         ],
     );
-    assert_eq!(t.accepted as u64, total, "every message accepted at this rate");
+    assert_eq!(
+        t.accepted as u64, total,
+        "every message accepted at this rate"
+    );
     assert_eq!(t.lost, Vec::<u64>::new());
     assert_eq!(t.duplicates, 0);
-    assert!(rss_max <= rss_first + rss_first / 2 + 16 * 1024, "RSS grew {rss_first} -> {rss_max} KiB");
+    assert!(
+        rss_max <= rss_first + rss_first / 2 + 16 * 1024,
+        "RSS grew {rss_first} -> {rss_max} KiB"
+    );
     assert!(fd_max <= fd_first + 30, "fds grew {fd_first} -> {fd_max}");
 }

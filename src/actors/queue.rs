@@ -26,6 +26,9 @@ use crate::store::{AttemptRecord, QueuedMessage, RcptState};
 
 /// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
 pub const MAX_SENDER_RESPAWNS: u32 = 3;
+/// Most senders at once for one next hop (Postfix's `default_destination_concurrency_limit`),
+/// so one slow destination cannot take every sender.
+pub const DESTINATION_CONCURRENCY: usize = 20;
 /// Most messages claimed by one tick.
 const CLAIM_BATCH: usize = 100;
 /// How long the queue waits for a claim from the store.
@@ -117,6 +120,17 @@ async fn store_call<T: Send + 'static>(
 }
 
 impl QueueState {
+    /// The next hop a message's first recipient goes to: the unit of the
+    /// per-destination limit.
+    fn destination(&self, message: &QueuedMessage) -> String {
+        let domain = message
+            .rcpts
+            .first()
+            .map(|r| crate::outbound::recipient_domain(&r.address))
+            .unwrap_or_default();
+        self.router.next_hop(&domain).to_string()
+    }
+
     fn free_slots(&self) -> usize {
         self.config
             .server_smtp_max_senders
@@ -129,6 +143,25 @@ impl QueueState {
         message: QueuedMessage,
         crashes: u32,
     ) {
+        if crashes == 0 {
+            let dest = self.destination(&message);
+            let busy = self
+                .senders
+                .values()
+                .filter(|r| self.destination(&r.message) == dest)
+                .count();
+            if busy >= DESTINATION_CONCURRENCY {
+                debug!(path = %self.path, queue_id = %message.id, destination = %dest, "destination busy; leaving the message for later");
+                self.backlog = true;
+                if let Some(cell) = ractor::registry::where_is(super::STORE) {
+                    let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
+                        id: message.id.clone(),
+                        node: self.owner.clone(),
+                    }));
+                }
+                return;
+            }
+        }
         let name = format!("smtpc_sender#{}", message.id);
         super::wait_unregistered(&name).await;
         let args = SenderArgs {

@@ -47,6 +47,13 @@ pub enum StoreMsg {
         /// Where the answer goes.
         reply: RpcReplyPort<StoreResult<RecipientFacts>>,
     },
+    /// The argon2 PHC hash of a user's password (`None`: no such user), for SMTP AUTH.
+    PasswordHash {
+        /// `local@domain`.
+        address: String,
+        /// Where the answer goes.
+        reply: RpcReplyPort<StoreResult<Option<String>>>,
+    },
     /// An outgoing-queue operation for `smtpd_queue` or a sender.
     Queue(QueueOp),
     /// A new configuration.
@@ -193,6 +200,12 @@ impl Actor for StoreActor {
                 let store = state.store.clone();
                 tokio::spawn(async move {
                     let _ = reply.send(lookup(&*store, &address).await);
+                });
+            }
+            StoreMsg::PasswordHash { address, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.password_hash(&address).await);
                 });
             }
             StoreMsg::Queue(op) => {

@@ -43,6 +43,9 @@ pub const SERVED_KEYS: &[&str] = &[
     "server_smtp_delay_warning",
     "server_smtp_tls_cert",
     "server_smtp_tls_key",
+    "server_smtp_tls_port",
+    "server_smtp_relay_auth",
+    "server_smtp_tls_outbound",
     "dns_nameservers",
     "node_name",
     "admin_listen",
@@ -237,6 +240,9 @@ fn apply_value<'de, A: MapAccess<'de>>(
         }
         "server_smtp_tls_cert" => c.server_smtp_tls_cert = map.next_value::<Opt<_>>()?.0,
         "server_smtp_tls_key" => c.server_smtp_tls_key = map.next_value::<Opt<_>>()?.0,
+        "server_smtp_tls_port" => c.server_smtp_tls_port = map.next_value()?,
+        "server_smtp_relay_auth" => c.server_smtp_relay_auth = map.next_value()?,
+        "server_smtp_tls_outbound" => c.server_smtp_tls_outbound = map.next_value::<S<_>>()?.0,
         "dns_nameservers" => {
             c.dns_nameservers = map
                 .next_value::<Vec<S<NameServer>>>()?

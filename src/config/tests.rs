@@ -156,6 +156,9 @@ fn everything_changed() -> Config {
         server_smtp_delay_warning: Some(Duration::from_secs(4 * 3600)),
         server_smtp_tls_cert: Some("/etc/erlmail/cert.pem".into()),
         server_smtp_tls_key: Some("/etc/erlmail/key.pem".into()),
+        server_smtp_tls_port: Some(465),
+        server_smtp_relay_auth: false,
+        server_smtp_tls_outbound: crate::config::TlsOutbound::Require,
         dns_nameservers: vec![
             "127.0.0.1:5353".parse().unwrap(),
             "[::1]:53".parse().unwrap(),

@@ -71,7 +71,10 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Bind `addr`; the server runs until the returned task is aborted.
-pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    handler: Handler,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -121,11 +124,16 @@ pub async fn serve(addr: SocketAddr, handler: Handler) -> std::io::Result<(Socke
 
 /// Fetch `path` from an admin endpoint (used by `erlmail status`): the body of a 200.
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out))
@@ -136,7 +144,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         .split_once("\r\n\r\n")
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP header"))?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
     }
     Ok(body.to_string())
 }

@@ -7,6 +7,7 @@
 //! it, is the session's business.
 
 use super::address::{parse_path, Path};
+use super::auth::Secret;
 use super::reply::Reply;
 
 /// One parsed SMTP command.
@@ -44,6 +45,16 @@ pub enum Command {
     Expn(String),
     /// `HELP [topic]`.
     Help,
+    /// `STARTTLS` (RFC 3207).
+    StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954). The initial response carries
+    /// credentials, so it is a [`Secret`] that `Debug` does not print.
+    Auth {
+        /// The SASL mechanism, upper-cased.
+        mechanism: String,
+        /// The base64 initial response, if given (`=` is an empty one).
+        initial: Option<Secret>,
+    },
 }
 
 /// `BODY=` values (RFC 6152).
@@ -145,8 +156,23 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         "EXPN" if arg.is_empty() => Err(CommandError::Syntax("EXPN mailing-list")),
         "EXPN" => Ok(Command::Expn(arg.to_string())),
         "HELP" => Ok(Command::Help),
+        "STARTTLS" => no_arg(arg, "STARTTLS", Command::StartTls),
+        "AUTH" => auth(arg),
         _ => Err(CommandError::Unrecognized),
     }
+}
+
+fn auth(arg: &str) -> Result<Command, CommandError> {
+    let mut words = arg.split(' ').filter(|w| !w.is_empty());
+    let mechanism = match words.next() {
+        Some(m) => m.to_ascii_uppercase(),
+        None => return Err(CommandError::Syntax("AUTH mechanism")),
+    };
+    let initial = words.next().map(|w| Secret(w.to_string()));
+    if words.next().is_some() {
+        return Err(CommandError::Syntax("AUTH mechanism"));
+    }
+    Ok(Command::Auth { mechanism, initial })
 }
 
 fn no_arg(arg: &str, usage: &'static str, cmd: Command) -> Result<Command, CommandError> {
@@ -339,6 +365,34 @@ mod tests {
             Command::Rcpt { params, .. } => params,
             other => panic!("not RCPT: {other:?}"),
         }
+    }
+
+    #[test]
+    fn starttls_and_auth() {
+        assert_eq!(p("starttls"), Ok(Command::StartTls));
+        assert_eq!(p("STARTTLS x"), Err(CommandError::Syntax("STARTTLS")));
+        assert_eq!(
+            p("auth plain AGFAYgBj"),
+            Ok(Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some(Secret("AGFAYgBj".into()))
+            })
+        );
+        assert_eq!(
+            p("AUTH LOGIN"),
+            Ok(Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial: None
+            })
+        );
+        assert_eq!(p("AUTH"), Err(CommandError::Syntax("AUTH mechanism")));
+        assert_eq!(
+            p("AUTH PLAIN a b"),
+            Err(CommandError::Syntax("AUTH mechanism"))
+        );
+        // The initial response never shows in Debug output.
+        let shown = format!("{:?}", p("AUTH PLAIN AGFAYgBj").unwrap());
+        assert!(!shown.contains("AGFAYgBj"), "{shown}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A tiny synchronous driver for [`Session`]: feeds input in given pieces, answers
-//! lookups and stores with caller-supplied functions, and records the transcript.
+//! lookups, stores and AUTH checks with caller-supplied functions, completes STARTTLS at
+//! once (no real handshake), and records the transcript.
 //!
 //! For tests, proptests and the cargo-fuzz target (which all need the same loop the
 //! `smtpd_fsm` actor runs, minus the socket). It checks the protocol between session and
@@ -10,7 +11,7 @@ use std::collections::VecDeque;
 
 use chrono::{DateTime, Utc};
 
-use super::{Action, ForwardPath, RecipientInfo, Session, StoreOutcome, Transaction};
+use super::{Action, ForwardPath, RecipientInfo, Secret, Session, StoreOutcome, Transaction};
 
 /// Everything a session said and did during a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,6 +24,12 @@ pub struct Transcript {
     pub stored: Vec<Transaction>,
     /// Whether the session emitted `Close`.
     pub closed: bool,
+    /// Every user name an AUTH check was asked about, in order.
+    pub auth_users: Vec<String>,
+    /// How many times the session asked for a TLS upgrade.
+    pub tls_upgrades: usize,
+    /// Where in `output` each TLS upgrade happened (bytes written before it).
+    pub tls_at: Vec<usize>,
 }
 
 impl Transcript {
@@ -33,16 +40,34 @@ impl Transcript {
 }
 
 /// Runs `session` over `chunks` (each one `receive` call) after writing the greeting.
+/// Every AUTH attempt fails.
 pub fn run<'a>(
+    session: &mut Session,
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    now: DateTime<Utc>,
+    lookup: impl FnMut(&ForwardPath) -> RecipientInfo,
+    store: impl FnMut(&Transaction) -> StoreOutcome,
+) -> Transcript {
+    run_full(session, chunks, now, lookup, store, |_, _| false)
+}
+
+/// [`run`] with AUTH checks answered by `auth(user, password)`.
+pub fn run_full<'a>(
     session: &mut Session,
     chunks: impl IntoIterator<Item = &'a [u8]>,
     now: DateTime<Utc>,
     mut lookup: impl FnMut(&ForwardPath) -> RecipientInfo,
     mut store: impl FnMut(&Transaction) -> StoreOutcome,
+    mut auth: impl FnMut(&str, &Secret) -> bool,
 ) -> Transcript {
     let mut t = Transcript::default();
     let greeting = session.greeting();
-    apply(session, greeting, now, &mut t, &mut lookup, &mut store);
+    let mut h = Handlers {
+        lookup: &mut lookup,
+        store: &mut store,
+        auth: &mut auth,
+    };
+    apply(session, greeting, now, &mut t, &mut h);
     for chunk in chunks {
         let was_closed = session.is_closed();
         let actions = session.receive(chunk, now);
@@ -50,9 +75,16 @@ pub fn run<'a>(
             !was_closed || actions.is_empty(),
             "a closed session produced {actions:?}"
         );
-        apply(session, actions, now, &mut t, &mut lookup, &mut store);
+        apply(session, actions, now, &mut t, &mut h);
     }
     t
+}
+
+/// The caller's answers to the session's requests.
+struct Handlers<'h> {
+    lookup: &'h mut dyn FnMut(&ForwardPath) -> RecipientInfo,
+    store: &'h mut dyn FnMut(&Transaction) -> StoreOutcome,
+    auth: &'h mut dyn FnMut(&str, &Secret) -> bool,
 }
 
 /// Splits `input` at the given offsets (sorted, clamped, duplicates kept as empty
@@ -82,12 +114,17 @@ fn apply(
     actions: Vec<Action>,
     now: DateTime<Utc>,
     t: &mut Transcript,
-    lookup: &mut impl FnMut(&ForwardPath) -> RecipientInfo,
-    store: &mut impl FnMut(&Transaction) -> StoreOutcome,
+    h: &mut Handlers<'_>,
 ) {
     let mut queue: VecDeque<Action> = actions.into();
     while let Some(action) = queue.pop_front() {
-        let is_request = matches!(action, Action::LookupRecipient(_) | Action::Store(_));
+        let is_request = matches!(
+            action,
+            Action::LookupRecipient(_)
+                | Action::Store(_)
+                | Action::StartTls
+                | Action::Authenticate { .. }
+        );
         assert!(
             !is_request || queue.is_empty(),
             "a request must end its batch: {action:?} then {queue:?}"
@@ -104,20 +141,38 @@ fn apply(
             }
             Action::LookupRecipient(path) => {
                 assert!(session.is_waiting(), "lookup requested but not waiting");
-                let info = lookup(&path);
+                let info = (h.lookup)(&path);
                 t.lookups.push(path);
                 queue.extend(session.recipient_info(info, now));
             }
             Action::Store(tx) => {
                 assert!(session.is_waiting(), "store requested but not waiting");
                 assert!(!tx.recipients.is_empty(), "transaction without recipients");
-                let outcome = store(&tx);
+                let outcome = (h.store)(&tx);
                 t.stored.push(tx);
                 queue.extend(session.stored(outcome, now));
             }
             Action::Close => {
                 assert!(session.is_closed(), "Close emitted but session not closed");
                 t.closed = true;
+            }
+            Action::StartTls => {
+                assert!(session.is_waiting(), "StartTls requested but not waiting");
+                assert!(!session.is_tls(), "StartTls on an encrypted session");
+                t.tls_upgrades += 1;
+                t.tls_at.push(t.output.len());
+                queue.extend(session.tls_started());
+                assert!(session.is_tls(), "tls_started did not take");
+            }
+            Action::Authenticate { user, password } => {
+                assert!(
+                    session.is_waiting(),
+                    "Authenticate requested but not waiting"
+                );
+                assert!(session.is_tls(), "AUTH check asked without TLS");
+                let ok = (h.auth)(&user, &password);
+                t.auth_users.push(user);
+                queue.extend(session.authenticated(ok, now));
             }
         }
     }

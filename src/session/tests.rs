@@ -459,7 +459,10 @@ fn store_failures_are_reported_and_the_session_goes_on() {
 fn a_failed_lookup_is_a_temporary_451_and_the_session_goes_on() {
     let mut s = Session::new(policy(), peer());
     s.greeting();
-    s.receive(b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<bob@local.example>\r\n", now());
+    s.receive(
+        b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<bob@local.example>\r\n",
+        now(),
+    );
     let out = s.recipient_info(
         RecipientInfo {
             local_domain: false,
@@ -788,5 +791,291 @@ proptest! {
         let split = transcript(small_policy(auth), &input, &splits);
         prop_assert!(well_formed(&whole.output));
         prop_assert_eq!(whole, split);
+    }
+}
+
+// ---- STARTTLS and AUTH ----
+
+fn tls_policy() -> SessionPolicy {
+    SessionPolicy {
+        tls_available: true,
+        ..policy()
+    }
+}
+
+/// bob@local.example's password is `s3cret`.
+fn check(user: &str, pw: &Secret) -> bool {
+    user == "bob@local.example" && pw.expose() == "s3cret"
+}
+
+/// Runs `chunks` with STARTTLS available and the `check` credentials.
+fn tls_dialogue(policy: SessionPolicy, chunks: &[&str]) -> (Session, Transcript) {
+    let mut s = Session::new(policy, peer());
+    let t = super::driver::run_full(
+        &mut s,
+        chunks.iter().map(|c| c.as_bytes()),
+        now(),
+        lookup,
+        store_ok,
+        check,
+    );
+    (s, t)
+}
+
+fn b64(s: &str) -> String {
+    crate::protocol::auth::base64_encode(s.as_bytes())
+}
+
+const EHLO_TLS_OFFER: &str = "250-mx.local.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n250 STARTTLS\r\n";
+const EHLO_AFTER_TLS: &str = "250-mx.local.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-DSN\r\n250 AUTH PLAIN LOGIN\r\n";
+
+#[test]
+fn starttls_offered_only_with_a_certificate_and_only_before_tls() {
+    assert_eq!(
+        dialogue("EHLO c\r\n").text(),
+        format!("{GREETING}{EHLO_REPLY}")
+    );
+    assert_eq!(
+        dialogue("STARTTLS\r\n").text(),
+        format!("{GREETING}502 5.5.1 Error: command not implemented\r\n")
+    );
+    let (s, t) = tls_dialogue(
+        tls_policy(),
+        &["EHLO c\r\n", "STARTTLS\r\n", "EHLO c\r\n", "STARTTLS\r\n"],
+    );
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}{EHLO_TLS_OFFER}220 2.0.0 Ready to start TLS\r\n{EHLO_AFTER_TLS}554 5.5.1 Error: TLS already active\r\n"
+        )
+    );
+    assert_eq!(t.tls_upgrades, 1);
+    assert!(s.is_tls());
+}
+
+#[test]
+fn implicit_tls_session_offers_auth_not_starttls() {
+    let mut s = Session::new_tls(tls_policy(), peer());
+    let t = run(&mut s, [&b"EHLO c\r\n"[..]], now(), lookup, store_ok);
+    assert_eq!(t.text(), format!("{GREETING}{EHLO_AFTER_TLS}"));
+}
+
+#[test]
+fn input_pipelined_after_starttls_is_discarded() {
+    // CVE-2011-0411: commands sent in plain text after STARTTLS must never run inside
+    // the TLS session.
+    let (s, t) = tls_dialogue(
+        tls_policy(),
+        &[
+            "EHLO c\r\nSTARTTLS\r\nRSET\r\nMAIL FROM:<x@y.example>\r\n",
+            "MAIL FROM:<x@y.example>\r\n",
+            "EHLO c\r\n",
+        ],
+    );
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}{EHLO_TLS_OFFER}220 2.0.0 Ready to start TLS\r\n503 5.5.1 Error: send HELO/EHLO first\r\n{EHLO_AFTER_TLS}"
+        )
+    );
+    assert_eq!(t.tls_at, vec![GREETING.len() + EHLO_TLS_OFFER.len() + 30]);
+    assert_eq!(s.error_count(), 1);
+}
+
+#[test]
+fn bytes_fed_while_the_upgrade_is_pending_are_dropped() {
+    let mut s = Session::new(tls_policy(), peer());
+    s.greeting();
+    let a = s.receive(b"STARTTLS\r\n", now());
+    assert_eq!(
+        a,
+        vec![
+            Action::Send(b"220 2.0.0 Ready to start TLS\r\n".to_vec()),
+            Action::StartTls
+        ]
+    );
+    assert!(s.is_waiting());
+    assert_eq!(
+        s.receive(b"EHLO evil\r\nMAIL FROM:<a@b.example>\r\n", now()),
+        vec![]
+    );
+    assert_eq!(s.tls_started(), vec![]);
+    assert_eq!(
+        s.receive(b"MAIL FROM:<a@b.example>\r\n", now()),
+        vec![Action::Send(
+            b"503 5.5.1 Error: send HELO/EHLO first\r\n".to_vec()
+        )]
+    );
+    // A second tls_started is ignored.
+    assert_eq!(s.tls_started(), vec![]);
+}
+
+#[test]
+fn auth_before_tls_is_refused() {
+    let t = dialogue_with(
+        tls_policy(),
+        &format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\n",
+            b64("\0bob@local.example\0s3cret")
+        ),
+    );
+    assert_eq!(
+        t.text(),
+        format!("{GREETING}{EHLO_TLS_OFFER}530 5.7.0 Must issue a STARTTLS command first\r\n")
+    );
+}
+
+const RELAY: &str = "MAIL FROM:<bob@local.example>\r\nRCPT TO:<someone@remote.example>\r\n";
+
+#[test]
+fn auth_plain_then_relay() {
+    let auth = format!("AUTH PLAIN {}\r\n", b64("\0bob@local.example\0s3cret"));
+    let (s, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", "EHLO c\r\n", &auth, RELAY]);
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}220 2.0.0 Ready to start TLS\r\n{EHLO_AFTER_TLS}235 2.7.0 Authentication successful\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        )
+    );
+    assert_eq!(t.auth_users, vec!["bob@local.example".to_string()]);
+    assert_eq!(s.user(), Some("bob@local.example"));
+    assert!(s.may_relay());
+    // Nothing the session prints for debugging holds the password.
+    assert!(!format!("{s:?}").contains("s3cret"));
+}
+
+#[test]
+fn auth_plain_without_initial_response() {
+    let (_, t) = tls_dialogue(
+        tls_policy(),
+        &[
+            "STARTTLS\r\n",
+            "EHLO c\r\nAUTH PLAIN\r\n",
+            &format!("{}\r\n", b64("\0bob@local.example\0s3cret")),
+        ],
+    );
+    assert!(
+        t.text().ends_with(&format!(
+            "{EHLO_AFTER_TLS}334 \r\n235 2.7.0 Authentication successful\r\n"
+        )),
+        "{}",
+        t.text()
+    );
+}
+
+#[test]
+fn auth_login_then_relay() {
+    let input = format!(
+        "EHLO c\r\nAUTH LOGIN\r\n{}\r\n{}\r\n{RELAY}",
+        b64("bob@local.example"),
+        b64("s3cret")
+    );
+    let (_, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", &input]);
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}220 2.0.0 Ready to start TLS\r\n{EHLO_AFTER_TLS}334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+        )
+    );
+    // LOGIN with the user name as initial response.
+    let input = format!(
+        "EHLO c\r\nAUTH LOGIN {}\r\n{}\r\n",
+        b64("bob@local.example"),
+        b64("s3cret")
+    );
+    let (s, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", &input]);
+    assert!(t
+        .text()
+        .ends_with("334 UGFzc3dvcmQ6\r\n235 2.7.0 Authentication successful\r\n"));
+    assert_eq!(s.user(), Some("bob@local.example"));
+}
+
+#[test]
+fn wrong_password_gets_535_and_no_relay() {
+    let auth = format!("AUTH PLAIN {}\r\n", b64("\0bob@local.example\0wrong"));
+    let (s, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", "EHLO c\r\n", &auth, RELAY]);
+    assert!(
+        t.text().ends_with(&format!(
+            "{EHLO_AFTER_TLS}535 5.7.8 Error: authentication failed\r\n250 2.1.0 Ok\r\n554 5.7.1 <someone@remote.example>: Relay access denied\r\n"
+        )),
+        "{}",
+        t.text()
+    );
+    assert_eq!(s.user(), None);
+    assert_eq!(s.error_count(), 2);
+}
+
+#[test]
+fn failed_auth_counts_toward_the_error_limit() {
+    let policy = SessionPolicy {
+        hard_error_limit: 3,
+        ..tls_policy()
+    };
+    let bad = format!("AUTH PLAIN {}\r\n", b64("\0bob@local.example\0guess"));
+    let input = format!("EHLO c\r\n{bad}{bad}{bad}{bad}");
+    let (_, t) = tls_dialogue(policy, &["STARTTLS\r\n", &input]);
+    assert!(t.closed);
+    assert_eq!(t.auth_users.len(), 3);
+    assert!(t.text().ends_with(
+        "535 5.7.8 Error: authentication failed\r\n421 4.7.0 mx.local.example Error: too many errors\r\n"
+    ));
+}
+
+#[test]
+fn auth_errors() {
+    let (_, t) = tls_dialogue(
+        tls_policy(),
+        &[
+            "STARTTLS\r\n",
+            "AUTH PLAIN =\r\nEHLO c\r\nAUTH CRAM-MD5\r\nAUTH PLAIN !!\r\nAUTH LOGIN\r\n*\r\nMAIL FROM:<>\r\nAUTH PLAIN\r\n",
+        ],
+    );
+    assert_eq!(
+        t.text(),
+        format!(
+            "{GREETING}220 2.0.0 Ready to start TLS\r\n503 5.5.1 Error: send HELO/EHLO first\r\n{EHLO_AFTER_TLS}504 5.5.4 Unrecognized authentication type\r\n501 5.5.2 Cannot decode response\r\n334 VXNlcm5hbWU6\r\n501 5.7.0 Authentication aborted\r\n250 2.1.0 Ok\r\n503 5.5.1 Error: MAIL transaction in progress\r\n"
+        )
+    );
+    assert!(t.auth_users.is_empty());
+    let good = format!("AUTH PLAIN {}\r\n", b64("\0bob@local.example\0s3cret"));
+    let (_, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", "EHLO c\r\n", &good, &good]);
+    assert!(t.text().ends_with(
+        "235 2.7.0 Authentication successful\r\n503 5.5.1 Error: already authenticated\r\n"
+    ));
+}
+
+#[test]
+fn auth_relay_off_keeps_authenticated_users_local() {
+    let policy = SessionPolicy {
+        auth_relay: false,
+        ..tls_policy()
+    };
+    let auth = format!("AUTH PLAIN {}\r\n", b64("\0bob@local.example\0s3cret"));
+    let (s, t) = tls_dialogue(policy, &["STARTTLS\r\n", "EHLO c\r\n", &auth, RELAY]);
+    assert!(t
+        .text()
+        .ends_with("235 2.7.0 Authentication successful\r\n250 2.1.0 Ok\r\n554 5.7.1 <someone@remote.example>: Relay access denied\r\n"));
+    assert!(!s.may_relay());
+}
+
+#[test]
+fn open_relay_tricks_refused_over_tls_without_auth() {
+    for rcpt in [
+        "user%remote.example@local.example",
+        "remote.example!user@local.example",
+        "@local.example:user@remote.example",
+        "\"user@remote.example\"@local.example",
+        "user@[127.0.0.2]",
+        "user@remote.example",
+    ] {
+        let input = format!("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<{rcpt}>\r\n");
+        let (_, t) = tls_dialogue(tls_policy(), &["STARTTLS\r\n", &input]);
+        assert!(
+            t.text().ends_with(&format!(
+                "250 2.1.0 Ok\r\n554 5.7.1 <{rcpt}>: Relay access denied\r\n"
+            )),
+            "{rcpt}: {}",
+            t.text()
+        );
     }
 }

@@ -97,6 +97,14 @@ impl SqliteStore {
             .max_connections(POOL_SIZE)
             .min_connections(0)
             .acquire_timeout(BUSY_TIMEOUT + Duration::from_secs(5))
+            // On SQLITE_FULL (and I/O errors) SQLite rolls the transaction back by itself;
+            // sqlx's own ROLLBACK then fails and the connection keeps a transaction depth
+            // of 1, so every later `BEGIN IMMEDIATE` on it would fail for ever and a full
+            // disk would never recover. Such a connection is closed instead of reused.
+            // (One whose rollback is merely still queued is closed too: harmless.)
+            .before_acquire(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .connect_with(options)
             .await
             .map_err(|e| match db_err(e) {

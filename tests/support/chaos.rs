@@ -107,7 +107,12 @@ impl Ledger {
 
     /// How many outcomes match `f`.
     pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
-        self.outcomes.lock().unwrap().values().filter(|o| f(o)).count()
+        self.outcomes
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|o| f(o))
+            .count()
     }
 }
 
@@ -118,7 +123,9 @@ pub fn body(seq: u64, pad: usize) -> String {
         "From: load@client.test\r\nTo: sink@remote.test\r\nSubject: seq {seq}\r\nX-Seq: {seq}\r\n\r\n"
     );
     for i in 0..pad {
-        b.push_str(&format!("line {i} of message {seq}: the quick brown fox jumps over the lazy dog\r\n"));
+        b.push_str(&format!(
+            "line {i} of message {seq}: the quick brown fox jumps over the lazy dog\r\n"
+        ));
     }
     b.push_str(&format!("END {seq}\r\n"));
     b
@@ -297,10 +304,7 @@ pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
 
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn command(
-    io: &mut BufReader<TcpStream>,
-    line: &str,
-) -> std::io::Result<(u16, String)> {
+async fn command(io: &mut BufReader<TcpStream>, line: &str) -> std::io::Result<(u16, String)> {
     io.get_mut().write_all(line.as_bytes()).await?;
     tokio::time::timeout(REPLY_TIMEOUT, read_reply(io))
         .await
@@ -583,7 +587,8 @@ impl FaultShared {
             let n = st.applied.entry(key).or_default();
             if *n < r.times {
                 *n += 1;
-                st.injected.push(format!("{}:{}", fault_name(r.fault), r.prefix));
+                st.injected
+                    .push(format!("{}:{}", fault_name(r.fault), r.prefix));
                 return Some(r.fault);
             }
         }
@@ -629,7 +634,9 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
             let a = a.split_whitespace().next().unwrap_or("");
             let rcpt = a.trim_start_matches('<').trim_end_matches('>').to_string();
             let local = local_part(&rcpt);
-            match s.take_fault(&local, |f| matches!(f, Fault::StallAtRcpt(_) | Fault::Rcpt452)) {
+            match s.take_fault(&local, |f| {
+                matches!(f, Fault::StallAtRcpt(_) | Fault::Rcpt452)
+            }) {
                 Some(Fault::StallAtRcpt(d)) => {
                     tokio::time::sleep(d).await;
                     return Ok(());
@@ -663,7 +670,8 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                     };
                     data.extend_from_slice(content);
                 }
-                let after_dot = |f: Fault| matches!(f, Fault::DropAfterDot | Fault::Reply421AfterDot);
+                let after_dot =
+                    |f: Fault| matches!(f, Fault::DropAfterDot | Fault::Reply421AfterDot);
                 let fault = rcpts
                     .iter()
                     .find_map(|r| s.take_fault(&local_part(r), after_dot));
