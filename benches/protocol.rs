@@ -45,7 +45,7 @@ fn stuffed_data(size: usize) -> Vec<u8> {
     out.extend_from_slice(b"Subject: bench\r\n\r\n");
     let mut n = 0usize;
     while out.len() < size {
-        if n % 4 == 0 {
+        if n.is_multiple_of(4) {
             // A body line starting with a dot is sent as two dots.
             out.extend_from_slice(b"..");
         }

@@ -483,8 +483,9 @@ struct Injection {
     stop: AtomicBool,
     /// (tag, node) of every message answered 250.
     accepted: Mutex<Vec<(String, usize)>>,
-    /// (node, reply) of every transaction answered otherwise.
-    refused: Mutex<Vec<(usize, String)>>,
+    /// (node, reply, how long the transaction took) of every transaction answered
+    /// otherwise.
+    refused: Mutex<Vec<(usize, String, Duration)>>,
     /// (node, error) of every broken or hung connection.
     broken: Mutex<Vec<(usize, String)>>,
 }
@@ -517,9 +518,14 @@ fn inject_once(addr: SocketAddr, node: usize, n: usize, inj: &Injection) {
             return;
         }
         let tag = seq.to_string();
+        let started = Instant::now();
         match c.send("b@remote.test", &tag) {
             Ok(r) if r.starts_with("250") => inj.accepted.lock().unwrap().push((tag, node)),
-            Ok(r) => inj.refused.lock().unwrap().push((node, r)),
+            Ok(r) => inj
+                .refused
+                .lock()
+                .unwrap()
+                .push((node, r, started.elapsed())),
             Err(e) => {
                 inj.broken.lock().unwrap().push((node, e.to_string()));
                 return;
@@ -550,13 +556,17 @@ fn inject_until_stopped(addr: SocketAddr, node: usize, inj: &Injection) {
                     }
                 },
             };
+            let started = Instant::now();
             match c.send("b@remote.test", &tag) {
                 Ok(r) if r.starts_with("250") => {
                     inj.accepted.lock().unwrap().push((tag, node));
                     break;
                 }
                 Ok(r) => {
-                    inj.refused.lock().unwrap().push((node, r));
+                    inj.refused
+                        .lock()
+                        .unwrap()
+                        .push((node, r, started.elapsed()));
                     // A new session for the retry, so that the hard error limit of one
                     // session is never what the test measures.
                     if let Some(mut c) = client.take() {
@@ -854,7 +864,7 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
     const LANES_PER_NODE: usize = 2;
     /// How long PostgreSQL stays down (short: other tests may share the server).
-    const OUTAGE: Duration = Duration::from_secs(4);
+    const OUTAGE: Duration = Duration::from_secs(3);
     let Some(db) = TestDb::create().await else {
         return;
     };
@@ -892,11 +902,12 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
         assert!(Instant::now() < deadline, "no deliveries before the outage");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let down_at = Instant::now();
+    tokio::task::block_in_place(|| cluster.stop());
+    // Counted once the server is down: what was committed before is all in.
     let accepted_before = inj.accepted.lock().unwrap().len();
     let delivered_before = sink.count();
     let refused_before = inj.refused.lock().unwrap().len();
-    let down_at = Instant::now();
-    tokio::task::block_in_place(|| cluster.stop());
     tokio::time::sleep(OUTAGE.saturating_sub(down_at.elapsed())).await;
     let refused_during = inj.refused.lock().unwrap().len() - refused_before;
     let accepted_during = inj.accepted.lock().unwrap().len();
@@ -930,14 +941,15 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
     let refused = inj.refused.lock().unwrap().clone();
     let broken = inj.broken.lock().unwrap().clone();
     let mut kinds: HashMap<String, usize> = HashMap::new();
-    for (_, r) in &refused {
+    let slowest = refused.iter().map(|(_, _, t)| *t).max().unwrap_or_default();
+    for (_, r, _) in &refused {
         let kind = r.split(['<', ':']).next().unwrap_or("").trim().to_string();
         *kinds.entry(kind).or_insert(0) += 1;
     }
     eprintln!(
         "PostgreSQL down for {downtime:?} (fast stop to started): {} accepted before it \
          ({delivered_before} delivered), {} during, {} in all; {refused_during} refusals \
-         while down, {} in all {kinds:?}; accepting again {resumed_after:?} after the \
+         while down, {} in all {kinds:?} (slowest refused transaction {slowest:?}); accepting again {resumed_after:?} after the \
          restart; {} broken sessions {broken:?}; duplicates {dups:?}",
         accepted_before,
         accepted_during - accepted_before,
@@ -948,7 +960,7 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
 
     assert!(refused_during > 0, "no 451 while PostgreSQL was down");
     assert!(
-        refused.iter().all(|(_, r)| r.starts_with("451 4.3.0")),
+        refused.iter().all(|(_, r, _)| r.starts_with("451 4.3.0")),
         "refusals other than 451 4.3.0: {refused:?}"
     );
     assert!(broken.is_empty(), "sessions broke or hung: {broken:?}");

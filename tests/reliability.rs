@@ -778,7 +778,26 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
     std::thread::sleep(Duration::from_millis(
         rand::rng().random_range(1_500..3_000),
     ));
+    // Beside the load: an idle session and one half-way through its DATA.
+    let mut idle = d.connect();
+    assert!(idle.cmd("EHLO idle.test").starts_with("250"));
+    let mut mid = d.connect();
+    assert!(mid.cmd("EHLO mid.test").starts_with("250"));
+    assert!(mid.cmd("MAIL FROM:<mid@client.test>").starts_with("250"));
+    assert!(mid.cmd("RCPT TO:<sink@remote.test>").starts_with("250"));
+    assert!(mid.cmd("DATA").starts_with("354"));
+    mid.send_raw(b"Subject: half-way\r\n\r\nthe first half\r\n");
     d.signal("TERM");
+    let r = idle.read_reply();
+    assert!(
+        r.starts_with("421 4.3.2"),
+        "idle session at shutdown: {r:?}"
+    );
+    let r = mid.read_reply();
+    assert!(
+        r.starts_with("421 4.3.2"),
+        "session in DATA at shutdown: {r:?}"
+    );
     let status = d
         .wait_exit(Duration::from_secs(20))
         .expect("exit after SIGTERM");
@@ -828,6 +847,13 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
     assert_eq!(t.unexpected, Vec::<u64>::new());
     assert_eq!(t.cut_short, Vec::<u64>::new());
     assert_eq!(t.duplicates, 0);
+    assert!(
+        !sink
+            .datas()
+            .iter()
+            .any(|m| String::from_utf8_lossy(m).contains("half-way")),
+        "the interrupted DATA was delivered"
+    );
     let other: Vec<_> = ledger
         .snapshot()
         .into_iter()

@@ -94,10 +94,12 @@ impl Actor for Sender {
         test_hook_panic(&state.args);
         state.renewer = Some(start_renewer(&state.args));
         let record = attempt(&state.args).await;
+        // The lease is renewed until the result is recorded: recording may have to wait
+        // for the store, and the message must stay ours meanwhile.
+        record_attempt(&state.args, record).await;
         if let Some(r) = state.renewer.take() {
             r.abort();
         }
-        record_attempt(&state.args, record).await;
         myself.stop(None);
         Ok(())
     }
@@ -260,7 +262,12 @@ fn plan_attempt(
                 Some(now),
             )
         };
-        let response = Some(r.status.describe());
+        // The listing shows whether the answer came over TLS.
+        let response = Some(if r.tls {
+            format!("{} (TLS)", r.status.describe())
+        } else {
+            r.status.describe()
+        });
         let state = match &r.status {
             RcptStatus::Delivered { .. } => {
                 if queue::should_notify(&msg.sender, notify, DsnKind::Success, true) {
@@ -415,7 +422,10 @@ async fn queue_dsn(
 
 /// Record the attempt through the store actor (which also clears our lease).
 pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) {
-    let patience = args.config.server_smtp_lock_lease;
+    // If the store is unreachable, renewals fail too: the lease then lapses at most a
+    // lease after the last successful renewal, which came at most a third of a lease
+    // ago. Give up before another node can have taken the message.
+    let patience = args.config.server_smtp_lock_lease * 2 / 3;
     record(&args.message.id, &args.owner, outcome, &args.path, patience).await
 }
 

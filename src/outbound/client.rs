@@ -51,6 +51,10 @@ pub struct DeliveryOptions {
     pub data_timeout: Duration,
     /// Whether to use STARTTLS when the server offers it.
     pub starttls: bool,
+    /// Deliver only over TLS (`server_smtp_tls_outbound: require`): a host that does not
+    /// offer STARTTLS, or whose handshake fails, is a temporary failure, never a
+    /// plain-text delivery.
+    pub require_tls: bool,
 }
 
 impl DeliveryOptions {
@@ -61,6 +65,7 @@ impl DeliveryOptions {
             command_timeout: timeout,
             data_timeout: timeout,
             starttls: true,
+            require_tls: false,
         }
     }
 }
@@ -73,6 +78,7 @@ impl Default for DeliveryOptions {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             starttls: true,
+            require_tls: false,
         }
     }
 }
@@ -122,7 +128,7 @@ pub async fn deliver(
         loop {
             match session(hop, helo, sender, rcpts, body, opts, use_tls).await {
                 Ok(s) => return s.into_report(hop, rcpts, skipped),
-                Err(HostError::TlsFailed(cause)) if use_tls => {
+                Err(HostError::TlsFailed(cause)) if use_tls && !opts.require_tls => {
                     tracing::info!(host = %hop.host, addr = %hop.addr, %cause, "TLS failed; retrying in plain text");
                     use_tls = false;
                 }
@@ -402,6 +408,14 @@ async fn session(
     } else {
         None
     };
+    if opts.require_tls && connector.is_none() {
+        conn.quit().await;
+        return Err(HostError::Skip {
+            cause: FailureCause::Connection(format!(
+                "{host}: TLS required but STARTTLS not offered"
+            )),
+        });
+    }
     if let Some(connector) = connector {
         let reply = conn
             .command("STARTTLS", "to STARTTLS")
@@ -449,7 +463,17 @@ async fn session(
                 }
             };
         }
-        // Otherwise STARTTLS was refused: carry on in plain text, as Postfix's `may` does.
+        // Otherwise STARTTLS was refused: carry on in plain text, as Postfix's `may`
+        // does, unless TLS is required.
+        if !tls && opts.require_tls {
+            conn.quit().await;
+            return Err(HostError::Skip {
+                cause: FailureCause::Connection(format!(
+                    "{host}: TLS required but STARTTLS refused: {}",
+                    reply.one_line()
+                )),
+            });
+        }
     }
 
     let mail = conn

@@ -22,7 +22,7 @@ use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
 
 use super::client::{DeliveryOptions, Hop};
-use crate::config::Config;
+use crate::config::{Config, TlsOutbound};
 use crate::queue::outcome::FailureCause;
 
 /// Where one recipient domain's mail is sent.
@@ -107,7 +107,11 @@ impl RouterConfig {
             relay_host: config.server_smtp_relay_host.clone(),
             remote_port: config.server_smtp_remote_port,
             dns_nameservers: config.dns_nameservers.clone(),
-            delivery: DeliveryOptions::with_timeout(config.server_smtp_timeout),
+            delivery: DeliveryOptions {
+                starttls: config.server_smtp_tls_outbound != TlsOutbound::None,
+                require_tls: config.server_smtp_tls_outbound == TlsOutbound::Require,
+                ..DeliveryOptions::with_timeout(config.server_smtp_timeout)
+            },
         }
     }
 }

@@ -59,7 +59,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// a character outside the alphabet, padding in the middle).
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return None;
     }
     let value = |c: u8| ALPHABET.iter().position(|a| *a == c).map(|p| p as u32);

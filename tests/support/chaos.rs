@@ -407,7 +407,7 @@ async fn transaction(io: &mut BufReader<TcpStream>, load: &Load, seq: u64) -> St
     }
     match command(io, ".\r\n").await {
         Ok((250, _)) => Step::Done(Outcome::Accepted),
-        Ok((code, _)) if code >= 400 && code < 600 => {
+        Ok((code, _)) if (400..600).contains(&code) => {
             // A 421 closes the session; others leave it usable.
             if code == 421 {
                 Step::Lost(Outcome::Rejected(code))
