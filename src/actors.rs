@@ -196,7 +196,10 @@ mod tests {
         // Both earlier restarts are over a minute old by now.
         assert!(i.allow(t0 + Duration::from_secs(62)));
         assert!(i.allow(t0 + Duration::from_secs(63)));
-        assert!(!i.allow(t0 + Duration::from_secs(64)), "three within a minute");
+        assert!(
+            !i.allow(t0 + Duration::from_secs(64)),
+            "three within a minute"
+        );
     }
 
     #[test]

@@ -119,10 +119,18 @@ impl QueueFilter {
             && self.error.is_none()
     }
 
-    fn matches(&self, m: &erlmail::store::QueueSummary, now: chrono::DateTime<chrono::Utc>) -> bool {
+    fn matches(
+        &self,
+        m: &erlmail::store::QueueSummary,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
         let has = |hay: &str, needle: &str| hay.to_lowercase().contains(&needle.to_lowercase());
         if let Some(s) = &self.sender {
-            let sender = if m.sender.is_empty() { "<>" } else { m.sender.as_str() };
+            let sender = if m.sender.is_empty() {
+                "<>"
+            } else {
+                m.sender.as_str()
+            };
             if !has(sender, s) {
                 return false;
             }
@@ -758,16 +766,18 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
     };
     // The admin endpoint is a convenience: a taken port is logged, not fatal.
     let _admin = match admin_listen {
-        Some(addr) => match erlmail::net::admin::serve(addr, erlmail::actors::admin::handler(metrics)).await {
-            Ok((local, task)) => {
-                info!(addr = %local, "admin endpoint listening on {local}");
-                Some(task)
+        Some(addr) => {
+            match erlmail::net::admin::serve(addr, erlmail::actors::admin::handler(metrics)).await {
+                Ok((local, task)) => {
+                    info!(addr = %local, "admin endpoint listening on {local}");
+                    Some(task)
+                }
+                Err(e) => {
+                    error!(error = %e, "admin endpoint not started on {addr}");
+                    None
+                }
             }
-            Err(e) => {
-                error!(error = %e, "admin endpoint not started on {addr}");
-                None
-            }
-        },
+        }
         None => None,
     };
     let mut handle = std::pin::pin!(handle);

@@ -75,8 +75,8 @@ pub mod names {
 pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let seconds = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        30.0, 60.0, 300.0, 3600.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0, 3600.0,
     ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
@@ -92,18 +92,40 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(names::SESSIONS_OPEN, "SMTP sessions open now");
     describe_counter!(names::SESSIONS_TOTAL, "SMTP sessions since start");
-    describe_counter!(names::ACCEPTED, "Messages accepted with 250, by destination");
-    describe_counter!(names::REJECTED, "SMTP replies refusing a command or message, by reason");
+    describe_counter!(
+        names::ACCEPTED,
+        "Messages accepted with 250, by destination"
+    );
+    describe_counter!(
+        names::REJECTED,
+        "SMTP replies refusing a command or message, by reason"
+    );
     describe_counter!(names::RELAY_DENIED, "Relay attempts denied with 554 5.7.1");
     describe_gauge!(names::QUEUE, "Queued messages by state");
     describe_counter!(names::DELIVERIES, "Per-recipient delivery results");
     describe_counter!(names::RETRIES, "Delivery attempts of messages tried before");
     describe_counter!(names::DSNS, "Delivery status notifications queued, by kind");
     describe_counter!(names::RESTARTS, "Actor restarts by path in the tree");
-    describe_histogram!(names::COMMIT_SECONDS, Unit::Seconds, "Group commit duration");
-    describe_histogram!(names::COMMIT_BATCH, Unit::Count, "Messages per group commit");
-    describe_histogram!(names::ATTEMPT_SECONDS, Unit::Seconds, "Delivery attempt duration");
-    describe_histogram!(names::DELIVERY_LATENCY, Unit::Seconds, "Acceptance to delivery");
+    describe_histogram!(
+        names::COMMIT_SECONDS,
+        Unit::Seconds,
+        "Group commit duration"
+    );
+    describe_histogram!(
+        names::COMMIT_BATCH,
+        Unit::Count,
+        "Messages per group commit"
+    );
+    describe_histogram!(
+        names::ATTEMPT_SECONDS,
+        Unit::Seconds,
+        "Delivery attempt duration"
+    );
+    describe_histogram!(
+        names::DELIVERY_LATENCY,
+        Unit::Seconds,
+        "Acceptance to delivery"
+    );
     // Counters exist from the start, at zero, so that a scrape (and `erlmail status`)
     // shows them before the first event and rates are defined.
     metrics::gauge!(names::SESSIONS_OPEN).set(0.0);
@@ -127,7 +149,10 @@ pub fn rejection_reason(reply: &[u8]) -> Option<&'static str> {
     if !(code.starts_with('4') || code.starts_with('5')) {
         return None;
     }
-    let enhanced = text.get(4..).and_then(|t| t.split_whitespace().next()).unwrap_or("");
+    let enhanced = text
+        .get(4..)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or("");
     Some(match (code, enhanced) {
         ("554", "5.7.1") => "relay_denied",
         ("550", "5.1.1") => "user_unknown",
@@ -156,11 +181,20 @@ mod tests {
             rejection_reason(b"554 5.7.1 <a@b>: Relay access denied\r\n"),
             Some("relay_denied")
         );
-        assert_eq!(rejection_reason(b"550 5.1.1 <a@b>: User unknown\r\n"), Some("user_unknown"));
+        assert_eq!(
+            rejection_reason(b"550 5.1.1 <a@b>: User unknown\r\n"),
+            Some("user_unknown")
+        );
         assert_eq!(rejection_reason(b"250 2.0.0 Ok\r\n"), None);
         assert_eq!(rejection_reason(b"354 End data\r\n"), None);
-        assert_eq!(rejection_reason(b"500 5.5.2 Error\r\n"), Some("protocol_error"));
-        assert_eq!(rejection_reason(b"451 4.3.0 Error\r\n"), Some("store_failure"));
+        assert_eq!(
+            rejection_reason(b"500 5.5.2 Error\r\n"),
+            Some("protocol_error")
+        );
+        assert_eq!(
+            rejection_reason(b"451 4.3.0 Error\r\n"),
+            Some("store_failure")
+        );
         assert_eq!(rejection_reason(b""), None);
     }
 }

@@ -84,8 +84,8 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
-    let sink = Sink::start(SinkConfig::default().rcpt_reply("fail", "550 5.1.1 no such user"))
-        .await;
+    let sink =
+        Sink::start(SinkConfig::default().rcpt_reply("fail", "550 5.1.1 no such user")).await;
     let reports = Sink::start(SinkConfig::default()).await;
     let mut d = Daemon::start(&format!(
         "admin_listen: \"127.0.0.1:0\"\n\
@@ -96,15 +96,25 @@ async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
         reports.port()
     ));
     let admin = admin_addr(&mut d);
-    assert!(d.admin(&["domain", "add", "example.test"], None).0.success());
-    assert!(d.admin(&["user", "add", "alice@example.test"], Some("pw\n")).0.success());
+    assert!(d
+        .admin(&["domain", "add", "example.test"], None)
+        .0
+        .success());
+    assert!(d
+        .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
+        .0
+        .success());
     let before = parse_metrics(&http_get(admin, "/metrics"));
 
     // 127.0.0.1 may not relay: one local delivery and one relay denial.
     let mut s = d.connect();
     assert!(s.cmd("EHLO a.test").starts_with("250"));
     assert!(s
-        .send_mail("x@origin.test", &["alice@example.test"], "Subject: m\r\n\r\nx\r\n")
+        .send_mail(
+            "x@origin.test",
+            &["alice@example.test"],
+            "Subject: m\r\n\r\nx\r\n"
+        )
         .starts_with("250"));
     assert!(s.cmd("MAIL FROM:<x@origin.test>").starts_with("250"));
     assert!(s.cmd("RCPT TO:<far@remote.test>").starts_with("554"));
@@ -214,7 +224,8 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
         tree.contains(&format!("smtpc_sender#{id}"))
     });
     assert!(tree.contains("smtpd_fsm#1"), "{tree}");
-    let json: serde_json::Value = serde_json::from_str(&http_get(admin, "/tree?format=json")).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&http_get(admin, "/tree?format=json")).unwrap();
     assert_eq!(json["name"], "erlmail_sup");
     let _ = s.cmd("QUIT");
     drop(s);
@@ -224,9 +235,15 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
         !t.contains("smtpd_fsm#") && !t.contains("smtpc_sender#")
     });
     let tree = http_get(admin, "/tree");
-    assert!(tree.contains("smtpd_listener") && tree.contains("smtpd_queue"), "{tree}");
+    assert!(
+        tree.contains("smtpd_listener") && tree.contains("smtpd_queue"),
+        "{tree}"
+    );
     let queue = http_get(admin, "/queue");
-    assert!(queue.contains("queued 1 (incoming 0, active 0, deferred 1, held 0)"), "{queue}");
+    assert!(
+        queue.contains("queued 1 (incoming 0, active 0, deferred 1, held 0)"),
+        "{queue}"
+    );
     assert!(queue.contains("far.test"), "{queue}");
 }
 
@@ -238,7 +255,10 @@ fn erlmail_status_prints_tree_queue_and_counters() {
     std::fs::write(&config, format!("admin_listen: \"{admin}\"\n")).unwrap();
     let (status, out, err) = daemon::erlmail(&config, &["status"], None);
     assert!(status.success(), "{err}");
-    assert!(out.contains("erlmail_sup") && out.contains("smtpd_listener"), "{out}");
+    assert!(
+        out.contains("erlmail_sup") && out.contains("smtpd_listener"),
+        "{out}"
+    );
     assert!(out.contains("queued 0"), "{out}");
     assert!(out.contains("erlmail_smtp_sessions_total"), "{out}");
 }
@@ -264,7 +284,9 @@ async fn queue_list_filters_and_json() {
         ("bob@two.test", "y@b.test"),
         ("", "z@a.test"),
     ] {
-        assert!(s.send_mail(from, &[to], "Subject: f\r\n\r\nx\r\n").starts_with("250"));
+        assert!(s
+            .send_mail(from, &[to], "Subject: f\r\n\r\nx\r\n")
+            .starts_with("250"));
     }
     drop(s);
     let list = |args: &[&str]| {
@@ -276,14 +298,23 @@ async fn queue_list_filters_and_json() {
     };
     wait_until("three tried", Duration::from_secs(15), || {
         let v: serde_json::Value = serde_json::from_str(&list(&["--json"])).unwrap();
-        v.as_array().unwrap().len() == 3
-            && v.as_array().unwrap().iter().all(|m| m["tries"] == 1)
+        v.as_array().unwrap().len() == 3 && v.as_array().unwrap().iter().all(|m| m["tries"] == 1)
     });
     let json: serde_json::Value = serde_json::from_str(&list(&["--json"])).unwrap();
     let arr = json.as_array().unwrap();
     assert_eq!(arr.len(), 3);
     for m in arr {
-        for key in ["id", "size", "received_at", "sender", "tries", "next_retry_at", "last_error", "held", "recipients"] {
+        for key in [
+            "id",
+            "size",
+            "received_at",
+            "sender",
+            "tries",
+            "next_retry_at",
+            "last_error",
+            "held",
+            "recipients",
+        ] {
             assert!(m.get(key).is_some(), "{key} missing in {m}");
         }
         assert_eq!(m["recipients"][0]["state"], "pending");
@@ -303,11 +334,18 @@ async fn queue_list_filters_and_json() {
     assert_eq!(count(&["--domain", "a.test"]), 2);
     assert_eq!(count(&["--domain", "A.TEST."]), 2);
     assert_eq!(count(&["--error", "mailbox busy"]), 2);
-    assert_eq!(count(&["--error", "connect"]), 1, "b.test's port 9 refuses connections");
+    assert_eq!(
+        count(&["--error", "connect"]),
+        1,
+        "b.test's port 9 refuses connections"
+    );
     assert_eq!(count(&["--older-than", "1h"]), 0);
     assert_eq!(count(&["--older-than", "0s", "--domain", "b.test"]), 1);
     let table = list(&["--domain", "b.test"]);
-    assert!(table.contains("y@b.test") && !table.contains("x@a.test"), "{table}");
+    assert!(
+        table.contains("y@b.test") && !table.contains("x@a.test"),
+        "{table}"
+    );
 
     // A filtered bulk delete, with a count at the end.
     let (status, out, _) = d.admin(&["queue", "delete", "--all", "--domain", "a.test"], None);

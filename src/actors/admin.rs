@@ -16,10 +16,15 @@ use crate::telemetry::names;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn ask<T: Send + 'static>(build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> QueueOp) -> Result<T, String> {
+async fn ask<T: Send + 'static>(
+    build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> QueueOp,
+) -> Result<T, String> {
     let cell = ractor::registry::where_is(super::STORE).ok_or("store not running")?;
     let store: ActorRef<StoreMsg> = cell.into();
-    match store.call(|reply| StoreMsg::Queue(build(reply)), Some(TIMEOUT)).await {
+    match store
+        .call(|reply| StoreMsg::Queue(build(reply)), Some(TIMEOUT))
+        .await
+    {
         Ok(ractor::rpc::CallResult::Success(Ok(v))) => Ok(v),
         Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e.to_string()),
         _ => Err("store did not answer".into()),

@@ -337,7 +337,8 @@ impl Actor for QueueActor {
             error!(path = %path, error = %err, crashes, "sender failed");
             if crashes <= MAX_SENDER_RESPAWNS {
                 warn!(path = %path, "restarting");
-                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone()).increment(1);
+                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone())
+                    .increment(1);
                 state.spawn_sender(&myself, running.message, crashes).await;
                 return Ok(());
             }

@@ -317,7 +317,8 @@ impl Actor for Root {
                 return Ok(());
             }
             warn!(path = %path, "restarting");
-            metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone()).increment(1);
+            metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone())
+                .increment(1);
             match spawn_child(child, &myself, &state.config).await {
                 Ok(cell) => break cell,
                 // A failed start counts as a restart too (OTP does the same), after a

@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
-use crate::telemetry::names;
 use crate::outbound::{self, RcptResult, Router};
 use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};
 use crate::store::{AttemptRecord, IncomingMessage, OutgoingRcpt, QueuedMessage, RcptState};
+use crate::telemetry::names;
 
 /// How long a sender waits for the store to record its result.
 const STORE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -246,7 +246,8 @@ fn plan_attempt(
     // The delay warning goes out with the one attempt that crosses the threshold: the
     // previous try was before it and this one is at or after it. No flag to keep.
     let warn_now = config.server_smtp_delay_warning.is_some_and(|w| {
-        let threshold = msg.received_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX);
+        let threshold =
+            msg.received_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX);
         msg.last_try_at.unwrap_or(msg.received_at) < threshold && threshold <= now
     });
     for r in results {
@@ -291,9 +292,7 @@ fn plan_attempt(
                     first_error = Some(format!("{}: {}", r.rcpt, r.status.describe()));
                 }
                 if next.is_some() {
-                    if warn_now
-                        && queue::should_notify(&msg.sender, notify, DsnKind::Delay, true)
-                    {
+                    if warn_now && queue::should_notify(&msg.sender, notify, DsnKind::Delay, true) {
                         delayed.push(dsn_rcpt());
                     }
                     RcptState::Pending
@@ -634,7 +633,11 @@ mod tests {
             ..Config::default()
         };
         let t0 = Utc::now();
-        let mut m = message(3, "s@a.test", &[("r@b.test", None), ("q@b.test", Some("FAILURE"))]);
+        let mut m = message(
+            3,
+            "s@a.test",
+            &[("r@b.test", None), ("q@b.test", Some("FAILURE"))],
+        );
         m.received_at = t0;
         let results = [result("r@b.test", temp()), result("q@b.test", temp())];
         // Before the threshold: nothing.
@@ -652,7 +655,12 @@ mod tests {
         assert!(p.delayed.is_empty());
         // Off when unset.
         m.last_try_at = Some(t0 + chrono::Duration::hours(3));
-        let p = plan_attempt(&m, &results, &Config::default(), t0 + chrono::Duration::hours(5));
+        let p = plan_attempt(
+            &m,
+            &results,
+            &Config::default(),
+            t0 + chrono::Duration::hours(5),
+        );
         assert!(p.delayed.is_empty());
     }
 

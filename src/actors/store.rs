@@ -305,7 +305,8 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         match store.accept_batch(messages).await {
             Ok(results) => {
                 let took = started.elapsed();
-                metrics::histogram!(crate::telemetry::names::COMMIT_SECONDS).record(took.as_secs_f64());
+                metrics::histogram!(crate::telemetry::names::COMMIT_SECONDS)
+                    .record(took.as_secs_f64());
                 metrics::histogram!(crate::telemetry::names::COMMIT_BATCH).record(n as f64);
                 debug!(path = %path, messages = n, micros = took.as_micros() as u64, "group commit");
                 if let Some(root) = maildir_root {
