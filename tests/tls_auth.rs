@@ -477,3 +477,53 @@ async fn outbound_may_uses_tls_when_offered() {
     assert!(sink.wait_for(1, Duration::from_secs(30)).await);
     assert!(sink.messages()[0].tls, "delivered without TLS");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn implicit_tls_port_speaks_tls_from_the_first_byte_and_offers_auth() {
+    let sink = Sink::start(SinkConfig::default()).await;
+    let mut s = start(&format!("server_smtp_tls_port: 0\n{}", relay_to(&sink)));
+    let line = s
+        .d
+        .wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
+    let line = if line.contains("listening on") {
+        line
+    } else {
+        s.d.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
+    };
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert_ne!(port, s.d.addr.port(), "a second listener: {line}");
+    let script = r#"
+import smtplib, ssl, sys
+host, port, user, pw, rcpt = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+s = smtplib.SMTP_SSL(host, port, timeout=30, context=ssl._create_unverified_context())
+s.ehlo("client.remote.test")
+print("STARTTLS" if "starttls" in s.esmtp_features else "NO-STARTTLS")
+s.login(user, pw)
+s.sendmail(user, [rcpt], "Subject: via implicit TLS\r\n\r\nhello\r\n")
+print("SENT", s.sock.version())
+s.quit()
+"#;
+    let mut cmd = Command::new(require("python3"));
+    cmd.arg("-c")
+        .arg(script)
+        .args(["127.0.0.1", &port.to_string(), BOB, PASSWORD, REMOTE]);
+    let out = run(cmd, None, Duration::from_secs(60));
+    out.assert_success("smtplib SMTP_SSL");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "NO-STARTTLS", "already under TLS");
+    assert!(
+        lines[1] == "SENT TLSv1.3" || lines[1] == "SENT TLSv1.2",
+        "{}",
+        out.stdout
+    );
+    assert!(sink.wait_for(1, Duration::from_secs(30)).await);
+    assert_log_clean(&s.d);
+}

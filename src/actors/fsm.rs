@@ -12,7 +12,7 @@
 //! the handshake on the plain socket; whatever the client pipelined after STARTTLS is
 //! either already discarded by the machine or still unread in the socket, where it breaks
 //! the handshake rather than run as a command. A connection to
-//! `server_smtp_tls_port` (implicit TLS, recognised by the local port) does the handshake
+//! `server_smtp_tls_port` (implicit TLS, told by the listener that accepted it) does the handshake
 //! before the greeting. AUTH passwords are checked against the store's argon2 hashes on
 //! the blocking pool; a failure is answered only after [`AUTH_FAILURE_DELAY`]. Nothing
 //! here logs a command line, so credentials never reach a log.
@@ -64,6 +64,8 @@ pub struct FsmArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
+    /// The connection came in on the implicit-TLS listener (`server_smtp_tls_port`).
+    pub implicit_tls: bool,
 }
 
 /// What the session actor hears.
@@ -170,10 +172,7 @@ impl Actor for Fsm {
                 None
             }
         };
-        let local_port = args.stream.local_addr().map(|a| a.port()).unwrap_or(0);
-        let implicit_tls = config
-            .server_smtp_tls_port
-            .is_some_and(|p| p != 0 && p == local_port);
+        let implicit_tls = args.implicit_tls;
         let ip = canonical_ip(args.peer.ip());
         let authorised = client_is_relay_authorised(ip, &config.server_smtp_relay_clients);
         info!(

@@ -23,6 +23,8 @@ pub struct ListenerArgs {
     pub path: String,
     /// Where accepted connections go.
     pub sup: ActorRef<SmtpdSupMsg>,
+    /// Connections here speak TLS from the first byte (`server_smtp_tls_port`).
+    pub implicit_tls: bool,
 }
 
 /// The listener takes no requests; it only lives and dies.
@@ -49,6 +51,7 @@ impl Actor for Listener {
         let local = listener.local_addr()?;
         info!(path = %args.path, addr = %local, "started; listening on {local}");
         let sup = args.sup;
+        let implicit_tls = args.implicit_tls;
         let path = args.path.clone();
         let accept_task = tokio::spawn(async move {
             loop {
@@ -56,7 +59,7 @@ impl Actor for Listener {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         if sup
-                            .send_message(SmtpdSupMsg::Accepted(stream, peer))
+                            .send_message(SmtpdSupMsg::Accepted(stream, peer, implicit_tls))
                             .is_err()
                         {
                             break;

@@ -34,8 +34,8 @@ pub struct SmtpdSupArgs {
 
 /// Requests the SMTP supervisor serves.
 pub enum SmtpdSupMsg {
-    /// A connection the listener accepted.
-    Accepted(TcpStream, SocketAddr),
+    /// A connection a listener accepted (the flag: on the implicit-TLS port).
+    Accepted(TcpStream, SocketAddr, bool),
     /// A new configuration: new sessions use it; the listener rebinds if its address
     /// changed.
     Reload(Arc<Config>),
@@ -49,36 +49,79 @@ pub enum SmtpdSupMsg {
 pub struct SmtpdSupState {
     config: Arc<Config>,
     path: String,
-    listener: Option<ActorCell>,
-    listener_addr: (std::net::IpAddr, u16),
+    /// The live listeners: the plain one and, with `server_smtp_tls_port`, the
+    /// implicit-TLS one (the flag).
+    listeners: Vec<(bool, ActorCell)>,
+    listener_addr: (std::net::IpAddr, u16, Option<u16>),
     sessions: HashMap<ActorId, (String, ActorCell)>,
     next_session: u64,
     intensity: RestartIntensity,
     draining: Option<RpcReplyPort<()>>,
 }
 
+/// Registry name of the implicit-TLS listener.
+const TLS_LISTENER: &str = "smtpd_listener_tls";
+
+fn listener_addr(config: &Config) -> (std::net::IpAddr, u16, Option<u16>) {
+    (
+        config.server_smtp_address,
+        config.server_smtp_port,
+        config.server_smtp_tls_port,
+    )
+}
+
+fn listener_name(implicit_tls: bool) -> &'static str {
+    if implicit_tls {
+        TLS_LISTENER
+    } else {
+        super::LISTENER
+    }
+}
+
+/// Start one listener: the plain one, or the implicit-TLS one.
 async fn spawn_listener(
     myself: &ActorRef<SmtpdSupMsg>,
     config: &Arc<Config>,
     path: &str,
-) -> Result<Option<ActorCell>, ActorProcessingErr> {
-    if !config.server_smtp_start {
-        warn!(path = %path, "server_smtp_start is false: the SMTP listener is not started");
-        return Ok(None);
-    }
+    implicit_tls: bool,
+) -> Result<ActorCell, ActorProcessingErr> {
+    let port = if implicit_tls {
+        config.server_smtp_tls_port.unwrap_or(465)
+    } else {
+        config.server_smtp_port
+    };
+    let name = listener_name(implicit_tls);
     let args = listener::ListenerArgs {
-        addr: SocketAddr::new(config.server_smtp_address, config.server_smtp_port),
-        path: child_path(path, super::LISTENER),
+        addr: SocketAddr::new(config.server_smtp_address, port),
+        path: child_path(path, name),
         sup: myself.clone(),
+        implicit_tls,
     };
     let (r, _) = Actor::spawn_linked(
-        Some(super::LISTENER.into()),
+        Some(name.into()),
         listener::Listener,
         args,
         myself.get_cell(),
     )
     .await?;
-    Ok(Some(r.get_cell()))
+    Ok(r.get_cell())
+}
+
+/// Start every listener the configuration asks for.
+async fn spawn_listeners(
+    myself: &ActorRef<SmtpdSupMsg>,
+    config: &Arc<Config>,
+    path: &str,
+) -> Result<Vec<(bool, ActorCell)>, ActorProcessingErr> {
+    if !config.server_smtp_start {
+        warn!(path = %path, "server_smtp_start is false: the SMTP listener is not started");
+        return Ok(Vec::new());
+    }
+    let mut out = vec![(false, spawn_listener(myself, config, path, false).await?)];
+    if config.server_smtp_tls_port.is_some() {
+        out.push((true, spawn_listener(myself, config, path, true).await?));
+    }
+    Ok(out)
 }
 
 impl Actor for SmtpdSup {
@@ -92,15 +135,12 @@ impl Actor for SmtpdSup {
         args: SmtpdSupArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         info!(path = %args.path, "started");
-        let listener = spawn_listener(&myself, &args.config, &args.path).await?;
+        let listeners = spawn_listeners(&myself, &args.config, &args.path).await?;
         Ok(SmtpdSupState {
-            listener_addr: (
-                args.config.server_smtp_address,
-                args.config.server_smtp_port,
-            ),
+            listener_addr: listener_addr(&args.config),
             config: args.config,
             path: args.path,
-            listener,
+            listeners,
             sessions: HashMap::new(),
             next_session: 0,
             intensity: RestartIntensity::otp_default(),
@@ -125,7 +165,7 @@ impl Actor for SmtpdSup {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SmtpdSupMsg::Accepted(stream, peer) => {
+            SmtpdSupMsg::Accepted(stream, peer, implicit_tls) => {
                 let host = state.config.server_smtp_name.clone();
                 if state.draining.is_some() {
                     refuse(
@@ -146,6 +186,7 @@ impl Actor for SmtpdSup {
                         peer,
                         config: state.config.clone(),
                         path: child_path(&state.path, &name),
+                        implicit_tls,
                     };
                     match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell())
                         .await
@@ -160,22 +201,22 @@ impl Actor for SmtpdSup {
                 }
             }
             SmtpdSupMsg::Reload(config) => {
-                let new_addr = (config.server_smtp_address, config.server_smtp_port);
+                let new_addr = listener_addr(&config);
                 state.config = config;
                 if new_addr != state.listener_addr && state.draining.is_none() {
-                    info!(path = %state.path, "listening address changed; restarting the listener");
+                    info!(path = %state.path, "listening address changed; restarting the listeners");
                     state.listener_addr = new_addr;
-                    if let Some(old) = state.listener.take() {
+                    for (tls, old) in state.listeners.drain(..) {
                         old.stop_and_wait(Some("rebinding".into()), Some(Duration::from_secs(2)))
                             .await
                             .ok();
+                        super::wait_unregistered(listener_name(tls)).await;
                     }
-                    super::wait_unregistered(super::LISTENER).await;
-                    state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
+                    state.listeners = spawn_listeners(&myself, &state.config, &state.path).await?;
                 }
             }
             SmtpdSupMsg::Shutdown(reply) => {
-                if let Some(l) = state.listener.take() {
+                for (_, l) in state.listeners.drain(..) {
                     l.stop(Some("shutdown".into()));
                 }
                 info!(path = %state.path, sessions = state.sessions.len(), "draining sessions");
@@ -229,21 +270,29 @@ impl Actor for SmtpdSup {
             }
             return Ok(());
         }
-        let is_listener = state.listener.as_ref().map(|l| l.get_id()) == Some(cell.get_id());
-        if !is_listener || state.draining.is_some() {
+        let Some(i) = state
+            .listeners
+            .iter()
+            .position(|(_, l)| l.get_id() == cell.get_id())
+        else {
+            return Ok(());
+        };
+        let (tls, _) = state.listeners.remove(i);
+        if state.draining.is_some() {
             return Ok(());
         }
-        let path = child_path(&state.path, super::LISTENER);
+        let name = listener_name(tls);
+        let path = child_path(&state.path, name);
         error!(path = %path, reason = failure.as_deref().unwrap_or("terminated"), "child failed");
-        state.listener = None;
         if !state.intensity.allow(Instant::now()) {
             // Escalate: our own failure lets the root decide.
             return Err(format!("{path}: restart intensity exceeded").into());
         }
-        super::wait_unregistered(super::LISTENER).await;
+        super::wait_unregistered(name).await;
         warn!(path = %path, "restarting");
         metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone()).increment(1);
-        state.listener = spawn_listener(&myself, &state.config, &state.path).await?;
+        let cell = spawn_listener(&myself, &state.config, &state.path, tls).await?;
+        state.listeners.push((tls, cell));
         info!(path = %path, "restarted");
         Ok(())
     }
