@@ -512,7 +512,10 @@ impl Config {
             }
             _ => {}
         }
-        if self.server_smtp_tls_port.is_some_and(|p| p != 0 && p == self.server_smtp_port) {
+        if self
+            .server_smtp_tls_port
+            .is_some_and(|p| p != 0 && p == self.server_smtp_port)
+        {
             return fail(
                 "server_smtp_tls_port",
                 "must differ from server_smtp_port (one port cannot be both plain and implicit TLS)",

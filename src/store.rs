@@ -368,6 +368,38 @@ pub trait MessageStore: Send + Sync + 'static {
     /// kept). Held messages are skipped. Returns how many messages are now due.
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
 
+    /// Claim several messages by id, as `claim` does for each, in one transaction where
+    /// the backend can: the queue claims the messages that arrived together at once.
+    async fn claim_many(
+        &self,
+        ids: &[String],
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(m) = self.claim(id, node, now, lease).await? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record several attempts, as `record_attempt` does for each, in one transaction
+    /// where the backend can (group commit for senders). The outer error means nothing
+    /// was recorded; the inner results are per attempt, in order.
+    async fn record_attempts(
+        &self,
+        batch: Vec<(String, String, AttemptRecord)>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (id, node, record) in batch {
+            out.push(self.record_attempt(&id, &node, record).await);
+        }
+        Ok(out)
+    }
+
     /// How many queued messages are in each state at `now`, for metrics and status.
     /// The default counts through `list_queue`; backends override it with one query.
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<QueueCounts> {

@@ -482,9 +482,8 @@ async fn outbound_may_uses_tls_when_offered() {
 async fn implicit_tls_port_speaks_tls_from_the_first_byte_and_offers_auth() {
     let sink = Sink::start(SinkConfig::default()).await;
     let mut s = start(&format!("server_smtp_tls_port: 0\n{}", relay_to(&sink)));
-    let line = s
-        .d
-        .wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
+    let line =
+        s.d.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
     let line = if line.contains("listening on") {
         line
     } else {

@@ -22,7 +22,7 @@ use super::sender::{self, Sender, SenderArgs};
 use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
-use crate::store::{AttemptRecord, QueuedMessage, RcptState};
+use crate::store::{AttemptRecord, QueuedMessage, RcptState, StoreResult};
 
 /// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
 pub const MAX_SENDER_RESPAWNS: u32 = 3;
@@ -53,6 +53,8 @@ pub enum QueueMsg {
     Tick,
     /// A new configuration.
     Reload(Arc<Config>),
+    /// The answer to a claim of new messages.
+    Claimed(Option<StoreResult<Vec<QueuedMessage>>>),
     /// Number of senders at work (for status and tests).
     Active(RpcReplyPort<usize>),
     /// Test-only fault injection.
@@ -75,6 +77,10 @@ pub struct QueueState {
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
+    /// New messages announced by the store, waiting to be claimed.
+    new_ids: Vec<String>,
+    /// Sender slots reserved by the claim in flight (0: none in flight).
+    claiming: usize,
 }
 
 fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
@@ -134,7 +140,37 @@ impl QueueState {
     fn free_slots(&self) -> usize {
         self.config
             .server_smtp_max_senders
-            .saturating_sub(self.senders.len())
+            .saturating_sub(self.senders.len() + self.claiming)
+    }
+
+    /// Claim the new messages waiting, as many as there are free senders, off the actor;
+    /// the answer comes back as `Claimed`. Those beyond capacity are left to the tick.
+    fn claim_new(&mut self, myself: &ActorRef<QueueMsg>) {
+        let room = self.free_slots();
+        if room == 0 {
+            self.new_ids.clear();
+            self.backlog = true;
+            return;
+        }
+        let take = room.min(self.new_ids.len());
+        let ids: Vec<String> = self.new_ids.drain(..take).collect();
+        if !self.new_ids.is_empty() {
+            self.new_ids.clear();
+            self.backlog = true;
+        }
+        self.claiming = ids.len();
+        let (node, lease) = (self.owner.clone(), self.config.server_smtp_lock_lease);
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = store_call(|reply| QueueOp::ClaimMany {
+                ids,
+                node,
+                lease,
+                reply,
+            })
+            .await;
+            let _ = me.send_message(QueueMsg::Claimed(result));
+        });
     }
 
     async fn spawn_sender(
@@ -237,6 +273,8 @@ impl Actor for QueueActor {
             ticker,
             senders: HashMap::new(),
             backlog: true,
+            new_ids: Vec::new(),
+            claiming: 0,
         })
     }
 
@@ -269,30 +307,26 @@ impl Actor for QueueActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             QueueMsg::NewMessage(id) => {
-                if state.free_slots() == 0 {
-                    // The tick picks it up when a sender is free.
-                    state.backlog = true;
-                    return Ok(());
+                // New messages that arrive while a claim is in flight are claimed
+                // together by the next one: one transaction for many.
+                state.new_ids.push(id);
+                if state.claiming == 0 {
+                    state.claim_new(&myself);
                 }
-                let (node, lease) = (state.owner.clone(), state.config.server_smtp_lock_lease);
-                let claimed = store_call(|reply| QueueOp::Claim {
-                    id: id.clone(),
-                    node,
-                    lease,
-                    reply,
-                })
-                .await;
-                match claimed {
-                    Some(Ok(Some(m))) => state.spawn_sender(&myself, m, 0).await,
-                    Some(Ok(None)) => {
-                        debug!(path = %state.path, queue_id = %id, "not claimable (another node has it, or it is held)")
+            }
+            QueueMsg::Claimed(result) => {
+                state.claiming = 0;
+                match result {
+                    Some(Ok(messages)) => {
+                        for m in messages {
+                            state.spawn_sender(&myself, m, 0).await;
+                        }
                     }
-                    Some(Err(e)) => {
-                        warn!(path = %state.path, queue_id = %id, error = %e, "claim failed")
-                    }
-                    None => {
-                        warn!(path = %state.path, queue_id = %id, "store did not answer a claim")
-                    }
+                    Some(Err(e)) => warn!(path = %state.path, error = %e, "claim failed"),
+                    None => warn!(path = %state.path, "store did not answer a claim"),
+                }
+                if !state.new_ids.is_empty() {
+                    state.claim_new(&myself);
                 }
             }
             QueueMsg::Tick => state.claim_due(&myself).await,

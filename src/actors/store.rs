@@ -60,6 +60,8 @@ pub enum StoreMsg {
     Reload(Arc<Config>),
     /// The commit in flight ended; start the next one if anything waits.
     CommitDone,
+    /// The batch of attempt records in flight ended.
+    RecordsDone,
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
@@ -77,6 +79,17 @@ pub enum QueueOp {
         /// Most messages to claim.
         limit: usize,
         /// The claimed messages.
+        reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
+    },
+    /// Claim several messages by id, in one transaction.
+    ClaimMany {
+        /// Queue ids.
+        ids: Vec<String>,
+        /// Lock owner to stamp.
+        node: String,
+        /// Lease length.
+        lease: std::time::Duration,
+        /// The messages that could be claimed.
         reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
     },
     /// Claim one message by id.
@@ -131,6 +144,40 @@ pub enum QueueOp {
     },
 }
 
+type PendingRecord = (
+    String,
+    String,
+    store::AttemptRecord,
+    RpcReplyPort<StoreResult<()>>,
+);
+
+/// Record every waiting attempt in one transaction, off the actor; answer each sender.
+fn start_records(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
+    state.records_in_flight = true;
+    let batch = std::mem::take(&mut state.records);
+    let store = state.store.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let (work, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|(id, node, record, reply)| ((id, node, record), reply))
+            .unzip();
+        match store.record_attempts(work).await {
+            Ok(results) => {
+                for (r, reply) in results.into_iter().zip(replies) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        let _ = me.send_message(StoreMsg::RecordsDone);
+    });
+}
+
 type Waiting = (IncomingMessage, RpcReplyPort<StoreResult<Accepted>>);
 
 /// The store actor's state.
@@ -140,6 +187,9 @@ pub struct StoreState {
     path: String,
     pending: Vec<Waiting>,
     in_flight: bool,
+    /// Attempt records waiting for the next record batch (group commit for senders).
+    records: Vec<PendingRecord>,
+    records_in_flight: bool,
 }
 
 impl Actor for StoreActor {
@@ -161,6 +211,8 @@ impl Actor for StoreActor {
             path: args.path,
             pending: Vec::new(),
             in_flight: false,
+            records: Vec::new(),
+            records_in_flight: false,
         })
     }
 
@@ -208,6 +260,23 @@ impl Actor for StoreActor {
                     let _ = reply.send(store.password_hash(&address).await);
                 });
             }
+            StoreMsg::Queue(QueueOp::Record {
+                id,
+                node,
+                record,
+                reply,
+            }) => {
+                state.records.push((id, node, record, reply));
+                if !state.records_in_flight {
+                    start_records(&myself, state);
+                }
+            }
+            StoreMsg::RecordsDone => {
+                state.records_in_flight = false;
+                if !state.records.is_empty() {
+                    start_records(&myself, state);
+                }
+            }
             StoreMsg::Queue(op) => {
                 let store = state.store.clone();
                 tokio::spawn(run_queue_op(store, op));
@@ -232,6 +301,14 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
             reply,
         } => {
             let _ = reply.send(store.claim_due(&node, now, lease, limit).await);
+        }
+        QueueOp::ClaimMany {
+            ids,
+            node,
+            lease,
+            reply,
+        } => {
+            let _ = reply.send(store.claim_many(&ids, &node, now, lease).await);
         }
         QueueOp::Claim {
             id,

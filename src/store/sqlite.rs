@@ -344,6 +344,102 @@ fn outgoing_row(r: &SqliteRow) -> StoreResult<OutgoingRow> {
 
 /// One queued message with its pending recipients and body, read on `conn` (inside the
 /// caller's transaction, so the three reads agree).
+/// Claim one message inside a write transaction (see `MessageStore::claim`).
+async fn claim_in(
+    conn: &mut SqliteConnection,
+    id: &str,
+    node: &str,
+    now: DateTime<Utc>,
+    lease: Duration,
+) -> StoreResult<Option<QueuedMessage>> {
+    let done = sqlx::query(
+        "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+         WHERE id = $3 AND next_retry_at <= $4 AND held = 0
+           AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
+    )
+    .bind(node)
+    .bind(lease_end(now, lease))
+    .bind(id)
+    .bind(ms(now))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if done.rows_affected() != 1 {
+        return Ok(None);
+    }
+    load_queued(conn, id).await
+}
+
+/// Record one attempt inside a write transaction (see `MessageStore::record_attempt`).
+/// A lost lease is found before anything is written, so a batch can go on past it.
+async fn record_in(
+    conn: &mut SqliteConnection,
+    id: &str,
+    node: &str,
+    outcome: &AttemptRecord,
+) -> StoreResult<()> {
+    let owner: Option<Option<String>> =
+        sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    match owner {
+        None => {
+            return Err(StoreError::Invalid(format!("no queued message {id}")));
+        }
+        Some(owner) if owner.as_deref() != Some(node) => {
+            return Err(StoreError::Invalid(format!(
+                "queued message {id} is not locked by {node} (lease lost)"
+            )));
+        }
+        Some(_) => {}
+    }
+    let at = ms(outcome.at);
+    for (address, state, response) in &outcome.rcpt_results {
+        sqlx::query(
+            "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
+             WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
+        )
+        .bind(state.as_str())
+        .bind(response)
+        .bind(at)
+        .bind(id)
+        .bind(address)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    }
+    sqlx::query(
+        "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
+             next_retry_at = COALESCE($3, next_retry_at),
+             lock_owner = NULL, lock_expires_at = NULL
+         WHERE id = $4",
+    )
+    .bind(at)
+    .bind(&outcome.error)
+    .bind(outcome.next_retry_at.map(ms))
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if pending == 0 {
+        sqlx::query("DELETE FROM outgoing WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
 async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<QueuedMessage>> {
     let row = sqlx::query(concat!(
         "SELECT ",
@@ -787,22 +883,7 @@ impl MessageStore for SqliteStore {
     ) -> StoreResult<Option<QueuedMessage>> {
         let _writer = self.writer.lock().await;
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query(
-            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
-             WHERE id = $3 AND next_retry_at <= $4 AND held = 0
-               AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
-        )
-        .bind(node)
-        .bind(lease_end(now, lease))
-        .bind(id)
-        .bind(ms(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let m = load_queued(&mut tx, id).await?;
+        let m = claim_in(&mut tx, id, node, now, lease).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(m)
     }
@@ -835,65 +916,7 @@ impl MessageStore for SqliteStore {
     ) -> StoreResult<()> {
         let _writer = self.writer.lock().await;
         let mut tx = self.write_tx().await?;
-        let owner: Option<Option<String>> =
-            sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        match owner {
-            None => {
-                return Err(StoreError::Invalid(format!("no queued message {id}")));
-            }
-            Some(owner) if owner.as_deref() != Some(node) => {
-                return Err(StoreError::Invalid(format!(
-                    "queued message {id} is not locked by {node} (lease lost)"
-                )));
-            }
-            Some(_) => {}
-        }
-        let at = ms(outcome.at);
-        for (address, state, response) in &outcome.rcpt_results {
-            sqlx::query(
-                "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
-                 WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
-            )
-            .bind(state.as_str())
-            .bind(response)
-            .bind(at)
-            .bind(id)
-            .bind(address)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        sqlx::query(
-            "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
-                 next_retry_at = COALESCE($3, next_retry_at),
-                 lock_owner = NULL, lock_expires_at = NULL
-             WHERE id = $4",
-        )
-        .bind(at)
-        .bind(&outcome.error)
-        .bind(outcome.next_retry_at.map(ms))
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if pending == 0 {
-            sqlx::query("DELETE FROM outgoing WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
+        record_in(&mut tx, id, node, &outcome).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -1036,6 +1059,50 @@ impl MessageStore for SqliteStore {
         }
         .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_many(
+        &self,
+        ids: &[String],
+        node: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _writer = self.writer.lock().await;
+        let mut tx = self.write_tx().await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(m) = claim_in(&mut tx, id, node, now, lease).await? {
+                out.push(m);
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    async fn record_attempts(
+        &self,
+        batch: Vec<(String, String, AttemptRecord)>,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _writer = self.writer.lock().await;
+        let mut tx = self.write_tx().await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for (id, node, record) in &batch {
+            match record_in(&mut tx, id, node, record).await {
+                // A lost lease or a deleted message wrote nothing: the others go on.
+                Err(StoreError::Invalid(why)) => out.push(Err(StoreError::Invalid(why))),
+                Err(e) => return Err(e),
+                Ok(()) => out.push(Ok(())),
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
     }
 
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<super::QueueCounts> {
