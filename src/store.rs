@@ -6,6 +6,7 @@
 //! Backends: `sqlite` (embedded default) and, later, `postgres` (shared by a cluster).
 //! Every backend passes the contract suite in `store/contract.rs`.
 
+pub mod common;
 pub mod contract;
 pub mod maildir;
 pub mod password;

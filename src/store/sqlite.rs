@@ -10,12 +10,15 @@
 //! so no row is given to two processes. Times are unix milliseconds. It must not decide
 //! policy (retry schedule, who is local): callers pass those in.
 
+use super::common::{
+    from_ms, lease_end, ms, new_queue_id, norm_address, norm_domain, norm_mailbox, opt_from_ms,
+    to_u32, to_u64,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rand::RngCore;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -235,71 +238,6 @@ fn db_err(e: sqlx::Error) -> StoreError {
         }
         other => StoreError::Backend(other.to_string()),
     }
-}
-
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn from_ms(v: i64) -> StoreResult<DateTime<Utc>> {
-    DateTime::from_timestamp_millis(v)
-        .ok_or_else(|| StoreError::Backend(format!("stored time {v} out of range")))
-}
-
-fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<DateTime<Utc>>> {
-    v.map(from_ms).transpose()
-}
-
-/// `now + lease` in milliseconds, saturating rather than wrapping on absurd leases.
-fn lease_end(now: DateTime<Utc>, lease: Duration) -> i64 {
-    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-    ms(now).saturating_add(lease_ms)
-}
-
-/// A domain name as stored: trimmed, lower-case, without a trailing dot.
-fn norm_domain(name: &str) -> StoreResult<String> {
-    let d = name.trim().trim_end_matches('.').to_lowercase();
-    if d.is_empty() || d.chars().any(|c| c.is_whitespace() || c == '@' || c == '/') {
-        return Err(StoreError::Invalid(format!("invalid domain name {name:?}")));
-    }
-    Ok(d)
-}
-
-/// A user address as stored: `local@domain`, lower-case (look-ups are case-insensitive,
-/// as Postfix's are). Returns (address, local part, domain).
-fn norm_address(address: &str) -> StoreResult<(String, String, String)> {
-    let a = address.trim();
-    let (local, domain) = a
-        .rsplit_once('@')
-        .ok_or_else(|| StoreError::Invalid(format!("invalid address {address:?}: no @domain")))?;
-    if local.is_empty() || local.chars().any(char::is_whitespace) {
-        return Err(StoreError::Invalid(format!("invalid address {address:?}")));
-    }
-    let local = local.to_lowercase();
-    let domain = norm_domain(domain)?;
-    Ok((format!("{local}@{domain}"), local, domain))
-}
-
-/// The IMAP rule: `INBOX` is case-insensitive; other names are as given.
-fn norm_mailbox(name: &str) -> &str {
-    if name.eq_ignore_ascii_case("INBOX") {
-        "INBOX"
-    } else {
-        name
-    }
-}
-
-/// A Postfix-like queue id: 16 upper-case hex digits (64 random bits).
-fn new_queue_id() -> String {
-    format!("{:016X}", rand::rng().next_u64())
-}
-
-fn to_u32(v: i64) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
 }
 
 /// The row part of a queued message (body and recipients read separately).
