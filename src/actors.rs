@@ -101,7 +101,9 @@ impl TreeNode {
         let mut children: Vec<TreeNode> = cell
             .get_children()
             .iter()
-            .filter(|c| c.get_status() == ractor::ActorStatus::Running)
+            // A child still in `post_start` counts as live: the tree logged at start-up
+            // must show a listener that has bound its port but not yet finished starting.
+            .filter(|c| ractor::ACTIVE_STATES.contains(&c.get_status()))
             .map(TreeNode::of)
             .collect();
         children.sort_by_key(|c| natural_key(&c.name));
