@@ -6,7 +6,7 @@
 //! ├── smtpd_sup                    one_for_one
 //! │   ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
 //! │   └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
-//! └── smtpd_queue                  NewMessage casts + periodic Tick
+//! └── smtpd_queue                  Leased casts + periodic Tick
 //!     └── smtpc_sender#<queue-id>  delivers one message
 //! ```
 //!

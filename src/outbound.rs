@@ -1,8 +1,9 @@
 //! Outbound delivery: where a recipient's mail goes (`route`: `server_smtp_routes`,
 //! then `server_smtp_relay_host`, then DNS MX with A/AAAA fallback, null MX refused)
 //! and the SMTP client dialogue that hands it over (`client`: EHLO as
-//! `server_smtp_name`, opportunistic STARTTLS, one result per recipient). `wire` holds
-//! the byte-level pieces (reply parsing, dot-stuffing).
+//! `server_smtp_name`, opportunistic STARTTLS, one result per recipient, connections
+//! reused through the router's `ConnectionCache` as Postfix's connection cache does).
+//! `wire` holds the byte-level pieces (reply parsing, dot-stuffing).
 //!
 //! This is the only folder that does outbound network I/O. It decides nothing about
 //! retries or notifications: it reports per-recipient `RcptStatus` values and leaves
@@ -12,15 +13,20 @@ pub mod client;
 pub mod route;
 pub mod wire;
 
-pub use client::{deliver, DeliveryOptions, DeliveryReport, Hop, RcptResult};
+pub use client::{
+    deliver, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Hop, RcptResult,
+    CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT, CONNECTION_REUSE_COUNT_LIMIT,
+    CONNECTION_REUSE_TIME_LIMIT,
+};
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
 
 use crate::queue::outcome::RcptStatus;
 
 /// Delivers one message to all its recipients: groups them by next hop (recipients of
 /// one domain, or of domains sharing a route, travel in one SMTP transaction), resolves
-/// each hop and delivers each group, the groups concurrently. Returns one result per
-/// recipient, in the order of `rcpts`.
+/// each hop and delivers each group, the groups concurrently, over the router's cached
+/// connections where there are any. Returns one result per recipient, in the order of
+/// `rcpts`.
 ///
 /// A recipient whose hop cannot be resolved gets the routing failure (null MX and
 /// NXDOMAIN permanent, other DNS trouble temporary); `remote_mta` is then `None`.
@@ -52,6 +58,7 @@ pub async fn deliver_message(
                     &group_rcpts,
                     body,
                     router.delivery_options(),
+                    Some(router.connection_cache()),
                 )
                 .await
                 .results

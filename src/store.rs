@@ -111,6 +111,45 @@ pub struct Accepted {
     pub message_ids: Vec<i64>,
 }
 
+/// The claim stamped on queued rows as they are inserted (see `accept_leased`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptLease {
+    /// Lock owner (`node:pid`).
+    pub node: String,
+    /// When the lease lapses.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl QueuedMessage {
+    /// The queued message that `accept_leased` stored for `m` under `queue_id` with
+    /// `lease`, built from the accepted message itself rather than read back.
+    pub fn from_accepted(m: IncomingMessage, queue_id: String, lease: &AcceptLease) -> Self {
+        // Times as the store keeps them: whole milliseconds.
+        let ms =
+            |t: DateTime<Utc>| DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
+        let received_at = ms(m.received_at);
+        QueuedMessage {
+            id: queue_id,
+            sender: m.sender,
+            ret: m.ret,
+            envid: m.envid,
+            client_ip: m.client_ip,
+            helo: m.helo,
+            received_at,
+            tries: 0,
+            last_try_at: None,
+            last_error: None,
+            next_retry_at: ms(lease.expires_at),
+            lock_owner: Some(lease.node.clone()),
+            lock_expires_at: Some(ms(lease.expires_at)),
+            held: false,
+            size: m.body.len() as u64,
+            rcpts: m.remote_rcpts,
+            body: m.body,
+        }
+    }
+}
+
 /// A message in a user's mailbox, for listings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageSummary {
@@ -301,7 +340,19 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Commit a batch of accepted messages in one transaction (group commit). Either all
     /// are durably stored or none is; results are in input order.
-    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>>;
+    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+        self.accept_leased(&messages, None).await
+    }
+    /// `accept_batch`, and with `lease` every queued row is inserted already claimed by
+    /// `lease.node` until `lease.expires_at` (claim at accept): the accepting process
+    /// tries the message at once without a second transaction to claim it, and no other
+    /// process takes it before that lease lapses. A leased row is inserted due at the
+    /// lease's end (so scans for due messages skip it); `release` makes it due at once.
+    async fn accept_leased(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+    ) -> StoreResult<Vec<Accepted>>;
     /// Messages of a user's mailbox, oldest first.
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>>;
     /// One message of a user, by id.
@@ -321,7 +372,7 @@ pub trait MessageStore: Send + Sync + 'static {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>>;
-    /// Claim one message by id under the same conditions as `claim_due` (for a NewMessage
+    /// Claim one message by id under the same conditions as `claim_due` (for a flush or a
     /// notice or a flush). `None` if it does not exist, is held, not due, or locked by
     /// anyone (this node included) with an unexpired lease.
     async fn claim(
@@ -347,8 +398,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// was lost, or the message was deleted by the administrator).
     async fn record_attempt(&self, id: &str, node: &str, outcome: AttemptRecord)
         -> StoreResult<()>;
-    /// Clear our lock without recording a try (shutdown, or a crash counted elsewhere).
-    /// Does nothing if the lock is not `node`'s.
+    /// Clear our lock without recording a try (shutdown, no free sender, or a crash
+    /// counted elsewhere); a message not yet due falls due now. Does nothing if the lock
+    /// is not `node`'s.
     async fn release(&self, id: &str, node: &str) -> StoreResult<()>;
 
     // ----- outgoing queue: administration (postqueue/postsuper) -----
@@ -368,24 +420,6 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Make one message (`Some(id)`) or all messages due at `now` (an earlier due time is
     /// kept). Held messages are skipped. Returns how many messages are now due.
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
-
-    /// Claim several messages by id, as `claim` does for each, in one transaction where
-    /// the backend can: the queue claims the messages that arrived together at once.
-    async fn claim_many(
-        &self,
-        ids: &[String],
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-    ) -> StoreResult<Vec<QueuedMessage>> {
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(m) = self.claim(id, node, now, lease).await? {
-                out.push(m);
-            }
-        }
-        Ok(out)
-    }
 
     /// Record several attempts, as `record_attempt` does for each, in one transaction
     /// where the backend can (group commit for senders). The outer error means nothing

@@ -1,7 +1,8 @@
-//! Integration tests of the outbound layer (routing over DNS, the SMTP client) and of
-//! the DSN builder read back by Python's `email` package, all on loopback: an
-//! in-process DNS server (`support/dns.rs`) and scriptable SMTP sinks
-//! (`support/sink.rs`).
+//! Integration tests of the outbound layer (routing over DNS, the SMTP client and its
+//! connection cache) and of the DSN builder read back by Python's `email` package, all
+//! on loopback: an in-process DNS server (`support/dns.rs`), scriptable SMTP sinks
+//! (`support/sink.rs`) and, for connection reuse, a small server here (`Probe`) that
+//! numbers its connections and notes how each one ended.
 
 #[path = "support/dns.rs"]
 mod dns;
@@ -10,11 +11,13 @@ mod sink;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::TimeZone;
 use erlmail::outbound::{
-    deliver, deliver_message, DeliveryOptions, Hop, NextHop, RouteError, Router, RouterConfig,
+    deliver, deliver_message, CacheLimits, ConnectionCache, DeliveryOptions, Hop, NextHop,
+    RouteError, Router, RouterConfig, CONNECTION_CACHE_TIME_LIMIT,
 };
 use erlmail::queue::dsn::{build_dsn, DsnInput, DsnKind, DsnRecipient, Ret};
 use erlmail::queue::outcome::{FailureCause, Outcome, RcptStatus, SmtpReply};
@@ -54,6 +57,37 @@ fn rcpts(list: &[&str]) -> Vec<String> {
 
 fn wait() -> Duration {
     Duration::from_secs(10)
+}
+
+/// Waits until `cond` holds, for at most 20 s (only a bound on something that must
+/// happen); false if it never did.
+async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How many QUITs the sink received.
+fn quits(sink: &Sink) -> usize {
+    sink.commands()
+        .iter()
+        .filter(|c| c.eq_ignore_ascii_case("QUIT"))
+        .count()
+}
+
+/// How many EHLOs the sink received.
+fn ehlos(sink: &Sink) -> usize {
+    sink.commands()
+        .iter()
+        .filter(|c| c.starts_with("EHLO "))
+        .count()
 }
 
 #[tokio::test]
@@ -188,6 +222,7 @@ async fn all_hosts_failing_is_temporary_with_last_reply() {
         &rcpts(&["b@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     assert_eq!(report.skipped.len(), 2);
@@ -377,6 +412,7 @@ async fn per_recipient_results_in_one_transaction() {
         &rcpts(&["ok@example.test", "defer@example.test", "fail@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     let codes: Vec<(Outcome, Option<u16>)> = report
@@ -409,6 +445,7 @@ async fn no_data_when_every_recipient_is_refused() {
         &rcpts(&["fail1@example.test", "defer1@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     assert_eq!(report.results[0].status.outcome(), Outcome::Permanent);
@@ -427,7 +464,18 @@ async fn deferred_transaction_is_temporary_then_delivered() {
     let hops = [Hop::addr(sink.addr())];
     let to = rcpts(&["b@example.test"]);
     let o = opts();
-    let go = || deliver(&hops, "erlmail.test", "a@origin.test", &to, BODY, &o);
+    let cache = ConnectionCache::new();
+    let go = || {
+        deliver(
+            &hops,
+            "erlmail.test",
+            "a@origin.test",
+            &to,
+            BODY,
+            &o,
+            Some(&cache),
+        )
+    };
     let first = go().await;
     match &first.results[0].status {
         RcptStatus::Temporary {
@@ -448,6 +496,12 @@ async fn deferred_transaction_is_temporary_then_delivered() {
             .collect::<Vec<_>>(),
         vec![451, 250]
     );
+    // A 451 after the dot ends the connection: the retry needed a new one.
+    assert_eq!(sink.connections(), 2);
+    assert!(
+        wait_until(|| quits(&sink) >= 1).await,
+        "the 451 session was QUIT"
+    );
 }
 
 #[tokio::test]
@@ -464,6 +518,7 @@ async fn mail_from_5xx_fails_all_recipients_permanently() {
         &rcpts(&["b@example.test", "c@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     for r in &report.results {
@@ -488,6 +543,7 @@ async fn dot_stuffing_round_trip() {
         &rcpts(&["b@example.test"]),
         body,
         &opts(),
+        None,
     )
     .await;
     assert!(matches!(
@@ -513,6 +569,7 @@ async fn broken_tls_retries_host_in_plain_text() {
         &rcpts(&["b@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     assert!(
@@ -534,6 +591,7 @@ async fn working_tls_is_used() {
         &rcpts(&["b@example.test"]),
         BODY,
         &opts(),
+        None,
     )
     .await;
     assert!(report.tls);
@@ -648,4 +706,411 @@ print(json.dumps(out, sort_keys=True))
             "Last-Attempt-Date": "Fri, 1 Mar 2024 12:00:00 +0000",
         })
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection reuse.
+
+/// How the probe server misbehaves, always on its first connection only and only after
+/// that connection's first transaction (so the client has cached it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quirk {
+    /// None: a plain, well-behaved server.
+    Polite,
+    /// Close without a reply when the second MAIL FROM arrives, as a server whose idle
+    /// timeout struck just as the client reused the connection.
+    DropOnReusedMail,
+    /// Answer that MAIL FROM with `421` and close.
+    Reply421OnReusedMail,
+    /// Close right after the `250` of the first transaction, while the connection sits
+    /// in the client's cache.
+    CloseWhileIdle,
+}
+
+/// How a probe connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The client sent QUIT.
+    Quit,
+    /// The client closed without QUIT.
+    Eof,
+    /// The server closed it (a quirk).
+    ByServer,
+}
+
+#[derive(Default)]
+struct ProbeLog {
+    connections: usize,
+    /// (connection number from 1, command line)
+    commands: Vec<(usize, String)>,
+    /// (connection number, how it ended, when)
+    endings: Vec<(usize, Ending, Instant)>,
+    /// The connection number of each accepted message.
+    delivered: Vec<usize>,
+}
+
+/// A plain-text SMTP server on 127.0.0.1 that numbers its connections and records which
+/// connection carried each command and message, and how each connection ended.
+struct Probe {
+    addr: SocketAddr,
+    log: Arc<Mutex<ProbeLog>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Probe {
+    async fn start(quirk: Quirk) -> Probe {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(ProbeLog::default()));
+        let l = log.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = {
+                    let mut log = l.lock().unwrap();
+                    log.connections += 1;
+                    log.connections
+                };
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let ending = probe_session(stream, n, quirk, &l)
+                        .await
+                        .unwrap_or(Ending::Eof);
+                    l.lock().unwrap().endings.push((n, ending, Instant::now()));
+                });
+            }
+        });
+        Probe { addr, log, task }
+    }
+
+    fn hop(&self) -> Hop {
+        Hop::addr(self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.log.lock().unwrap().connections
+    }
+
+    fn delivered(&self) -> Vec<usize> {
+        self.log.lock().unwrap().delivered.clone()
+    }
+
+    fn ending(&self, conn: usize) -> Option<(Ending, Instant)> {
+        let log = self.log.lock().unwrap();
+        log.endings
+            .iter()
+            .find(|(n, _, _)| *n == conn)
+            .map(|(_, e, at)| (*e, *at))
+    }
+
+    fn count(&self, verb: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter(|(_, c)| c.to_ascii_uppercase().starts_with(verb))
+            .count()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn probe_session(
+    stream: tokio::net::TcpStream,
+    n: usize,
+    quirk: Quirk,
+    log: &Mutex<ProbeLog>,
+) -> std::io::Result<Ending> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut io = BufReader::new(stream);
+    io.get_mut().write_all(b"220 probe.test ESMTP\r\n").await?;
+    let mut mails = 0;
+    let mut rcpts = 0;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if io.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(Ending::Eof);
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        log.lock().unwrap().commands.push((n, text.clone()));
+        let upper = text.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO ") {
+            "250-probe.test\r\n250-PIPELINING\r\n250 8BITMIME".to_string()
+        } else if upper.starts_with("MAIL FROM:") {
+            mails += 1;
+            rcpts = 0;
+            if n == 1 && mails == 2 {
+                match quirk {
+                    Quirk::DropOnReusedMail => return Ok(Ending::ByServer),
+                    Quirk::Reply421OnReusedMail => {
+                        io.get_mut()
+                            .write_all(b"421 4.4.2 probe.test idle too long\r\n")
+                            .await?;
+                        return Ok(Ending::ByServer);
+                    }
+                    _ => {}
+                }
+            }
+            "250 2.1.0 Ok".into()
+        } else if upper.starts_with("RCPT TO:") {
+            if upper.contains("<FAIL") {
+                "550 5.1.1 User unknown".into()
+            } else {
+                rcpts += 1;
+                "250 2.1.5 Ok".into()
+            }
+        } else if upper == "DATA" {
+            if rcpts == 0 {
+                "554 5.5.1 no valid recipients".into()
+            } else {
+                io.get_mut().write_all(b"354 go ahead\r\n").await?;
+                loop {
+                    line.clear();
+                    if io.read_until(b'\n', &mut line).await? == 0 {
+                        return Ok(Ending::Eof);
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                }
+                log.lock().unwrap().delivered.push(n);
+                if n == 1 && quirk == Quirk::CloseWhileIdle {
+                    io.get_mut().write_all(b"250 2.0.0 Ok: queued\r\n").await?;
+                    return Ok(Ending::ByServer);
+                }
+                "250 2.0.0 Ok: queued".into()
+            }
+        } else if upper == "RSET" || upper == "NOOP" {
+            "250 2.0.0 Ok".into()
+        } else if upper == "QUIT" {
+            io.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
+            return Ok(Ending::Quit);
+        } else {
+            "502 5.5.2 command not recognized".into()
+        };
+        io.get_mut()
+            .write_all(format!("{reply}\r\n").as_bytes())
+            .await?;
+    }
+}
+
+/// One message to `hops` through `cache`.
+async fn send_via(hops: &[Hop], cache: &ConnectionCache) -> erlmail::outbound::DeliveryReport {
+    deliver(
+        hops,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["b@example.test"]),
+        BODY,
+        &opts(),
+        Some(cache),
+    )
+    .await
+}
+
+fn delivered(report: &erlmail::outbound::DeliveryReport) -> bool {
+    report
+        .results
+        .iter()
+        .all(|r| matches!(r.status, RcptStatus::Delivered { .. }))
+}
+
+#[tokio::test]
+async fn consecutive_messages_share_one_tls_connection() {
+    let sink = Sink::start(SinkConfig::default()).await;
+    let dns = dns::DnsServer::start(dns::Zone::new()).await;
+    let r = router_with(
+        &dns,
+        25,
+        BTreeMap::new(),
+        Some(format!("127.0.0.1:{}", sink.port())),
+    );
+    for to in ["one@example.test", "two@other.test"] {
+        let res = deliver_message(&r, "erlmail.test", "a@origin.test", &rcpts(&[to]), BODY).await;
+        assert!(
+            matches!(res[0].status, RcptStatus::Delivered { .. }),
+            "{res:?}"
+        );
+        assert!(res[0].tls);
+        assert_eq!(res[0].remote_addr, Some(sink.addr()));
+    }
+    assert_eq!(sink.count(), 2);
+    assert_eq!(
+        sink.connections(),
+        1,
+        "the second message reused the first's"
+    );
+    // One EHLO before STARTTLS and one after, for both messages.
+    assert_eq!(ehlos(&sink), 2);
+    assert!(sink.messages().iter().all(|m| m.tls));
+    assert_eq!(
+        sink.commands()
+            .iter()
+            .filter(|c| c.as_str() == "STARTTLS")
+            .count(),
+        1
+    );
+    assert_eq!(quits(&sink), 0, "kept open, not QUIT");
+    assert_eq!(r.connection_cache().idle(), 1);
+    // Another router (a reload) has a cache of its own.
+    let r2 = router_with(
+        &dns,
+        25,
+        BTreeMap::new(),
+        Some(format!("127.0.0.1:{}", sink.port())),
+    );
+    assert_eq!(r2.connection_cache().idle(), 0);
+    let res = deliver_message(
+        &r2,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["x@y.test"]),
+        BODY,
+    )
+    .await;
+    assert!(matches!(res[0].status, RcptStatus::Delivered { .. }));
+    assert_eq!(sink.connections(), 2);
+}
+
+#[tokio::test]
+async fn reuse_count_limit_moves_to_a_new_connection() {
+    let probe = Probe::start(Quirk::Polite).await;
+    let cache = ConnectionCache::with_limits(CacheLimits {
+        reuse_count: 2,
+        ..CacheLimits::default()
+    });
+    for _ in 0..3 {
+        assert!(delivered(&send_via(&[probe.hop()], &cache).await));
+    }
+    assert_eq!(probe.delivered(), vec![1, 1, 2]);
+    assert_eq!(probe.count("EHLO"), 2);
+    assert!(wait_until(|| probe.ending(1).is_some()).await);
+    assert_eq!(
+        probe.ending(1).map(|(e, _)| e),
+        Some(Ending::Quit),
+        "closed with QUIT after its second transaction"
+    );
+    assert_eq!(cache.idle(), 1);
+}
+
+#[tokio::test]
+async fn cached_connection_closed_by_the_server_is_replaced_on_the_same_host() {
+    for quirk in [Quirk::DropOnReusedMail, Quirk::Reply421OnReusedMail] {
+        let probe = Probe::start(quirk).await;
+        // A second host that must not be tried: the stale connection is no host failure.
+        let backup = Sink::start(SinkConfig::default()).await;
+        let hops = [probe.hop(), Hop::addr(backup.addr())];
+        let cache = ConnectionCache::new();
+        assert!(delivered(&send_via(&hops, &cache).await));
+        assert_eq!(cache.idle(), 1);
+        let report = send_via(&hops, &cache).await;
+        assert!(delivered(&report), "{quirk:?}: {report:?}");
+        assert!(report.skipped.is_empty(), "{quirk:?}: {report:?}");
+        assert_eq!(report.remote, Some(probe.hop()));
+        assert_eq!(probe.delivered(), vec![1, 2], "{quirk:?}");
+        assert_eq!(probe.connections(), 2);
+        assert_eq!(probe.ending(1).map(|(e, _)| e), Some(Ending::ByServer));
+        assert_eq!(backup.connections(), 0, "{quirk:?}: went to the next host");
+        assert_eq!(cache.idle(), 1, "the fresh connection is cached in turn");
+    }
+}
+
+#[tokio::test]
+async fn connection_closed_while_idle_is_replaced() {
+    let probe = Probe::start(Quirk::CloseWhileIdle).await;
+    let cache = ConnectionCache::new();
+    assert!(delivered(&send_via(&[probe.hop()], &cache).await));
+    assert!(wait_until(|| probe.ending(1).is_some()).await);
+    let report = send_via(&[probe.hop()], &cache).await;
+    assert!(delivered(&report), "{report:?}");
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(probe.delivered(), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn idle_connection_is_quit_after_the_idle_time_limit() {
+    let probe = Probe::start(Quirk::Polite).await;
+    let dns = dns::DnsServer::start(dns::Zone::new()).await;
+    let r = router_with(
+        &dns,
+        25,
+        BTreeMap::new(),
+        Some(format!("127.0.0.1:{}", probe.addr.port())),
+    );
+    let started = Instant::now();
+    let res = deliver_message(
+        &r,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["b@x.test"]),
+        BODY,
+    )
+    .await;
+    assert!(matches!(res[0].status, RcptStatus::Delivered { .. }));
+    assert!(
+        wait_until(|| probe.ending(1).is_some()).await,
+        "idle connection never closed"
+    );
+    let (ending, at) = probe.ending(1).unwrap();
+    assert_eq!(ending, Ending::Quit);
+    assert!(
+        at.duration_since(started) >= CONNECTION_CACHE_TIME_LIMIT,
+        "closed after {:?}, before the idle limit",
+        at.duration_since(started)
+    );
+    assert_eq!(r.connection_cache().idle(), 0);
+    assert_eq!(probe.count("QUIT"), 1);
+}
+
+#[tokio::test]
+async fn refused_sender_is_not_reused() {
+    let sink = Sink::start(SinkConfig {
+        mail_reply: "553 5.7.1 <a@origin.test>: Sender address rejected".into(),
+        starttls: StartTls::Off,
+        ..SinkConfig::default()
+    })
+    .await;
+    let cache = ConnectionCache::new();
+    for _ in 0..2 {
+        let report = send_via(&[Hop::addr(sink.addr())], &cache).await;
+        assert_eq!(report.results[0].status.outcome(), Outcome::Permanent);
+    }
+    assert_eq!(sink.connections(), 2);
+    assert_eq!(cache.idle(), 0);
+    assert!(wait_until(|| quits(&sink) == 2).await, "each session QUIT");
+}
+
+#[tokio::test]
+async fn all_recipients_refused_then_rset_keeps_the_connection() {
+    let sink = Sink::start(SinkConfig {
+        starttls: StartTls::Off,
+        ..SinkConfig::default()
+    })
+    .await;
+    let cache = ConnectionCache::new();
+    let hops = [Hop::addr(sink.addr())];
+    let o = opts();
+    let first = deliver(
+        &hops,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["fail@example.test", "defer@example.test"]),
+        BODY,
+        &o,
+        Some(&cache),
+    )
+    .await;
+    assert_eq!(first.results[0].status.outcome(), Outcome::Permanent);
+    assert_eq!(first.results[1].status.outcome(), Outcome::Temporary);
+    assert!(sink.commands().iter().any(|c| c == "RSET"));
+    assert_eq!(cache.idle(), 1);
+    assert!(delivered(&send_via(&hops, &cache).await));
+    assert_eq!(sink.connections(), 1);
+    assert_eq!(sink.count(), 1);
+    assert_eq!(ehlos(&sink), 1);
 }

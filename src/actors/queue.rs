@@ -1,16 +1,20 @@
-//! `smtpd_queue`: hears of every newly queued message and tries it at once, and every
-//! `server_smtp_queue_interval` claims what is due, in bounded batches, up to
-//! `server_smtp_max_senders` senders at once.
+//! `smtpd_queue`: receives every message this process queued already leased to it
+//! (claim at accept) and tries it at once; every `server_smtp_queue_interval` it claims
+//! what is due in the store, in bounded batches, up to `server_smtp_max_senders` senders
+//! at once and `DESTINATION_CONCURRENCY` per next hop.
 //!
 //! Claiming stamps the message with this process's lock owner and a lease in the store,
-//! so several erlmail processes sharing a store never try the same message at once. Each
-//! claimed message gets an `smtpc_sender#<queue-id>` child. A sender that panics is
-//! re-spawned for the same message (its lease still held) up to `MAX_SENDER_RESPAWNS`
-//! times; after that the try counts as a temporary failure and the message waits for its
-//! next retry, unlocked. Durable queue state lives only in the store: this actor can die
-//! and be re-created, and unfinished leases simply lapse.
+//! so several erlmail processes sharing a store never try the same message at once.
+//! Leased messages that find no free sender wait in memory (the active queue, as in
+//! Postfix's qmgr), per destination, bounded in count and bytes; beyond that, or when a
+//! lease would lapse while waiting, they are released to the store and claimed again
+//! later. Each message being tried gets an `smtpc_sender#<queue-id>` child. A sender
+//! that panics is re-spawned for the same message (its lease still held) up to
+//! `MAX_SENDER_RESPAWNS` times; after that the try counts as a temporary failure and the
+//! message waits for its next retry, unlocked. Durable queue state lives only in the
+//! store: this actor can die and be re-created, and unfinished leases simply lapse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +26,7 @@ use super::sender::{self, Sender, SenderArgs};
 use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
-use crate::store::{AttemptRecord, QueuedMessage, RcptState, StoreResult};
+use crate::store::{AttemptRecord, QueuedMessage, RcptState};
 
 /// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
 pub const MAX_SENDER_RESPAWNS: u32 = 3;
@@ -31,6 +35,11 @@ pub const MAX_SENDER_RESPAWNS: u32 = 3;
 pub const DESTINATION_CONCURRENCY: usize = 20;
 /// Most messages claimed by one tick.
 const CLAIM_BATCH: usize = 100;
+/// Most leased messages waiting in memory for a sender (Postfix's
+/// `qmgr_message_active_limit` is 20,000; ours hold their bodies, hence also a byte bound).
+const ACTIVE_LIMIT: usize = 10_000;
+/// Most body bytes waiting in memory for a sender.
+const ACTIVE_BYTES_LIMIT: usize = 128 << 20;
 /// How long the queue waits for a claim from the store.
 const STORE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,14 +56,13 @@ pub struct QueueArgs {
 
 /// Requests the queue serves.
 pub enum QueueMsg {
-    /// A message was committed to the outgoing queue: try it now.
-    NewMessage(String),
+    /// Messages committed already leased to this process (claim at accept): try them
+    /// now, or keep them in the active queue until a sender is free.
+    Leased(Vec<QueuedMessage>),
     /// Periodic scan for due messages.
     Tick,
     /// A new configuration.
     Reload(Arc<Config>),
-    /// The answer to a claim of new messages.
-    Claimed(Option<StoreResult<Vec<QueuedMessage>>>),
     /// Number of senders at work (for status and tests).
     Active(RpcReplyPort<usize>),
     /// Test-only fault injection.
@@ -65,6 +73,7 @@ pub enum QueueMsg {
 struct Running {
     message: QueuedMessage,
     crashes: u32,
+    destination: String,
 }
 
 /// The queue's state.
@@ -77,10 +86,15 @@ pub struct QueueState {
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
-    /// New messages announced by the store, waiting to be claimed.
-    new_ids: Vec<String>,
-    /// Sender slots reserved by the claim in flight (0: none in flight).
-    claiming: usize,
+    /// The active queue: leased messages waiting for a sender, per next hop.
+    waiting: HashMap<String, VecDeque<QueuedMessage>>,
+    /// Next hops with waiting messages, served in turn.
+    turns: VecDeque<String>,
+    /// Messages and body bytes in `waiting`.
+    waiting_count: usize,
+    waiting_bytes: usize,
+    /// Senders at work per next hop.
+    busy: HashMap<String, usize>,
 }
 
 fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
@@ -140,37 +154,94 @@ impl QueueState {
     fn free_slots(&self) -> usize {
         self.config
             .server_smtp_max_senders
-            .saturating_sub(self.senders.len() + self.claiming)
+            .saturating_sub(self.senders.len())
     }
 
-    /// Claim the new messages waiting, as many as there are free senders, off the actor;
-    /// the answer comes back as `Claimed`. Those beyond capacity are left to the tick.
-    fn claim_new(&mut self, myself: &ActorRef<QueueMsg>) {
-        let room = self.free_slots();
-        if room == 0 {
-            self.new_ids.clear();
+    /// Give a lease back to the store (the message is claimed again later).
+    fn release(&self, id: String) {
+        if let Some(cell) = ractor::registry::where_is(super::STORE) {
+            let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
+                id,
+                node: self.owner.clone(),
+            }));
+        }
+    }
+
+    /// Put a leased message in the active queue, or release it when the queue is full.
+    fn enqueue(&mut self, message: QueuedMessage) {
+        if self.waiting_count >= ACTIVE_LIMIT
+            || self.waiting_bytes + message.body.len() > ACTIVE_BYTES_LIMIT
+        {
+            debug!(path = %self.path, queue_id = %message.id, "active queue full; releasing the message");
             self.backlog = true;
+            self.release(message.id);
             return;
         }
-        let take = room.min(self.new_ids.len());
-        let ids: Vec<String> = self.new_ids.drain(..take).collect();
-        if !self.new_ids.is_empty() {
-            self.new_ids.clear();
-            self.backlog = true;
+        let dest = self.destination(&message);
+        self.waiting_count += 1;
+        self.waiting_bytes += message.body.len();
+        let line = self.waiting.entry(dest.clone()).or_default();
+        if line.is_empty() {
+            self.turns.push_back(dest);
         }
-        self.claiming = ids.len();
-        let (node, lease) = (self.owner.clone(), self.config.server_smtp_lock_lease);
-        let me = myself.clone();
-        tokio::spawn(async move {
-            let result = store_call(|reply| QueueOp::ClaimMany {
-                ids,
-                node,
-                lease,
-                reply,
-            })
-            .await;
-            let _ = me.send_message(QueueMsg::Claimed(result));
-        });
+        line.push_back(message);
+    }
+
+    /// Start senders for waiting messages while senders are free, one destination after
+    /// the other, each up to `DESTINATION_CONCURRENCY`.
+    async fn pump(&mut self, myself: &ActorRef<QueueMsg>) {
+        let mut idle_turns = 0;
+        while self.free_slots() > 0 && idle_turns < self.turns.len() {
+            let Some(dest) = self.turns.pop_front() else {
+                break;
+            };
+            if self.busy.get(&dest).copied().unwrap_or(0) >= DESTINATION_CONCURRENCY {
+                self.turns.push_back(dest);
+                idle_turns += 1;
+                continue;
+            }
+            idle_turns = 0;
+            let line = self.waiting.get_mut(&dest);
+            let message = line.and_then(|l| l.pop_front());
+            let more = self.waiting.get(&dest).is_some_and(|l| !l.is_empty());
+            if more {
+                self.turns.push_back(dest.clone());
+            } else {
+                self.waiting.remove(&dest);
+            }
+            if let Some(m) = message {
+                self.waiting_count -= 1;
+                self.waiting_bytes -= m.body.len();
+                self.spawn_sender(myself, m, 0).await;
+            }
+        }
+    }
+
+    /// Release the waiting messages whose lease would lapse within half a lease: they
+    /// would otherwise be tried by us and, after the lapse, by another process too.
+    fn release_stale(&mut self) {
+        let margin = chrono::Duration::from_std(self.config.server_smtp_lock_lease / 2)
+            .unwrap_or(chrono::Duration::seconds(60));
+        let limit = Utc::now() + margin;
+        let mut stale = Vec::new();
+        for line in self.waiting.values_mut() {
+            line.retain(|m| {
+                let keep = m.lock_expires_at.is_some_and(|t| t > limit);
+                if !keep {
+                    stale.push((m.id.clone(), m.body.len()));
+                }
+                keep
+            });
+        }
+        self.waiting.retain(|_, l| !l.is_empty());
+        let waiting = &self.waiting;
+        self.turns.retain(|d| waiting.contains_key(d));
+        for (id, bytes) in stale {
+            self.waiting_count -= 1;
+            self.waiting_bytes -= bytes;
+            self.backlog = true;
+            self.release(id);
+        }
     }
 
     async fn spawn_sender(
@@ -179,27 +250,9 @@ impl QueueState {
         message: QueuedMessage,
         crashes: u32,
     ) {
-        if crashes == 0 {
-            let dest = self.destination(&message);
-            let busy = self
-                .senders
-                .values()
-                .filter(|r| self.destination(&r.message) == dest)
-                .count();
-            if busy >= DESTINATION_CONCURRENCY {
-                debug!(path = %self.path, queue_id = %message.id, destination = %dest, "destination busy; leaving the message for later");
-                self.backlog = true;
-                if let Some(cell) = ractor::registry::where_is(super::STORE) {
-                    let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
-                        id: message.id.clone(),
-                        node: self.owner.clone(),
-                    }));
-                }
-                return;
-            }
-        }
         let name = format!("smtpc_sender#{}", message.id);
         super::wait_unregistered(&name).await;
+        let destination = self.destination(&message);
         let args = SenderArgs {
             message: message.clone(),
             config: self.config.clone(),
@@ -211,20 +264,30 @@ impl QueueState {
         match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
             Ok((r, _)) => {
                 debug!(path = %super::child_path(&self.path, &name), "started");
-                self.senders
-                    .insert(r.get_id(), Running { message, crashes });
+                *self.busy.entry(destination.clone()).or_default() += 1;
+                self.senders.insert(
+                    r.get_id(),
+                    Running {
+                        message,
+                        crashes,
+                        destination,
+                    },
+                );
             }
             Err(e) => {
                 error!(path = %self.path, queue_id = %message.id, error = %e, "could not start a sender; releasing the message");
-                let (id, node) = (message.id.clone(), self.owner.clone());
-                if let Some(cell) = ractor::registry::where_is(super::STORE) {
-                    let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release { id, node }));
-                }
+                self.release(message.id);
             }
         }
     }
 
     async fn claim_due(&mut self, myself: &ActorRef<QueueMsg>) {
+        self.release_stale();
+        if self.waiting_count > 0 {
+            // Local work first: claim more only once the active queue has drained.
+            self.pump(myself).await;
+            return;
+        }
         let limit = self.free_slots().min(CLAIM_BATCH);
         if limit == 0 {
             self.backlog = true;
@@ -242,8 +305,9 @@ impl QueueState {
             Some(Ok(messages)) => {
                 self.backlog = messages.len() == limit;
                 for m in messages {
-                    self.spawn_sender(myself, m, 0).await;
+                    self.enqueue(m);
                 }
+                self.pump(myself).await;
             }
             Some(Err(e)) => warn!(path = %self.path, error = %e, "claiming due messages failed"),
             None => warn!(path = %self.path, "store did not answer a claim"),
@@ -273,8 +337,11 @@ impl Actor for QueueActor {
             ticker,
             senders: HashMap::new(),
             backlog: true,
-            new_ids: Vec::new(),
-            claiming: 0,
+            waiting: HashMap::new(),
+            turns: VecDeque::new(),
+            waiting_count: 0,
+            waiting_bytes: 0,
+            busy: HashMap::new(),
         })
     }
 
@@ -287,12 +354,12 @@ impl Actor for QueueActor {
         myself.stop_children(Some("smtpd_queue stopping".into()));
         // Messages being tried stay locked until their lease lapses, unless we give
         // them back now.
-        if let Some(cell) = ractor::registry::where_is(super::STORE) {
-            for r in state.senders.values() {
-                let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
-                    id: r.message.id.clone(),
-                    node: state.owner.clone(),
-                }));
+        for r in state.senders.values() {
+            state.release(r.message.id.clone());
+        }
+        for line in state.waiting.values() {
+            for m in line {
+                state.release(m.id.clone());
             }
         }
         info!(path = %state.path, "stopped");
@@ -306,28 +373,11 @@ impl Actor for QueueActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            QueueMsg::NewMessage(id) => {
-                // New messages that arrive while a claim is in flight are claimed
-                // together by the next one: one transaction for many.
-                state.new_ids.push(id);
-                if state.claiming == 0 {
-                    state.claim_new(&myself);
+            QueueMsg::Leased(messages) => {
+                for m in messages {
+                    state.enqueue(m);
                 }
-            }
-            QueueMsg::Claimed(result) => {
-                state.claiming = 0;
-                match result {
-                    Some(Ok(messages)) => {
-                        for m in messages {
-                            state.spawn_sender(&myself, m, 0).await;
-                        }
-                    }
-                    Some(Err(e)) => warn!(path = %state.path, error = %e, "claim failed"),
-                    None => warn!(path = %state.path, "store did not answer a claim"),
-                }
-                if !state.new_ids.is_empty() {
-                    state.claim_new(&myself);
-                }
+                state.pump(&myself).await;
             }
             QueueMsg::Tick => state.claim_due(&myself).await,
             QueueMsg::Reload(config) => {
@@ -364,6 +414,12 @@ impl Actor for QueueActor {
         let Some(running) = state.senders.remove(&cell.get_id()) else {
             return Ok(());
         };
+        if let Some(n) = state.busy.get_mut(&running.destination) {
+            *n -= 1;
+            if *n == 0 {
+                state.busy.remove(&running.destination);
+            }
+        }
         let name = format!("smtpc_sender#{}", running.message.id);
         let path = super::child_path(&state.path, &name);
         if let Some(err) = failure {
@@ -416,7 +472,8 @@ impl Actor for QueueActor {
             )
             .await;
         }
-        if state.backlog && state.free_slots() > 0 {
+        state.pump(&myself).await;
+        if state.waiting_count == 0 && state.backlog && state.free_slots() > 0 {
             let _ = myself.send_message(QueueMsg::Tick);
         }
         Ok(())

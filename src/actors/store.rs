@@ -14,7 +14,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::store::{self, Accepted, IncomingMessage, SharedStore, StoreError, StoreResult};
+use crate::store::{
+    self, AcceptLease, Accepted, IncomingMessage, QueuedMessage, SharedStore, StoreError,
+    StoreResult,
+};
 
 /// The store actor.
 pub struct StoreActor;
@@ -79,17 +82,6 @@ pub enum QueueOp {
         /// Most messages to claim.
         limit: usize,
         /// The claimed messages.
-        reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
-    },
-    /// Claim several messages by id, in one transaction.
-    ClaimMany {
-        /// Queue ids.
-        ids: Vec<String>,
-        /// Lock owner to stamp.
-        node: String,
-        /// Lease length.
-        lease: std::time::Duration,
-        /// The messages that could be claimed.
         reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
     },
     /// Claim one message by id.
@@ -302,14 +294,6 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
         } => {
             let _ = reply.send(store.claim_due(&node, now, lease, limit).await);
         }
-        QueueOp::ClaimMany {
-            ids,
-            node,
-            lease,
-            reply,
-        } => {
-            let _ = reply.send(store.claim_many(&ids, &node, now, lease).await);
-        }
         QueueOp::Claim {
             id,
             node,
@@ -367,48 +351,64 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     let maildir_root = state.config.maildir_root.clone();
     let me = myself.clone();
     let path = state.path.clone();
+    // Claim at accept: when this process's queue runs, the queued rows are inserted
+    // already leased to it, and the messages go straight to the queue after the commit.
+    let queue = ractor::registry::where_is(super::QUEUE);
+    let lease = queue.as_ref().map(|_| AcceptLease {
+        node: super::queue::lock_owner(&state.config),
+        expires_at: chrono::Utc::now()
+            + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
+                .unwrap_or(chrono::Duration::minutes(5)),
+    });
     tokio::spawn(async move {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = messages.len();
-        let maildir_copies: Vec<(Vec<String>, Vec<u8>)> = if maildir_root.is_some() {
-            messages
-                .iter()
-                .map(|m| (m.local_rcpts.clone(), m.body.clone()))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let started = std::time::Instant::now();
-        match store.accept_batch(messages).await {
+        match store.accept_leased(&messages, lease.as_ref()).await {
             Ok(results) => {
                 let took = started.elapsed();
                 metrics::histogram!(crate::telemetry::names::COMMIT_SECONDS)
                     .record(took.as_secs_f64());
                 metrics::histogram!(crate::telemetry::names::COMMIT_BATCH).record(n as f64);
                 debug!(path = %path, messages = n, micros = took.as_micros() as u64, "group commit");
-                if let Some(root) = maildir_root {
+                let messages = match maildir_root {
                     // The store copy is committed; the Maildir is an extra copy, written
                     // (tmp, fsync, rename) before the 250 all the same.
-                    let path = path.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        for (rcpts, body) in &maildir_copies {
-                            for rcpt in rcpts {
-                                if let Err(e) =
-                                    store::maildir::deliver(&root, rcpt, body, chrono::Utc::now())
-                                {
-                                    error!(path = %path, rcpt = %rcpt, error = %e, "maildir delivery failed");
+                    Some(root) => {
+                        let path = path.clone();
+                        tokio::task::spawn_blocking(move || {
+                            for m in &messages {
+                                for rcpt in &m.local_rcpts {
+                                    if let Err(e) = store::maildir::deliver(
+                                        &root,
+                                        rcpt,
+                                        &m.body,
+                                        chrono::Utc::now(),
+                                    ) {
+                                        error!(path = %path, rcpt = %rcpt, error = %e, "maildir delivery failed");
+                                    }
                                 }
                             }
-                        }
-                    })
-                    .await;
-                }
-                let queue = ractor::registry::where_is(super::QUEUE);
+                            messages
+                        })
+                        .await
+                        .unwrap_or_default()
+                    }
+                    None => messages,
+                };
+                let mut leased = Vec::new();
+                let mut messages = messages.into_iter();
+                // Every session is answered, whatever happened to the Maildir copies.
                 for (result, reply) in results.into_iter().zip(replies) {
-                    if let (Some(id), Some(q)) = (&result.queue_id, &queue) {
-                        let _ = q.send_message(super::queue::QueueMsg::NewMessage(id.clone()));
+                    if let (Some(m), Some(id), Some(lease)) =
+                        (messages.next(), &result.queue_id, &lease)
+                    {
+                        leased.push(QueuedMessage::from_accepted(m, id.clone(), lease));
                     }
                     let _ = reply.send(Ok(result));
+                }
+                if let (false, Some(q)) = (leased.is_empty(), &queue) {
+                    let _ = q.send_message(super::queue::QueueMsg::Leased(leased));
                 }
             }
             Err(e) => {

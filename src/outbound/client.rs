@@ -5,17 +5,33 @@
 //! host in plain text), `MAIL FROM`, one `RCPT TO` per recipient with its own result,
 //! and DATA only when some recipient was accepted.
 //!
+//! Connections are reused as Postfix's connection cache does: a session whose
+//! transaction ended cleanly (250 after the final dot, or every recipient refused and a
+//! successful RSET) goes idle in a `ConnectionCache` keyed by the host's address and
+//! whether TLS was wanted, instead of QUIT. The next message for that address starts at
+//! `MAIL FROM`, skipping connect, greeting, EHLO and STARTTLS. A cached connection the
+//! server closed meanwhile (EOF, reset or 421 before any recipient was accepted) is
+//! replaced by a fresh one to the same host without counting as that host's failure.
+//! Idle connections are closed with QUIT after `CONNECTION_CACHE_TIME_LIMIT`; any other
+//! ending closes the connection and never caches it. QUIT always runs in a spawned task,
+//! so the results are returned as soon as they are known.
+//!
 //! Written directly over tokio rather than through mail-send's `SmtpClient`, whose
 //! `write_message` does not stuff a dot on the first line and adds a blank line before
 //! the terminator, and whose reader drops bytes after a reply; mail-send still provides
 //! the certificate-ignoring TLS connector.
 
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::wire::{data_payload, ehlo_keywords, Fed, ReplyBuilder, MAX_REPLY_LINE};
@@ -114,6 +130,10 @@ pub struct DeliveryReport {
 /// Delivers one message to `rcpts` through the first of `hops` that takes the
 /// transaction. `sender` may be empty (`MAIL FROM:<>`). `body` is the message as
 /// queued; it is sent with CRLF line ends and dot-stuffing.
+///
+/// With a `cache`, a host's idle connection from an earlier delivery is used when there
+/// is one, and a connection that ends its transaction cleanly is left there for the
+/// next; without one every call opens its own connections and QUITs them.
 pub async fn deliver(
     hops: &[Hop],
     helo: &str,
@@ -121,12 +141,19 @@ pub async fn deliver(
     rcpts: &[String],
     body: &[u8],
     opts: &DeliveryOptions,
+    cache: Option<&ConnectionCache>,
 ) -> DeliveryReport {
+    let msg = Message {
+        helo,
+        sender,
+        rcpts,
+        body,
+    };
     let mut skipped = Vec::new();
     for hop in hops {
         let mut use_tls = opts.starttls;
         loop {
-            match session(hop, helo, sender, rcpts, body, opts, use_tls).await {
+            match attempt_host(hop, &msg, opts, cache, use_tls).await {
                 Ok(s) => return s.into_report(hop, rcpts, skipped),
                 Err(HostError::TlsFailed(cause)) if use_tls && !opts.require_tls => {
                     tracing::info!(host = %hop.host, addr = %hop.addr, %cause, "TLS failed; retrying in plain text");
@@ -151,7 +178,11 @@ pub async fn deliver(
                         skipped,
                     };
                 }
-                Err(HostError::Skip { cause, .. } | HostError::TlsFailed(cause)) => {
+                Err(
+                    HostError::Skip { cause }
+                    | HostError::TlsFailed(cause)
+                    | HostError::Stale(cause),
+                ) => {
                     tracing::info!(host = %hop.host, addr = %hop.addr, %cause, "host skipped");
                     skipped.push((hop.clone(), cause));
                     break;
@@ -183,6 +214,14 @@ pub async fn deliver(
     }
 }
 
+/// What one `deliver` call hands over: the same for every host tried.
+struct Message<'a> {
+    helo: &'a str,
+    sender: &'a str,
+    rcpts: &'a [String],
+    body: &'a [u8],
+}
+
 /// How a session with one host ended without deciding the recipients.
 enum HostError {
     /// Try the next host.
@@ -191,6 +230,10 @@ enum HostError {
     TlsFailed(FailureCause),
     /// A permanent refusal of the whole transaction (5xx to MAIL FROM): stop here.
     Fatal { cause: FailureCause, tls: bool },
+    /// A cached connection turned out closed before any recipient was accepted: try
+    /// this host again on a fresh connection. Only transactions on reused connections
+    /// end this way.
+    Stale(FailureCause),
 }
 
 /// The per-recipient statuses a session decided.
@@ -225,6 +268,56 @@ impl SessionResult {
             skipped,
         }
     }
+}
+
+/// One host, one mode (TLS wanted or not): the transaction on a cached connection when
+/// there is a live one, else on a fresh one; a cached connection found closed is
+/// replaced by a fresh one once.
+async fn attempt_host(
+    hop: &Hop,
+    msg: &Message<'_>,
+    opts: &DeliveryOptions,
+    cache: Option<&ConnectionCache>,
+    use_tls: bool,
+) -> Result<SessionResult, HostError> {
+    let key = CacheKey {
+        addr: hop.addr,
+        tls: use_tls,
+    };
+    if let Some(cache) = cache {
+        if let Some(session) = cache.take(key, msg.helo, opts.require_tls) {
+            tracing::debug!(
+                host = %hop.host,
+                addr = %hop.addr,
+                tls = session.tls,
+                transactions = session.transactions,
+                keywords = session.keywords.len(),
+                "reusing cached connection"
+            );
+            match transaction(session, true, Some(cache.limits()), &hop.host, msg, opts).await {
+                Ok((result, kept)) => {
+                    if let Some(session) = kept {
+                        cache.put(key, session);
+                    }
+                    return Ok(result);
+                }
+                Err(HostError::Stale(cause)) => {
+                    tracing::debug!(host = %hop.host, addr = %hop.addr, %cause, "cached connection was closed; reconnecting");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let session = open(hop, msg.helo, opts, use_tls).await?;
+    let limits = cache.map(ConnectionCache::limits);
+    let (result, kept) = transaction(session, false, limits, &hop.host, msg, opts).await?;
+    if let Some(session) = kept {
+        match cache {
+            Some(cache) => cache.put(key, session),
+            None => spawn_quit(session.conn),
+        }
+    }
+    Ok(result)
 }
 
 /// Anything the connection can be: plain TCP or TLS over it.
@@ -312,6 +405,18 @@ impl Conn {
         self.read_reply(stage).await
     }
 
+    /// Whether an idle connection still looks usable without a round trip: nothing
+    /// buffered and nothing to read. A server that closed it (EOF, reset) or said
+    /// something unasked (typically `421` on its own idle timeout) fails this. One
+    /// non-blocking read attempt; a connection that merely has nothing to say passes.
+    fn still_open(&mut self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return false;
+        }
+        // Pending means no data and no EOF yet: the only good answer.
+        self.io.fill_buf().now_or_never().is_none()
+    }
+
     /// QUIT politely, without caring how it goes: the results are already decided.
     async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -323,6 +428,12 @@ impl Conn {
         })
         .await;
     }
+}
+
+/// QUIT and close `conn` in the background, so whoever decided to close it need not
+/// wait for the server's 221.
+fn spawn_quit(conn: Conn) {
+    tokio::spawn(conn.quit());
 }
 
 /// The TLS client configuration for opportunistic STARTTLS: no certificate checks.
@@ -360,21 +471,37 @@ async fn greet(conn: &mut Conn, helo: &str) -> Result<Result<Vec<String>, SmtpRe
     }
 }
 
-/// One session with one host.
-#[allow(clippy::too_many_arguments)]
-async fn session(
+/// A connection past its greeting, EHLO and (when wanted and offered) STARTTLS: ready
+/// for `MAIL FROM`, whether just opened or taken from the cache.
+struct Session {
+    conn: Conn,
+    /// Whether it runs over TLS.
+    tls: bool,
+    /// What the server offered in its (last) EHLO reply; kept with the connection so a
+    /// reuse knows it without asking again.
+    keywords: Vec<String>,
+    /// The name it greeted the server with: a connection is only reused under that name.
+    helo: String,
+    /// When the TCP connection was made (`smtp_connection_reuse_time_limit` counts from
+    /// here).
+    opened: Instant,
+    /// Transactions it completed cleanly (`smtp_connection_reuse_count_limit`).
+    transactions: u32,
+}
+
+/// Connect to `hop`, read the greeting, EHLO, and STARTTLS then EHLO again when
+/// `use_tls` and the server offers it.
+async fn open(
     hop: &Hop,
     helo: &str,
-    sender: &str,
-    rcpts: &[String],
-    body: &[u8],
     opts: &DeliveryOptions,
     use_tls: bool,
-) -> Result<SessionResult, HostError> {
+) -> Result<Session, HostError> {
     let host = hop.host.as_str();
     let skip = |e: ConnError| HostError::Skip {
         cause: e.cause(host),
     };
+    let opened = Instant::now();
     let tcp = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(hop.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(skip(ConnError::Io(e))),
@@ -387,15 +514,15 @@ async fn session(
 
     let greeting = conn.read_reply("to the greeting").await.map_err(skip)?;
     if greeting.outcome() != Outcome::Delivered {
-        conn.quit().await;
+        spawn_quit(conn);
         return Err(HostError::Skip {
             cause: FailureCause::Reply(greeting),
         });
     }
-    let keywords = match greet(&mut conn, helo).await.map_err(skip)? {
+    let mut keywords = match greet(&mut conn, helo).await.map_err(skip)? {
         Ok(k) => k,
         Err(reply) => {
-            conn.quit().await;
+            spawn_quit(conn);
             return Err(HostError::Skip {
                 cause: FailureCause::Reply(reply),
             });
@@ -409,7 +536,7 @@ async fn session(
         None
     };
     if opts.require_tls && connector.is_none() {
-        conn.quit().await;
+        spawn_quit(conn);
         return Err(HostError::Skip {
             cause: FailureCause::Connection(format!(
                 "{host}: TLS required but STARTTLS not offered"
@@ -453,10 +580,10 @@ async fn session(
                 timeout: opts.command_timeout,
             };
             tls = true;
-            match greet(&mut conn, helo).await.map_err(skip)? {
-                Ok(_) => {}
+            keywords = match greet(&mut conn, helo).await.map_err(skip)? {
+                Ok(k) => k,
                 Err(reply) => {
-                    conn.quit().await;
+                    spawn_quit(conn);
                     return Err(HostError::Skip {
                         cause: FailureCause::Reply(reply),
                     });
@@ -466,7 +593,7 @@ async fn session(
         // Otherwise STARTTLS was refused: carry on in plain text, as Postfix's `may`
         // does, unless TLS is required.
         if !tls && opts.require_tls {
-            conn.quit().await;
+            spawn_quit(conn);
             return Err(HostError::Skip {
                 cause: FailureCause::Connection(format!(
                     "{host}: TLS required but STARTTLS refused: {}",
@@ -475,22 +602,61 @@ async fn session(
             });
         }
     }
+    Ok(Session {
+        conn,
+        tls,
+        keywords,
+        helo: helo.to_string(),
+        opened,
+        transactions: 0,
+    })
+}
 
-    let mail = conn
-        .command(&format!("MAIL FROM:<{sender}>"), "to MAIL FROM")
+/// One transaction on an open session: `MAIL FROM`, the `RCPT TO`s, and DATA when some
+/// recipient was accepted. `reused` says the session came from the cache: then a
+/// connection found closed (I/O error or 421) before any recipient was accepted ends in
+/// `HostError::Stale` rather than a host failure. `limits` (present when a cache will
+/// take the session back) decides whether to keep the connection after a clean end;
+/// the session is returned for that, and is otherwise QUIT (or just dropped after an
+/// I/O error) here.
+async fn transaction(
+    mut s: Session,
+    reused: bool,
+    limits: Option<CacheLimits>,
+    host: &str,
+    msg: &Message<'_>,
+    opts: &DeliveryOptions,
+) -> Result<(SessionResult, Option<Session>), HostError> {
+    let tls = s.tls;
+    s.conn.timeout = opts.command_timeout;
+    // Before any recipient is accepted nothing is lost by starting over, and a cached
+    // connection that the server has since closed fails exactly here.
+    let early = |e: ConnError| match e {
+        ConnError::Io(_) if reused => HostError::Stale(e.cause(host)),
+        e => HostError::Skip {
+            cause: e.cause(host),
+        },
+    };
+
+    let mail = s
+        .conn
+        .command(&format!("MAIL FROM:<{}>", msg.sender), "to MAIL FROM")
         .await
-        .map_err(skip)?;
+        .map_err(early)?;
+    if reused && mail.code == 421 {
+        return Err(HostError::Stale(FailureCause::Reply(mail)));
+    }
     match mail.outcome() {
         Outcome::Delivered => {}
         Outcome::Permanent => {
-            conn.quit().await;
+            spawn_quit(s.conn);
             return Err(HostError::Fatal {
                 cause: FailureCause::Reply(mail),
                 tls,
             });
         }
         Outcome::Temporary => {
-            conn.quit().await;
+            spawn_quit(s.conn);
             return Err(HostError::Skip {
                 cause: FailureCause::Reply(mail),
             });
@@ -498,59 +664,544 @@ async fn session(
     }
 
     // None = accepted, waiting for the DATA verdict.
-    let mut statuses: Vec<Option<RcptStatus>> = Vec::with_capacity(rcpts.len());
-    for rcpt in rcpts {
-        let reply = conn
+    let mut statuses: Vec<Option<RcptStatus>> = Vec::with_capacity(msg.rcpts.len());
+    // A server announcing it is closing (421) is never given another transaction.
+    let mut closing = false;
+    for rcpt in msg.rcpts {
+        let none_accepted = statuses.iter().all(Option::is_some);
+        let sent = s
+            .conn
             .command(&format!("RCPT TO:<{rcpt}>"), "to RCPT TO")
-            .await
-            .map_err(skip)?;
+            .await;
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(e) if none_accepted => return Err(early(e)),
+            Err(e) => {
+                return Err(HostError::Skip {
+                    cause: e.cause(host),
+                })
+            }
+        };
+        if reply.code == 421 {
+            if reused && none_accepted {
+                return Err(HostError::Stale(FailureCause::Reply(reply)));
+            }
+            closing = true;
+        }
         statuses.push(match reply.outcome() {
             Outcome::Delivered => None,
             _ => Some(RcptStatus::failed(FailureCause::Reply(reply))),
         });
     }
+    let keep = !closing && limits.is_some_and(|l| l.reusable(&s, 1));
 
     if statuses.iter().all(Option::is_some) {
-        conn.quit().await;
-        return Ok(SessionResult {
-            statuses: statuses.into_iter().flatten().collect(),
-            tls,
-        });
+        // No transaction was completed: RSET so the connection is clean for the next.
+        let kept = if keep {
+            match s.conn.command("RSET", "to RSET").await {
+                Ok(r) if r.outcome() == Outcome::Delivered => {
+                    s.transactions += 1;
+                    Some(s)
+                }
+                Ok(_) => {
+                    spawn_quit(s.conn);
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            spawn_quit(s.conn);
+            None
+        };
+        return Ok((
+            SessionResult {
+                statuses: statuses.into_iter().flatten().collect(),
+                tls,
+            },
+            kept,
+        ));
     }
 
     // From here on the server may have the message: a failure no longer moves to the
-    // next host but leaves the accepted recipients temporarily failed.
-    let verdict: Result<SmtpReply, ConnError> = async {
-        let go = conn.command("DATA", "to DATA").await?;
+    // next host but leaves the accepted recipients temporarily failed. The flag says
+    // whether the reply is the one to the final dot.
+    let verdict: Result<(SmtpReply, bool), ConnError> = async {
+        let go = s.conn.command("DATA", "to DATA").await?;
         if go.code != 354 {
-            return Ok(go);
+            return Ok((go, false));
         }
-        conn.write(&data_payload(body), "while sending the message")
+        s.conn
+            .write(&data_payload(msg.body), "while sending the message")
             .await?;
-        conn.read_reply_within(opts.data_timeout, "after the final dot")
-            .await
+        let reply = s
+            .conn
+            .read_reply_within(opts.data_timeout, "after the final dot")
+            .await?;
+        Ok((reply, true))
     }
     .await;
     let accepted_status = match &verdict {
-        Ok(reply) if reply.outcome() == Outcome::Delivered && reply.code != 354 => {
+        Ok((reply, _)) if reply.outcome() == Outcome::Delivered && reply.code != 354 => {
             RcptStatus::Delivered {
                 reply: reply.clone(),
             }
         }
-        Ok(reply) if reply.code == 354 => {
+        Ok((reply, _)) if reply.code == 354 => {
             RcptStatus::failed(FailureCause::Protocol(format!("{host}: unexpected 354")))
         }
-        Ok(reply) => RcptStatus::failed(FailureCause::Reply(reply.clone())),
+        Ok((reply, _)) => RcptStatus::failed(FailureCause::Reply(reply.clone())),
         Err(e) => RcptStatus::failed(e.cause(host)),
     };
-    if verdict.is_ok() {
-        conn.quit().await;
+    let kept = match &verdict {
+        Ok((reply, true)) if keep && reply.outcome() == Outcome::Delivered => {
+            s.transactions += 1;
+            Some(s)
+        }
+        Ok(_) => {
+            spawn_quit(s.conn);
+            None
+        }
+        // The connection is in an unknown state: just close it.
+        Err(_) => None,
+    };
+    Ok((
+        SessionResult {
+            statuses: statuses
+                .into_iter()
+                .map(|st| st.unwrap_or_else(|| accepted_status.clone()))
+                .collect(),
+            tls,
+        },
+        kept,
+    ))
+}
+
+/// `smtp_connection_cache_time_limit` (Postfix default 2 s): how long a connection may
+/// sit idle in the cache before it is closed with QUIT.
+pub const CONNECTION_CACHE_TIME_LIMIT: Duration = Duration::from_secs(2);
+
+/// `smtp_connection_reuse_time_limit` (Postfix default 300 s): a connection older than
+/// this (counted from when it was opened) is not given another transaction.
+pub const CONNECTION_REUSE_TIME_LIMIT: Duration = Duration::from_secs(300);
+
+/// `smtp_connection_reuse_count_limit`: how many transactions one connection carries at
+/// most. Postfix's default (0) means no limit; erlmail stops at 100 so that a long run
+/// to one hop still moves to new connections now and then.
+pub const CONNECTION_REUSE_COUNT_LIMIT: u32 = 100;
+
+/// Idle connections kept per host address and TLS mode. Postfix bounds these through
+/// the per-destination concurrency (`default_destination_concurrency_limit`, 20); this
+/// is the cache's own cap, a little above that.
+pub const CONNECTION_CACHE_PER_HOP: usize = 32;
+
+/// The limits a `ConnectionCache` applies. `Default` gives the Postfix-like constants
+/// above; tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Longest idle time in the cache (`CONNECTION_CACHE_TIME_LIMIT`).
+    pub idle_time: Duration,
+    /// Longest time since the connection was opened for it to be reused
+    /// (`CONNECTION_REUSE_TIME_LIMIT`).
+    pub reuse_time: Duration,
+    /// Most transactions per connection (`CONNECTION_REUSE_COUNT_LIMIT`).
+    pub reuse_count: u32,
+    /// Most idle connections per host address and TLS mode (`CONNECTION_CACHE_PER_HOP`);
+    /// 0 turns caching off.
+    pub per_hop: usize,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits {
+            idle_time: CONNECTION_CACHE_TIME_LIMIT,
+            reuse_time: CONNECTION_REUSE_TIME_LIMIT,
+            reuse_count: CONNECTION_REUSE_COUNT_LIMIT,
+            per_hop: CONNECTION_CACHE_PER_HOP,
+        }
     }
-    Ok(SessionResult {
-        statuses: statuses
-            .into_iter()
-            .map(|s| s.unwrap_or_else(|| accepted_status.clone()))
-            .collect(),
-        tls,
-    })
+}
+
+impl CacheLimits {
+    /// Whether `s`, after `more` further transactions, may still carry another.
+    fn reusable(&self, s: &Session, more: u32) -> bool {
+        self.per_hop > 0
+            && s.transactions.saturating_add(more) < self.reuse_count
+            && s.opened.elapsed() < self.reuse_time
+    }
+}
+
+/// What idle connections are filed under: the host's address and whether TLS was
+/// wanted (a connection that wanted TLS but was not offered it is plain, yet it is what
+/// a later delivery wanting TLS would get from that host anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct CacheKey {
+    addr: SocketAddr,
+    tls: bool,
+}
+
+/// One idle connection and since when it is idle.
+struct Idle {
+    session: Session,
+    since: Instant,
+}
+
+/// Idle SMTP connections ready for another transaction, per host address (Postfix's
+/// `scache`). One lives in each `Router`, so a configuration reload starts a new one.
+/// Idle connections are QUIT by a background task once `CacheLimits::idle_time` has
+/// passed, and when the cache is dropped.
+pub struct ConnectionCache {
+    shared: Arc<CacheShared>,
+}
+
+struct CacheShared {
+    limits: CacheLimits,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// Per key, oldest idle first: taking from the back reuses the most recently used
+    /// connection (the least likely to have been timed out by the server), and the
+    /// reaper expires from the front.
+    idle: HashMap<CacheKey, VecDeque<Idle>>,
+    /// The task closing expired connections, while there are any to watch.
+    reaper: Option<JoinHandle<()>>,
+}
+
+impl Default for ConnectionCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for ConnectionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionCache")
+            .field("limits", &self.shared.limits)
+            .field("idle", &self.idle())
+            .finish()
+    }
+}
+
+impl ConnectionCache {
+    /// An empty cache with the Postfix-like limits.
+    pub fn new() -> Self {
+        Self::with_limits(CacheLimits::default())
+    }
+
+    /// An empty cache with the given limits.
+    pub fn with_limits(limits: CacheLimits) -> Self {
+        ConnectionCache {
+            shared: Arc::new(CacheShared {
+                limits,
+                state: Mutex::new(CacheState::default()),
+            }),
+        }
+    }
+
+    /// The limits it applies.
+    pub fn limits(&self) -> CacheLimits {
+        self.shared.limits
+    }
+
+    /// How many idle connections it holds right now.
+    pub fn idle(&self) -> usize {
+        self.shared.lock().idle.values().map(VecDeque::len).sum()
+    }
+
+    /// Closes every idle connection (QUIT in the background).
+    pub fn clear(&self) {
+        let drained: Vec<Idle> = {
+            let mut st = self.shared.lock();
+            st.idle.drain().flat_map(|(_, q)| q).collect()
+        };
+        for e in drained {
+            spawn_quit(e.session.conn);
+        }
+    }
+
+    /// A live idle connection for `key` greeted as `helo`, most recently used first.
+    /// Connections past their limits, greeted under another name, not under TLS when TLS
+    /// is required, or found closed by the server are closed on the way.
+    fn take(&self, key: CacheKey, helo: &str, require_tls: bool) -> Option<Session> {
+        let limits = self.shared.limits;
+        loop {
+            let idle = {
+                let mut st = self.shared.lock();
+                let q = st.idle.get_mut(&key)?;
+                let idle = q.pop_back();
+                if q.is_empty() {
+                    st.idle.remove(&key);
+                }
+                idle?
+            };
+            let Idle { mut session, since } = idle;
+            let fits = since.elapsed() < limits.idle_time
+                && limits.reusable(&session, 0)
+                && session.helo == helo
+                && (session.tls || !require_tls);
+            if !fits {
+                spawn_quit(session.conn);
+                continue;
+            }
+            if !session.conn.still_open() {
+                // Closed or talking out of turn: nothing worth a QUIT.
+                continue;
+            }
+            return Some(session);
+        }
+    }
+
+    /// Files a session that ended its transaction cleanly, or closes it when its limits
+    /// are reached or it has unread data. Past the per-hop cap the oldest idle
+    /// connection of that key is closed.
+    fn put(&self, key: CacheKey, session: Session) {
+        let limits = self.shared.limits;
+        if !limits.reusable(&session, 0) || !session.conn.io.buffer().is_empty() {
+            spawn_quit(session.conn);
+            return;
+        }
+        let evicted = {
+            let mut st = self.shared.lock();
+            let q = st.idle.entry(key).or_default();
+            q.push_back(Idle {
+                session,
+                since: Instant::now(),
+            });
+            let evicted = if q.len() > limits.per_hop {
+                q.pop_front()
+            } else {
+                None
+            };
+            if st.reaper.as_ref().is_none_or(JoinHandle::is_finished) {
+                let weak = Arc::downgrade(&self.shared);
+                st.reaper = Some(tokio::spawn(reap(weak)));
+            }
+            evicted
+        };
+        if let Some(e) = evicted {
+            spawn_quit(e.session.conn);
+        }
+    }
+}
+
+impl CacheShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // The state stays consistent across a panic elsewhere: every change is one
+        // push or pop.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for CacheShared {
+    /// The router is going away (shutdown, reload): QUIT whatever is idle, when there
+    /// is a runtime to do it on; otherwise the connections just close.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(reaper) = st.reaper.take() {
+            reaper.abort();
+        }
+        let drained: Vec<Idle> = st.idle.drain().flat_map(|(_, q)| q).collect();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for e in drained {
+                rt.spawn(e.session.conn.quit());
+            }
+        }
+    }
+}
+
+/// The reaper: sleeps until the oldest idle connection's time is up, closes every
+/// expired one, and ends when nothing is left to watch (the next `put` starts a new
+/// one) or the cache is gone. It holds the cache only while sweeping.
+async fn reap(cache: Weak<CacheShared>) {
+    loop {
+        let Some(shared) = cache.upgrade() else {
+            return;
+        };
+        let limit = shared.limits.idle_time;
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let next = {
+            let mut st = shared.lock();
+            st.idle.retain(|_, q| {
+                while q.front().is_some_and(|e| e.since + limit <= now) {
+                    expired.extend(q.pop_front());
+                }
+                !q.is_empty()
+            });
+            // Every queue is oldest first, so its front expires first.
+            let next = st
+                .idle
+                .values()
+                .filter_map(VecDeque::front)
+                .map(|e| e.since + limit)
+                .min();
+            if next.is_none() {
+                st.reaper = None;
+            }
+            next
+        };
+        drop(shared);
+        for e in expired {
+            spawn_quit(e.session.conn);
+        }
+        match next {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, DuplexStream};
+
+    const HELO: &str = "erlmail.test";
+
+    fn key() -> CacheKey {
+        CacheKey {
+            addr: "127.0.0.1:2525".parse().unwrap(),
+            tls: false,
+        }
+    }
+
+    /// A session over an in-memory pipe: what the client writes, `peer` reads.
+    fn session(transactions: u32) -> (Session, DuplexStream) {
+        let (ours, peer) = duplex(4096);
+        let s = Session {
+            conn: Conn {
+                io: BufReader::new(Box::new(ours) as Box<dyn Io>),
+                timeout: Duration::from_secs(5),
+            },
+            tls: false,
+            keywords: vec!["PIPELINING".into()],
+            helo: HELO.into(),
+            opened: Instant::now(),
+            transactions,
+        };
+        (s, peer)
+    }
+
+    /// The next line the peer receives ("" at EOF), waiting at most 20 s.
+    async fn line(peer: &mut DuplexStream) -> String {
+        let mut buf = Vec::new();
+        let mut reader = BufReader::new(peer);
+        tokio::time::timeout(Duration::from_secs(20), reader.read_until(b'\n', &mut buf))
+            .await
+            .expect("a line or EOF in time")
+            .expect("read");
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_quit_after_the_idle_time() {
+        let limits = CacheLimits {
+            idle_time: Duration::from_millis(200),
+            ..CacheLimits::default()
+        };
+        let cache = ConnectionCache::with_limits(limits);
+        // Twice: the reaper ends when the cache empties and the next put starts another.
+        for _ in 0..2 {
+            let (s, mut peer) = session(1);
+            let put_at = Instant::now();
+            cache.put(key(), s);
+            assert_eq!(cache.idle(), 1);
+            assert_eq!(line(&mut peer).await, "QUIT\r\n");
+            assert!(put_at.elapsed() >= limits.idle_time);
+            assert_eq!(cache.idle(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn take_passes_over_closed_and_talking_connections() {
+        let cache = ConnectionCache::new();
+        let (live, mut live_peer) = session(1);
+        let (talking, mut talking_peer) = session(1);
+        let (closed, closed_peer) = session(1);
+        // Taken newest first: closed, then talking, then live.
+        cache.put(key(), live);
+        cache.put(key(), talking);
+        cache.put(key(), closed);
+        drop(closed_peer);
+        talking_peer
+            .write_all(b"421 4.4.2 idle too long\r\n")
+            .await
+            .unwrap();
+        let mut s = cache.take(key(), HELO, false).expect("the live connection");
+        assert_eq!(cache.idle(), 0);
+        s.conn.write(b"NOOP\r\n", "test").await.unwrap();
+        assert_eq!(line(&mut live_peer).await, "NOOP\r\n");
+        assert!(cache.take(key(), HELO, false).is_none());
+        // The other mode and another address have nothing.
+        cache.put(key(), s);
+        let tls_key = CacheKey { tls: true, ..key() };
+        assert!(cache.take(tls_key, HELO, false).is_none());
+        assert_eq!(cache.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn take_refuses_another_name_or_plain_text_when_tls_is_required() {
+        let cache = ConnectionCache::new();
+        let (s, mut peer) = session(1);
+        cache.put(key(), s);
+        assert!(cache.take(key(), HELO, true).is_none());
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+        let (s, mut peer) = session(1);
+        cache.put(key(), s);
+        assert!(cache.take(key(), "other.test", false).is_none());
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+        assert_eq!(cache.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn limits_close_instead_of_caching() {
+        let limits = CacheLimits {
+            reuse_count: 3,
+            per_hop: 2,
+            ..CacheLimits::default()
+        };
+        let cache = ConnectionCache::with_limits(limits);
+        // At the transaction limit: closed at once.
+        let (s, mut peer) = session(3);
+        cache.put(key(), s);
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+        assert_eq!(cache.idle(), 0);
+        // Past the per-hop cap the oldest goes.
+        let (a, mut peer_a) = session(1);
+        let (b, _peer_b) = session(1);
+        let (c, _peer_c) = session(1);
+        cache.put(key(), a);
+        cache.put(key(), b);
+        cache.put(key(), c);
+        assert_eq!(cache.idle(), 2);
+        assert_eq!(line(&mut peer_a).await, "QUIT\r\n");
+        // Too old to reuse: closed rather than cached.
+        let old = ConnectionCache::with_limits(CacheLimits {
+            reuse_time: Duration::ZERO,
+            ..CacheLimits::default()
+        });
+        let (s, mut peer) = session(1);
+        old.put(key(), s);
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+        assert_eq!(old.idle(), 0);
+        let (s, _) = session(1);
+        assert!(limits.reusable(&s, 1));
+        assert!(!limits.reusable(&s, 2));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_cache_quits_its_connections() {
+        let cache = ConnectionCache::new();
+        let (s, mut peer) = session(1);
+        cache.put(key(), s);
+        drop(cache);
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+        let cache = ConnectionCache::new();
+        let (s, mut peer) = session(1);
+        cache.put(key(), s);
+        cache.clear();
+        assert_eq!(cache.idle(), 0);
+        assert_eq!(line(&mut peer).await, "QUIT\r\n");
+    }
 }

@@ -21,7 +21,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
 
-use super::client::{DeliveryOptions, Hop};
+use super::client::{ConnectionCache, DeliveryOptions, Hop};
 use crate::config::{Config, TlsOutbound};
 use crate::queue::outcome::FailureCause;
 
@@ -116,19 +116,26 @@ impl RouterConfig {
     }
 }
 
-/// Decides and resolves next hops. Cheap to share (`Arc<Router>`); one per sender
-/// process is enough.
+/// Decides and resolves next hops, and holds the SMTP connections idle between
+/// deliveries. Cheap to share (`Arc<Router>`); one per sender process is enough. A new
+/// router (a configuration reload, each test's own) starts with an empty connection
+/// cache, and dropping one closes its idle connections.
 pub struct Router {
     config: RouterConfig,
     /// Routes keyed by lower-case domain without trailing dot.
     routes: BTreeMap<String, String>,
     resolver: TokioResolver,
+    /// Connections that finished a transaction cleanly, ready for the next message to
+    /// the same host; tied to this configuration so a reload never reuses a connection
+    /// made under the old TLS policy or name.
+    cache: ConnectionCache,
 }
 
 impl fmt::Debug for Router {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Router")
             .field("config", &self.config)
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -181,12 +188,18 @@ impl Router {
             config,
             routes,
             resolver,
+            cache: ConnectionCache::new(),
         })
     }
 
     /// The SMTP client options deliveries through this router use.
     pub fn delivery_options(&self) -> &DeliveryOptions {
         &self.config.delivery
+    }
+
+    /// The idle connections deliveries through this router reuse.
+    pub fn connection_cache(&self) -> &ConnectionCache {
+        &self.cache
     }
 
     /// The next hop for a recipient domain (as `recipient_domain` gives it): its route,

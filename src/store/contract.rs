@@ -87,6 +87,7 @@ pub async fn run_all(store: &dyn MessageStore) {
     batch_atomicity(store).await;
     queue_claims_and_leases(store).await;
     queue_record_attempt(store).await;
+    queue_claim_at_accept(store).await;
     queue_admin(store).await;
 }
 
@@ -749,6 +750,146 @@ pub async fn queue_record_attempt(store: &dyn MessageStore) {
 }
 
 /// Administration: list, flush (one/all, held skipped, earlier due time kept), hold,
+/// accept_leased: rows inserted already claimed, due only when the lease lapses, the
+/// in-memory `QueuedMessage::from_accepted` equal to the stored row, batched records of
+/// finished attempts (and a refused one among them), and release making a leased
+/// message due at once.
+pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
+    store.delete_all_queued().await.expect("clear queue");
+    let lease = AcceptLease {
+        node: "n1".into(),
+        expires_at: secs(60),
+    };
+    let msgs = vec![
+        incoming(
+            "s@origin.test",
+            &[],
+            vec![rcpt("a@far.test")],
+            t0(),
+            b"one\r\n",
+        ),
+        incoming(
+            "s@origin.test",
+            &[],
+            vec![rcpt("b@far.test"), rcpt("c@far.test")],
+            t0(),
+            b"two\r\n",
+        ),
+    ];
+    let acc = store
+        .accept_leased(&msgs, Some(&lease))
+        .await
+        .expect("accept leased");
+    let ids: Vec<String> = acc
+        .iter()
+        .map(|a| a.queue_id.clone().expect("queued"))
+        .collect();
+    for (m, id) in msgs.iter().zip(&ids) {
+        let stored = store.get_queued(id).await.expect("get").expect("stored");
+        assert_eq!(stored.lock_owner.as_deref(), Some("n1"));
+        assert_eq!(stored.lock_expires_at, Some(secs(60)));
+        assert_eq!(stored.next_retry_at, secs(60), "due when the lease lapses");
+        assert_eq!(
+            QueuedMessage::from_accepted(m.clone(), id.clone(), &lease),
+            stored,
+            "the message handed to the queue is the one stored"
+        );
+    }
+    assert!(
+        store
+            .claim_due("n2", secs(30), LEASE, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a leased message is not due for others"
+    );
+    assert!(store
+        .claim(&ids[0], "n2", secs(30), LEASE)
+        .await
+        .expect("claim")
+        .is_none());
+
+    let done = |rcpts: &[&str]| AttemptRecord {
+        at: secs(5),
+        rcpt_results: rcpts
+            .iter()
+            .map(|r| (r.to_string(), RcptState::Delivered, Some("250 ok".into())))
+            .collect(),
+        error: None,
+        next_retry_at: None,
+    };
+    let results = store
+        .record_attempts(vec![
+            (ids[0].clone(), "n1".into(), done(&["a@far.test"])),
+            (
+                ids[1].clone(),
+                "n2".into(),
+                done(&["b@far.test", "c@far.test"]),
+            ),
+            (
+                "FFFFFFFFFFFFFFFF".into(),
+                "n1".into(),
+                done(&["x@far.test"]),
+            ),
+        ])
+        .await
+        .expect("record batch");
+    assert!(results[0].is_ok(), "finished attempt recorded: {results:?}");
+    assert!(
+        matches!(results[1], Err(StoreError::Invalid(_))),
+        "not our lease: {results:?}"
+    );
+    assert!(
+        matches!(results[2], Err(StoreError::Invalid(_))),
+        "no such message: {results:?}"
+    );
+    assert!(store.get_queued(&ids[0]).await.expect("get").is_none());
+    let kept = store.get_queued(&ids[1]).await.expect("get").expect("kept");
+    assert_eq!(kept.tries, 0, "a refused record changes nothing");
+    assert_eq!(kept.lock_owner.as_deref(), Some("n1"));
+    let lapsed = store
+        .claim_due("n2", secs(61), LEASE, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        lapsed.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        vec![ids[1].clone()],
+        "taken by another node once the lease lapsed"
+    );
+
+    // Release: a leased message (times of the real clock here) falls due at once.
+    store.delete_all_queued().await.expect("clear queue");
+    let now = Utc::now();
+    let far = AcceptLease {
+        node: "n1".into(),
+        expires_at: now + chrono::Duration::days(1),
+    };
+    let acc = store
+        .accept_leased(
+            &[incoming(
+                "s@origin.test",
+                &[],
+                vec![rcpt("d@far.test")],
+                now,
+                b"3\r\n",
+            )],
+            Some(&far),
+        )
+        .await
+        .expect("accept leased");
+    let id = acc[0].queue_id.clone().expect("queued");
+    let soon = now + chrono::Duration::seconds(5);
+    assert!(store
+        .claim_due("n2", soon, LEASE, 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    store.release(&id, "n1").await.expect("release");
+    let taken = store.claim_due("n2", soon, LEASE, 10).await.expect("claim");
+    assert_eq!(taken.len(), 1, "released: due now");
+    store.delete_all_queued().await.expect("clean up");
+}
+
 /// delete one and all.
 pub async fn queue_admin(store: &dyn MessageStore) {
     store.delete_all_queued().await.expect("clear queue");

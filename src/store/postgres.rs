@@ -430,7 +430,11 @@ fn message_summary(r: &PgRow) -> StoreResult<MessageSummary> {
 }
 
 /// Store one accepted message inside the batch transaction.
-async fn accept_one(conn: &mut PgConnection, m: IncomingMessage) -> StoreResult<Accepted> {
+async fn accept_one(
+    conn: &mut PgConnection,
+    m: &IncomingMessage,
+    lease: Option<&AcceptLease>,
+) -> StoreResult<Accepted> {
     let received = ms(m.received_at);
     let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
     let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
@@ -484,8 +488,8 @@ async fn accept_one(conn: &mut PgConnection, m: IncomingMessage) -> StoreResult<
             let done = sqlx::query(
                 "INSERT INTO outgoing
                      (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                      next_retry_at, held, size, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $7, FALSE, $8, $9)
+                      next_retry_at, held, size, body, lock_owner, lock_expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, COALESCE($11, $7), FALSE, $8, $9, $10, $11)
                  ON CONFLICT (id) DO NOTHING",
             )
             .bind(&id)
@@ -497,6 +501,8 @@ async fn accept_one(conn: &mut PgConnection, m: IncomingMessage) -> StoreResult<
             .bind(received)
             .bind(size)
             .bind(&m.body)
+            .bind(lease.map(|l| l.node.as_str()))
+            .bind(lease.map(|l| ms(l.expires_at)))
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;
@@ -698,7 +704,11 @@ impl MessageStore for PostgresStore {
         Ok(found.is_some())
     }
 
-    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+    async fn accept_leased(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+    ) -> StoreResult<Vec<Accepted>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
@@ -706,7 +716,7 @@ impl MessageStore for PostgresStore {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
             // An error drops `tx`, which rolls the whole batch back.
-            out.push(accept_one(&mut tx, m).await?);
+            out.push(accept_one(&mut tx, m, lease).await?);
         }
         let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
         if !queued.is_empty() {
@@ -934,11 +944,13 @@ impl MessageStore for PostgresStore {
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                 next_retry_at = LEAST(next_retry_at, $3)
              WHERE id = $1 AND lock_owner = $2",
         )
         .bind(id)
         .bind(node)
+        .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await
         .map_err(db_err)?;

@@ -447,8 +447,9 @@ fn message_summary(r: &SqliteRow) -> StoreResult<MessageSummary> {
     })
 }
 
-/// Store one accepted message inside the batch transaction.
-async fn accept_one(conn: &mut SqliteConnection, m: IncomingMessage) -> StoreResult<Accepted> {
+/// Deliver one accepted message into the INBOX of each local recipient, inside the batch
+/// transaction; returns the mailbox message ids in recipient order.
+async fn accept_local(conn: &mut SqliteConnection, m: &IncomingMessage) -> StoreResult<Vec<i64>> {
     let received = ms(m.received_at);
     let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
     let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
@@ -492,61 +493,100 @@ async fn accept_one(conn: &mut SqliteConnection, m: IncomingMessage) -> StoreRes
         .map_err(db_err)?;
         message_ids.push(id);
     }
-    let mut queue_id = None;
-    if !m.remote_rcpts.is_empty() {
-        // 64 random bits make a clash unlikely; ON CONFLICT lets us simply draw again
-        // without aborting the transaction (also on PostgreSQL).
-        let mut inserted = None;
-        for _ in 0..8 {
-            let id = new_queue_id();
-            let done = sqlx::query(
-                "INSERT INTO outgoing
-                     (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                      next_retry_at, held, size, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $7, 0, $8, $9)
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&id)
-            .bind(&m.sender)
-            .bind(&m.ret)
-            .bind(&m.envid)
-            .bind(&m.client_ip)
-            .bind(&m.helo)
-            .bind(received)
-            .bind(size)
-            .bind(&m.body)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
-            if done.rows_affected() == 1 {
-                inserted = Some(id);
-                break;
-            }
+    Ok(message_ids)
+}
+
+/// Rows per multi-row INSERT: well under SQLite's 32,766 bound variables.
+const INSERT_CHUNK: usize = 200;
+
+/// Queue every message of `queued` (those with remote recipients) inside the batch
+/// transaction, a few statements for the whole batch: one multi-row INSERT of the
+/// messages and one of their recipients per `INSERT_CHUNK`. Returns the queue ids, in
+/// order. Ids are 64 random bits; a clash (the row is skipped by ON CONFLICT, so the
+/// transaction goes on) is drawn again for that message alone.
+async fn queue_remote(
+    conn: &mut SqliteConnection,
+    queued: &[&IncomingMessage],
+    lease: Option<&AcceptLease>,
+) -> StoreResult<Vec<String>> {
+    let mut ids: Vec<String> = queued.iter().map(|_| new_queue_id()).collect();
+    let (owner, expires) = match lease {
+        Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
+        None => (None, None),
+    };
+    let mut todo: Vec<usize> = (0..queued.len()).collect();
+    for _ in 0..8 {
+        if todo.is_empty() {
+            break;
         }
-        let id =
-            inserted.ok_or_else(|| StoreError::Backend("could not draw a free queue id".into()))?;
-        for (seq, r) in m.remote_rcpts.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO outgoing_rcpts
-                     (queue_id, seq, address, orcpt, notify, state, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, 'pending', $6)",
-            )
-            .bind(&id)
-            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-            .bind(&r.address)
-            .bind(&r.orcpt)
-            .bind(&r.notify)
-            .bind(received)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        let mut inserted = std::collections::HashSet::new();
+        for chunk in todo.chunks(INSERT_CHUNK) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, \
+                 tries, next_retry_at, held, size, body, lock_owner, lock_expires_at) ",
+            );
+            q.push_values(chunk, |mut b, &i| {
+                let m = queued[i];
+                let received = ms(m.received_at);
+                b.push_bind(ids[i].as_str())
+                    .push_bind(m.sender.as_str())
+                    .push_bind(m.ret.as_deref())
+                    .push_bind(m.envid.as_deref())
+                    .push_bind(m.client_ip.as_str())
+                    .push_bind(m.helo.as_str())
+                    .push_bind(received)
+                    .push_bind(0i64)
+                    // A leased row falls due when its lease lapses: scans for due
+                    // messages then never wade through the ones being tried.
+                    .push_bind(expires.unwrap_or(received))
+                    .push_bind(0i64)
+                    .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
+                    .push_bind(m.body.as_slice())
+                    .push_bind(owner)
+                    .push_bind(expires);
+            });
+            q.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+            let got: Vec<String> = q
+                .build_query_scalar()
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db_err)?;
+            inserted.extend(got);
         }
-        queue_id = Some(id);
+        todo.retain(|&i| !inserted.contains(&ids[i]));
+        for &i in &todo {
+            ids[i] = new_queue_id();
+        }
     }
-    Ok(Accepted {
-        queue_id,
-        message_ids,
-    })
+    if !todo.is_empty() {
+        return Err(StoreError::Backend("could not draw a free queue id".into()));
+    }
+    let rcpts: Vec<(usize, usize, &OutgoingRcpt)> = queued
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            m.remote_rcpts
+                .iter()
+                .enumerate()
+                .map(move |(seq, r)| (i, seq, r))
+        })
+        .collect();
+    for chunk in rcpts.chunks(INSERT_CHUNK) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at) ",
+        );
+        q.push_values(chunk, |mut b, &(i, seq, r)| {
+            b.push_bind(ids[i].as_str())
+                .push_bind(i64::try_from(seq).unwrap_or(i64::MAX))
+                .push_bind(r.address.as_str())
+                .push_bind(r.orcpt.as_deref())
+                .push_bind(r.notify.as_deref())
+                .push_bind("pending")
+                .push_bind(ms(queued[i].received_at));
+        });
+        q.build().execute(&mut *conn).await.map_err(db_err)?;
+    }
+    Ok(ids)
 }
 
 #[async_trait::async_trait]
@@ -704,16 +744,35 @@ impl MessageStore for SqliteStore {
         Ok(found.is_some())
     }
 
-    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+    async fn accept_leased(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+    ) -> StoreResult<Vec<Accepted>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let _writer = self.writer.lock().await;
         let mut tx = self.write_tx().await?;
+        // An error drops `tx`, which rolls the whole batch back.
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
-            // An error drops `tx`, which rolls the whole batch back.
-            out.push(accept_one(&mut tx, m).await?);
+            out.push(Accepted {
+                queue_id: None,
+                message_ids: accept_local(&mut tx, m).await?,
+            });
+        }
+        let queued: Vec<&IncomingMessage> = messages
+            .iter()
+            .filter(|m| !m.remote_rcpts.is_empty())
+            .collect();
+        if !queued.is_empty() {
+            let mut ids = queue_remote(&mut tx, &queued, lease).await?.into_iter();
+            for (a, m) in out.iter_mut().zip(messages) {
+                if !m.remote_rcpts.is_empty() {
+                    a.queue_id = ids.next();
+                }
+            }
         }
         tx.commit().await.map_err(db_err)?;
         Ok(out)
@@ -861,11 +920,13 @@ impl MessageStore for SqliteStore {
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
         let _writer = self.writer.lock().await;
         sqlx::query(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                 next_retry_at = MIN(next_retry_at, $3)
              WHERE id = $1 AND lock_owner = $2",
         )
         .bind(id)
         .bind(node)
+        .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
@@ -999,28 +1060,6 @@ impl MessageStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn claim_many(
-        &self,
-        ids: &[String],
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-    ) -> StoreResult<Vec<QueuedMessage>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(m) = claim_in(&mut tx, id, node, now, lease).await? {
-                out.push(m);
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(out)
-    }
-
     async fn record_attempts(
         &self,
         batch: Vec<(String, String, AttemptRecord)>,
@@ -1030,8 +1069,45 @@ impl MessageStore for SqliteStore {
         }
         let _writer = self.writer.lock().await;
         let mut tx = self.write_tx().await?;
+        // Attempts that leave no recipient pending delete their message outright: one
+        // DELETE per node for all of them (recipients go by cascade). Those whose row
+        // was not ours are looked at one by one below, to say why.
+        let mut finished: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (id, node, record) in &batch {
+            if !record
+                .rcpt_results
+                .iter()
+                .any(|(_, st, _)| *st == RcptState::Pending)
+            {
+                finished.entry(node.as_str()).or_default().push(id.as_str());
+            }
+        }
+        let mut deleted = std::collections::HashSet::new();
+        for (node, ids) in &finished {
+            for chunk in ids.chunks(INSERT_CHUNK) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "DELETE FROM outgoing WHERE lock_owner = ",
+                );
+                q.push_bind(*node).push(" AND id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                q.push(") RETURNING id");
+                let gone: Vec<String> = q
+                    .build_query_scalar()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                deleted.extend(gone.into_iter().map(|id| (id, node.to_string())));
+            }
+        }
         let mut out = Vec::with_capacity(batch.len());
         for (id, node, record) in &batch {
+            if deleted.contains(&(id.clone(), node.clone())) {
+                out.push(Ok(()));
+                continue;
+            }
             match record_in(&mut tx, id, node, record).await {
                 // A lost lease or a deleted message wrote nothing: the others go on.
                 Err(StoreError::Invalid(why)) => out.push(Err(StoreError::Invalid(why))),
