@@ -697,10 +697,10 @@ async fn a_node_killed_mid_run_loses_nothing_and_its_leases_pass_to_the_others()
             .unwrap();
     let in_flight: HashSet<String> = leased.iter().map(|(_, body)| tag_of(body)).collect();
     assert_eq!(in_flight.len(), leased.len(), "one row per message");
+    // Its senders' messages and those waiting in its active queue (leased at accept).
     assert!(
-        !in_flight.is_empty() && in_flight.len() <= VICTIM_SENDERS,
-        "killed mid-run, {} must hold between 1 and max_senders ({VICTIM_SENDERS}) leases: \
-         {leased:?}",
+        !in_flight.is_empty(),
+        "killed mid-run, {} must hold leases: {leased:?}",
         NODES[VICTIM],
         leased = leased.iter().map(|(id, _)| id).collect::<Vec<_>>()
     );
