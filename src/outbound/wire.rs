@@ -120,31 +120,25 @@ pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
 /// terminator appended.
 pub fn data_payload(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 8);
-    let mut at_line_start = true;
-    let mut i = 0;
-    while i < body.len() {
-        let b = body[i];
-        match b {
-            b'\r' | b'\n' => {
-                // CRLF, bare CR and bare LF all end one line.
-                if b == b'\r' && body.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
+    // Line by line (memchr finds the line ends), `rest` always at a line start.
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            out.push(b'.');
+        }
+        match memchr::memchr2(b'\r', b'\n', rest) {
+            Some(end) => {
+                out.extend_from_slice(&rest[..end]);
                 out.extend_from_slice(b"\r\n");
-                at_line_start = true;
+                let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+                rest = &rest[end + if crlf { 2 } else { 1 }..];
             }
-            _ => {
-                if at_line_start && b == b'.' {
-                    out.push(b'.');
-                }
-                out.push(b);
-                at_line_start = false;
+            None => {
+                out.extend_from_slice(rest);
+                out.extend_from_slice(b"\r\n");
+                rest = &[];
             }
         }
-        i += 1;
-    }
-    if !at_line_start {
-        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
     out
@@ -201,5 +195,46 @@ mod tests {
         assert_eq!(data_payload(b"a\n.x"), b"a\r\n..x\r\n.\r\n");
         assert_eq!(data_payload(b""), b".\r\n");
         assert_eq!(data_payload(b"x.y\r\n"), b"x.y\r\n.\r\n");
+    }
+
+    /// The plain byte-by-byte statement of `data_payload`'s rules, as a model.
+    fn payload_model(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at_line_start = true;
+        let mut i = 0;
+        while i < body.len() {
+            let b = body[i];
+            if b == b'\r' || b == b'\n' {
+                if b == b'\r' && body.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                out.extend_from_slice(b"\r\n");
+                at_line_start = true;
+            } else {
+                if at_line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                at_line_start = false;
+            }
+            i += 1;
+        }
+        if !at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn payload_matches_the_bytewise_model(
+            body in proptest::collection::vec(
+                proptest::sample::select(vec![b'.', b'\r', b'\n', b'a', b' ']),
+                0..64,
+            )
+        ) {
+            proptest::prop_assert_eq!(data_payload(&body), payload_model(&body));
+        }
     }
 }
