@@ -245,6 +245,16 @@ enum MailboxCmd {
     Show { address: String, id: i64 },
 }
 
+/// Tokio worker threads for `serve`: one per core but one, and at least one. SQLite
+/// runs on its own connection threads beside the workers, and the kernel's TCP work
+/// needs a core too: on 2 cores, one worker relayed 10-20% more per second than two
+/// (fewer cross-thread wake-ups). `TOKIO_WORKER_THREADS` (a positive number) overrides.
+fn worker_threads(cores: usize, env: Option<&str>) -> usize {
+    env.and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| cores.saturating_sub(1).max(1))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -315,6 +325,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("writing {}", p.display()))?;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(worker_threads(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    std::env::var("TOKIO_WORKER_THREADS").ok().as_deref(),
+                ))
                 .enable_all()
                 .build()?;
             let code = runtime.block_on(serve(config, path, cli.set.clone()));
@@ -832,3 +846,18 @@ fn inject_fault(root: &ractor::ActorRef<RootMsg>) {
 
 #[cfg(not(debug_assertions))]
 fn inject_fault(_root: &ractor::ActorRef<RootMsg>) {}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn one_worker_per_core_but_one() {
+        assert_eq!(worker_threads(1, None), 1);
+        assert_eq!(worker_threads(2, None), 1);
+        assert_eq!(worker_threads(8, None), 7);
+        assert_eq!(worker_threads(2, Some("4")), 4);
+        assert_eq!(worker_threads(2, Some("0")), 1, "zero is ignored");
+        assert_eq!(worker_threads(2, Some("many")), 1, "junk is ignored");
+    }
+}

@@ -12,6 +12,7 @@ pub mod maildir;
 pub mod password;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,6 +110,28 @@ pub struct Accepted {
     pub queue_id: Option<String>,
     /// Ids of the mailbox messages created, one per local recipient, in order.
     pub message_ids: Vec<i64>,
+}
+
+/// One group commit of the store actor (see `MessageStore::commit_batch`).
+#[derive(Debug, Clone)]
+pub struct WriteBatch {
+    /// Accepted messages, in order.
+    pub messages: Vec<IncomingMessage>,
+    /// The lease to stamp on their queued rows (claim at accept), if any.
+    pub lease: Option<AcceptLease>,
+    /// Finished attempts: queue id, lock owner, what happened.
+    pub records: Vec<(String, String, AttemptRecord)>,
+}
+
+/// What `commit_batch` did.
+#[derive(Debug)]
+pub struct WriteOutcome {
+    /// The batch's messages, handed back.
+    pub messages: Vec<IncomingMessage>,
+    /// The accepts, in order, or why none was stored.
+    pub accepted: StoreResult<Vec<Accepted>>,
+    /// Per record, in order, or why none was recorded.
+    pub recorded: StoreResult<Vec<StoreResult<()>>>,
 }
 
 /// The claim stamped on queued rows as they are inserted (see `accept_leased`).
@@ -433,6 +456,30 @@ pub trait MessageStore: Send + Sync + 'static {
             out.push(self.record_attempt(&id, &node, record).await);
         }
         Ok(out)
+    }
+
+    /// One write for the store actor's group commit: `accept_leased` of the messages and
+    /// `record_attempts` of the records, in one transaction where the backend can (so
+    /// arrivals and finished attempts share one commit). Each part gets its own result;
+    /// an accept is never reported stored unless its transaction committed. The
+    /// messages are handed back.
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
+        let accepted = if batch.messages.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.accept_leased(&batch.messages, batch.lease.as_ref())
+                .await
+        };
+        let recorded = if batch.records.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.record_attempts(batch.records).await
+        };
+        WriteOutcome {
+            messages: batch.messages,
+            accepted,
+            recorded,
+        }
     }
 
     /// How many queued messages are in each state at `now`, for metrics and status.

@@ -1,8 +1,9 @@
 //! `erlmail_store`: owns the store backend and serialises its writes with group commit.
 //!
-//! Every accepted message arrives as an `Accept` request. While a commit is in flight,
-//! new requests wait in `pending`; when it ends, all of them go into the next transaction
-//! together, so concurrent sessions share one fsync. A reply (and so the session's 250)
+//! Every accepted message arrives as an `Accept` request, every finished delivery
+//! attempt as a `Record`. While a commit is in flight, new requests wait; when it ends,
+//! all of them go into the next transaction together, so concurrent sessions and senders
+//! share one fsync. A reply (and so the session's 250)
 //! goes out only after the transaction holding that message committed. After a commit,
 //! local copies go to Maildirs when configured, and `smtpd_queue` is told of each new
 //! queued message. Reads (recipient look-ups) run concurrently beside the writes.
@@ -63,8 +64,6 @@ pub enum StoreMsg {
     Reload(Arc<Config>),
     /// The commit in flight ended; start the next one if anything waits.
     CommitDone,
-    /// The batch of attempt records in flight ended.
-    RecordsDone,
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
@@ -143,33 +142,6 @@ type PendingRecord = (
     RpcReplyPort<StoreResult<()>>,
 );
 
-/// Record every waiting attempt in one transaction, off the actor; answer each sender.
-fn start_records(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
-    state.records_in_flight = true;
-    let batch = std::mem::take(&mut state.records);
-    let store = state.store.clone();
-    let me = myself.clone();
-    tokio::spawn(async move {
-        let (work, replies): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .map(|(id, node, record, reply)| ((id, node, record), reply))
-            .unzip();
-        match store.record_attempts(work).await {
-            Ok(results) => {
-                for (r, reply) in results.into_iter().zip(replies) {
-                    let _ = reply.send(r);
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
-        let _ = me.send_message(StoreMsg::RecordsDone);
-    });
-}
-
 type Waiting = (IncomingMessage, RpcReplyPort<StoreResult<Accepted>>);
 
 /// The store actor's state.
@@ -178,10 +150,9 @@ pub struct StoreState {
     config: Arc<Config>,
     path: String,
     pending: Vec<Waiting>,
-    in_flight: bool,
-    /// Attempt records waiting for the next record batch (group commit for senders).
+    /// Attempt records waiting for the next commit (they share it with the accepts).
     records: Vec<PendingRecord>,
-    records_in_flight: bool,
+    in_flight: bool,
 }
 
 impl Actor for StoreActor {
@@ -202,9 +173,8 @@ impl Actor for StoreActor {
             config: args.config,
             path: args.path,
             pending: Vec::new(),
-            in_flight: false,
             records: Vec::new(),
-            records_in_flight: false,
+            in_flight: false,
         })
     }
 
@@ -236,7 +206,7 @@ impl Actor for StoreActor {
             }
             StoreMsg::CommitDone => {
                 state.in_flight = false;
-                if !state.pending.is_empty() {
+                if !state.pending.is_empty() || !state.records.is_empty() {
                     start_commit(&myself, state);
                 }
             }
@@ -259,14 +229,8 @@ impl Actor for StoreActor {
                 reply,
             }) => {
                 state.records.push((id, node, record, reply));
-                if !state.records_in_flight {
-                    start_records(&myself, state);
-                }
-            }
-            StoreMsg::RecordsDone => {
-                state.records_in_flight = false;
-                if !state.records.is_empty() {
-                    start_records(&myself, state);
+                if !state.in_flight {
+                    start_commit(&myself, state);
                 }
             }
             StoreMsg::Queue(op) => {
@@ -347,6 +311,10 @@ async fn lookup(store: &dyn store::MessageStore, address: &str) -> StoreResult<R
 fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     state.in_flight = true;
     let batch = std::mem::take(&mut state.pending);
+    let (records, record_replies): (Vec<_>, Vec<_>) = std::mem::take(&mut state.records)
+        .into_iter()
+        .map(|(id, node, record, reply)| ((id, node, record), reply))
+        .unzip();
     let store = state.store.clone();
     let maildir_root = state.config.maildir_root.clone();
     let me = myself.clone();
@@ -364,7 +332,31 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = messages.len();
         let started = std::time::Instant::now();
-        match store.accept_leased(&messages, lease.as_ref()).await {
+        let store::WriteOutcome {
+            messages,
+            accepted,
+            recorded,
+        } = store
+            .commit_batch(store::WriteBatch {
+                messages,
+                lease: lease.clone(),
+                records,
+            })
+            .await;
+        match recorded {
+            Ok(results) => {
+                for (r, reply) in results.into_iter().zip(record_replies) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                for reply in record_replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        match accepted {
+            Ok(_) if n == 0 => {}
             Ok(results) => {
                 let took = started.elapsed();
                 metrics::histogram!(crate::telemetry::names::COMMIT_SECONDS)

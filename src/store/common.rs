@@ -73,3 +73,37 @@ pub(crate) fn to_u32(v: i64) -> u32 {
 pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_normalised() {
+        assert_eq!(
+            norm_address(" Alice@Example.COM. ").unwrap(),
+            (
+                "alice@example.com".into(),
+                "alice".into(),
+                "example.com".into()
+            )
+        );
+        assert!(norm_address("alice").is_err());
+        assert!(norm_address("@example.com").is_err());
+        assert!(norm_address("a b@example.com").is_err());
+        assert_eq!(norm_mailbox("inbox"), "INBOX");
+        assert_eq!(norm_mailbox("Sent"), "Sent");
+    }
+
+    #[test]
+    fn queue_ids_are_16_upper_hex() {
+        let a = new_queue_id();
+        assert_eq!(a.len(), 16);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c)),
+            "{a}"
+        );
+        assert_ne!(a, new_queue_id());
+    }
+}

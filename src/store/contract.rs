@@ -88,6 +88,7 @@ pub async fn run_all(store: &dyn MessageStore) {
     queue_claims_and_leases(store).await;
     queue_record_attempt(store).await;
     queue_claim_at_accept(store).await;
+    commit_batch_mixes_accepts_and_records(store).await;
     queue_admin(store).await;
 }
 
@@ -887,6 +888,66 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
     store.release(&id, "n1").await.expect("release");
     let taken = store.claim_due("n2", soon, LEASE, 10).await.expect("claim");
     assert_eq!(taken.len(), 1, "released: due now");
+    store.delete_all_queued().await.expect("clean up");
+}
+
+/// commit_batch: new messages and finished attempts in one call; a refused record (lease
+/// not ours) does not keep the accepts from committing, and the messages come back.
+pub async fn commit_batch_mixes_accepts_and_records(store: &dyn MessageStore) {
+    store.delete_all_queued().await.expect("clear queue");
+    let old = enqueue(store, t0(), &["old@far.test"]).await;
+    let other = enqueue(store, t0(), &["other@far.test"]).await;
+    for id in [&old, &other] {
+        store
+            .claim(id, "n1", t0(), LEASE)
+            .await
+            .expect("claim")
+            .expect("due");
+    }
+    let delivered = |rcpt: &str| AttemptRecord {
+        at: secs(5),
+        rcpt_results: vec![(
+            rcpt.to_string(),
+            RcptState::Delivered,
+            Some("250 ok".into()),
+        )],
+        error: None,
+        next_retry_at: None,
+    };
+    let new = incoming(
+        "s@origin.test",
+        &[],
+        vec![rcpt("new@far.test")],
+        secs(5),
+        b"new\r\n",
+    );
+    let out = store
+        .commit_batch(WriteBatch {
+            messages: vec![new.clone()],
+            lease: Some(AcceptLease {
+                node: "n1".into(),
+                expires_at: secs(65),
+            }),
+            records: vec![
+                (old.clone(), "n1".into(), delivered("old@far.test")),
+                (other.clone(), "n2".into(), delivered("other@far.test")),
+            ],
+        })
+        .await;
+    assert_eq!(out.messages, vec![new], "the messages are handed back");
+    let accepted = out.accepted.expect("accepted");
+    let recorded = out.recorded.expect("recorded");
+    assert!(recorded[0].is_ok(), "{recorded:?}");
+    assert!(
+        matches!(recorded[1], Err(StoreError::Invalid(_))),
+        "{recorded:?}"
+    );
+    assert!(store.get_queued(&old).await.expect("get").is_none());
+    assert!(store.get_queued(&other).await.expect("get").is_some());
+    let id = accepted[0].queue_id.clone().expect("queued");
+    let stored = store.get_queued(&id).await.expect("get").expect("stored");
+    assert_eq!(stored.lock_owner.as_deref(), Some("n1"));
+    assert_eq!(stored.rcpts, vec![rcpt("new@far.test")]);
     store.delete_all_queued().await.expect("clean up");
 }
 

@@ -11,8 +11,7 @@
 //! policy (retry schedule, who is local): callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, new_queue_id, norm_address, norm_domain, norm_mailbox, opt_from_ms,
-    to_u32, to_u64,
+    from_ms, lease_end, ms, norm_address, norm_domain, norm_mailbox, opt_from_ms, to_u32, to_u64,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +58,8 @@ pub struct SqliteStore {
     /// The one connection this process writes through (taken under `writer`): its page
     /// cache stays warm, as no other connection of ours changes the file under it.
     writes: SqlitePool,
+    /// The group-commit writer (accepts and attempt records), on its own thread.
+    fast: super::sqlite_writer::Writer,
     path: PathBuf,
     /// Writers of this process queue here rather than in SQLite's busy handler, which
     /// polls the lock with sleeps (measured: half the time of a relay run went to those
@@ -135,6 +136,7 @@ impl SqliteStore {
             writer: tokio::sync::Mutex::new(()),
             pool,
             writes,
+            fast: super::sqlite_writer::Writer::open(path, BUSY_TIMEOUT, pragmas)?,
             path: path.to_path_buf(),
         };
         store.migrate().await?;
@@ -320,76 +322,6 @@ async fn claim_in(
     load_queued(conn, id).await
 }
 
-/// Record one attempt inside a write transaction (see `MessageStore::record_attempt`).
-/// A lost lease is found before anything is written, so a batch can go on past it.
-async fn record_in(
-    conn: &mut SqliteConnection,
-    id: &str,
-    node: &str,
-    outcome: &AttemptRecord,
-) -> StoreResult<()> {
-    let owner: Option<Option<String>> =
-        sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    match owner {
-        None => {
-            return Err(StoreError::Invalid(format!("no queued message {id}")));
-        }
-        Some(owner) if owner.as_deref() != Some(node) => {
-            return Err(StoreError::Invalid(format!(
-                "queued message {id} is not locked by {node} (lease lost)"
-            )));
-        }
-        Some(_) => {}
-    }
-    let at = ms(outcome.at);
-    for (address, state, response) in &outcome.rcpt_results {
-        sqlx::query(
-            "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
-             WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
-        )
-        .bind(state.as_str())
-        .bind(response)
-        .bind(at)
-        .bind(id)
-        .bind(address)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    }
-    sqlx::query(
-        "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
-             next_retry_at = COALESCE($3, next_retry_at),
-             lock_owner = NULL, lock_expires_at = NULL
-         WHERE id = $4",
-    )
-    .bind(at)
-    .bind(&outcome.error)
-    .bind(outcome.next_retry_at.map(ms))
-    .bind(id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    let pending: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
-    )
-    .bind(id)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    if pending == 0 {
-        sqlx::query("DELETE FROM outgoing WHERE id = $1")
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    }
-    Ok(())
-}
-
 async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<QueuedMessage>> {
     let row = sqlx::query(concat!(
         "SELECT ",
@@ -457,148 +389,6 @@ fn message_summary(r: &SqliteRow) -> StoreResult<MessageSummary> {
         size: to_u64(r.try_get("size").map_err(g)?),
         internal_date: from_ms(r.try_get("internal_date").map_err(g)?)?,
     })
-}
-
-/// Deliver one accepted message into the INBOX of each local recipient, inside the batch
-/// transaction; returns the mailbox message ids in recipient order.
-async fn accept_local(conn: &mut SqliteConnection, m: &IncomingMessage) -> StoreResult<Vec<i64>> {
-    let received = ms(m.received_at);
-    let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
-    let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
-    for rcpt in &m.local_rcpts {
-        let (address, _, _) = norm_address(rcpt)?;
-        let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE address = $1")
-            .bind(&address)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err)?;
-        let user_id = user_id
-            .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
-        sqlx::query(
-            "INSERT INTO mailboxes (user_id, name) VALUES ($1, 'INBOX')
-             ON CONFLICT (user_id, name) DO NOTHING",
-        )
-        .bind(user_id)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-        let mailbox_id: i64 =
-            sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = 'INBOX'")
-                .bind(user_id)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(db_err)?;
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO messages
-                 (mailbox_id, sender, recipients, subject, size, internal_date, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-        )
-        .bind(mailbox_id)
-        .bind(&m.sender)
-        .bind(&address)
-        .bind(&m.subject)
-        .bind(size)
-        .bind(received)
-        .bind(&m.body)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db_err)?;
-        message_ids.push(id);
-    }
-    Ok(message_ids)
-}
-
-/// Rows per multi-row INSERT: well under SQLite's 32,766 bound variables.
-const INSERT_CHUNK: usize = 200;
-
-/// Queue every message of `queued` (those with remote recipients) inside the batch
-/// transaction, a few statements for the whole batch: one multi-row INSERT of the
-/// messages and one of their recipients per `INSERT_CHUNK`. Returns the queue ids, in
-/// order. Ids are 64 random bits; a clash (the row is skipped by ON CONFLICT, so the
-/// transaction goes on) is drawn again for that message alone.
-async fn queue_remote(
-    conn: &mut SqliteConnection,
-    queued: &[&IncomingMessage],
-    lease: Option<&AcceptLease>,
-) -> StoreResult<Vec<String>> {
-    let mut ids: Vec<String> = queued.iter().map(|_| new_queue_id()).collect();
-    let (owner, expires) = match lease {
-        Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
-        None => (None, None),
-    };
-    let mut todo: Vec<usize> = (0..queued.len()).collect();
-    for _ in 0..8 {
-        if todo.is_empty() {
-            break;
-        }
-        let mut inserted = std::collections::HashSet::new();
-        for chunk in todo.chunks(INSERT_CHUNK) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, \
-                 tries, next_retry_at, held, size, body, lock_owner, lock_expires_at) ",
-            );
-            q.push_values(chunk, |mut b, &i| {
-                let m = queued[i];
-                let received = ms(m.received_at);
-                b.push_bind(ids[i].as_str())
-                    .push_bind(m.sender.as_str())
-                    .push_bind(m.ret.as_deref())
-                    .push_bind(m.envid.as_deref())
-                    .push_bind(m.client_ip.as_str())
-                    .push_bind(m.helo.as_str())
-                    .push_bind(received)
-                    .push_bind(0i64)
-                    // A leased row falls due when its lease lapses: scans for due
-                    // messages then never wade through the ones being tried.
-                    .push_bind(expires.unwrap_or(received))
-                    .push_bind(0i64)
-                    .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
-                    .push_bind(m.body.as_slice())
-                    .push_bind(owner)
-                    .push_bind(expires);
-            });
-            q.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-            let got: Vec<String> = q
-                .build_query_scalar()
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db_err)?;
-            inserted.extend(got);
-        }
-        todo.retain(|&i| !inserted.contains(&ids[i]));
-        for &i in &todo {
-            ids[i] = new_queue_id();
-        }
-    }
-    if !todo.is_empty() {
-        return Err(StoreError::Backend("could not draw a free queue id".into()));
-    }
-    let rcpts: Vec<(usize, usize, &OutgoingRcpt)> = queued
-        .iter()
-        .enumerate()
-        .flat_map(|(i, m)| {
-            m.remote_rcpts
-                .iter()
-                .enumerate()
-                .map(move |(seq, r)| (i, seq, r))
-        })
-        .collect();
-    for chunk in rcpts.chunks(INSERT_CHUNK) {
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at) ",
-        );
-        q.push_values(chunk, |mut b, &(i, seq, r)| {
-            b.push_bind(ids[i].as_str())
-                .push_bind(i64::try_from(seq).unwrap_or(i64::MAX))
-                .push_bind(r.address.as_str())
-                .push_bind(r.orcpt.as_deref())
-                .push_bind(r.notify.as_deref())
-                .push_bind("pending")
-                .push_bind(ms(queued[i].received_at));
-        });
-        q.build().execute(&mut *conn).await.map_err(db_err)?;
-    }
-    Ok(ids)
 }
 
 #[async_trait::async_trait]
@@ -764,30 +554,18 @@ impl MessageStore for SqliteStore {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        self.commit_batch(WriteBatch {
+            messages: messages.to_vec(),
+            lease: lease.cloned(),
+            records: Vec::new(),
+        })
+        .await
+        .accepted
+    }
+
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
         let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        // An error drops `tx`, which rolls the whole batch back.
-        let mut out = Vec::with_capacity(messages.len());
-        for m in messages {
-            out.push(Accepted {
-                queue_id: None,
-                message_ids: accept_local(&mut tx, m).await?,
-            });
-        }
-        let queued: Vec<&IncomingMessage> = messages
-            .iter()
-            .filter(|m| !m.remote_rcpts.is_empty())
-            .collect();
-        if !queued.is_empty() {
-            let mut ids = queue_remote(&mut tx, &queued, lease).await?.into_iter();
-            for (a, m) in out.iter_mut().zip(messages) {
-                if !m.remote_rcpts.is_empty() {
-                    a.queue_id = ids.next();
-                }
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(out)
+        self.fast.commit(batch).await
     }
 
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
@@ -923,10 +701,10 @@ impl MessageStore for SqliteStore {
         node: &str,
         outcome: AttemptRecord,
     ) -> StoreResult<()> {
-        let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        record_in(&mut tx, id, node, &outcome).await?;
-        tx.commit().await.map_err(db_err)
+        self.record_attempts(vec![(id.to_string(), node.to_string(), outcome)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Backend("no record result".into())))
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
@@ -1079,56 +857,13 @@ impl MessageStore for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        // Attempts that leave no recipient pending delete their message outright: one
-        // DELETE per node for all of them (recipients go by cascade). Those whose row
-        // was not ours are looked at one by one below, to say why.
-        let mut finished: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (id, node, record) in &batch {
-            if !record
-                .rcpt_results
-                .iter()
-                .any(|(_, st, _)| *st == RcptState::Pending)
-            {
-                finished.entry(node.as_str()).or_default().push(id.as_str());
-            }
-        }
-        let mut deleted = std::collections::HashSet::new();
-        for (node, ids) in &finished {
-            for chunk in ids.chunks(INSERT_CHUNK) {
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "DELETE FROM outgoing WHERE lock_owner = ",
-                );
-                q.push_bind(*node).push(" AND id IN (");
-                let mut list = q.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                q.push(") RETURNING id");
-                let gone: Vec<String> = q
-                    .build_query_scalar()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                deleted.extend(gone.into_iter().map(|id| (id, node.to_string())));
-            }
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        for (id, node, record) in &batch {
-            if deleted.contains(&(id.clone(), node.clone())) {
-                out.push(Ok(()));
-                continue;
-            }
-            match record_in(&mut tx, id, node, record).await {
-                // A lost lease or a deleted message wrote nothing: the others go on.
-                Err(StoreError::Invalid(why)) => out.push(Err(StoreError::Invalid(why))),
-                Err(e) => return Err(e),
-                Ok(()) => out.push(Ok(())),
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(out)
+        self.commit_batch(WriteBatch {
+            messages: Vec::new(),
+            lease: None,
+            records: batch,
+        })
+        .await
+        .recorded
     }
 
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<super::QueueCounts> {
@@ -1273,34 +1008,5 @@ mod tests {
             store.list_queue().await.unwrap().is_empty(),
             "nothing half-stored"
         );
-    }
-
-    #[test]
-    fn addresses_are_normalised() {
-        assert_eq!(
-            norm_address(" Alice@Example.COM. ").unwrap(),
-            (
-                "alice@example.com".into(),
-                "alice".into(),
-                "example.com".into()
-            )
-        );
-        assert!(norm_address("alice").is_err());
-        assert!(norm_address("@example.com").is_err());
-        assert!(norm_address("a b@example.com").is_err());
-        assert_eq!(norm_mailbox("inbox"), "INBOX");
-        assert_eq!(norm_mailbox("Sent"), "Sent");
-    }
-
-    #[test]
-    fn queue_ids_are_16_upper_hex() {
-        let a = new_queue_id();
-        assert_eq!(a.len(), 16);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c)),
-            "{a}"
-        );
-        assert_ne!(a, new_queue_id());
     }
 }

@@ -1,0 +1,333 @@
+//! The SQLite store's group-commit writer: one rusqlite connection on a thread of its own
+//! that runs each batch (accepted messages plus finished attempts) as one transaction.
+//!
+//! sqlx hands every statement of a transaction to its connection thread and back; a
+//! batch of a few messages took a dozen such round trips, each a pair of thread
+//! wake-ups. Here the whole transaction is one job: the async side sends it and waits
+//! for one answer, and the statements run back to back on cached prepared statements.
+//! It opens the same file with the same pragmas (WAL, `synchronous=FULL`, foreign keys,
+//! the busy timeout) as the sqlx pool, and is used under the store's writer lock, so it
+//! never races this process's other writers; other processes meet SQLite's file locks
+//! as before. The SQL is the same as in `sqlite.rs`; results and errors mean the same.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+
+use super::common::{ms, new_queue_id, norm_address};
+use super::{
+    AcceptLease, Accepted, AttemptRecord, IncomingMessage, RcptState, StoreError, StoreResult,
+    WriteBatch, WriteOutcome,
+};
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The writer thread's handle. Dropping it ends the thread once its queue is empty.
+pub(crate) struct Writer {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Open `path` on a new thread with the store's pragmas plus `extra` ones.
+    pub(crate) fn open(
+        path: &Path,
+        busy_timeout: Duration,
+        extra: &[(&'static str, String)],
+    ) -> StoreResult<Writer> {
+        let mut conn = Connection::open(path).map_err(sql_err)?;
+        conn.busy_timeout(busy_timeout).map_err(sql_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql_err)?;
+        for (key, value) in extra {
+            conn.pragma_update(None, key, value).map_err(sql_err)?;
+        }
+        conn.set_prepared_statement_cache_capacity(32);
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("erlmail-sqlite-writer".into())
+            .spawn(move || {
+                for job in queue {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Writer { jobs })
+    }
+
+    /// Run `batch` as one `BEGIN IMMEDIATE` transaction and answer when it committed
+    /// (or failed and rolled back). The messages come back either way.
+    pub(crate) async fn commit(&self, batch: WriteBatch) -> WriteOutcome {
+        let (answer, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let outcome = run_batch(conn, &batch);
+            let (accepted, recorded) = match outcome {
+                Ok((a, r)) => (Ok(a), Ok(r)),
+                Err(e) => (Err(e.clone()), Err(e)),
+            };
+            let _ = answer.send(WriteOutcome {
+                messages: batch.messages,
+                accepted,
+                recorded,
+            });
+        });
+        // A send fails only when the thread is gone; the answer below then fails too.
+        let _ = self.jobs.send(job);
+        result.await.unwrap_or_else(|_| {
+            let gone = StoreError::Unavailable("the SQLite writer stopped".into());
+            WriteOutcome {
+                messages: Vec::new(),
+                accepted: Err(gone.clone()),
+                recorded: Err(gone),
+            }
+        })
+    }
+}
+
+/// Map a rusqlite error as `sqlite::db_err` maps sqlx's: a full disk or database is
+/// `Full`, a busy or locked file `Unavailable`, the rest `Backend`.
+fn sql_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg) => {
+            let text = msg.clone().unwrap_or_else(|| f.to_string());
+            match f.code {
+                ErrorCode::DiskFull => StoreError::Full(text),
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
+                    StoreError::Unavailable(text)
+                }
+                _ => StoreError::Backend(text),
+            }
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    batch: &WriteBatch,
+) -> StoreResult<(Vec<Accepted>, Vec<StoreResult<()>>)> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err)?;
+    // An error drops `tx`, which rolls the whole batch back.
+    let mut accepted = Vec::with_capacity(batch.messages.len());
+    for m in &batch.messages {
+        accepted.push(accept_one(&tx, m, batch.lease.as_ref())?);
+    }
+    let recorded = records(&tx, &batch.records)?;
+    tx.commit().map_err(sql_err)?;
+    Ok((accepted, recorded))
+}
+
+fn accept_one(
+    tx: &rusqlite::Transaction<'_>,
+    m: &IncomingMessage,
+    lease: Option<&AcceptLease>,
+) -> StoreResult<Accepted> {
+    let received = ms(m.received_at);
+    let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
+    let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
+    for rcpt in &m.local_rcpts {
+        let (address, _, _) = norm_address(rcpt)?;
+        let user_id: i64 = tx
+            .prepare_cached("SELECT id FROM users WHERE address = ?1")
+            .and_then(|mut s| s.query_row([&address], |r| r.get(0)).optional())
+            .map_err(sql_err)?
+            .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
+        tx.prepare_cached(
+            "INSERT INTO mailboxes (user_id, name) VALUES (?1, 'INBOX')
+             ON CONFLICT (user_id, name) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute([user_id]))
+        .map_err(sql_err)?;
+        let mailbox_id: i64 = tx
+            .prepare_cached("SELECT id FROM mailboxes WHERE user_id = ?1 AND name = 'INBOX'")
+            .and_then(|mut s| s.query_row([user_id], |r| r.get(0)))
+            .map_err(sql_err)?;
+        let id: i64 = tx
+            .prepare_cached(
+                "INSERT INTO messages
+                     (mailbox_id, sender, recipients, subject, size, internal_date, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![mailbox_id, m.sender, address, m.subject, size, received, m.body],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(sql_err)?;
+        message_ids.push(id);
+    }
+    if m.remote_rcpts.is_empty() {
+        return Ok(Accepted {
+            queue_id: None,
+            message_ids,
+        });
+    }
+    let (owner, expires) = match lease {
+        Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
+        None => (None, None),
+    };
+    // 64 random bits make a clash unlikely; ON CONFLICT lets us simply draw again.
+    let mut queue_id = None;
+    for _ in 0..8 {
+        let id = new_queue_id();
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at,
+                     tries, next_retry_at, held, size, body, lock_owner, lock_expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, 0, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    m.sender,
+                    m.ret,
+                    m.envid,
+                    m.client_ip,
+                    m.helo,
+                    received,
+                    // A leased row falls due when its lease lapses.
+                    expires.unwrap_or(received),
+                    size,
+                    m.body,
+                    owner,
+                    expires
+                ])
+            })
+            .map_err(sql_err)?;
+        if n == 1 {
+            queue_id = Some(id);
+            break;
+        }
+    }
+    let id =
+        queue_id.ok_or_else(|| StoreError::Backend("could not draw a free queue id".into()))?;
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)",
+        )
+        .map_err(sql_err)?;
+    for (seq, r) in m.remote_rcpts.iter().enumerate() {
+        insert
+            .execute(params![
+                id,
+                i64::try_from(seq).unwrap_or(i64::MAX),
+                r.address,
+                r.orcpt,
+                r.notify,
+                received
+            ])
+            .map_err(sql_err)?;
+    }
+    Ok(Accepted {
+        queue_id: Some(id),
+        message_ids,
+    })
+}
+
+/// Record attempts (see `MessageStore::record_attempts`): the outer error aborts the
+/// transaction, the inner results are per attempt.
+fn records(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &[(String, String, AttemptRecord)],
+) -> StoreResult<Vec<StoreResult<()>>> {
+    let mut out = Vec::with_capacity(batch.len());
+    // Attempts that leave no recipient pending delete their message outright
+    // (recipients go by cascade), when the lock is ours.
+    let mut deleted: HashSet<usize> = HashSet::new();
+    let mut delete = tx
+        .prepare_cached("DELETE FROM outgoing WHERE id = ?1 AND lock_owner = ?2")
+        .map_err(sql_err)?;
+    for (i, (id, node, record)) in batch.iter().enumerate() {
+        let finished = !record
+            .rcpt_results
+            .iter()
+            .any(|(_, st, _)| *st == RcptState::Pending);
+        if finished && delete.execute([id, node]).map_err(sql_err)? == 1 {
+            deleted.insert(i);
+        }
+    }
+    for (i, (id, node, record)) in batch.iter().enumerate() {
+        if deleted.contains(&i) {
+            out.push(Ok(()));
+            continue;
+        }
+        let owner: Option<Option<String>> = tx
+            .prepare_cached("SELECT lock_owner FROM outgoing WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        match owner {
+            None => {
+                out.push(Err(StoreError::Invalid(format!("no queued message {id}"))));
+                continue;
+            }
+            Some(owner) if owner.as_deref() != Some(node.as_str()) => {
+                out.push(Err(StoreError::Invalid(format!(
+                    "queued message {id} is not locked by {node} (lease lost)"
+                ))));
+                continue;
+            }
+            Some(_) => {}
+        }
+        record_one(tx, id, record)?;
+        out.push(Ok(()));
+    }
+    Ok(out)
+}
+
+/// Record one attempt whose lock is ours (as `sqlite::record_in` does).
+fn record_one(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    outcome: &AttemptRecord,
+) -> StoreResult<()> {
+    let at = ms(outcome.at);
+    let mut update = tx
+        .prepare_cached(
+            "UPDATE outgoing_rcpts SET state = ?1, last_response = ?2, updated_at = ?3
+             WHERE queue_id = ?4 AND address = ?5 AND state = 'pending'",
+        )
+        .map_err(sql_err)?;
+    for (address, state, response) in &outcome.rcpt_results {
+        update
+            .execute(params![state.as_str(), response, at, id, address])
+            .map_err(sql_err)?;
+    }
+    tx.prepare_cached(
+        "UPDATE outgoing SET tries = tries + 1, last_try_at = ?1, last_error = ?2,
+             next_retry_at = COALESCE(?3, next_retry_at),
+             lock_owner = NULL, lock_expires_at = NULL
+         WHERE id = ?4",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            at,
+            outcome.error,
+            outcome.next_retry_at.map(ms),
+            id
+        ])
+    })
+    .map_err(sql_err)?;
+    let pending: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = ?1 AND state = 'pending'",
+        )
+        .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+        .map_err(sql_err)?;
+    if pending == 0 {
+        tx.prepare_cached("DELETE FROM outgoing WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .map_err(sql_err)?;
+    }
+    Ok(())
+}
