@@ -135,6 +135,67 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
     );
 }
 
+/// Durability: the reply to the final dot waits for the commit that holds the message.
+/// Another connection holds SQLite's write lock: no reply comes and nothing is stored;
+/// once the lock is gone the 250 comes, and by then the row is committed (read from a
+/// fresh connection). The file is in WAL mode (the writer's `synchronous=FULL` is checked
+/// by the unit tests of `store::sqlite_writer`).
+#[test]
+fn the_250_comes_only_after_the_commit_that_holds_the_message() {
+    let d = local_daemon(
+        "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
+         server_smtp_relay_host: \"127.0.0.1:9\"\n\
+         server_smtp_retry_interval: [\"1h\"]\n",
+    );
+    let db = d.dir.path().join("spool/erlmail.db");
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO c.test").starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<x@c.test>").starts_with("250"));
+    assert!(s.cmd("RCPT TO:<far@remote.example>").starts_with("250"));
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(b"Subject: durable\r\n\r\nbody\r\n");
+
+    let blocker = rusqlite::Connection::open(&db).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    s.send_raw(b".\r\n");
+    s.stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut one = [0u8; 1];
+    let early = s.stream.peek(&mut one);
+    assert!(
+        early.is_err(),
+        "a reply came while the commit could not happen: {:?}",
+        early.map(|_| String::from_utf8_lossy(&one).to_string())
+    );
+    let stored: i64 = blocker
+        .query_row("SELECT COUNT(*) FROM outgoing", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored, 0, "nothing is stored while the lock is held");
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    s.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let r = s.read_reply();
+    assert!(r.starts_with("250"), "{r}");
+    let queue_id = r.rsplit(' ').next().unwrap().to_string();
+    let fresh = rusqlite::Connection::open(&db).unwrap();
+    let committed: i64 = fresh
+        .query_row(
+            "SELECT COUNT(*) FROM outgoing WHERE id = ?1",
+            [&queue_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(committed, 1, "{queue_id} committed by the time of its 250");
+    let mode: String = fresh
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let _ = s.cmd("QUIT");
+}
+
 #[test]
 fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     let d = local_daemon(

@@ -331,3 +331,48 @@ fn record_one(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Writer {
+        /// Read one pragma on the writer's own connection.
+        async fn pragma(&self, name: &'static str) -> String {
+            let (answer, result) = tokio::sync::oneshot::channel();
+            let _ = self.jobs.send(Box::new(move |conn: &mut Connection| {
+                let v: rusqlite::types::Value = conn
+                    .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                    .expect("pragma");
+                let _ = answer.send(format!("{v:?}"));
+            }));
+            result.await.expect("writer answers")
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_commits_with_full_sync_in_wal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(&dir.path().join("w.db"), Duration::from_secs(1), &[]).unwrap();
+        assert_eq!(w.pragma("journal_mode").await, "Text(\"wal\")");
+        assert_eq!(w.pragma("synchronous").await, "Integer(2)", "FULL");
+        assert_eq!(w.pragma("foreign_keys").await, "Integer(1)");
+    }
+
+    #[test]
+    fn errors_map_by_kind() {
+        let fail = |code: i32| {
+            sql_err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                Some("x".into()),
+            ))
+        };
+        assert!(matches!(fail(13), StoreError::Full(_)), "SQLITE_FULL");
+        assert!(matches!(fail(5), StoreError::Unavailable(_)), "SQLITE_BUSY");
+        assert!(
+            matches!(fail(6), StoreError::Unavailable(_)),
+            "SQLITE_LOCKED"
+        );
+        assert!(matches!(fail(1), StoreError::Backend(_)), "SQLITE_ERROR");
+    }
+}
