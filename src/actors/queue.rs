@@ -71,7 +71,7 @@ pub enum QueueMsg {
 }
 
 struct Running {
-    message: QueuedMessage,
+    message: Arc<QueuedMessage>,
     crashes: u32,
     destination: String,
 }
@@ -212,7 +212,7 @@ impl QueueState {
             if let Some(m) = message {
                 self.waiting_count -= 1;
                 self.waiting_bytes -= m.body.len();
-                self.spawn_sender(myself, m, 0).await;
+                self.spawn_sender(myself, Arc::new(m), 0).await;
             }
         }
     }
@@ -247,7 +247,7 @@ impl QueueState {
     async fn spawn_sender(
         &mut self,
         myself: &ActorRef<QueueMsg>,
-        message: QueuedMessage,
+        message: Arc<QueuedMessage>,
         crashes: u32,
     ) {
         let name = format!("smtpc_sender#{}", message.id);
@@ -276,7 +276,7 @@ impl QueueState {
             }
             Err(e) => {
                 error!(path = %self.path, queue_id = %message.id, error = %e, "could not start a sender; releasing the message");
-                self.release(message.id);
+                self.release(message.id.clone());
             }
         }
     }

@@ -30,8 +30,9 @@ pub struct Sender;
 
 /// Start-up arguments.
 pub struct SenderArgs {
-    /// The claimed message (its lease is ours).
-    pub message: QueuedMessage,
+    /// The claimed message (its lease is ours), shared with `smtpd_queue`, which keeps
+    /// it to re-spawn a crashed sender.
+    pub message: Arc<QueuedMessage>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// Routing and DNS, shared by all senders.
