@@ -283,11 +283,10 @@ impl QueueState {
 
     async fn claim_due(&mut self, myself: &ActorRef<QueueMsg>) {
         self.release_stale();
-        if self.waiting_count > 0 {
-            // Local work first: claim more only once the active queue has drained.
-            self.pump(myself).await;
-            return;
-        }
+        // Local work first; senders still free after that (what waits is for busy next
+        // hops) take due messages from the store, so retries and mail for other
+        // destinations never starve behind one slow destination.
+        self.pump(myself).await;
         let limit = self.free_slots().min(CLAIM_BATCH);
         if limit == 0 {
             self.backlog = true;

@@ -61,9 +61,19 @@ pub(crate) fn norm_mailbox(name: &str) -> &str {
     }
 }
 
-/// A Postfix-like queue id: 16 upper-case hex digits (64 random bits).
+/// A Postfix-like queue id: 16 upper-case hex digits, the milliseconds since 1970 (44
+/// bits, 11 digits) then 20 random bits. Like Postfix's long queue ids they grow with
+/// time, so new rows go to the end of the id indexes: with random ids every insert and
+/// delete landed on a different index page, and accepts ran a quarter slower with a
+/// million messages queued than with none. A clash (same millisecond and the same 20
+/// bits) is drawn again by the callers.
 pub(crate) fn new_queue_id() -> String {
-    format!("{:016X}", rand::rng().next_u64())
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    queue_id_at(now, rand::rng().next_u64())
+}
+
+fn queue_id_at(millis: u64, random: u64) -> String {
+    format!("{:011X}{:05X}", millis & 0xFFF_FFFF_FFFF, random & 0xF_FFFF)
 }
 
 pub(crate) fn to_u32(v: i64) -> u32 {
@@ -105,5 +115,17 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, new_queue_id());
+    }
+
+    #[test]
+    fn queue_ids_grow_with_time() {
+        assert_eq!(
+            queue_id_at(0x123_4567_89AB, 0xFFFF_FFFF_FFF1),
+            "123456789ABFFFF1"
+        );
+        let earlier = queue_id_at(1_764_000_000_000, u64::MAX);
+        let later = queue_id_at(1_764_000_000_001, 0);
+        assert!(earlier < later, "{earlier} < {later}");
+        assert_eq!(later.len(), 16);
     }
 }

@@ -11,7 +11,7 @@
 //! as before. The SQL is the same as in `sqlite.rs`; results and errors mean the same.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -26,8 +26,13 @@ use super::{
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// The writer thread's handle. Dropping it ends the thread once its queue is empty.
+/// Should the thread die (a panic), the batch it held fails as `Unavailable` (nothing of
+/// it was committed) and the next batch gets a new thread and connection.
 pub(crate) struct Writer {
-    jobs: mpsc::Sender<Job>,
+    jobs: std::sync::Mutex<mpsc::Sender<Job>>,
+    path: PathBuf,
+    busy_timeout: Duration,
+    extra: Vec<(&'static str, String)>,
 }
 
 impl Writer {
@@ -37,28 +42,31 @@ impl Writer {
         busy_timeout: Duration,
         extra: &[(&'static str, String)],
     ) -> StoreResult<Writer> {
-        let mut conn = Connection::open(path).map_err(sql_err)?;
-        conn.busy_timeout(busy_timeout).map_err(sql_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(sql_err)?;
-        for (key, value) in extra {
-            conn.pragma_update(None, key, value).map_err(sql_err)?;
+        Ok(Writer {
+            jobs: std::sync::Mutex::new(start(path, busy_timeout, extra)?),
+            path: path.to_path_buf(),
+            busy_timeout,
+            extra: extra.to_vec(),
+        })
+    }
+
+    /// Hand `job` to the thread; `false` if the thread is gone.
+    fn send(&self, job: Job) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.send(job).is_ok()
+    }
+
+    /// Replace a dead thread (its connection went with it).
+    fn restart(&self) {
+        match start(&self.path, self.busy_timeout, &self.extra) {
+            Ok(jobs) => {
+                *self.jobs.lock().unwrap_or_else(|e| e.into_inner()) = jobs;
+                tracing::warn!(path = %self.path.display(), "SQLite writer restarted");
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "SQLite writer could not restart")
+            }
         }
-        conn.set_prepared_statement_cache_capacity(32);
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("erlmail-sqlite-writer".into())
-            .spawn(move || {
-                for job in queue {
-                    job(&mut conn);
-                }
-            })
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(Writer { jobs })
     }
 
     /// Run `batch` as one `BEGIN IMMEDIATE` transaction and answer when it committed
@@ -78,16 +86,50 @@ impl Writer {
             });
         });
         // A send fails only when the thread is gone; the answer below then fails too.
-        let _ = self.jobs.send(job);
-        result.await.unwrap_or_else(|_| {
-            let gone = StoreError::Unavailable("the SQLite writer stopped".into());
-            WriteOutcome {
-                messages: Vec::new(),
-                accepted: Err(gone.clone()),
-                recorded: Err(gone),
+        self.send(job);
+        match result.await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.restart();
+                let gone = StoreError::Unavailable("the SQLite writer stopped".into());
+                WriteOutcome {
+                    messages: Vec::new(),
+                    accepted: Err(gone.clone()),
+                    recorded: Err(gone),
+                }
+            }
+        }
+    }
+}
+
+/// Open the connection and start its thread; returns where its jobs go.
+fn start(
+    path: &Path,
+    busy_timeout: Duration,
+    extra: &[(&'static str, String)],
+) -> StoreResult<mpsc::Sender<Job>> {
+    let mut conn = Connection::open(path).map_err(sql_err)?;
+    conn.busy_timeout(busy_timeout).map_err(sql_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql_err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(sql_err)?;
+    for (key, value) in extra {
+        conn.pragma_update(None, key, value).map_err(sql_err)?;
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    let (jobs, queue) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("erlmail-sqlite-writer".into())
+        .spawn(move || {
+            for job in queue {
+                job(&mut conn);
             }
         })
-    }
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
+    Ok(jobs)
 }
 
 /// Map a rusqlite error as `sqlite::db_err` maps sqlx's: a full disk or database is
@@ -340,7 +382,7 @@ mod tests {
         /// Read one pragma on the writer's own connection.
         async fn pragma(&self, name: &'static str) -> String {
             let (answer, result) = tokio::sync::oneshot::channel();
-            let _ = self.jobs.send(Box::new(move |conn: &mut Connection| {
+            self.send(Box::new(move |conn: &mut Connection| {
                 let v: rusqlite::types::Value = conn
                     .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
                     .expect("pragma");
@@ -357,6 +399,35 @@ mod tests {
         assert_eq!(w.pragma("journal_mode").await, "Text(\"wal\")");
         assert_eq!(w.pragma("synchronous").await, "Integer(2)", "FULL");
         assert_eq!(w.pragma("foreign_keys").await, "Integer(1)");
+    }
+
+    #[tokio::test]
+    async fn a_dead_writer_thread_fails_its_batch_and_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(&dir.path().join("w.db"), Duration::from_secs(1), &[]).unwrap();
+        // A job that panics takes the thread down, as a bug would.
+        let (answer, result) = tokio::sync::oneshot::channel::<()>();
+        w.send(Box::new(move |_conn: &mut Connection| {
+            let _keep = answer;
+            panic!("test: writer thread dies");
+        }));
+        assert!(result.await.is_err(), "the thread died");
+        let empty = WriteBatch {
+            messages: Vec::new(),
+            lease: None,
+            records: Vec::new(),
+        };
+        let first = w.commit(empty.clone()).await;
+        assert!(
+            matches!(first.accepted, Err(StoreError::Unavailable(_))),
+            "{first:?}"
+        );
+        let second = w.commit(empty).await;
+        assert!(
+            second.accepted.is_ok(),
+            "a new thread took over: {second:?}"
+        );
+        assert_eq!(w.pragma("synchronous").await, "Integer(2)");
     }
 
     #[test]
