@@ -162,7 +162,11 @@ fn run_batch(
     for m in &batch.messages {
         accepted.push(accept_one(&tx, m, batch.lease.as_ref())?);
     }
-    let recorded = records(&tx, &batch.records)?;
+    let recorded = if batch.records.is_empty() {
+        Vec::new()
+    } else {
+        records(&tx, &batch.records)?
+    };
     tx.commit().map_err(sql_err)?;
     Ok((accepted, recorded))
 }
