@@ -802,7 +802,7 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             _ = hup.recv() => {
                 match load_config(path.as_deref(), &overrides) {
                     Ok(c) => {
-                        info!("SIGHUP: configuration reloaded from {source}");
+                        info!("SIGHUP: configuration read from {source}; applying it");
                         let _ = root.send_message(RootMsg::Reload(Arc::new(c)));
                     }
                     Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded; keeping the running one"),

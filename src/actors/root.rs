@@ -202,7 +202,20 @@ impl Actor for Root {
             RootMsg::Reload(config) => {
                 state.config = config.clone();
                 if let Some(c) = &state.smtpd_sup {
-                    let _ = c.send_message(smtpd_sup::SmtpdSupMsg::Reload(config.clone()));
+                    // Logged as reloaded once new sessions get the new configuration.
+                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                    let applied = sup
+                        .call(
+                            |reply| smtpd_sup::SmtpdSupMsg::Reload(config.clone(), Some(reply)),
+                            Some(Duration::from_secs(10)),
+                        )
+                        .await;
+                    if !matches!(applied, Ok(ractor::rpc::CallResult::Success(()))) {
+                        warn!(
+                            path = super::ROOT,
+                            "smtpd_sup did not confirm the new configuration"
+                        );
+                    }
                 }
                 if let Some(c) = &state.queue {
                     let _ = c.send_message(queue::QueueMsg::Reload(config.clone()));

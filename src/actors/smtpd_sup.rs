@@ -37,8 +37,8 @@ pub enum SmtpdSupMsg {
     /// A connection a listener accepted (the flag: on the implicit-TLS port).
     Accepted(TcpStream, SocketAddr, bool),
     /// A new configuration: new sessions use it; the listener rebinds if its address
-    /// changed.
-    Reload(Arc<Config>),
+    /// changed. The reply, if asked for, comes once it applies.
+    Reload(Arc<Config>, Option<RpcReplyPort<()>>),
     /// Stop accepting, drain the sessions, then reply.
     Shutdown(RpcReplyPort<()>),
     /// The drain deadline passed: end the sessions that remain.
@@ -200,7 +200,7 @@ impl Actor for SmtpdSup {
                     }
                 }
             }
-            SmtpdSupMsg::Reload(config) => {
+            SmtpdSupMsg::Reload(config, applied) => {
                 let new_addr = listener_addr(&config);
                 state.config = config;
                 if new_addr != state.listener_addr && state.draining.is_none() {
@@ -213,6 +213,9 @@ impl Actor for SmtpdSup {
                         super::wait_unregistered(listener_name(tls)).await;
                     }
                     state.listeners = spawn_listeners(&myself, &state.config, &state.path).await?;
+                }
+                if let Some(reply) = applied {
+                    let _ = reply.send(());
                 }
             }
             SmtpdSupMsg::Shutdown(reply) => {

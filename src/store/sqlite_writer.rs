@@ -221,7 +221,7 @@ fn accept_one(
         Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
         None => (None, None),
     };
-    // 64 random bits make a clash unlikely; ON CONFLICT lets us simply draw again.
+    // A clash (same millisecond, same 20 random bits) is unlikely; ON CONFLICT draws again.
     let mut queue_id = None;
     for _ in 0..8 {
         let id = new_queue_id();
