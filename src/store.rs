@@ -395,9 +395,9 @@ pub trait MessageStore: Send + Sync + 'static {
         lease: Duration,
         limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>>;
-    /// Claim one message by id under the same conditions as `claim_due` (for a flush or a
-    /// notice or a flush). `None` if it does not exist, is held, not due, or locked by
-    /// anyone (this node included) with an unexpired lease.
+    /// Claim one message by id under the same conditions as `claim_due`. `None` if it
+    /// does not exist, is held, not due, or locked by anyone (this node included) with an
+    /// unexpired lease.
     async fn claim(
         &self,
         id: &str,

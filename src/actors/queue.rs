@@ -86,15 +86,13 @@ pub struct QueueState {
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
-    /// The active queue: leased messages waiting for a sender, per next hop.
+    /// The active queue: leased messages waiting for a sender, per next hop (never an
+    /// empty line).
     waiting: HashMap<String, VecDeque<QueuedMessage>>,
     /// Next hops with waiting messages, served in turn.
     turns: VecDeque<String>,
-    /// Messages and body bytes in `waiting`.
-    waiting_count: usize,
+    /// Body bytes in `waiting`.
     waiting_bytes: usize,
-    /// Senders at work per next hop.
-    busy: HashMap<String, usize>,
 }
 
 fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
@@ -167,9 +165,22 @@ impl QueueState {
         }
     }
 
+    /// Messages in the active queue.
+    fn waiting_count(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
+    }
+
+    /// Senders at work for next hop `dest`.
+    fn busy(&self, dest: &str) -> usize {
+        self.senders
+            .values()
+            .filter(|r| r.destination == dest)
+            .count()
+    }
+
     /// Put a leased message in the active queue, or release it when the queue is full.
     fn enqueue(&mut self, message: QueuedMessage) {
-        if self.waiting_count >= ACTIVE_LIMIT
+        if self.waiting_count() >= ACTIVE_LIMIT
             || self.waiting_bytes + message.body.len() > ACTIVE_BYTES_LIMIT
         {
             debug!(path = %self.path, queue_id = %message.id, "active queue full; releasing the message");
@@ -178,7 +189,6 @@ impl QueueState {
             return;
         }
         let dest = self.destination(&message);
-        self.waiting_count += 1;
         self.waiting_bytes += message.body.len();
         let line = self.waiting.entry(dest.clone()).or_default();
         if line.is_empty() {
@@ -195,25 +205,25 @@ impl QueueState {
             let Some(dest) = self.turns.pop_front() else {
                 break;
             };
-            if self.busy.get(&dest).copied().unwrap_or(0) >= DESTINATION_CONCURRENCY {
+            if self.busy(&dest) >= DESTINATION_CONCURRENCY {
                 self.turns.push_back(dest);
                 idle_turns += 1;
                 continue;
             }
             idle_turns = 0;
-            let line = self.waiting.get_mut(&dest);
-            let message = line.and_then(|l| l.pop_front());
-            let more = self.waiting.get(&dest).is_some_and(|l| !l.is_empty());
-            if more {
-                self.turns.push_back(dest.clone());
-            } else {
+            let Some(line) = self.waiting.get_mut(&dest) else {
+                continue;
+            };
+            let Some(m) = line.pop_front() else {
+                continue;
+            };
+            if line.is_empty() {
                 self.waiting.remove(&dest);
+            } else {
+                self.turns.push_back(dest);
             }
-            if let Some(m) = message {
-                self.waiting_count -= 1;
-                self.waiting_bytes -= m.body.len();
-                self.spawn_sender(myself, Arc::new(m), 0).await;
-            }
+            self.waiting_bytes -= m.body.len();
+            self.spawn_sender(myself, Arc::new(m), 0).await;
         }
     }
 
@@ -237,7 +247,6 @@ impl QueueState {
         let waiting = &self.waiting;
         self.turns.retain(|d| waiting.contains_key(d));
         for (id, bytes) in stale {
-            self.waiting_count -= 1;
             self.waiting_bytes -= bytes;
             self.backlog = true;
             self.release(id);
@@ -264,7 +273,6 @@ impl QueueState {
         match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
             Ok((r, _)) => {
                 debug!(path = %super::child_path(&self.path, &name), "started");
-                *self.busy.entry(destination.clone()).or_default() += 1;
                 self.senders.insert(
                     r.get_id(),
                     Running {
@@ -338,9 +346,7 @@ impl Actor for QueueActor {
             backlog: true,
             waiting: HashMap::new(),
             turns: VecDeque::new(),
-            waiting_count: 0,
             waiting_bytes: 0,
-            busy: HashMap::new(),
         })
     }
 
@@ -413,12 +419,6 @@ impl Actor for QueueActor {
         let Some(running) = state.senders.remove(&cell.get_id()) else {
             return Ok(());
         };
-        if let Some(n) = state.busy.get_mut(&running.destination) {
-            *n -= 1;
-            if *n == 0 {
-                state.busy.remove(&running.destination);
-            }
-        }
         let name = format!("smtpc_sender#{}", running.message.id);
         let path = super::child_path(&state.path, &name);
         if let Some(err) = failure {
@@ -472,7 +472,7 @@ impl Actor for QueueActor {
             .await;
         }
         state.pump(&myself).await;
-        if state.waiting_count == 0 && state.backlog && state.free_slots() > 0 {
+        if state.waiting.is_empty() && state.backlog && state.free_slots() > 0 {
             let _ = myself.send_message(QueueMsg::Tick);
         }
         Ok(())

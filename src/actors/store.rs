@@ -3,10 +3,10 @@
 //! Every accepted message arrives as an `Accept` request, every finished delivery
 //! attempt as a `Record`. While a commit is in flight, new requests wait; when it ends,
 //! all of them go into the next transaction together, so concurrent sessions and senders
-//! share one fsync. A reply (and so the session's 250)
-//! goes out only after the transaction holding that message committed. After a commit,
-//! local copies go to Maildirs when configured, and `smtpd_queue` is told of each new
-//! queued message. Reads (recipient look-ups) run concurrently beside the writes.
+//! share one fsync. A reply (and so the session's 250) goes out only after the
+//! transaction holding that message committed. After a commit, local copies go to
+//! Maildirs when configured, and `smtpd_queue` gets the new queued messages, already
+//! leased to it. Reads (recipient look-ups) run concurrently beside the writes.
 //! This actor does not speak SMTP and does not decide policy.
 
 use std::sync::Arc;
@@ -82,17 +82,6 @@ pub enum QueueOp {
         limit: usize,
         /// The claimed messages.
         reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
-    },
-    /// Claim one message by id.
-    Claim {
-        /// Queue id.
-        id: String,
-        /// Lock owner to stamp.
-        node: String,
-        /// Lease length.
-        lease: std::time::Duration,
-        /// The message, if it could be claimed.
-        reply: RpcReplyPort<StoreResult<Option<store::QueuedMessage>>>,
     },
     /// Extend a lease we hold.
     Renew {
@@ -257,14 +246,6 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
             reply,
         } => {
             let _ = reply.send(store.claim_due(&node, now, lease, limit).await);
-        }
-        QueueOp::Claim {
-            id,
-            node,
-            lease,
-            reply,
-        } => {
-            let _ = reply.send(store.claim(&id, &node, now, lease).await);
         }
         QueueOp::Renew {
             id,

@@ -489,6 +489,26 @@ struct Session {
     transactions: u32,
 }
 
+impl Session {
+    /// What becomes of the connection after a transaction: `Ok(true)`, ended cleanly, it
+    /// is kept for the next one; `Ok(false)`, the server answered but the connection is
+    /// not to be reused, it is QUIT in the background; `Err(())`, its state is unknown
+    /// (a read or write failed), it is just closed.
+    fn settle(mut self, ending: Result<bool, ()>) -> Option<Session> {
+        match ending {
+            Ok(true) => {
+                self.transactions += 1;
+                Some(self)
+            }
+            Ok(false) => {
+                spawn_quit(self.conn);
+                None
+            }
+            Err(()) => None,
+        }
+    }
+}
+
 /// Connect to `hop`, read the greeting, EHLO, and STARTTLS then EHLO again when
 /// `use_tls` and the server offers it.
 async fn open(
@@ -697,22 +717,15 @@ async fn transaction(
 
     if statuses.iter().all(Option::is_some) {
         // No transaction was completed: RSET so the connection is clean for the next.
-        let kept = if keep {
+        let ending = if keep {
             match s.conn.command("RSET", "to RSET").await {
-                Ok(r) if r.outcome() == Outcome::Delivered => {
-                    s.transactions += 1;
-                    Some(s)
-                }
-                Ok(_) => {
-                    spawn_quit(s.conn);
-                    None
-                }
-                Err(_) => None,
+                Ok(r) => Ok(r.outcome() == Outcome::Delivered),
+                Err(_) => Err(()),
             }
         } else {
-            spawn_quit(s.conn);
-            None
+            Ok(false)
         };
+        let kept = s.settle(ending);
         return Ok((
             SessionResult {
                 statuses: statuses.into_iter().flatten().collect(),
@@ -752,18 +765,10 @@ async fn transaction(
         Ok((reply, _)) => RcptStatus::failed(FailureCause::Reply(reply.clone())),
         Err(e) => RcptStatus::failed(e.cause(host)),
     };
-    let kept = match &verdict {
-        Ok((reply, true)) if keep && reply.outcome() == Outcome::Delivered => {
-            s.transactions += 1;
-            Some(s)
-        }
-        Ok(_) => {
-            spawn_quit(s.conn);
-            None
-        }
-        // The connection is in an unknown state: just close it.
-        Err(_) => None,
-    };
+    let kept = s.settle(match &verdict {
+        Ok((reply, after_dot)) => Ok(keep && *after_dot && reply.outcome() == Outcome::Delivered),
+        Err(_) => Err(()),
+    });
     Ok((
         SessionResult {
             statuses: statuses

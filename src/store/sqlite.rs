@@ -223,25 +223,11 @@ impl SqliteStore {
 /// Map a sqlx error to a `StoreError`: a full disk/database is `Full`, a busy or locked
 /// file and pool trouble are `Unavailable` (temporary), the rest `Backend`.
 fn db_err(e: sqlx::Error) -> StoreError {
-    const SQLITE_BUSY: i32 = 5;
-    const SQLITE_LOCKED: i32 = 6;
-    const SQLITE_FULL: i32 = 13;
-    const SQLITE_CANTOPEN: i32 = 14;
     match e {
         sqlx::Error::Database(dbe) => {
-            // sqlx reports SQLite's extended result code; the primary code is its low byte.
-            let primary = dbe
-                .code()
-                .and_then(|c| c.parse::<i32>().ok())
-                .map(|c| c & 0xff);
-            let msg = dbe.message().to_string();
-            match primary {
-                Some(SQLITE_FULL) => StoreError::Full(msg),
-                Some(SQLITE_BUSY) | Some(SQLITE_LOCKED) | Some(SQLITE_CANTOPEN) => {
-                    StoreError::Unavailable(msg)
-                }
-                _ => StoreError::Backend(msg),
-            }
+            // sqlx reports SQLite's extended result code.
+            let code = dbe.code().and_then(|c| c.parse::<i32>().ok());
+            result_code_err(code, dbe.message().to_string())
         }
         sqlx::Error::Io(io) => match StoreError::from(io) {
             StoreError::Backend(m) => StoreError::Unavailable(m),
@@ -251,6 +237,23 @@ fn db_err(e: sqlx::Error) -> StoreError {
             StoreError::Unavailable(e.to_string())
         }
         other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// The error for SQLite result code `code` (extended or primary; the primary code is its
+/// low byte) with message `msg`: a full disk or database is `Full`, a busy or locked
+/// file `Unavailable`, the rest `Backend`. Both client libraries' errors map through it.
+pub(super) fn result_code_err(code: Option<i32>, msg: String) -> StoreError {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    const SQLITE_FULL: i32 = 13;
+    const SQLITE_CANTOPEN: i32 = 14;
+    match code.map(|c| c & 0xff) {
+        Some(SQLITE_FULL) => StoreError::Full(msg),
+        Some(SQLITE_BUSY) | Some(SQLITE_LOCKED) | Some(SQLITE_CANTOPEN) => {
+            StoreError::Unavailable(msg)
+        }
+        _ => StoreError::Backend(msg),
     }
 }
 
@@ -296,32 +299,6 @@ fn outgoing_row(r: &SqliteRow) -> StoreResult<OutgoingRow> {
 
 /// One queued message with its pending recipients and body, read on `conn` (inside the
 /// caller's transaction, so the three reads agree).
-/// Claim one message inside a write transaction (see `MessageStore::claim`).
-async fn claim_in(
-    conn: &mut SqliteConnection,
-    id: &str,
-    node: &str,
-    now: DateTime<Utc>,
-    lease: Duration,
-) -> StoreResult<Option<QueuedMessage>> {
-    let done = sqlx::query(
-        "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
-         WHERE id = $3 AND next_retry_at <= $4 AND held = 0
-           AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
-    )
-    .bind(node)
-    .bind(lease_end(now, lease))
-    .bind(id)
-    .bind(ms(now))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    if done.rows_affected() != 1 {
-        return Ok(None);
-    }
-    load_queued(conn, id).await
-}
-
 async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<QueuedMessage>> {
     let row = sqlx::query(concat!(
         "SELECT ",
@@ -670,7 +647,22 @@ impl MessageStore for SqliteStore {
     ) -> StoreResult<Option<QueuedMessage>> {
         let _writer = self.writer.lock().await;
         let mut tx = self.write_tx().await?;
-        let m = claim_in(&mut tx, id, node, now, lease).await?;
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+             WHERE id = $3 AND next_retry_at <= $4 AND held = 0
+               AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
+        )
+        .bind(node)
+        .bind(lease_end(now, lease))
+        .bind(id)
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let m = load_queued(&mut tx, id).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(m)
     }

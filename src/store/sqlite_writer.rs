@@ -8,14 +8,14 @@
 //! It opens the same file with the same pragmas (WAL, `synchronous=FULL`, foreign keys,
 //! the busy timeout) as the sqlx pool, and is used under the store's writer lock, so it
 //! never races this process's other writers; other processes meet SQLite's file locks
-//! as before. The SQL is the same as in `sqlite.rs`; results and errors mean the same.
+//! as before. Its SQL and results match the PostgreSQL backend's `accept_one` and
+//! `record_attempt`; errors map as the sqlx side's do.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::common::{ms, new_queue_id, norm_address};
 use super::{
@@ -132,20 +132,13 @@ fn start(
     Ok(jobs)
 }
 
-/// Map a rusqlite error as `sqlite::db_err` maps sqlx's: a full disk or database is
-/// `Full`, a busy or locked file `Unavailable`, the rest `Backend`.
+/// Map a rusqlite error as `sqlite::db_err` maps sqlx's (`sqlite::result_code_err`).
 fn sql_err(e: rusqlite::Error) -> StoreError {
     match &e {
-        rusqlite::Error::SqliteFailure(f, msg) => {
-            let text = msg.clone().unwrap_or_else(|| f.to_string());
-            match f.code {
-                ErrorCode::DiskFull => StoreError::Full(text),
-                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
-                    StoreError::Unavailable(text)
-                }
-                _ => StoreError::Backend(text),
-            }
-        }
+        rusqlite::Error::SqliteFailure(f, msg) => super::sqlite::result_code_err(
+            Some(f.extended_code),
+            msg.clone().unwrap_or_else(|| f.to_string()),
+        ),
         _ => StoreError::Backend(e.to_string()),
     }
 }
@@ -288,23 +281,17 @@ fn records(
     batch: &[(String, String, AttemptRecord)],
 ) -> StoreResult<Vec<StoreResult<()>>> {
     let mut out = Vec::with_capacity(batch.len());
-    // Attempts that leave no recipient pending delete their message outright
-    // (recipients go by cascade), when the lock is ours.
-    let mut deleted: HashSet<usize> = HashSet::new();
     let mut delete = tx
         .prepare_cached("DELETE FROM outgoing WHERE id = ?1 AND lock_owner = ?2")
         .map_err(sql_err)?;
-    for (i, (id, node, record)) in batch.iter().enumerate() {
+    for (id, node, record) in batch {
+        // An attempt that leaves no recipient pending deletes its message outright
+        // (recipients go by cascade), when the lock is ours.
         let finished = !record
             .rcpt_results
             .iter()
             .any(|(_, st, _)| *st == RcptState::Pending);
         if finished && delete.execute([id, node]).map_err(sql_err)? == 1 {
-            deleted.insert(i);
-        }
-    }
-    for (i, (id, node, record)) in batch.iter().enumerate() {
-        if deleted.contains(&i) {
             out.push(Ok(()));
             continue;
         }
@@ -312,26 +299,22 @@ fn records(
             .prepare_cached("SELECT lock_owner FROM outgoing WHERE id = ?1")
             .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
             .map_err(sql_err)?;
-        match owner {
-            None => {
-                out.push(Err(StoreError::Invalid(format!("no queued message {id}"))));
-                continue;
+        out.push(match owner {
+            None => Err(StoreError::Invalid(format!("no queued message {id}"))),
+            Some(owner) if owner.as_deref() != Some(node.as_str()) => Err(StoreError::Invalid(
+                format!("queued message {id} is not locked by {node} (lease lost)"),
+            )),
+            Some(_) => {
+                // A failure here is the database's, not this attempt's: abort the batch.
+                record_one(tx, id, record)?;
+                Ok(())
             }
-            Some(owner) if owner.as_deref() != Some(node.as_str()) => {
-                out.push(Err(StoreError::Invalid(format!(
-                    "queued message {id} is not locked by {node} (lease lost)"
-                ))));
-                continue;
-            }
-            Some(_) => {}
-        }
-        record_one(tx, id, record)?;
-        out.push(Ok(()));
+        });
     }
     Ok(out)
 }
 
-/// Record one attempt whose lock is ours (as `sqlite::record_in` does).
+/// Record one attempt whose lock is ours (as `PostgresStore::record_attempt` does).
 fn record_one(
     tx: &rusqlite::Transaction<'_>,
     id: &str,
