@@ -361,6 +361,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Whether `local@domain` is a known user (domain case-insensitive).
     async fn user_exists(&self, address: &str) -> StoreResult<bool>;
 
+    /// Answers a recipient look-up without waiting, when the backend can read at once
+    /// (an embedded database on this host): `(local domain, user exists)` as
+    /// [`is_local_domain`](Self::is_local_domain) of the address's domain and
+    /// [`user_exists`](Self::user_exists) would give them. `None`: not possible now, ask
+    /// those two instead. Must never block for long: callers run it on the async side.
+    fn recipient_now(&self, _address: &str) -> Option<StoreResult<(bool, bool)>> {
+        None
+    }
+
     /// Commit a batch of accepted messages in one transaction (group commit). Either all
     /// are durably stored or none is; results are in input order.
     async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {

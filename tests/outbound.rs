@@ -450,7 +450,9 @@ async fn no_data_when_every_recipient_is_refused() {
     .await;
     assert_eq!(report.results[0].status.outcome(), Outcome::Permanent);
     assert_eq!(report.results[1].status.outcome(), Outcome::Temporary);
-    assert!(!sink.commands().iter().any(|c| c == "DATA"));
+    // The sink offers PIPELINING, so DATA went out in the group with MAIL and RCPT (RFC
+    // 2920) and was refused for want of recipients: no message text followed.
+    assert_eq!(sink.commands().iter().filter(|c| *c == "DATA").count(), 1);
     assert_eq!(sink.transactions().len(), 0);
 }
 
@@ -1113,4 +1115,164 @@ async fn all_recipients_refused_then_rset_keeps_the_connection() {
     assert_eq!(sink.connections(), 1);
     assert_eq!(sink.count(), 1);
     assert_eq!(ehlos(&sink), 1);
+}
+
+/// A one-connection server that checks how the client groups its commands. With
+/// `pipelining` it offers PIPELINING and answers nothing until DATA has arrived: a
+/// client waiting for the MAIL reply first would stall (and fail on its timeout). Without
+/// it, every command must come alone: nothing further may be buffered when a reply is
+/// due. Returns the commands it read, in order.
+async fn grouping_server(pipelining: bool) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind((V4, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut io = BufReader::new(stream);
+        io.get_mut()
+            .write_all(b"220 group.test ESMTP\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut held = String::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if io.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                return seen;
+            }
+            let cmd = String::from_utf8_lossy(&line).trim_end().to_string();
+            let upper = cmd.to_ascii_uppercase();
+            seen.push(cmd);
+            let reply = if upper.starts_with("EHLO") {
+                if pipelining {
+                    "250-group.test\r\n250 PIPELINING"
+                } else {
+                    "250-group.test\r\n250 8BITMIME"
+                }
+            } else if upper.starts_with("MAIL") {
+                "250 2.1.0 Ok"
+            } else if upper.starts_with("RCPT") && upper.contains("<NO") {
+                "550 5.1.1 no such user"
+            } else if upper.starts_with("RCPT") {
+                "250 2.1.5 Ok"
+            } else if upper == "DATA" {
+                "354 go ahead"
+            } else if upper == "QUIT" {
+                io.get_mut().write_all(b"221 bye\r\n").await.unwrap();
+                return seen;
+            } else {
+                "502 5.5.2 what"
+            };
+            if !pipelining {
+                assert!(
+                    io.buffer().is_empty(),
+                    "a command came before the reply to {:?}",
+                    seen.last()
+                );
+            }
+            let in_group = upper.starts_with("MAIL") || upper.starts_with("RCPT");
+            if pipelining && in_group {
+                // Held back until DATA: only a pipelining client gets that far.
+                held.push_str(reply);
+                held.push_str("\r\n");
+                continue;
+            }
+            held.push_str(reply);
+            held.push_str("\r\n");
+            io.get_mut().write_all(held.as_bytes()).await.unwrap();
+            held.clear();
+            if upper == "DATA" {
+                loop {
+                    line.clear();
+                    if io.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                        return seen;
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                }
+                io.get_mut()
+                    .write_all(b"250 2.0.0 queued\r\n")
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    (addr, task)
+}
+
+async fn deliver_grouped(pipelining: bool) -> (erlmail::outbound::DeliveryReport, Vec<String>) {
+    let (addr, server) = grouping_server(pipelining).await;
+    let report = deliver(
+        &[Hop::addr(addr)],
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["b@example.test", "nobody@example.test", "c@example.test"]),
+        BODY,
+        &DeliveryOptions::with_timeout(Duration::from_secs(5)),
+        None,
+    )
+    .await;
+    let seen = tokio::time::timeout(wait(), server).await.unwrap().unwrap();
+    (report, seen)
+}
+
+#[tokio::test]
+async fn pipelining_server_gets_mail_rcpts_and_data_in_one_group() {
+    let (report, seen) = deliver_grouped(true).await;
+    let outcomes: Vec<Outcome> = report.results.iter().map(|r| r.status.outcome()).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Delivered, Outcome::Permanent, Outcome::Delivered],
+        "each RCPT reply is matched to its recipient: {report:?}"
+    );
+    assert_eq!(
+        seen[1..5],
+        [
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<b@example.test>",
+            "RCPT TO:<nobody@example.test>",
+            "RCPT TO:<c@example.test>",
+        ]
+    );
+    assert_eq!(seen[5], "DATA");
+}
+
+#[tokio::test]
+async fn server_without_pipelining_gets_one_command_at_a_time() {
+    let (report, seen) = deliver_grouped(false).await;
+    let outcomes: Vec<Outcome> = report.results.iter().map(|r| r.status.outcome()).collect();
+    assert_eq!(
+        outcomes,
+        [Outcome::Delivered, Outcome::Permanent, Outcome::Delivered]
+    );
+    assert_eq!(seen[5], "DATA");
+}
+
+#[tokio::test]
+async fn pipelined_data_refused_when_every_recipient_was_refused() {
+    // The Probe offers PIPELINING and refuses DATA without recipients: the DATA reply
+    // is read, RSET follows and the connection carries the next message.
+    let probe = Probe::start(Quirk::Polite).await;
+    let cache = ConnectionCache::new();
+    let hops = [Hop::addr(probe.addr)];
+    let first = deliver(
+        &hops,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["fail1@example.test", "fail2@example.test"]),
+        BODY,
+        &opts(),
+        Some(&cache),
+    )
+    .await;
+    assert!(first
+        .results
+        .iter()
+        .all(|r| r.status.outcome() == Outcome::Permanent));
+    assert!(delivered(&send_via(&hops, &cache).await));
+    assert_eq!(probe.count("DATA"), 2);
+    assert_eq!(probe.count("RSET"), 1);
+    assert_eq!(probe.count("EHLO"), 1, "one connection");
 }

@@ -200,6 +200,13 @@ impl Actor for StoreActor {
                 }
             }
             StoreMsg::LookupRecipient { address, reply } => {
+                if let Some(found) = state.store.recipient_now(&address) {
+                    let _ = reply.send(found.map(|(local_domain, user_exists)| RecipientFacts {
+                        local_domain,
+                        user_exists,
+                    }));
+                    return Ok(());
+                }
                 let store = state.store.clone();
                 tokio::spawn(async move {
                     let _ = reply.send(lookup(&*store, &address).await);

@@ -658,11 +658,29 @@ async fn transaction(
         },
     };
 
-    let mail = s
-        .conn
-        .command(&format!("MAIL FROM:<{}>", msg.sender), "to MAIL FROM")
-        .await
-        .map_err(early)?;
+    // RFC 2920, as Postfix's client does: with PIPELINING, MAIL, every RCPT and DATA go
+    // out in one write and their replies are read in order, two round trips a message
+    // (this group, then the text) instead of three plus one per recipient.
+    let pipelined = s.keywords.iter().any(|k| k == "PIPELINING");
+    if pipelined {
+        let mut group = format!("MAIL FROM:<{}>\r\n", msg.sender);
+        for rcpt in msg.rcpts {
+            group.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+        }
+        group.push_str("DATA\r\n");
+        s.conn
+            .write(group.as_bytes(), "to MAIL FROM")
+            .await
+            .map_err(early)?;
+    }
+    let mail = if pipelined {
+        s.conn.read_reply("to MAIL FROM").await
+    } else {
+        s.conn
+            .command(&format!("MAIL FROM:<{}>", msg.sender), "to MAIL FROM")
+            .await
+    }
+    .map_err(early)?;
     if reused && mail.code == 421 {
         return Err(HostError::Stale(FailureCause::Reply(mail)));
     }
@@ -689,10 +707,13 @@ async fn transaction(
     let mut closing = false;
     for rcpt in msg.rcpts {
         let none_accepted = statuses.iter().all(Option::is_some);
-        let sent = s
-            .conn
-            .command(&format!("RCPT TO:<{rcpt}>"), "to RCPT TO")
-            .await;
+        let sent = if pipelined {
+            s.conn.read_reply("to RCPT TO").await
+        } else {
+            s.conn
+                .command(&format!("RCPT TO:<{rcpt}>"), "to RCPT TO")
+                .await
+        };
         let reply = match sent {
             Ok(reply) => reply,
             Err(e) if none_accepted => return Err(early(e)),
@@ -716,14 +737,23 @@ async fn transaction(
     let keep = !closing && limits.is_some_and(|l| l.reusable(&s, 1));
 
     if statuses.iter().all(Option::is_some) {
-        // No transaction was completed: RSET so the connection is clean for the next.
-        let ending = if keep {
-            match s.conn.command("RSET", "to RSET").await {
+        // A pipelined DATA still has its answer coming: normally a refusal (no valid
+        // recipients). A server that said 354 all the same waits for a text that is not
+        // coming: that connection is closed without a dot, so no empty message goes out.
+        let data = if pipelined {
+            Some(s.conn.read_reply("to DATA").await)
+        } else {
+            None
+        };
+        let ending = match data {
+            Some(Ok(r)) if r.code == 354 => Err(()),
+            Some(Err(_)) => Err(()),
+            // No transaction was completed: RSET so the connection is clean for the next.
+            _ if keep => match s.conn.command("RSET", "to RSET").await {
                 Ok(r) => Ok(r.outcome() == Outcome::Delivered),
                 Err(_) => Err(()),
-            }
-        } else {
-            Ok(false)
+            },
+            _ => Ok(false),
         };
         let kept = s.settle(ending);
         return Ok((
@@ -739,7 +769,11 @@ async fn transaction(
     // next host but leaves the accepted recipients temporarily failed. The flag says
     // whether the reply is the one to the final dot.
     let verdict: Result<(SmtpReply, bool), ConnError> = async {
-        let go = s.conn.command("DATA", "to DATA").await?;
+        let go = if pipelined {
+            s.conn.read_reply("to DATA").await?
+        } else {
+            s.conn.command("DATA", "to DATA").await?
+        };
         if go.code != 354 {
             return Ok((go, false));
         }

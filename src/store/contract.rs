@@ -83,6 +83,7 @@ fn is_invalid<T: std::fmt::Debug>(r: StoreResult<T>) -> bool {
 pub async fn run_all(store: &dyn MessageStore) {
     domains(store).await;
     users(store).await;
+    recipient_look_ups(store).await;
     accept_and_read_back(store).await;
     batch_atomicity(store).await;
     queue_claims_and_leases(store).await;
@@ -90,6 +91,51 @@ pub async fn run_all(store: &dyn MessageStore) {
     queue_claim_at_accept(store).await;
     commit_batch_mixes_accepts_and_records(store).await;
     queue_admin(store).await;
+}
+
+/// A backend's immediate recipient look-up (`recipient_now`), where it has one, gives
+/// what `is_local_domain` and `user_exists` give, for the same spellings; and it sees a
+/// user added a moment ago.
+pub async fn recipient_look_ups(store: &dyn MessageStore) {
+    store.add_domain("lookup.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store
+        .add_user("dora@lookup.test", &h)
+        .await
+        .expect("add dora");
+    let cases = [
+        "dora@lookup.test",
+        "Dora@LOOKUP.TEST",
+        "dora@lookup.test.",
+        "eve@lookup.test",
+        "dora@elsewhere.test",
+        "not an address",
+        "@lookup.test",
+        "dora@",
+    ];
+    for address in cases {
+        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        let local = store.is_local_domain(domain).await.expect("domain");
+        let exists = local && store.user_exists(address).await.expect("user");
+        if let Some(now) = store.recipient_now(address) {
+            assert_eq!(now.expect("look-up"), (local, exists), "{address}");
+        }
+    }
+    store
+        .add_user("fred@lookup.test", &h)
+        .await
+        .expect("add fred");
+    if let Some(now) = store.recipient_now("fred@lookup.test") {
+        assert_eq!(now.expect("look-up"), (true, true), "a new user is seen");
+    }
+    assert!(store.remove_domain("lookup.test").await.expect("remove"));
+    if let Some(now) = store.recipient_now("dora@lookup.test") {
+        assert_eq!(
+            now.expect("look-up"),
+            (false, false),
+            "a removed domain is gone"
+        );
+    }
 }
 
 /// Domains: case-insensitive, trailing dot ignored, duplicates reported, sorted listing,

@@ -65,6 +65,32 @@ pub struct SqliteStore {
     /// polls the lock with sleeps (measured: half the time of a relay run went to those
     /// sleeps). Other processes on the same file still meet the busy timeout.
     writer: tokio::sync::Mutex<()>,
+    /// A read-only connection for recipient look-ups on the async side
+    /// ([`MessageStore::recipient_now`]): a WAL reader never waits for the writer, and a
+    /// point look-up on cached statements costs microseconds where a trip to sqlx's
+    /// connection thread and back costs tens of them on every RCPT. `None`: it could not
+    /// be opened, and look-ups take the pool.
+    reader: std::sync::Mutex<Option<rusqlite::Connection>>,
+}
+
+/// The read-only connection behind [`MessageStore::recipient_now`], or `None` (logged)
+/// when it cannot be opened. It never waits on a lock: a busy read falls back to the pool.
+fn open_reader(path: &Path) -> Option<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let opened = rusqlite::Connection::open_with_flags(path, flags).and_then(|c| {
+        c.pragma_update(None, "query_only", true)?;
+        c.busy_timeout(Duration::ZERO)?;
+        c.set_prepared_statement_cache_capacity(4);
+        Ok(c)
+    });
+    match opened {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no direct SQLite reader; look-ups use the pool");
+            None
+        }
+    }
 }
 
 impl SqliteStore {
@@ -138,8 +164,10 @@ impl SqliteStore {
             writes,
             fast: super::sqlite_writer::Writer::open(path, BUSY_TIMEOUT, pragmas)?,
             path: path.to_path_buf(),
+            reader: std::sync::Mutex::new(None),
         };
         store.migrate().await?;
+        *store.reader.lock().unwrap_or_else(|p| p.into_inner()) = open_reader(path);
         Ok(store)
     }
 
@@ -509,6 +537,33 @@ impl MessageStore for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)
+    }
+
+    fn recipient_now(&self, address: &str) -> Option<StoreResult<(bool, bool)>> {
+        // Another thread using the connection: take the pool rather than wait.
+        let guard = self.reader.try_lock().ok()?;
+        let conn = guard.as_ref()?;
+        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        let Ok(domain) = norm_domain(domain) else {
+            return Some(Ok((false, false)));
+        };
+        let user = norm_address(address).map(|(a, _, _)| a).ok();
+        let found = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM domains WHERE name = ?1),
+                        EXISTS (SELECT 1 FROM users WHERE address = ?2)",
+            )
+            .and_then(|mut s| {
+                s.query_row(rusqlite::params![domain, user], |r| {
+                    Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?))
+                })
+            });
+        match found {
+            Ok((local, exists)) => Some(Ok((local, local && exists))),
+            // Busy (a writer recovering the WAL index) or any other trouble: the pool's
+            // path answers, with its busy timeout and error mapping.
+            Err(_) => None,
+        }
     }
 
     async fn user_exists(&self, address: &str) -> StoreResult<bool> {
@@ -897,6 +952,31 @@ mod tests {
     async fn contract_suite() {
         let (_dir, store) = fresh().await;
         super::super::contract::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn recipient_look_ups_answer_at_once_and_see_other_processes_writes() {
+        let (dir, store) = fresh().await;
+        assert_eq!(
+            store.recipient_now("x@nowhere.test").map(|r| r.unwrap()),
+            Some((false, false)),
+            "SQLite answers without the pool"
+        );
+        // Another handle on the file, as the admin CLI is: its writes are seen at once.
+        let other = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
+            .await
+            .unwrap();
+        other.add_domain("later.test").await.unwrap();
+        let h = crate::store::password::hash_password("pw").unwrap();
+        other.add_user("gus@later.test", &h).await.unwrap();
+        assert_eq!(
+            store.recipient_now("GUS@later.test").map(|r| r.unwrap()),
+            Some((true, true))
+        );
+        assert_eq!(
+            store.recipient_now("hal@later.test").map(|r| r.unwrap()),
+            Some((true, false))
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
