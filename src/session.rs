@@ -197,7 +197,8 @@ pub struct Transaction {
     pub helo: String,
     /// The client address, as the socket reported it.
     pub client_ip: IpAddr,
-    /// Decoded `Subject:` header, for listings.
+    /// Decoded `Subject:` header, for mailbox listings; `None` when no recipient is
+    /// local (relayed mail keeps no subject of its own).
     pub subject: Option<String>,
     /// The message: our `Received:` header, then the client's text, dots unstuffed,
     /// CRLF line ends.
@@ -890,6 +891,13 @@ impl Session {
         let mut data = Vec::with_capacity(header.len() + body.len());
         data.extend_from_slice(header.as_bytes());
         data.extend_from_slice(&body);
+        // Only a local copy keeps its subject (for mailbox listings): relayed mail need
+        // not have its header parsed.
+        let subject = if env.recipients.iter().any(|r| r.local) {
+            received::subject(&body)
+        } else {
+            None
+        };
         let transaction = Transaction {
             reverse_path: env.reverse_path,
             recipients: env.recipients,
@@ -899,7 +907,7 @@ impl Session {
             smtputf8: env.params.smtputf8,
             helo: helo.name.clone(),
             client_ip: self.peer.ip,
-            subject: received::subject(&body),
+            subject,
             data,
         };
         out.push(Action::Store(transaction));

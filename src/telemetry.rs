@@ -1,7 +1,7 @@
 //! Logging set-up: human-readable lines by default, JSON lines with `log_format: json`.
 //!
 //! Every actor lifecycle line carries a `path` field (`erlmail_sup/smtpd_sup/smtpd_listener`);
-//! the level comes from `RUST_LOG` (default `info`). Logs go to stderr, or to a file when the
+//! the level comes from `RUST_LOG` (default [`DEFAULT_FILTER`]). Logs go to stderr, or to a file when the
 //! daemon detaches. Nothing here may log a password: callers never pass one.
 
 use std::path::Path;
@@ -10,9 +10,15 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The log filter when `RUST_LOG` is unset: `info`, but not ractor's own per-actor
+/// spans (`Actor{id,name}`), which every actor's every message would enter and leave;
+/// erlmail's lines carry the actor's place in the tree as `path=` instead.
+pub const DEFAULT_FILTER: &str = "info,ractor=warn";
+
 /// Install the global subscriber. Call once, before the runtime starts work.
 pub fn init(format: LogFormat, log_file: Option<&Path>) -> std::io::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);

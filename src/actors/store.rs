@@ -3,7 +3,11 @@
 //! Every accepted message arrives as an `Accept` request, every finished delivery
 //! attempt as a `Record`. While a commit is in flight, new requests wait; when it ends,
 //! all of them go into the next transaction together, so concurrent sessions and senders
-//! share one fsync. A reply (and so the session's 250) goes out only after the
+//! share one fsync. A record alone does not start a commit at once: it waits up to
+//! [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`] records), since
+//! nobody waits on it but its sender, and a commit of its own would cost a second fsync
+//! per relayed message (a crash meanwhile can only cause a second delivery, never a
+//! loss: the message is still queued and leased). A reply (and so the session's 250) goes out only after the
 //! transaction holding that message committed. After a commit, local copies go to
 //! Maildirs when configured, and `smtpd_queue` gets the new queued messages, already
 //! leased to it. Reads (recipient look-ups) run concurrently beside the writes.
@@ -22,6 +26,12 @@ use crate::store::{
 
 /// The store actor.
 pub struct StoreActor;
+
+/// How long attempt records wait for an accepted message to share their commit.
+pub const RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// This many waiting records commit at once, without waiting for an accept.
+pub const RECORD_BATCH: usize = 64;
 
 /// Start-up arguments.
 pub struct StoreArgs {
@@ -64,6 +74,8 @@ pub enum StoreMsg {
     Reload(Arc<Config>),
     /// The commit in flight ended; start the next one if anything waits.
     CommitDone,
+    /// [`RECORD_WAIT`] has passed since records began waiting: commit them now.
+    FlushRecords,
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
@@ -142,6 +154,8 @@ pub struct StoreState {
     /// Attempt records waiting for the next commit (they share it with the accepts).
     records: Vec<PendingRecord>,
     in_flight: bool,
+    /// A `FlushRecords` is on its way.
+    flush_armed: bool,
 }
 
 impl Actor for StoreActor {
@@ -164,6 +178,7 @@ impl Actor for StoreActor {
             pending: Vec::new(),
             records: Vec::new(),
             in_flight: false,
+            flush_armed: false,
         })
     }
 
@@ -175,6 +190,20 @@ impl Actor for StoreActor {
         // Anything still waiting was never committed: its session answers 451.
         for (_, reply) in state.pending.drain(..) {
             let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));
+        }
+        // Records waiting for company are finished deliveries: commit them on the way
+        // out, or they would be delivered again once their leases lapse.
+        let (records, replies) = take_records(state);
+        if !records.is_empty() {
+            let outcome = state
+                .store
+                .commit_batch(store::WriteBatch {
+                    messages: Vec::new(),
+                    lease: None,
+                    records,
+                })
+                .await;
+            answer_records(outcome.recorded, replies);
         }
         info!(path = %state.path, "stopped");
         Ok(())
@@ -189,13 +218,15 @@ impl Actor for StoreActor {
         match msg {
             StoreMsg::Accept(message, reply) => {
                 state.pending.push((message, reply));
-                if !state.in_flight {
-                    start_commit(&myself, state);
-                }
+                commit_or_wait(&myself, state);
             }
             StoreMsg::CommitDone => {
                 state.in_flight = false;
-                if !state.pending.is_empty() || !state.records.is_empty() {
+                commit_or_wait(&myself, state);
+            }
+            StoreMsg::FlushRecords => {
+                state.flush_armed = false;
+                if !state.in_flight && (!state.pending.is_empty() || !state.records.is_empty()) {
                     start_commit(&myself, state);
                 }
             }
@@ -225,9 +256,7 @@ impl Actor for StoreActor {
                 reply,
             }) => {
                 state.records.push((id, node, record, reply));
-                if !state.in_flight {
-                    start_commit(&myself, state);
-                }
+                commit_or_wait(&myself, state);
             }
             StoreMsg::Queue(op) => {
                 let store = state.store.clone();
@@ -294,15 +323,82 @@ async fn lookup(store: &dyn store::MessageStore, address: &str) -> StoreResult<R
     })
 }
 
+type RecordReplies = Vec<RpcReplyPort<StoreResult<()>>>;
+
+/// The waiting records and, apart, where their answers go.
+fn take_records(
+    state: &mut StoreState,
+) -> (Vec<(String, String, store::AttemptRecord)>, RecordReplies) {
+    std::mem::take(&mut state.records)
+        .into_iter()
+        .map(|(id, node, record, reply)| ((id, node, record), reply))
+        .unzip()
+}
+
+/// Tell each sender how its record went.
+fn answer_records(recorded: StoreResult<Vec<StoreResult<()>>>, replies: RecordReplies) {
+    match recorded {
+        Ok(results) => {
+            for (r, reply) in results.into_iter().zip(replies) {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// What the actor does next about its waiting writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Start a commit now.
+    Commit,
+    /// Records wait alone: ask for a `FlushRecords` in [`RECORD_WAIT`].
+    Arm,
+    /// Nothing to do (a commit is in flight, nothing waits, or the flush is armed).
+    Wait,
+}
+
+/// The group-commit decision: accepts go at once (a session waits for its 250);
+/// records alone wait for company, up to [`RECORD_WAIT`] or [`RECORD_BATCH`] of them.
+fn next(accepts: usize, records: usize, in_flight: bool, armed: bool) -> Next {
+    if in_flight {
+        Next::Wait
+    } else if accepts > 0 || records >= RECORD_BATCH {
+        Next::Commit
+    } else if records > 0 && !armed {
+        Next::Arm
+    } else {
+        Next::Wait
+    }
+}
+
+/// Start the next commit or arm the records' flush, as [`next`] says.
+fn commit_or_wait(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
+    match next(
+        state.pending.len(),
+        state.records.len(),
+        state.in_flight,
+        state.flush_armed,
+    ) {
+        Next::Commit => start_commit(myself, state),
+        Next::Arm => {
+            state.flush_armed = true;
+            myself.send_after(RECORD_WAIT, || StoreMsg::FlushRecords);
+        }
+        Next::Wait => {}
+    }
+}
+
 /// Take everything pending into one transaction, run it off the actor, and answer each
 /// waiting session when it has committed.
 fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     state.in_flight = true;
     let batch = std::mem::take(&mut state.pending);
-    let (records, record_replies): (Vec<_>, Vec<_>) = std::mem::take(&mut state.records)
-        .into_iter()
-        .map(|(id, node, record, reply)| ((id, node, record), reply))
-        .unzip();
+    let (records, record_replies) = take_records(state);
     let store = state.store.clone();
     let maildir_root = state.config.maildir_root.clone();
     let me = myself.clone();
@@ -331,18 +427,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                 records,
             })
             .await;
-        match recorded {
-            Ok(results) => {
-                for (r, reply) in results.into_iter().zip(record_replies) {
-                    let _ = reply.send(r);
-                }
-            }
-            Err(e) => {
-                for reply in record_replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
+        answer_records(recorded, record_replies);
         match accepted {
             Ok(_) if n == 0 => {}
             Ok(results) => {
@@ -418,7 +503,22 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{next, redact_url, Next, RECORD_BATCH};
+
+    #[test]
+    fn accepts_commit_at_once_and_records_wait_for_company() {
+        assert_eq!(next(1, 0, false, false), Next::Commit, "a session waits");
+        assert_eq!(next(1, 3, false, true), Next::Commit, "records ride along");
+        assert_eq!(next(0, 1, false, false), Next::Arm, "a record alone waits");
+        assert_eq!(next(0, 2, false, true), Next::Wait, "the flush is armed");
+        assert_eq!(
+            next(0, RECORD_BATCH, false, true),
+            Next::Commit,
+            "enough for one"
+        );
+        assert_eq!(next(5, 5, true, false), Next::Wait, "one commit at a time");
+        assert_eq!(next(0, 0, false, false), Next::Wait);
+    }
 
     #[test]
     fn passwords_in_store_urls_are_not_logged() {

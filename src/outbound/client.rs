@@ -527,6 +527,9 @@ async fn open(
         Ok(Err(e)) => return Err(skip(ConnError::Io(e))),
         Err(_) => return Err(skip(ConnError::Timeout("to connect"))),
     };
+    // Every write is a whole command group or a whole message text: Nagle's algorithm
+    // could only hold back the tail of a long text until the server's ACK.
+    let _ = tcp.set_nodelay(true);
     let mut conn = Conn {
         io: BufReader::new(Box::new(tcp) as Box<dyn Io>),
         timeout: opts.command_timeout,

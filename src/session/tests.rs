@@ -422,6 +422,17 @@ fn authorised_client_relays_and_is_still_checked_locally() {
     );
 }
 
+#[test]
+fn relayed_mail_keeps_no_subject_and_a_local_copy_does() {
+    let relayed = dialogue_with(authorised(), "EHLO c\r\nMAIL FROM:<a@local.example>\r\nRCPT TO:<x@remote.example>\r\nDATA\r\nSubject: far\r\n\r\nx\r\n.\r\n");
+    assert_eq!(
+        relayed.stored[0].subject, None,
+        "nobody lists a relayed message"
+    );
+    let both = dialogue_with(authorised(), "EHLO c\r\nMAIL FROM:<a@local.example>\r\nRCPT TO:<x@remote.example>\r\nRCPT TO:<bob@local.example>\r\nDATA\r\nSubject: near\r\n\r\nx\r\n.\r\n");
+    assert_eq!(both.stored[0].subject.as_deref(), Some("near"));
+}
+
 // ---- store answers ----
 
 #[test]
