@@ -33,6 +33,9 @@ pub const RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(5)
 /// This many waiting records commit at once, without waiting for an accept.
 pub const RECORD_BATCH: usize = 64;
 
+/// How long the store, stopping, tries to commit the records still waiting.
+const SHUTDOWN_RECORD_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Start-up arguments.
 pub struct StoreArgs {
     /// The configuration in force (store URL, Maildir root).
@@ -193,17 +196,21 @@ impl Actor for StoreActor {
         }
         // Records waiting for company are finished deliveries: commit them on the way
         // out, or they would be delivered again once their leases lapse.
+        // Bounded: a store that cannot be reached must not hold up the shutdown (those
+        // messages are then tried again once their leases lapse).
         let (records, replies) = take_records(state);
         if !records.is_empty() {
-            let outcome = state
-                .store
-                .commit_batch(store::WriteBatch {
-                    messages: Vec::new(),
-                    lease: None,
-                    records,
-                })
-                .await;
-            answer_records(outcome.recorded, replies);
+            let commit = state.store.commit_batch(store::WriteBatch {
+                messages: Vec::new(),
+                lease: None,
+                records,
+            });
+            match tokio::time::timeout(SHUTDOWN_RECORD_LIMIT, commit).await {
+                Ok(outcome) => answer_records(outcome.recorded, replies),
+                Err(_) => {
+                    warn!(path = %state.path, "attempt records not committed before stopping; those messages will be tried again")
+                }
+            }
         }
         info!(path = %state.path, "stopped");
         Ok(())
