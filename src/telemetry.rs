@@ -1,8 +1,8 @@
 //! Logging set-up: human-readable lines by default, JSON lines with `log_format: json`.
 //!
 //! Every actor lifecycle line carries a `path` field (`erlmail_sup/smtpd_sup/smtpd_listener`);
-//! the level comes from `RUST_LOG` (default [`DEFAULT_FILTER`]). Logs go to stderr, or to a file when the
-//! daemon detaches. Nothing here may log a password: callers never pass one.
+//! the level comes from `RUST_LOG` (default [`DEFAULT_FILTER`]). Logs go to stderr, or to
+//! a file when the daemon detaches. Nothing here may log a password: callers never pass one.
 
 use std::path::Path;
 

@@ -7,10 +7,10 @@
 //! [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`] records), since
 //! nobody waits on it but its sender, and a commit of its own would cost a second fsync
 //! per relayed message (a crash meanwhile can only cause a second delivery, never a
-//! loss: the message is still queued and leased). A reply (and so the session's 250) goes out only after the
-//! transaction holding that message committed. After a commit, local copies go to
-//! Maildirs when configured, and `smtpd_queue` gets the new queued messages, already
-//! leased to it. Reads (recipient look-ups) run concurrently beside the writes.
+//! loss: the message is still queued and leased). A reply (and so the session's 250)
+//! goes out only after the transaction holding that message committed. After a commit,
+//! local copies go to Maildirs when configured, and `smtpd_queue` gets the new queued
+//! messages, already leased to it. Reads (recipient look-ups) run concurrently beside the writes.
 //! This actor does not speak SMTP and does not decide policy.
 
 use std::sync::Arc;
@@ -195,9 +195,8 @@ impl Actor for StoreActor {
             let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));
         }
         // Records waiting for company are finished deliveries: commit them on the way
-        // out, or they would be delivered again once their leases lapse.
-        // Bounded: a store that cannot be reached must not hold up the shutdown (those
-        // messages are then tried again once their leases lapse).
+        // out, or they would be delivered again once their leases lapse. Bounded: a
+        // store that cannot be reached must not hold up the shutdown.
         let (records, replies) = take_records(state);
         if !records.is_empty() {
             let commit = state.store.commit_batch(store::WriteBatch {

@@ -405,6 +405,20 @@ impl Conn {
         self.read_reply(stage).await
     }
 
+    /// The reply to `line`: sent already in a pipelined group (`sent`), or sent now.
+    async fn answer(
+        &mut self,
+        sent: bool,
+        line: &str,
+        stage: &'static str,
+    ) -> Result<SmtpReply, ConnError> {
+        if sent {
+            self.read_reply(stage).await
+        } else {
+            self.command(line, stage).await
+        }
+    }
+
     /// Whether an idle connection still looks usable without a round trip: nothing
     /// buffered and nothing to read. A server that closed it (EOF, reset) or said
     /// something unasked (typically `421` on its own idle timeout) fails this. One
@@ -665,10 +679,13 @@ async fn transaction(
     // out in one write and their replies are read in order, two round trips a message
     // (this group, then the text) instead of three plus one per recipient.
     let pipelined = s.keywords.iter().any(|k| k == "PIPELINING");
+    let mail_line = format!("MAIL FROM:<{}>", msg.sender);
+    let rcpt_lines: Vec<String> = msg.rcpts.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
     if pipelined {
-        let mut group = format!("MAIL FROM:<{}>\r\n", msg.sender);
-        for rcpt in msg.rcpts {
-            group.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+        let mut group = String::new();
+        for line in std::iter::once(&mail_line).chain(&rcpt_lines) {
+            group.push_str(line);
+            group.push_str("\r\n");
         }
         group.push_str("DATA\r\n");
         s.conn
@@ -676,14 +693,11 @@ async fn transaction(
             .await
             .map_err(early)?;
     }
-    let mail = if pipelined {
-        s.conn.read_reply("to MAIL FROM").await
-    } else {
-        s.conn
-            .command(&format!("MAIL FROM:<{}>", msg.sender), "to MAIL FROM")
-            .await
-    }
-    .map_err(early)?;
+    let mail = s
+        .conn
+        .answer(pipelined, &mail_line, "to MAIL FROM")
+        .await
+        .map_err(early)?;
     if reused && mail.code == 421 {
         return Err(HostError::Stale(FailureCause::Reply(mail)));
     }
@@ -708,15 +722,9 @@ async fn transaction(
     let mut statuses: Vec<Option<RcptStatus>> = Vec::with_capacity(msg.rcpts.len());
     // A server announcing it is closing (421) is never given another transaction.
     let mut closing = false;
-    for rcpt in msg.rcpts {
+    for line in &rcpt_lines {
         let none_accepted = statuses.iter().all(Option::is_some);
-        let sent = if pipelined {
-            s.conn.read_reply("to RCPT TO").await
-        } else {
-            s.conn
-                .command(&format!("RCPT TO:<{rcpt}>"), "to RCPT TO")
-                .await
-        };
+        let sent = s.conn.answer(pipelined, line, "to RCPT TO").await;
         let reply = match sent {
             Ok(reply) => reply,
             Err(e) if none_accepted => return Err(early(e)),
@@ -772,11 +780,7 @@ async fn transaction(
     // next host but leaves the accepted recipients temporarily failed. The flag says
     // whether the reply is the one to the final dot.
     let verdict: Result<(SmtpReply, bool), ConnError> = async {
-        let go = if pipelined {
-            s.conn.read_reply("to DATA").await?
-        } else {
-            s.conn.command("DATA", "to DATA").await?
-        };
+        let go = s.conn.answer(pipelined, "DATA", "to DATA").await?;
         if go.code != 354 {
             return Ok((go, false));
         }

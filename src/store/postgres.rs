@@ -480,8 +480,8 @@ async fn accept_one(
     }
     let mut queue_id = None;
     if !m.remote_rcpts.is_empty() {
-        // A clash of ids is unlikely (see `new_queue_id`); ON CONFLICT lets us draw again without
-        // aborting the transaction (a unique violation would abort it on PostgreSQL).
+        // A clash of ids is unlikely (see `new_queue_id`); ON CONFLICT lets us draw again
+        // without aborting the transaction (a unique violation would abort it on PostgreSQL).
         let mut inserted = None;
         for _ in 0..8 {
             let id = new_queue_id();

@@ -164,10 +164,11 @@ impl SqliteStore {
             writes,
             fast: super::sqlite_writer::Writer::open(path, BUSY_TIMEOUT, pragmas)?,
             path: path.to_path_buf(),
-            reader: std::sync::Mutex::new(None),
+            // Opened before the migrations: SQLite prepares its statements again when it
+            // sees the schema changed.
+            reader: std::sync::Mutex::new(open_reader(path)),
         };
         store.migrate().await?;
-        *store.reader.lock().unwrap_or_else(|p| p.into_inner()) = open_reader(path);
         Ok(store)
     }
 
