@@ -26,5 +26,6 @@ pub mod outbound;
 pub mod protocol;
 pub mod queue;
 pub mod session;
+pub mod spool_lock;
 pub mod store;
 pub mod telemetry;

@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use erlmail::actors::root::{self, RootExit, RootMsg};
 use erlmail::config::Config;
+use erlmail::spool_lock::LockFile;
 use erlmail::store::{self, password, SharedStore};
 
 /// erlmail: an SMTP server and relay queue that runs ErlMail's configuration files.
@@ -255,7 +256,18 @@ fn worker_threads(cores: usize, env: Option<&str>) -> usize {
         .unwrap_or_else(|| cores.saturating_sub(1).max(1))
 }
 
+/// sysexits.h: another daemon holds the spool or pid file; trying later may work.
+const EX_TEMPFAIL: u8 = 75;
+/// sysexits.h: the spool directory, its lock file or the pid file cannot be created.
+const EX_CANTCREAT: u8 = 73;
+
 fn main() -> ExitCode {
+    // Mail, credentials and logs are nobody else's business: every file and directory
+    // erlmail creates (store, spool, Maildirs, logs, pid file) is 0600/0700 whatever
+    // umask it was started with. Set before anything is created or any thread exists,
+    // and for the admin commands too, since `domain add` on a fresh spool creates the
+    // store.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -312,18 +324,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let log_file = log_file
                 .clone()
                 .or_else(|| daemon.then(|| config.spool_dir.join("erlmail.log")));
+            // One daemon per spool. The locks are taken before the log, the store, a port
+            // or the pid file is touched, so a second `serve` changes nothing of the
+            // running one's; and before forking, so `--daemon` reports a refusal on the
+            // terminal with a non-zero status. The spool holds the lock even when the
+            // store is elsewhere (store_url). Declared spool first so that the pid file
+            // is dropped (removed) first, while the spool is still ours.
+            let (mut spool_lock, mut pid_lock) =
+                match take_locks(&config.spool_dir, pidfile.as_deref()) {
+                    Ok(locks) => locks,
+                    Err((code, message)) => {
+                        eprintln!("erlmail: {message}");
+                        return Ok(ExitCode::from(code));
+                    }
+                };
             if *daemon {
-                std::fs::create_dir_all(&config.spool_dir)
-                    .with_context(|| format!("creating {}", config.spool_dir.display()))?;
-                // Fork before any thread exists: the runtime is built after this.
+                // Fork before any thread exists: the runtime is built after this. The
+                // child inherits the locked descriptors (flock belongs to the open file,
+                // which the exiting parent merely stops sharing), so the locks are held
+                // without a gap.
                 nix::unistd::daemon(true, false).context("detaching")?;
+            }
+            // Written after the fork, so the pid named is the daemon's.
+            let pid = std::process::id();
+            spool_lock
+                .write_pid(pid)
+                .with_context(|| format!("writing {}", spool_lock.path().display()))?;
+            if let Some(l) = pid_lock.as_mut() {
+                l.write_pid(pid)
+                    .with_context(|| format!("writing {}", l.path().display()))?;
             }
             erlmail::telemetry::init(config.log_format, log_file.as_deref())
                 .context("opening the log")?;
-            if let Some(p) = pidfile {
-                std::fs::write(p, format!("{}\n", std::process::id()))
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
+            warn_if_spool_is_shared(&config.spool_dir);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads(
                     std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -333,9 +366,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()?;
             let code = runtime.block_on(serve(config, path, cli.set.clone()));
             runtime.shutdown_timeout(Duration::from_secs(1));
-            if let Some(p) = pidfile {
-                let _ = std::fs::remove_file(p);
-            }
+            // Removes the pid file (ours: we hold its lock), then frees the spool.
+            drop(pid_lock);
+            drop(spool_lock);
             Ok(code)
         }
         Command::Domain { action } => admin(path.as_deref(), &cli.set, |store| async move {
@@ -689,6 +722,62 @@ fn read_password() -> anyhow::Result<String> {
         bail!("no password on standard input");
     }
     Ok(pw)
+}
+
+/// Lock the spool (creating its directory) and then the pid file, if any. On failure, the
+/// exit code and the one line to print: `EX_TEMPFAIL` naming the running daemon's pid when
+/// another erlmail holds either lock, `EX_CANTCREAT` when a file cannot be created.
+fn take_locks(
+    spool_dir: &Path,
+    pidfile: Option<&Path>,
+) -> Result<(LockFile, Option<LockFile>), (u8, String)> {
+    use erlmail::spool_lock::{lock_pidfile, lock_spool, LockError};
+    if let Err(e) = std::fs::create_dir_all(spool_dir) {
+        return Err((
+            EX_CANTCREAT,
+            format!("cannot create spool_dir {}: {e}", spool_dir.display()),
+        ));
+    }
+    // Absolute in the message, so it names the spool wherever the reader runs from.
+    let spool = std::fs::canonicalize(spool_dir).unwrap_or_else(|_| spool_dir.to_path_buf());
+    let refused = |e: LockError, what: String| match e {
+        LockError::Held { pid: Some(pid), .. } => {
+            (EX_TEMPFAIL, format!("another erlmail (pid {pid}) {what}"))
+        }
+        LockError::Held { pid: None, path } => (
+            EX_TEMPFAIL,
+            format!("another erlmail {what} (it holds {})", path.display()),
+        ),
+        LockError::Io { path, error } => (
+            EX_CANTCREAT,
+            format!("cannot create or lock {}: {error}", path.display()),
+        ),
+    };
+    let spool_lock = lock_spool(&spool)
+        .map_err(|e| refused(e, format!("is running on spool {}", spool.display())))?;
+    let pid_lock = match pidfile {
+        Some(p) => Some(
+            lock_pidfile(p)
+                .map_err(|e| refused(e, format!("holds the pid file {}", p.display())))?,
+        ),
+        None => None,
+    };
+    Ok((spool_lock, pid_lock))
+}
+
+/// A spool made by an older erlmail, or by hand, may still be open to other users; the
+/// umask only protects what is created from now on, so say so once at start-up.
+fn warn_if_spool_is_shared(spool_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(spool_dir) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warn!(
+                "spool_dir {} is mode {mode:o}: other users may read the mail in it (chmod 700)",
+                spool_dir.display()
+            );
+        }
+    }
 }
 
 /// Run one administration command against the configured store.
