@@ -4,6 +4,7 @@
 //! erlmail_sup                      root supervisor, one_for_one, at most 5 restarts in 60 s
 //! ├── erlmail_store                owns the store backend; group commit
 //! ├── smtpd_sup                    one_for_one
+//! │   ├── smtpd_anvil              per-client counts and rates (Postfix's anvil)
 //! │   ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
 //! │   └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
 //! └── smtpd_queue                  Leased casts + periodic Tick
@@ -16,6 +17,7 @@
 //! re-created from it.
 
 pub mod admin;
+pub mod anvil;
 pub mod fsm;
 pub mod listener;
 pub mod queue;
@@ -35,6 +37,8 @@ pub const ROOT: &str = "erlmail_sup";
 pub const STORE: &str = "erlmail_store";
 /// Registry name of the SMTP supervisor.
 pub const SMTPD_SUP: &str = "smtpd_sup";
+/// Registry name of the per-client limits actor.
+pub const ANVIL: &str = "smtpd_anvil";
 /// Registry name of the listener.
 pub const LISTENER: &str = "smtpd_listener";
 /// Registry name of the queue actor.

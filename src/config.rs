@@ -88,7 +88,8 @@ pub struct Config {
     pub server_smtp_name: String,
     /// SMTP listening port.
     pub server_smtp_port: u16,
-    /// Most SMTP sessions open at once (ErlMail never enforced it; erlmail does).
+    /// Most SMTP sessions open at once (ErlMail never enforced it; erlmail does). Above
+    /// 80% of it the daemon is under stress: shorter timeouts, error limit 1.
     pub server_smtp_max_connection: usize,
     /// Text after `220 <name> ESMTP `.
     pub server_smtp_greeting: String,
@@ -123,6 +124,19 @@ pub struct Config {
     pub server_smtp_timeout: Duration,
     /// Errors after which a session is closed.
     pub server_smtp_hard_error_limit: u32,
+    /// Most sessions open at once from one client address (an IPv6 client counts per
+    /// /64); 0: no per-client limit. Postfix: `smtpd_client_connection_count_limit`.
+    pub server_smtp_client_connection_limit: usize,
+    /// Most new sessions per client address per minute; 0: unlimited. Postfix:
+    /// `smtpd_client_connection_rate_limit`.
+    pub server_smtp_client_connection_rate: u32,
+    /// Slowest DATA transfer a session may keep up, in bytes per second; 0: no minimum
+    /// (DATA is then bounded by `server_smtp_timeout` alone). Postfix:
+    /// `smtpd_min_data_rate`.
+    pub server_smtp_min_data_rate: u64,
+    /// Failed AUTH attempts allowed per client address in five minutes; then `454 4.7.0`
+    /// for that address until the window passes. 0: no limit.
+    pub server_smtp_auth_failure_limit: u32,
     /// Most `Received:` headers before a message is refused as looping.
     pub server_smtp_max_hops: u32,
     /// Most senders at once.
@@ -167,7 +181,7 @@ impl Default for Config {
             server_smtp_start: true,
             server_smtp_name: "smtp.erlsoft.net".into(),
             server_smtp_port: 25,
-            server_smtp_max_connection: 25,
+            server_smtp_max_connection: 1000,
             server_smtp_greeting: "ErlMail http://erlsoft.org (NO UCE)".into(),
             server_smtp_relay_clients: Vec::new(),
             server_smtp_retries: 10,
@@ -186,6 +200,10 @@ impl Default for Config {
             server_smtp_max_recipients: 100,
             server_smtp_timeout: Duration::from_secs(300),
             server_smtp_hard_error_limit: 20,
+            server_smtp_client_connection_limit: 10,
+            server_smtp_client_connection_rate: 0,
+            server_smtp_min_data_rate: 500,
+            server_smtp_auth_failure_limit: 5,
             server_smtp_max_hops: 50,
             server_smtp_max_senders: 20,
             server_smtp_remote_port: 25,

@@ -357,6 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             erlmail::telemetry::init(config.log_format, log_file.as_deref())
                 .context("opening the log")?;
             warn_if_spool_is_shared(&config.spool_dir);
+            raise_open_file_limit(config.server_smtp_max_connection);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(worker_threads(
                     std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -763,6 +764,28 @@ fn take_locks(
         None => None,
     };
     Ok((spool_lock, pid_lock))
+}
+
+/// Each session holds a socket: with the default 1000 sessions, a soft limit of 1024 open
+/// files (common under systemd) would make `accept` fail before
+/// `server_smtp_max_connection` is reached. Raise the soft limit to the hard one; if
+/// that is still too low, say so once.
+fn raise_open_file_limit(max_connection: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+        return;
+    }
+    // Sockets for the sessions, plus the store, the queue's outbound connections, logs.
+    let want = max_connection as u64 + 256;
+    if hard < want {
+        warn!(
+            "the open-file limit ({hard}) is below server_smtp_max_connection + 256 ({want}): \
+             raise it (LimitNOFILE= in the systemd unit) or lower server_smtp_max_connection"
+        );
+    }
 }
 
 /// A spool made by an older erlmail, or by hand, may still be open to other users; the

@@ -1,8 +1,10 @@
-//! The only code that touches inbound sockets: binding the SMTP listener, and the
-//! small HTTP server of the admin endpoint (`admin`), and the inbound TLS acceptor
-//! (`tls`). No SMTP grammar lives here.
+//! The only code that touches inbound sockets: binding the SMTP listener, one SMTP
+//! connection with its deadlines and STARTTLS swap (`connection`), the small HTTP server
+//! of the admin endpoint (`admin`), and the inbound TLS acceptor (`tls`). No SMTP grammar
+//! lives here.
 
 pub mod admin;
+pub mod connection;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -10,8 +10,22 @@
 //! commands in one read. The session processes as much buffered input as it can; when a
 //! command needs an answer from outside, the batch ends with that request and the rest of
 //! the input waits in the buffer (further `receive` calls only buffer) until the answer
-//! resumes processing. Replies therefore always come out in command order, and the
-//! output is the same however the input is split (tested by `tests::split_invariance`).
+//! resumes processing. Replies therefore always come out in command order, and for a
+//! client that keeps to the pipelining rules below the output is the same however its
+//! input is split (tested by `tests::split_invariance`).
+//!
+//! Pipelining discipline (RFC 2920 §3.1, Postfix 3.9 `smtpd_forbid_unauth_pipelining`):
+//! when a command line is taken from the buffer and more input is already waiting behind
+//! it, the client sent that input without waiting for the reply. That is refused, with
+//! `554 5.5.0 Error: SMTP protocol synchronization` in place of the command's reply and
+//! then [`Action::Close`], when the client has not yet been answered an EHLO (so never
+//! got PIPELINING: before any HELO, after HELO, after STARTTLS), and for EHLO, HELO and
+//! DATA from anyone: text sent behind DATA before the `354` is never taken as a message.
+//! An EHLO client may still pipeline MAIL, RCPT, RSET, NOOP... and DATA as the last of
+//! its group, and commands behind the final dot. The check sees only what is buffered,
+//! so a violation split across reads may go unnoticed; that is the price of having no
+//! clock (the actor may still read greedily before feeding). Detection therefore depends
+//! on the split for violating input, never for conforming input.
 //!
 //! Decisions documented here rather than scattered:
 //! - `RCPT TO:<postmaster>` (no domain, RFC 5321 §4.5.1) is looked up as
@@ -25,6 +39,10 @@
 //!   long list is not cut off) and store failures (not the client's fault).
 //! - HELO/EHLO replies carry no enhanced status code (RFC 2034 §3); all other replies
 //!   after the greeting do, except `354`, which is not 2xx/4xx/5xx.
+//! - The end of DATA refuses, in this order: a bare CR or LF (`550 5.5.2 Error: bare
+//!   <LF> received` or `<CR>`), then a NUL byte (`550 5.6.0 Error: message contains NUL
+//!   character`), then the size (`552 5.3.4`); each counts as an error and nothing is
+//!   stored. A bare line end comes first because it is the smuggling signal.
 //! - A limit of `0` in [`SessionPolicy`] for size, recipients or errors means "none".
 //! - STARTTLS (RFC 3207): the reply `220` is followed by [`Action::StartTls`], and every
 //!   byte the client sent after the command line is discarded, never executed (the
@@ -268,6 +286,8 @@ pub struct Session {
     tls: bool,
     /// The user who authenticated with AUTH, if any.
     user: Option<String>,
+    /// Stress mode: the error limit is 1 (see [`Session::set_stress`]).
+    stress: bool,
 }
 
 /// Appends reply bytes, merging with a preceding `Send` so a pipelined batch is written
@@ -295,6 +315,7 @@ impl Session {
             errors: 0,
             tls: false,
             user: None,
+            stress: false,
         }
     }
 
@@ -504,6 +525,40 @@ impl Session {
         self.errors
     }
 
+    /// Input received but not yet processed: a partial command line, or commands waiting
+    /// behind an answer from outside. The actor keeps the read deadline of a partial line
+    /// instead of starting a new one, so a line that trickles in byte by byte still has
+    /// to arrive within one timeout.
+    pub fn buffered(&self) -> usize {
+        self.input.len() - self.pos
+    }
+
+    /// Stress mode (Postfix's): while on, the first error closes the session (error limit
+    /// 1); off restores `policy.hard_error_limit`. A session already past the limit is
+    /// closed at its next error.
+    pub fn set_stress(&mut self, on: bool) {
+        self.stress = on;
+    }
+
+    /// The answer to [`Action::Authenticate`] when the client's address has too many
+    /// failed attempts (the actor's rate limit, not this password): `454 4.7.0`, counted
+    /// as an error; no password was checked. Resumes buffered input. Ignored (empty) if no
+    /// check is pending.
+    pub fn auth_throttled(&mut self, now: DateTime<Utc>) -> Vec<Action> {
+        if !matches!(self.mode, Mode::AwaitAuth(_)) {
+            return Vec::new();
+        }
+        self.mode = Mode::Command;
+        let mut out = Vec::new();
+        let text = format!(
+            "4.7.0 Error: too many failed authentications from {}; try again later",
+            self.peer.ip
+        );
+        self.error(&mut out, Reply::new(454, text));
+        self.run(&mut out, now);
+        out
+    }
+
     /// The client this session serves.
     pub fn peer(&self) -> PeerInfo {
         self.peer
@@ -539,7 +594,11 @@ impl Session {
     fn error(&mut self, out: &mut Vec<Action>, reply: Reply) {
         self.reply(out, reply);
         self.errors += 1;
-        let limit = self.policy.hard_error_limit;
+        let limit = if self.stress {
+            1
+        } else {
+            self.policy.hard_error_limit
+        };
         if limit > 0 && self.errors >= limit {
             let text = format!("4.7.0 {} Error: too many errors", self.policy.hostname);
             self.close_with(out, Reply::new(421, text));
@@ -591,7 +650,10 @@ impl Session {
                         Some(LineEvent::Line(range)) => {
                             let parsed =
                                 parse_command(&self.input[start + range.start..start + range.end]);
-                            self.command(parsed, out);
+                            // Bytes already here behind the line were sent before its
+                            // reply: pipelined.
+                            let pipelined = self.pos < self.input.len();
+                            self.command(parsed, pipelined, out);
                         }
                         Some(LineEvent::TooLong) => {
                             self.error(out, Reply::new(500, "5.5.2 Error: command too long"));
@@ -620,7 +682,19 @@ impl Session {
         }
     }
 
-    fn command(&mut self, parsed: Result<Command, CommandError>, out: &mut Vec<Action>) {
+    /// Runs one command line; `pipelined` says more input was already buffered behind it.
+    fn command(
+        &mut self,
+        parsed: Result<Command, CommandError>,
+        pipelined: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if pipelined && self.must_wait_for_reply(parsed.as_ref().ok()) {
+            // The 554 replaces the command's own reply: the command is not run (Postfix
+            // `smtpd_forbid_unauth_pipelining`).
+            let r = Reply::new(554, "5.5.0 Error: SMTP protocol synchronization");
+            return self.close_with(out, r);
+        }
         let command = match parsed {
             Ok(c) => c,
             Err(e) => return self.error(out, e.reply()),
@@ -668,6 +742,24 @@ impl Session {
             Command::StartTls => self.starttls(out),
             Command::Auth { mechanism, initial } => self.auth(&mechanism, initial, out),
         }
+    }
+
+    /// Whether the client had to wait for this command's reply before sending more
+    /// (RFC 2920 §3.1). Only EHLO grants PIPELINING, so until an EHLO has been answered
+    /// every command (or unparseable line) stands alone. After EHLO, HELO and EHLO still
+    /// end a group (they change what the client may send next), and so does DATA: text
+    /// sent before the 354 was sent blind, and taking it as the message is exactly what
+    /// a smuggling or spam-cannon client wants. STARTTLS is not listed: its trailing
+    /// input is discarded, never run (see [`Session::starttls`]). NOOP, QUIT, VRFY and
+    /// AUTH are not enforced either, to spare sloppy but harmless clients (AUTH with an
+    /// initial response may legally be followed by MAIL, RFC 4954 §4).
+    fn must_wait_for_reply(&self, command: Option<&Command>) -> bool {
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
+        !esmtp
+            || matches!(
+                command,
+                Some(Command::Helo(_) | Command::Ehlo(_) | Command::Data)
+            )
     }
 
     fn starttls(&mut self, out: &mut Vec<Action>) {
@@ -869,6 +961,12 @@ impl Session {
             }
             DataOutcome::Bare(BareNewline::Cr) => {
                 return self.error(out, Reply::new(550, "5.5.2 Error: bare <CR> received"))
+            }
+            // Refused rather than stripped: the client learns its message was not sent as
+            // written, and no next hop ever sees a NUL (REFERENCE, unsafe bytes onward).
+            DataOutcome::Nul => {
+                let r = Reply::new(550, "5.6.0 Error: message contains NUL character");
+                return self.error(out, r);
             }
             DataOutcome::TooBig => return self.error(out, too_big()),
             DataOutcome::Message(body) => body,

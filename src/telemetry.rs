@@ -55,6 +55,12 @@ pub mod names {
     pub const ACCEPTED: &str = "erlmail_messages_accepted_total";
     /// Counter: replies refusing something, by `reason`.
     pub const REJECTED: &str = "erlmail_smtp_rejections_total";
+    /// Counter: connections (and AUTH attempts) refused before a session could use them,
+    /// by `reason`: max_connection, client_limit, client_rate, shutdown, auth_failures.
+    pub const CONNECTIONS_REFUSED: &str = "erlmail_smtp_connections_refused_total";
+    /// Gauge: 1 while the SMTP server is under stress (sessions above 80% of
+    /// `server_smtp_max_connection`), else 0.
+    pub const STRESS: &str = "erlmail_smtp_stress";
     /// Counter: relay attempts denied (554 5.7.1).
     pub const RELAY_DENIED: &str = "erlmail_relay_denied_total";
     /// Gauge: queued messages by `state` (incoming, active, deferred, held), at scrape.
@@ -107,6 +113,14 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
         "SMTP replies refusing a command or message, by reason"
     );
     describe_counter!(names::RELAY_DENIED, "Relay attempts denied with 554 5.7.1");
+    describe_counter!(
+        names::CONNECTIONS_REFUSED,
+        "Connections and AUTH attempts refused by limits, by reason"
+    );
+    describe_gauge!(
+        names::STRESS,
+        "1 while sessions are above 80% of server_smtp_max_connection"
+    );
     describe_gauge!(names::QUEUE, "Queued messages by state");
     describe_counter!(names::DELIVERIES, "Per-recipient delivery results");
     describe_counter!(names::RETRIES, "Delivery attempts of messages tried before");
@@ -137,6 +151,16 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     metrics::gauge!(names::SESSIONS_OPEN).set(0.0);
     metrics::counter!(names::SESSIONS_TOTAL).absolute(0);
     metrics::counter!(names::RELAY_DENIED).absolute(0);
+    metrics::gauge!(names::STRESS).set(0.0);
+    for reason in [
+        "max_connection",
+        "client_limit",
+        "client_rate",
+        "shutdown",
+        "auth_failures",
+    ] {
+        metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => reason).absolute(0);
+    }
     metrics::counter!(names::RETRIES).absolute(0);
     for d in ["local", "relay", "both"] {
         metrics::counter!(names::ACCEPTED, "destination" => d).absolute(0);

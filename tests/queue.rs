@@ -412,7 +412,12 @@ async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     })
     .await;
     let a = Daemon::start(&relay_yaml(&sink, "node_name: \"node-a\"\n"));
-    let store_line = format!("spool_dir: \"{}\"\n", a.dir.path().join("spool").display());
+    // One store file, two spools: a spool belongs to one daemon (its lock), but two
+    // nodes may share a SQLite store through store_url.
+    let store_line = format!(
+        "store_url: \"sqlite://{}\"\n",
+        a.dir.path().join("spool/erlmail.db").display()
+    );
     let b = Daemon::start(&relay_yaml(
         &sink,
         &format!("node_name: \"node-b\"\n{store_line}"),

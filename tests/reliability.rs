@@ -606,7 +606,8 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // Drippers: one byte a second, forever, never idle for a whole timeout.
+    // Drippers: one byte a second, forever, never idle for a whole timeout; each command
+    // line takes longer than the timeout to arrive, so the deadline ends them.
     let handles: Vec<_> = (0..drippers)
         .map(|_| {
             let (stop, closed, connected) = (stop.clone(), closed.clone(), connected.clone());
@@ -737,9 +738,18 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
             ("rss_kb", chaos::rss_kb(pid).to_string()),
         ],
     );
+    // Every dripper was served (greeted, not refused) and then ended by its deadline.
+    let timeouts = d.log_text().matches("deadline passed: timeout").count();
     assert!(
-        fds_loaded >= fds_before + drippers,
-        "the drippers were all being served"
+        timeouts >= drippers,
+        "{timeouts} sessions ended by their deadline, {drippers} drippers"
+    );
+    // A line that trickles in byte by byte must still arrive within one timeout (2 s
+    // here; `NOOP\r\n` at a byte a second takes 6 s): the server closed every dripper
+    // although none of them was ever idle for a whole timeout.
+    assert_eq!(
+        dripper_closed, drippers,
+        "drippers still connected at the end"
     );
 }
 

@@ -1,37 +1,40 @@
 //! `smtpd_fsm#<n>`: one SMTP session, driving the pure session machine with real I/O.
 //!
-//! A reader task owns the read half of the socket and forwards bytes as messages; it
-//! reads the next chunk only when this actor says so, so a client that floods us while a
-//! commit is in flight cannot grow our memory. The actor owns the write half, answers the
-//! machine's look-up and store requests by asking `erlmail_store`, and writes replies in
-//! order. The idle timeout (`server_smtp_timeout`) is enforced by the reader. A session is
-//! a temporary child: when it ends or fails it is gone, and the client may reconnect.
+//! The socket belongs to a [`Connection`] (`net::connection`): its reader task hands each
+//! chunk here as an [`FsmMsg::Input`] and reads the next only when this actor says so, so
+//! a client that floods us while a commit is in flight cannot grow our memory. This actor
+//! holds the session logic only: it feeds the machine, answers its look-up, store and
+//! AUTH requests by asking `erlmail_store` (and `smtpd_anvil` for AUTH), writes replies
+//! in order, and sets the deadline of each read from where the machine stands
+//! ([`Deadlines`]): a whole command line must arrive within `server_smtp_timeout`
+//! however its bytes trickle in, and DATA must keep up `server_smtp_min_data_rate`.
+//! Under stress (`smtpd_sup` says so) the timeout drops to [`STRESS_TIMEOUT`] and the
+//! error limit to 1, for sessions already open too. A session is a temporary child: when
+//! it ends or fails it is gone, and the client may reconnect.
 //!
-//! TLS: on the machine's `StartTls` the actor stops the reader (which is idle, waiting for
-//! permission to read), takes the read half back, joins it with the write half and runs
-//! the handshake on the plain socket; whatever the client pipelined after STARTTLS is
-//! either already discarded by the machine or still unread in the socket, where it breaks
-//! the handshake rather than run as a command. A connection to
-//! `server_smtp_tls_port` (implicit TLS, told by the listener that accepted it) does the handshake
-//! before the greeting. AUTH passwords are checked against the store's argon2 hashes on
-//! the blocking pool; a failure is answered only after [`AUTH_FAILURE_DELAY`]. Nothing
+//! TLS: on the machine's `StartTls` the connection swaps its plain socket for a TLS one;
+//! a connection to `server_smtp_tls_port` (implicit TLS, told by the listener that
+//! accepted it) does the handshake before the greeting. AUTH passwords are checked
+//! against the store's argon2 hashes on the blocking pool (an unknown user costs the same
+//! as a known one); a failure is answered only after [`AUTH_FAILURE_DELAY`], and
+//! `smtpd_anvil` refuses further checks from an address with too many failures. Nothing
 //! here logs a command line, so credentials never reach a log.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::anvil::AnvilMsg;
 use super::store::{RecipientFacts, StoreMsg};
 use crate::config::Config;
+use crate::net::connection::{Connection, Deadlines, Input, InputSink, Phase};
 use crate::session::{
     client_is_relay_authorised, Action, PeerInfo, RecipientInfo, Secret, Session, SessionPolicy,
     StoreOutcome, Transaction,
@@ -41,15 +44,14 @@ use crate::telemetry::{self, names};
 
 /// How long a session waits for the store before answering 451.
 const STORE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long one reply may take to write before the client counts as gone.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest TLS handshake (further capped by `server_smtp_timeout`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a failed AUTH waits before its 535, to slow password guessing.
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
-
-/// The server side of a TLS connection.
-type TlsIo = tokio_rustls::server::TlsStream<TcpStream>;
+/// `server_smtp_timeout` under stress (Postfix's stress-mode `smtpd_timeout`).
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session waits for `smtpd_anvil` before going ahead without it.
+const ANVIL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The session actor.
 pub struct Fsm;
@@ -66,92 +68,60 @@ pub struct FsmArgs {
     pub path: String,
     /// The connection came in on the implicit-TLS listener (`server_smtp_tls_port`).
     pub implicit_tls: bool,
+    /// The server is under stress now.
+    pub stress: bool,
 }
 
 /// What the session actor hears.
 pub enum FsmMsg {
-    /// Bytes from the client.
-    Bytes(Vec<u8>),
-    /// The client closed its side, or reading failed.
-    Eof,
-    /// No input for `server_smtp_timeout`.
-    IdleTimeout,
+    /// From the connection's reader: bytes, end of input, or a missed deadline.
+    Input(Input),
+    /// The server entered (`true`) or left stress mode.
+    Stress(bool),
     /// The daemon is stopping.
     Shutdown,
-}
-
-/// What the actor tells its reader after each chunk.
-enum Next {
-    /// Read the next chunk.
-    More,
-    /// Stop reading and hand the read half back (STARTTLS).
-    Stop,
-}
-
-/// The write half of the connection, plain or encrypted.
-enum Writer {
-    Plain(WriteHalf<TcpStream>),
-    Tls(WriteHalf<TlsIo>),
-}
-
-impl Writer {
-    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            Writer::Plain(w) => {
-                w.write_all(bytes).await?;
-                w.flush().await
-            }
-            Writer::Tls(w) => {
-                w.write_all(bytes).await?;
-                w.flush().await
-            }
-        }
-    }
-
-    async fn shutdown(&mut self) {
-        let _ = match self {
-            Writer::Plain(w) => w.shutdown().await,
-            Writer::Tls(w) => w.shutdown().await,
-        };
-    }
-}
-
-/// The reader task; a plain one can give its half back for the TLS upgrade.
-enum Reader {
-    /// Not started yet (before the greeting) or stopped.
-    None,
-    Plain(JoinHandle<Option<ReadHalf<TcpStream>>>),
-    Tls(JoinHandle<Option<ReadHalf<TlsIo>>>),
-}
-
-impl Reader {
-    fn abort(&self) {
-        match self {
-            Reader::None => {}
-            Reader::Plain(h) => h.abort(),
-            Reader::Tls(h) => h.abort(),
-        }
-    }
 }
 
 /// The session actor's state.
 pub struct FsmState {
     session: Session,
-    writer: Option<Writer>,
-    more: mpsc::Sender<Next>,
-    reader: Reader,
+    /// The connection, once `post_start` has set it up.
+    conn: Option<Connection>,
     path: String,
     /// Set once the daemon asked us to stop: no new transaction may start.
     stopping: bool,
-    /// The accepted socket, until `post_start` splits it (after the TLS handshake when
-    /// `implicit_tls`).
+    /// The accepted socket, until `post_start` hands it to the [`Connection`] (after the
+    /// TLS handshake when `implicit_tls`).
     stream: Option<TcpStream>,
     /// The certificate in force when the session began; `None`: no TLS.
     acceptor: Option<TlsAcceptor>,
     /// The connection came in on `server_smtp_tls_port`: TLS from the first byte.
     implicit_tls: bool,
-    /// `server_smtp_timeout`.
-    idle: Duration,
+    /// `server_smtp_timeout` as configured.
+    timeout: Duration,
+    /// `server_smtp_min_data_rate`.
+    min_data_rate: u64,
+    /// Under stress: shorter timeouts, error limit 1.
+    stress: bool,
+    /// The client, as anvil counts it.
+    ip: IpAddr,
+    /// The last batch of actions waited for the store, a password check or TLS, so the
+    /// deadline of a partial line read before that wait starts afresh.
+    waited: bool,
+}
+
+impl FsmState {
+    /// The deadline rules in force now.
+    fn rules(&self) -> Deadlines {
+        Deadlines {
+            timeout: if self.stress {
+                self.timeout.min(STRESS_TIMEOUT)
+            } else {
+                self.timeout
+            },
+            min_data_rate: self.min_data_rate,
+        }
+    }
 }
 
 impl Actor for Fsm {
@@ -161,7 +131,7 @@ impl Actor for Fsm {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         args: FsmArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let config = args.config;
@@ -198,27 +168,27 @@ impl Actor for Fsm {
             ip,
             port: args.peer.port(),
         };
-        let session = if implicit_tls {
+        let mut session = if implicit_tls {
             Session::new_tls(policy, peer)
         } else {
             Session::new(policy, peer)
         };
+        session.set_stress(args.stress);
         metrics::gauge!(names::SESSIONS_OPEN).increment(1.0);
         metrics::counter!(names::SESSIONS_TOTAL).increment(1);
-        // The real channel is made when the reader starts, in `post_start`.
-        let (more_tx, _) = mpsc::channel(1);
-        let _ = myself;
         Ok(FsmState {
             session,
-            writer: None,
-            more: more_tx,
-            reader: Reader::None,
+            conn: None,
             path: args.path,
             stopping: false,
             stream: Some(args.stream),
             acceptor,
             implicit_tls,
-            idle: config.server_smtp_timeout,
+            timeout: config.server_smtp_timeout,
+            min_data_rate: config.server_smtp_min_data_rate,
+            stress: args.stress,
+            ip,
+            waited: false,
         })
     }
 
@@ -233,9 +203,21 @@ impl Actor for Fsm {
             myself.stop(None);
             return Ok(());
         };
-        if state.implicit_tls {
-            match handshake(state, stream).await {
-                Ok(tls) => start_tls_io(&myself, state, tls),
+        let me = myself.clone();
+        let sink: InputSink = Arc::new(move |input| me.send_message(FsmMsg::Input(input)).is_ok());
+        let rules = state.rules();
+        let now = Instant::now();
+        let deadline = rules.next(now, now, Phase::NewCommand);
+        let conn = if state.implicit_tls {
+            let Some(acceptor) = state.acceptor.clone() else {
+                myself.stop(None);
+                return Ok(());
+            };
+            let limit = HANDSHAKE_TIMEOUT.min(rules.timeout);
+            match Connection::implicit_tls(stream, &acceptor, limit, sink, deadline, rules.timeout)
+                .await
+            {
+                Ok(c) => c,
                 Err(e) => {
                     info!(path = %state.path, error = %e, "implicit TLS handshake failed");
                     myself.stop(None);
@@ -243,10 +225,11 @@ impl Actor for Fsm {
                 }
             }
         } else {
-            start_plain_io(&myself, state, stream);
-        }
+            Connection::plain(stream, sink, deadline, rules.timeout)
+        };
+        state.conn = Some(conn);
         let actions = state.session.greeting();
-        run(&myself, state, actions).await;
+        run(state, actions).await;
         Ok(())
     }
 
@@ -255,10 +238,9 @@ impl Actor for Fsm {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.reader.abort();
         metrics::gauge!(names::SESSIONS_OPEN).decrement(1.0);
-        if let Some(mut w) = state.writer.take() {
-            w.shutdown().await;
+        if let Some(mut c) = state.conn.take() {
+            c.close().await;
         }
         debug!(path = %state.path, "session ended");
         Ok(())
@@ -271,31 +253,59 @@ impl Actor for Fsm {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            FsmMsg::Bytes(bytes) => {
+            FsmMsg::Input(Input::Bytes(bytes)) => {
+                let was_in_data = state.session.in_data();
                 let actions = state.session.receive(&bytes, Utc::now());
-                run(&myself, state, actions).await;
+                state.waited = false;
+                run(state, actions).await;
+                let phase = if state.session.in_data() {
+                    if was_in_data && !state.waited {
+                        Phase::Data { bytes: bytes.len() }
+                    } else {
+                        Phase::DataStart
+                    }
+                } else if state.session.buffered() > 0 && !state.waited {
+                    Phase::PartialCommand
+                } else {
+                    Phase::NewCommand
+                };
+                if !state.session.is_closed() {
+                    if let Some(conn) = state.conn.as_ref() {
+                        let now = Instant::now();
+                        conn.read_more(state.rules().next(conn.deadline(), now, phase));
+                    }
+                }
             }
-            FsmMsg::Eof => {
+            FsmMsg::Input(Input::Eof) => {
                 debug!(path = %state.path, "client closed the connection");
                 myself.stop(None);
                 return Ok(());
             }
-            FsmMsg::IdleTimeout => {
-                info!(path = %state.path, "idle timeout");
+            FsmMsg::Input(Input::Timeout) => {
+                info!(path = %state.path, stress = state.stress, "deadline passed: timeout");
                 let actions = state.session.timeout();
-                run(&myself, state, actions).await;
+                run(state, actions).await;
+            }
+            FsmMsg::Stress(on) => {
+                state.stress = on;
+                state.session.set_stress(on);
+                let rules = state.rules();
+                if let Some(conn) = state.conn.as_mut() {
+                    conn.set_write_limit(rules.timeout);
+                    if on {
+                        let sooner = Instant::now() + rules.timeout;
+                        conn.set_deadline(conn.deadline().min(sooner));
+                    }
+                }
             }
             FsmMsg::Shutdown => {
                 state.stopping = true;
                 let actions = state.session.shutdown();
-                run(&myself, state, actions).await;
+                run(state, actions).await;
             }
         }
-        if state.session.is_closed() || state.writer.is_none() {
+        if state.session.is_closed() || !state.conn.as_ref().is_some_and(Connection::is_open) {
             myself.stop(None);
-        } else {
-            // Ready for the next chunk of input.
-            let _ = state.more.try_send(Next::More);
         }
         Ok(())
     }
@@ -303,26 +313,23 @@ impl Actor for Fsm {
 
 /// Carry out the machine's actions in order; look-ups and commits feed their answers back
 /// into the machine, whose further actions join the work list.
-async fn run(myself: &ActorRef<FsmMsg>, state: &mut FsmState, actions: Vec<Action>) {
+async fn run(state: &mut FsmState, actions: Vec<Action>) {
     let mut work: std::collections::VecDeque<Action> = actions.into();
     while let Some(action) = work.pop_front() {
+        let handshake_limit = HANDSHAKE_TIMEOUT.min(state.rules().timeout);
+        let Some(conn) = state.conn.as_mut() else {
+            return;
+        };
         match action {
             Action::Send(bytes) => {
                 count_rejections(&bytes);
-                let Some(w) = state.writer.as_mut() else {
-                    return;
-                };
-                let ok = matches!(
-                    tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&bytes)).await,
-                    Ok(Ok(()))
-                );
-                if !ok {
+                if !conn.write(&bytes).await {
                     debug!(path = %state.path, "client gone while writing");
-                    state.writer = None;
                     return;
                 }
             }
             Action::LookupRecipient(path) => {
+                state.waited = true;
                 let address = path.to_string();
                 let info = lookup(&address).await;
                 let info = match info {
@@ -343,28 +350,43 @@ async fn run(myself: &ActorRef<FsmMsg>, state: &mut FsmState, actions: Vec<Actio
                 work.extend(state.session.recipient_info(info, Utc::now()));
             }
             Action::Store(tx) => {
+                state.waited = true;
                 let outcome = store(&state.path, tx).await;
                 work.extend(state.session.stored(outcome, Utc::now()));
             }
             Action::Close => {
-                if let Some(mut w) = state.writer.take() {
-                    w.shutdown().await;
-                }
+                conn.close().await;
                 return;
             }
-            Action::StartTls => match upgrade(myself, state).await {
-                Ok(()) => {
-                    debug!(path = %state.path, "STARTTLS: TLS established");
-                    work.extend(state.session.tls_started());
-                }
-                Err(e) => {
-                    info!(path = %state.path, error = %e, "STARTTLS handshake failed");
-                    state.writer = None;
+            Action::StartTls => {
+                state.waited = true;
+                let Some(acceptor) = state.acceptor.clone() else {
+                    conn.close().await;
                     return;
+                };
+                match conn.start_tls(&acceptor, handshake_limit).await {
+                    Ok(()) => {
+                        debug!(path = %state.path, "STARTTLS: TLS established");
+                        work.extend(state.session.tls_started());
+                    }
+                    Err(e) => {
+                        info!(path = %state.path, error = %e, "STARTTLS handshake failed");
+                        conn.close().await;
+                        return;
+                    }
                 }
-            },
+            }
             Action::Authenticate { user, password } => {
-                let ok = check_password(&user, password).await;
+                state.waited = true;
+                if !auth_begin(state.ip).await {
+                    info!(path = %state.path, "AUTH refused: too many failures from this client");
+                    work.extend(state.session.auth_throttled(Utc::now()));
+                    continue;
+                }
+                let checked = check_password(&user, password).await;
+                // A store failure is not the client's guess: anvil does not count it.
+                auth_end(state.ip, checked.unwrap_or(true));
+                let ok = checked.unwrap_or(false);
                 if ok {
                     // The user name is logged on success only (as Postfix's
                     // sasl_username): a failed name may be a mistyped password.
@@ -379,76 +401,40 @@ async fn run(myself: &ActorRef<FsmMsg>, state: &mut FsmState, actions: Vec<Actio
     }
 }
 
-/// Splits a plain connection and starts its reader.
-fn start_plain_io(myself: &ActorRef<FsmMsg>, state: &mut FsmState, stream: TcpStream) {
-    let (read_half, write_half) = tokio::io::split(stream);
-    let (more_tx, more_rx) = mpsc::channel(1);
-    state.more = more_tx;
-    state.writer = Some(Writer::Plain(write_half));
-    state.reader = Reader::Plain(tokio::spawn(read_loop(
-        read_half,
-        myself.clone(),
-        more_rx,
-        state.idle,
-    )));
-}
-
-/// Splits an encrypted connection and starts its reader.
-fn start_tls_io(myself: &ActorRef<FsmMsg>, state: &mut FsmState, stream: TlsIo) {
-    let (read_half, write_half) = tokio::io::split(stream);
-    let (more_tx, more_rx) = mpsc::channel(1);
-    state.more = more_tx;
-    state.writer = Some(Writer::Tls(write_half));
-    state.reader = Reader::Tls(tokio::spawn(read_loop(
-        read_half,
-        myself.clone(),
-        more_rx,
-        state.idle,
-    )));
-}
-
-/// Runs the server side of the TLS handshake on `stream`.
-async fn handshake(state: &FsmState, stream: TcpStream) -> Result<TlsIo, String> {
-    let acceptor = state
-        .acceptor
-        .clone()
-        .ok_or("no TLS certificate configured")?;
-    let limit = HANDSHAKE_TIMEOUT.min(state.idle);
-    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+/// Asks `smtpd_anvil` whether this client may check a password now. Without an answer
+/// (anvil restarting) the check goes ahead: the failure delay still applies.
+async fn auth_begin(ip: IpAddr) -> bool {
+    let Some(cell) = ractor::registry::where_is(super::ANVIL) else {
+        return true;
+    };
+    let anvil: ActorRef<AnvilMsg> = cell.into();
+    match anvil
+        .call(
+            |reply| AnvilMsg::AuthBegin { ip, reply },
+            Some(ANVIL_TIMEOUT),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(allowed)) => allowed,
+        _ => true,
     }
 }
 
-/// STARTTLS: take the plain socket back from the reader and the writer, and run the
-/// handshake on it. The reader is idle (it sent the chunk holding STARTTLS and waits for
-/// [`Next`]), so stopping it reads nothing more in plain text.
-async fn upgrade(myself: &ActorRef<FsmMsg>, state: &mut FsmState) -> Result<(), String> {
-    let reader = std::mem::replace(&mut state.reader, Reader::None);
-    let Reader::Plain(handle) = reader else {
-        state.reader = reader;
-        return Err("not a plain connection".into());
-    };
-    let _ = state.more.send(Next::Stop).await;
-    let read_half = match handle.await {
-        Ok(Some(r)) => r,
-        _ => return Err("the reader had already stopped".into()),
-    };
-    let Some(Writer::Plain(write_half)) = state.writer.take() else {
-        return Err("no plain writer".into());
-    };
-    let stream = read_half.unsplit(write_half);
-    let tls = handshake(state, stream).await?;
-    start_tls_io(myself, state, tls);
-    Ok(())
+/// Tells `smtpd_anvil` how the check allowed by [`auth_begin`] ended.
+fn auth_end(ip: IpAddr, ok: bool) {
+    if let Some(cell) = ractor::registry::where_is(super::ANVIL) {
+        let _ = cell.send_message(AnvilMsg::AuthEnd { ip, ok });
+    }
 }
 
 /// Whether `password` is `user`'s: the store's argon2 hash, verified on the blocking
-/// pool (argon2 is slow on purpose). Unknown users and store failures are `false`.
-async fn check_password(user: &str, password: Secret) -> bool {
+/// pool (argon2 is slow on purpose). An unknown user is verified against a dummy hash,
+/// so it costs the same time as a known one and its answer does not tell who exists.
+/// `Err` when the store could not be asked (not the client's fault: not counted as a
+/// failure by anvil, answered 535 all the same).
+async fn check_password(user: &str, password: Secret) -> Result<bool, ()> {
     let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        return false;
+        return Err(());
     };
     let store: ActorRef<StoreMsg> = cell.into();
     let address = user.to_string();
@@ -459,18 +445,18 @@ async fn check_password(user: &str, password: Secret) -> bool {
         )
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(Some(hash)))) => hash,
-        Ok(ractor::rpc::CallResult::Success(Ok(None))) => return false,
+        Ok(ractor::rpc::CallResult::Success(Ok(hash))) => hash,
         _ => {
             warn!("password look-up failed");
-            return false;
+            return Err(());
         }
     };
-    tokio::task::spawn_blocking(move || {
-        crate::store::password::verify_password(password.expose(), &hash)
+    tokio::task::spawn_blocking(move || match hash {
+        Some(hash) => crate::store::password::verify_password(password.expose(), &hash),
+        None => crate::store::password::verify_unknown_user(password.expose()),
     })
     .await
-    .unwrap_or(false)
+    .map_err(|_| ())
 }
 
 async fn lookup(address: &str) -> Result<RecipientFacts, String> {
@@ -583,43 +569,9 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
 }
 
 /// IPv4-mapped IPv6 clients (`::ffff:a.b.c.d`) are IPv4 clients.
-fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
         v4 => v4,
-    }
-}
-
-/// Reads chunks and sends them to the actor, one at a time. Returns the read half when
-/// the actor says [`Next::Stop`], `None` when the connection ended.
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
-    fsm: ActorRef<FsmMsg>,
-    mut more: mpsc::Receiver<Next>,
-    idle: Duration,
-) -> Option<R> {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match tokio::time::timeout(idle, reader.read(&mut buf)).await {
-            Err(_) => {
-                let _ = fsm.send_message(FsmMsg::IdleTimeout);
-                return None;
-            }
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                let _ = fsm.send_message(FsmMsg::Eof);
-                return None;
-            }
-            Ok(Ok(n)) => {
-                if fsm.send_message(FsmMsg::Bytes(buf[..n].to_vec())).is_err() {
-                    return None;
-                }
-            }
-        }
-        // Wait until the session has dealt with what we sent.
-        match more.recv().await {
-            Some(Next::More) => {}
-            Some(Next::Stop) => return Some(reader),
-            None => return None,
-        }
     }
 }

@@ -1,14 +1,24 @@
-//! `smtpd_sup`: supervises the listener (permanent) and one `smtpd_fsm` per session
-//! (temporary: a session that ends or fails is never restarted).
+//! `smtpd_sup`: supervises `smtpd_anvil` and the listener (permanent) and one `smtpd_fsm`
+//! per session (temporary: a session that ends or fails is never restarted).
 //!
 //! The listener hands each accepted connection here; this supervisor enforces
-//! `server_smtp_max_connection` (ErlMail never did), names the session
+//! `server_smtp_max_connection` (ErlMail never did), asks `smtpd_anvil` whether the
+//! client is within its own limits (relay clients are exempt), names the session
 //! `smtpd_fsm#<n>` and spawns it linked to itself, so the live tree shows every session.
+//! A refused connection gets its `421 4.7.0` from `net::connection::refuse`, off this
+//! actor, and is counted by reason. When a session ends, anvil hears of it here, where
+//! every end is seen (a crash included).
+//!
+//! Stress mode (Postfix's): at 80% of `server_smtp_max_connection` sessions the server is
+//! under stress until it falls below 70%. Entering and leaving are logged, and every
+//! session (open or new) is told: timeouts drop to 10 s and the error limit to 1, so that
+//! a crowd of slow or erring clients is shed before it fills the last slots.
+//!
 //! On shutdown it stops accepting, tells every session to finish (a commit in flight
 //! completes; an idle session gets `421 4.3.2`), and answers once all are gone.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +28,12 @@ use ractor::{
 use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
+use super::anvil::{self, AnvilMsg, ClientKey, Limits};
 use super::{child_path, fsm, listener, RestartIntensity};
 use crate::config::Config;
+use crate::net::connection::refuse;
+use crate::session::client_is_relay_authorised;
+use crate::telemetry::names;
 
 /// The SMTP supervisor.
 pub struct SmtpdSup;
@@ -53,7 +67,13 @@ pub struct SmtpdSupState {
     /// implicit-TLS one (the flag).
     listeners: Vec<(bool, ActorCell)>,
     listener_addr: (std::net::IpAddr, u16, Option<u16>),
-    sessions: HashMap<ActorId, (String, ActorCell)>,
+    /// Live sessions: name, cell, and the client address when anvil counted it.
+    sessions: HashMap<ActorId, (String, ActorCell, Option<IpAddr>)>,
+    anvil: Option<ActorRef<AnvilMsg>>,
+    /// Sessions are above 80% of `server_smtp_max_connection`.
+    stress: bool,
+    /// When `too many connections` was last logged (once a minute).
+    full_logged: Option<Instant>,
     next_session: u64,
     intensity: RestartIntensity,
     draining: Option<RpcReplyPort<()>>,
@@ -107,6 +127,36 @@ async fn spawn_listener(
     Ok(r.get_cell())
 }
 
+/// Start `smtpd_anvil`.
+async fn spawn_anvil(
+    myself: &ActorRef<SmtpdSupMsg>,
+    config: &Config,
+    path: &str,
+) -> Result<ActorRef<AnvilMsg>, ActorProcessingErr> {
+    let args = anvil::AnvilArgs {
+        limits: Limits::of(config),
+        path: child_path(path, super::ANVIL),
+    };
+    let (r, _) = Actor::spawn_linked(
+        Some(super::ANVIL.into()),
+        anvil::Anvil,
+        args,
+        myself.get_cell(),
+    )
+    .await?;
+    Ok(r)
+}
+
+/// Whether `sessions` open of at most `max` put the server under stress: on at 80%, off
+/// below 70% (the gap keeps a load near the line from flapping in and out).
+fn stressed(was: bool, sessions: usize, max: usize) -> bool {
+    if was {
+        sessions * 10 >= max * 7
+    } else {
+        sessions * 5 >= max * 4
+    }
+}
+
 /// Start every listener the configuration asks for.
 async fn spawn_listeners(
     myself: &ActorRef<SmtpdSupMsg>,
@@ -135,6 +185,7 @@ impl Actor for SmtpdSup {
         args: SmtpdSupArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         info!(path = %args.path, "started");
+        let anvil = spawn_anvil(&myself, &args.config, &args.path).await?;
         let listeners = spawn_listeners(&myself, &args.config, &args.path).await?;
         Ok(SmtpdSupState {
             listener_addr: listener_addr(&args.config),
@@ -142,6 +193,9 @@ impl Actor for SmtpdSup {
             path: args.path,
             listeners,
             sessions: HashMap::new(),
+            anvil: Some(anvil),
+            stress: false,
+            full_logged: None,
             next_session: 0,
             intensity: RestartIntensity::otp_default(),
             draining: None,
@@ -166,43 +220,15 @@ impl Actor for SmtpdSup {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SmtpdSupMsg::Accepted(stream, peer, implicit_tls) => {
-                let host = state.config.server_smtp_name.clone();
-                if state.draining.is_some() {
-                    refuse(
-                        stream,
-                        format!("421 4.3.2 {host} Service shutting down\r\n"),
-                    );
-                } else if state.sessions.len() >= state.config.server_smtp_max_connection {
-                    warn!(path = %state.path, client = %peer, limit = state.config.server_smtp_max_connection, "too many connections");
-                    refuse(
-                        stream,
-                        format!("421 4.7.0 {host} Error: too many connections\r\n"),
-                    );
-                } else {
-                    state.next_session += 1;
-                    let name = format!("smtpd_fsm#{}", state.next_session);
-                    let args = fsm::FsmArgs {
-                        stream,
-                        peer,
-                        config: state.config.clone(),
-                        path: child_path(&state.path, &name),
-                        implicit_tls,
-                    };
-                    match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell())
-                        .await
-                    {
-                        Ok((r, _)) => {
-                            state.sessions.insert(r.get_id(), (name, r.get_cell()));
-                        }
-                        Err(e) => {
-                            error!(path = %state.path, error = %e, "could not start a session")
-                        }
-                    }
-                }
+                accept(&myself, state, stream, peer, implicit_tls).await;
             }
             SmtpdSupMsg::Reload(config, applied) => {
                 let new_addr = listener_addr(&config);
+                if let Some(anvil) = &state.anvil {
+                    let _ = anvil.send_message(AnvilMsg::Reload(Limits::of(&config)));
+                }
                 state.config = config;
+                update_stress(state);
                 if new_addr != state.listener_addr && state.draining.is_none() {
                     info!(path = %state.path, "listening address changed; restarting the listeners");
                     state.listener_addr = new_addr;
@@ -223,7 +249,7 @@ impl Actor for SmtpdSup {
                     l.stop(Some("shutdown".into()));
                 }
                 info!(path = %state.path, sessions = state.sessions.len(), "draining sessions");
-                for (_, cell) in state.sessions.values() {
+                for (_, cell, _) in state.sessions.values() {
                     let _ = cell.send_message(fsm::FsmMsg::Shutdown);
                 }
                 if state.sessions.is_empty() {
@@ -239,7 +265,7 @@ impl Actor for SmtpdSup {
             }
             SmtpdSupMsg::DrainDeadline => {
                 if let Some(reply) = state.draining.take() {
-                    for (name, cell) in state.sessions.values() {
+                    for (name, cell, _) in state.sessions.values() {
                         warn!(path = %child_path(&state.path, name), "did not finish in time; stopping it");
                         cell.kill();
                     }
@@ -261,16 +287,45 @@ impl Actor for SmtpdSup {
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell.clone(), None),
             _ => return Ok(()),
         };
-        if let Some((name, _)) = state.sessions.remove(&cell.get_id()) {
+        if let Some((name, _, counted)) = state.sessions.remove(&cell.get_id()) {
             // Temporary children: logged, never restarted.
             if let Some(err) = failure {
                 error!(path = %child_path(&state.path, &name), error = %err, "session failed");
             }
+            if let (Some(ip), Some(anvil)) = (counted, &state.anvil) {
+                let _ = anvil.send_message(AnvilMsg::Disconnect(ip));
+            }
+            update_stress(state);
             if state.sessions.is_empty() {
                 if let Some(reply) = state.draining.take() {
                     let _ = reply.send(());
                 }
             }
+            return Ok(());
+        }
+        if state
+            .anvil
+            .as_ref()
+            .is_some_and(|a| a.get_id() == cell.get_id())
+        {
+            state.anvil = None;
+            if state.draining.is_some() {
+                return Ok(());
+            }
+            let path = child_path(&state.path, super::ANVIL);
+            error!(path = %path, reason = failure.as_deref().unwrap_or("terminated"), "child failed");
+            if !state.intensity.allow(Instant::now()) {
+                return Err(format!("{path}: restart intensity exceeded").into());
+            }
+            super::wait_unregistered(super::ANVIL).await;
+            warn!(path = %path, "restarting");
+            metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
+            let anvil = spawn_anvil(&myself, &state.config, &state.path).await?;
+            // The counts were only memory: tell the new anvil which sessions are open.
+            let open: Vec<IpAddr> = state.sessions.values().filter_map(|s| s.2).collect();
+            let _ = anvil.send_message(AnvilMsg::Opened(open));
+            state.anvil = Some(anvil);
+            info!(path = %path, "restarted");
             return Ok(());
         }
         let Some(i) = state
@@ -293,7 +348,7 @@ impl Actor for SmtpdSup {
         }
         super::wait_unregistered(name).await;
         warn!(path = %path, "restarting");
-        metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone()).increment(1);
+        metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
         let cell = spawn_listener(&myself, &state.config, &state.path, tls).await?;
         state.listeners.push((tls, cell));
         info!(path = %path, "restarted");
@@ -301,14 +356,125 @@ impl Actor for SmtpdSup {
     }
 }
 
-/// Answer and close a connection we will not serve, off the actor.
-fn refuse(mut stream: TcpStream, reply: String) {
-    tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let _ = stream.write_all(reply.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        })
-        .await;
-    });
+/// How long `smtpd_sup` waits for anvil's verdict before admitting the client anyway
+/// (the global limit still holds).
+const ANVIL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One accepted connection: refused (shutting down, server full, client over its limits)
+/// or served by a new session.
+async fn accept(
+    myself: &ActorRef<SmtpdSupMsg>,
+    state: &mut SmtpdSupState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+) {
+    let host = state.config.server_smtp_name.clone();
+    if state.draining.is_some() {
+        metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => "shutdown").increment(1);
+        return refuse(
+            stream,
+            format!("421 4.3.2 {host} Service shutting down\r\n"),
+        );
+    }
+    let max = state.config.server_smtp_max_connection;
+    if state.sessions.len() >= max {
+        metrics::counter!(names::CONNECTIONS_REFUSED, "reason" => "max_connection").increment(1);
+        let now = Instant::now();
+        if state
+            .full_logged
+            .is_none_or(|at| now.duration_since(at) >= anvil::RATE_WINDOW)
+        {
+            state.full_logged = Some(now);
+            warn!(path = %state.path, client = %peer, limit = max,
+                "too many connections: server_smtp_max_connection reached (logged once a minute)");
+        }
+        return refuse(
+            stream,
+            format!("421 4.7.0 {host} Error: too many connections\r\n"),
+        );
+    }
+    let ip = peer.ip();
+    let exempt = client_is_relay_authorised(
+        fsm::canonical_ip(ip),
+        &state.config.server_smtp_relay_clients,
+    );
+    let mut counted = None;
+    if let (false, Some(anvil)) = (exempt, &state.anvil) {
+        match anvil
+            .call(|reply| AnvilMsg::Connect { ip, reply }, Some(ANVIL_TIMEOUT))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Ok(()))) => counted = Some(ip),
+            Ok(ractor::rpc::CallResult::Success(Err(refusal))) => {
+                return refuse(stream, refusal.reply(&host, ClientKey::of(ip)));
+            }
+            // Anvil is restarting: admit; the global limit still holds.
+            _ => {}
+        }
+    }
+    state.next_session += 1;
+    let name = format!("smtpd_fsm#{}", state.next_session);
+    let args = fsm::FsmArgs {
+        stream,
+        peer,
+        config: state.config.clone(),
+        path: child_path(&state.path, &name),
+        implicit_tls,
+        stress: state.stress,
+    };
+    match Actor::spawn_linked(Some(name.clone()), fsm::Fsm, args, myself.get_cell()).await {
+        Ok((r, _)) => {
+            state
+                .sessions
+                .insert(r.get_id(), (name, r.get_cell(), counted));
+            update_stress(state);
+        }
+        Err(e) => {
+            if let (Some(ip), Some(anvil)) = (counted, &state.anvil) {
+                let _ = anvil.send_message(AnvilMsg::Disconnect(ip));
+            }
+            error!(path = %state.path, error = %e, "could not start a session")
+        }
+    }
+}
+
+/// Enters or leaves stress mode as the session count crosses its lines; logs the change
+/// and tells every session.
+fn update_stress(state: &mut SmtpdSupState) {
+    let max = state.config.server_smtp_max_connection;
+    let now = stressed(state.stress, state.sessions.len(), max);
+    if now == state.stress {
+        return;
+    }
+    state.stress = now;
+    metrics::gauge!(names::STRESS).set(if now { 1.0 } else { 0.0 });
+    if now {
+        warn!(path = %state.path, sessions = state.sessions.len(), limit = max,
+            "entering stress mode: {} sessions of server_smtp_max_connection {max}; timeouts {}s, error limit 1",
+            state.sessions.len(), fsm::STRESS_TIMEOUT.as_secs());
+    } else {
+        info!(path = %state.path, sessions = state.sessions.len(), limit = max,
+            "leaving stress mode: {} sessions of server_smtp_max_connection {max}",
+            state.sessions.len());
+    }
+    for (_, cell, _) in state.sessions.values() {
+        let _ = cell.send_message(fsm::FsmMsg::Stress(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stressed;
+
+    #[test]
+    fn stress_starts_at_80_percent_and_ends_below_70() {
+        assert!(!stressed(false, 799, 1000));
+        assert!(stressed(false, 800, 1000));
+        assert!(stressed(true, 700, 1000));
+        assert!(!stressed(true, 699, 1000));
+        // Small limits: 4 of 5 is 80%.
+        assert!(!stressed(false, 3, 5));
+        assert!(stressed(false, 4, 5));
+    }
 }

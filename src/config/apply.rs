@@ -37,6 +37,10 @@ pub const SERVED_KEYS: &[&str] = &[
     "server_smtp_max_recipients",
     "server_smtp_timeout",
     "server_smtp_hard_error_limit",
+    "server_smtp_client_connection_limit",
+    "server_smtp_client_connection_rate",
+    "server_smtp_min_data_rate",
+    "server_smtp_auth_failure_limit",
     "server_smtp_max_hops",
     "server_smtp_max_senders",
     "server_smtp_remote_port",
@@ -232,6 +236,14 @@ fn apply_value<'de, A: MapAccess<'de>>(
         "server_smtp_max_recipients" => c.server_smtp_max_recipients = map.next_value()?,
         "server_smtp_timeout" => c.server_smtp_timeout = map.next_value::<S<Seconds>>()?.0 .0,
         "server_smtp_hard_error_limit" => c.server_smtp_hard_error_limit = map.next_value()?,
+        "server_smtp_client_connection_limit" => {
+            c.server_smtp_client_connection_limit = map.next_value()?
+        }
+        "server_smtp_client_connection_rate" => {
+            c.server_smtp_client_connection_rate = map.next_value()?
+        }
+        "server_smtp_min_data_rate" => c.server_smtp_min_data_rate = map.next_value()?,
+        "server_smtp_auth_failure_limit" => c.server_smtp_auth_failure_limit = map.next_value()?,
         "server_smtp_max_hops" => c.server_smtp_max_hops = map.next_value()?,
         "server_smtp_max_senders" => c.server_smtp_max_senders = map.next_value()?,
         "server_smtp_remote_port" => c.server_smtp_remote_port = map.next_value()?,

@@ -28,10 +28,28 @@ fn strings(list: &[&str]) -> Vec<String> {
 }
 
 #[test]
+fn defaults_survive_an_attack() {
+    // An idle session costs about 21 KiB: 25 sessions (ErlMail's number) served no one
+    // under attack; per-client limits keep one address from taking the rest.
+    let c = Config::default();
+    assert_eq!(c.server_smtp_max_connection, 1000);
+    assert_eq!(c.server_smtp_client_connection_limit, 10);
+    assert_eq!(c.server_smtp_client_connection_rate, 0);
+    assert_eq!(c.server_smtp_min_data_rate, 500);
+    assert_eq!(c.server_smtp_auth_failure_limit, 5);
+    // An explicit value is honoured.
+    let c = Config::from_yaml_str("server_smtp_max_connection: 25\n", "t.yaml").unwrap();
+    assert_eq!(c.server_smtp_max_connection, 25);
+}
+
+#[test]
 fn erlmail_app_loads_with_erlmail_defaults() {
     let c = Config::load(&fixture("erlmail.app")).unwrap();
     let expected = Config {
         server_smtp_start: false,
+        // ErlMail's file says 25 explicitly; an explicit value is honoured (erlmail's own
+        // default is 1000).
+        server_smtp_max_connection: 25,
         ignored_keys: strings(&[
             "server_imap_start",
             "server_imap_name",
@@ -150,6 +168,10 @@ fn everything_changed() -> Config {
         server_smtp_max_recipients: 3,
         server_smtp_timeout: Duration::from_secs(86_400),
         server_smtp_hard_error_limit: 4,
+        server_smtp_client_connection_limit: 8,
+        server_smtp_client_connection_rate: 9,
+        server_smtp_min_data_rate: 250,
+        server_smtp_auth_failure_limit: 11,
         server_smtp_max_hops: 5,
         server_smtp_max_senders: 6,
         server_smtp_remote_port: 2527,

@@ -112,6 +112,12 @@ fn value_of(c: &Config, key: &str) -> Value {
         "server_smtp_max_recipients" => (c.server_smtp_max_recipients as u64).into(),
         "server_smtp_timeout" => string(&format_duration(c.server_smtp_timeout)),
         "server_smtp_hard_error_limit" => c.server_smtp_hard_error_limit.into(),
+        "server_smtp_client_connection_limit" => {
+            (c.server_smtp_client_connection_limit as u64).into()
+        }
+        "server_smtp_client_connection_rate" => c.server_smtp_client_connection_rate.into(),
+        "server_smtp_min_data_rate" => c.server_smtp_min_data_rate.into(),
+        "server_smtp_auth_failure_limit" => c.server_smtp_auth_failure_limit.into(),
         "server_smtp_max_hops" => c.server_smtp_max_hops.into(),
         "server_smtp_max_senders" => (c.server_smtp_max_senders as u64).into(),
         "server_smtp_remote_port" => c.server_smtp_remote_port.into(),

@@ -1,6 +1,19 @@
 //! Byte-level pieces of the SMTP client: parsing reply lines and preparing a message
 //! body for DATA (dot-stuffing, CRLF only, the terminating dot). Pure functions, unit
 //! tested here; `client` does the reading and writing.
+//!
+//! Nothing unsafe leaves erlmail (REFERENCE, "Facing the internet"): the body as sent
+//! never holds a NUL byte nor a line longer than [`MAX_LINE`] (998) octets before its
+//! CRLF (RFC 5321 §4.5.3.1.6). The SMTP server already refuses NUL at the final dot; the
+//! payload drops any NUL that reached the queue another way (an import), so the promise
+//! holds whatever the source. A longer line is broken as Postfix does with
+//! `smtp_line_length_limit = 998`: after 998 octets a CRLF and a single space are
+//! inserted, and the continuation (space included) is held to the same limit, so a long
+//! header becomes a folded header (RFC 5322 §2.2.3) rather than a broken one, and a
+//! receiver that unfolds it sees only an added space. The limit counts octets on the
+//! wire, so a stuffed leading dot counts too. A continuation starts with the space, so
+//! it can never need a dot doubled. Only outbound SMTP does this: local deliveries are
+//! stored as received.
 
 use crate::queue::outcome::SmtpReply;
 
@@ -114,34 +127,67 @@ pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
         .collect()
 }
 
+/// The longest line sent in DATA, in octets before the CRLF (RFC 5321 §4.5.3.1.6;
+/// Postfix's `smtp_line_length_limit`).
+pub const MAX_LINE: usize = 998;
+
 /// The DATA payload for `body`: line ends made CRLF (bare CR or LF become CRLF, since
-/// erlmail only ever emits CRLF), a `.` doubled at the start of every line (RFC 5321
-/// §4.5.2, including the first line), a final CRLF added if missing, and the `.CRLF`
-/// terminator appended.
+/// erlmail only ever emits CRLF), NUL bytes dropped, lines over [`MAX_LINE`] octets
+/// broken with CRLF SP (see the module documentation), a `.` doubled at the start of
+/// every line (RFC 5321 §4.5.2, including the first line), a final CRLF added if
+/// missing, and the `.CRLF` terminator appended.
 pub fn data_payload(body: &[u8]) -> Vec<u8> {
+    payload_with_limit(body, MAX_LINE)
+}
+
+/// [`data_payload`] with the line limit as a parameter, so the tests can reach it with
+/// short bodies. `limit` is at least 2 (a stuffed dot and one octet).
+fn payload_with_limit(body: &[u8], limit: usize) -> Vec<u8> {
+    debug_assert!(limit >= 2);
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 8);
-    // Line by line (memchr finds the line ends), `rest` always at a line start.
+    // Octets on the current output line; 0 exactly at the start of a line of the body
+    // (a continuation starts at 1, with its space).
+    let mut col = 0;
+    // Run by run between CR, LF and NUL (memchr finds them), not byte by byte.
     let mut rest = body;
     while !rest.is_empty() {
-        if rest[0] == b'.' {
-            out.push(b'.');
-        }
-        match memchr::memchr2(b'\r', b'\n', rest) {
-            Some(end) => {
-                out.extend_from_slice(&rest[..end]);
+        let end = memchr::memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+        put_text(&mut out, &mut col, &rest[..end], limit);
+        match rest.get(end) {
+            None => rest = &[],
+            Some(0) => rest = &rest[end + 1..],
+            Some(b) => {
                 out.extend_from_slice(b"\r\n");
-                let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+                col = 0;
+                let crlf = *b == b'\r' && rest.get(end + 1) == Some(&b'\n');
                 rest = &rest[end + if crlf { 2 } else { 1 }..];
-            }
-            None => {
-                out.extend_from_slice(rest);
-                out.extend_from_slice(b"\r\n");
-                rest = &[];
             }
         }
     }
+    if col > 0 {
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b".\r\n");
     out
+}
+
+/// Appends `text` (no CR, LF or NUL) to the current line, stuffing a leading dot and
+/// breaking with CRLF SP whenever the line would pass `limit`.
+fn put_text(out: &mut Vec<u8>, col: &mut usize, mut text: &[u8], limit: usize) {
+    while let Some(&first) = text.first() {
+        if *col == 0 && first == b'.' {
+            out.push(b'.');
+            *col = 1;
+        }
+        if *col >= limit {
+            out.extend_from_slice(b"\r\n ");
+            *col = 1;
+        }
+        let n = (limit - *col).min(text.len());
+        out.extend_from_slice(&text[..n]);
+        *col += n;
+        text = &text[n..];
+    }
 }
 
 #[cfg(test)]
@@ -197,10 +243,70 @@ mod tests {
         assert_eq!(data_payload(b"x.y\r\n"), b"x.y\r\n.\r\n");
     }
 
+    #[test]
+    fn nul_is_dropped() {
+        assert_eq!(data_payload(b"a\0b\r\n\0"), b"ab\r\n.\r\n");
+        // A dot behind a NUL still starts the line: stuffed.
+        assert_eq!(data_payload(b"\0.x\r\n"), b"..x\r\n.\r\n");
+        assert_eq!(data_payload(b"\0"), b".\r\n");
+    }
+
+    /// Every line of a payload (its terminator included) is at most `limit` octets.
+    fn lines_within(payload: &[u8], limit: usize) -> bool {
+        payload
+            .split(|b| *b == b'\n')
+            .all(|l| l.strip_suffix(b"\r").unwrap_or(l).len() <= limit)
+    }
+
+    #[test]
+    fn long_lines_are_broken_with_crlf_space() {
+        let exact = "x".repeat(MAX_LINE);
+        assert_eq!(
+            data_payload(exact.as_bytes()),
+            format!("{exact}\r\n.\r\n").as_bytes()
+        );
+        let long = "y".repeat(5000);
+        let sent = data_payload(format!("Subject: {long}\r\nbody\r\n").as_bytes());
+        assert!(lines_within(&sent, MAX_LINE));
+        let text = String::from_utf8(sent).unwrap();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(lines[0].len(), MAX_LINE);
+        assert!(lines[1].starts_with(" y") && lines[1].len() == MAX_LINE);
+        // Removing every inserted CRLF SP gives the line back.
+        assert_eq!(
+            text.replace("\r\n ", ""),
+            format!("Subject: {long}\r\nbody\r\n.\r\n")
+        );
+        // The stuffed dot counts: 998 octets starting with a dot is 999 on the wire.
+        let dotted = format!(".{}", "z".repeat(MAX_LINE - 1));
+        let sent = data_payload(dotted.as_bytes());
+        assert!(lines_within(&sent, MAX_LINE));
+        assert_eq!(
+            sent,
+            format!(".{}\r\n z\r\n.\r\n", &dotted[..MAX_LINE - 1]).as_bytes()
+        );
+    }
+
+    #[test]
+    fn a_break_never_makes_a_line_start_with_a_dot() {
+        // The 999th octet is a dot: it opens the continuation, after the space.
+        let line = format!("{}.\r\n", "a".repeat(MAX_LINE));
+        let sent = data_payload(line.as_bytes());
+        assert_eq!(
+            sent,
+            format!("{}\r\n .\r\n.\r\n", "a".repeat(MAX_LINE)).as_bytes()
+        );
+        assert_eq!(
+            payload_with_limit(b"ab..c", 2),
+            b"ab\r\n .\r\n .\r\n c\r\n.\r\n"
+        );
+    }
+
     /// The plain byte-by-byte statement of `data_payload`'s rules, as a model.
-    fn payload_model(body: &[u8]) -> Vec<u8> {
+    fn payload_model(body: &[u8], limit: usize) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut at_line_start = true;
+        // Octets on the current output line; 0 only at the start of a body line.
+        let mut col = 0;
         let mut i = 0;
         while i < body.len() {
             let b = body[i];
@@ -209,17 +315,22 @@ mod tests {
                     i += 1;
                 }
                 out.extend_from_slice(b"\r\n");
-                at_line_start = true;
-            } else {
-                if at_line_start && b == b'.' {
+                col = 0;
+            } else if b != 0 {
+                if col == 0 && b == b'.' {
                     out.push(b'.');
+                    col += 1;
+                }
+                if col == limit {
+                    out.extend_from_slice(b"\r\n ");
+                    col = 1;
                 }
                 out.push(b);
-                at_line_start = false;
+                col += 1;
             }
             i += 1;
         }
-        if !at_line_start {
+        if col > 0 {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b".\r\n");
@@ -230,11 +341,28 @@ mod tests {
         #[test]
         fn payload_matches_the_bytewise_model(
             body in proptest::collection::vec(
-                proptest::sample::select(vec![b'.', b'\r', b'\n', b'a', b' ']),
+                proptest::sample::select(vec![b'.', b'\r', b'\n', b'a', b' ', 0]),
                 0..64,
-            )
+            ),
+            limit in 2..8usize,
         ) {
-            proptest::prop_assert_eq!(data_payload(&body), payload_model(&body));
+            let sent = payload_with_limit(&body, limit);
+            proptest::prop_assert_eq!(&sent, &payload_model(&body, limit));
+            proptest::prop_assert!(lines_within(&sent, limit));
+            proptest::prop_assert!(!sent.contains(&0));
+        }
+
+        #[test]
+        fn payload_at_the_real_limit_matches_the_model(
+            runs in proptest::collection::vec(
+                (proptest::sample::select(vec![b'.', b'\r', b'\n', b'a', 0]), 0..2100usize),
+                0..6,
+            ),
+        ) {
+            let body: Vec<u8> = runs.iter().flat_map(|(b, n)| std::iter::repeat_n(*b, *n)).collect();
+            let sent = data_payload(&body);
+            proptest::prop_assert_eq!(&sent, &payload_model(&body, MAX_LINE));
+            proptest::prop_assert!(lines_within(&sent, MAX_LINE));
         }
     }
 }

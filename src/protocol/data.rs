@@ -6,8 +6,12 @@
 //! as commands, and the whole message is refused (REFERENCE, "SMTP smuggling"). Lines
 //! starting with a dot lose that dot (RFC 5321 §4.5.2). Line length inside DATA is not
 //! limited (Postfix accepts long lines too); the message size is, and an over-size
-//! message is read to its end and then refused. The decoder is a byte-level state
-//! machine, so its verdict cannot depend on how the input was split.
+//! message is read to its end and then refused. A NUL byte anywhere also taints the
+//! message (it is refused at the final dot, REFERENCE "Facing the internet": no NUL ever
+//! leaves erlmail, and many next hops mishandle one). When several faults meet, the
+//! verdict is the first of: bare line end, NUL, size; a bare line end is the smuggling
+//! signal and must be reported as such whatever else the message holds. The decoder is a
+//! byte-level state machine, so its verdict cannot depend on how the input was split.
 
 /// A bare line end, for the `550 5.5.2 Error: bare <..> received` reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +29,8 @@ pub enum DataOutcome {
     Message(Vec<u8>),
     /// The first bare line end seen; the message is refused.
     Bare(BareNewline),
+    /// A NUL byte somewhere in the text (and no bare line end); the message is refused.
+    Nul,
     /// More than the size limit; the message is refused.
     TooBig,
 }
@@ -51,6 +57,8 @@ pub struct DataDecoder {
     max_size: u64,
     too_big: bool,
     bare: Option<BareNewline>,
+    /// A NUL byte was seen; the text is no longer kept.
+    nul: bool,
     done: bool,
 }
 
@@ -64,6 +72,7 @@ impl DataDecoder {
             max_size,
             too_big: false,
             bare: None,
+            nul: false,
             done: false,
         }
     }
@@ -79,8 +88,8 @@ impl DataDecoder {
         let mut i = 0;
         while i < input.len() && !self.done {
             if self.state == State::Text {
-                // Fast path: copy the run up to the next CR or LF in one go.
-                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                // Fast path: copy the run up to the next CR, LF or NUL in one go.
+                let run = memchr::memchr3(b'\r', b'\n', 0, &input[i..]).unwrap_or(input.len() - i);
                 self.emit(&input[i..i + run]);
                 i += run;
                 if i == input.len() {
@@ -98,6 +107,8 @@ impl DataDecoder {
     pub fn finish(self) -> DataOutcome {
         if let Some(bare) = self.bare {
             DataOutcome::Bare(bare)
+        } else if self.nul {
+            DataOutcome::Nul
         } else if self.too_big {
             DataOutcome::TooBig
         } else {
@@ -148,6 +159,12 @@ impl DataDecoder {
                 self.taint(BareNewline::Lf);
                 self.state = State::Text;
             }
+            0 => {
+                // The message will be refused; stop keeping its text.
+                self.nul = true;
+                self.body = Vec::new();
+                self.state = State::Text;
+            }
             _ => {
                 self.emit(&[b]);
                 self.state = State::Text;
@@ -164,7 +181,7 @@ impl DataDecoder {
     }
 
     fn emit(&mut self, bytes: &[u8]) {
-        if self.bare.is_some() || self.too_big {
+        if self.bare.is_some() || self.nul || self.too_big {
             return;
         }
         self.body.extend_from_slice(bytes);
@@ -252,7 +269,8 @@ mod tests {
             let (n, out) = decode(&input);
             assert_eq!((n, out), (input.len(), None), "{fake:?}");
         }
-        // NUL before the dot: not an end, and not bare either: just text.
+        // NUL before the dot: not an end, and not bare either; the message goes on (and
+        // will be refused for its NUL at the real end).
         let (n, out) = decode(b"x\r\n\0.\r\nQUIT\r\n");
         assert_eq!((n, out), (13, None));
     }
@@ -272,5 +290,38 @@ mod tests {
         let mut d = DataDecoder::new(3);
         d.feed(b"abcdef\nx\r\n.\r\n");
         assert_eq!(d.finish(), DataOutcome::Bare(BareNewline::Lf));
+    }
+
+    #[test]
+    fn nul_anywhere_refuses_the_message() {
+        for input in [
+            &b"a\0b\r\n.\r\n"[..],
+            b"\0\r\n.\r\n",
+            b".\0\r\n.\r\n",
+            b"x\r\n\0.\r\nmore\r\n.\r\n",
+            b"long line then \0\r\n.\r\n",
+        ] {
+            assert_eq!(
+                decode(input),
+                (input.len(), Some(DataOutcome::Nul)),
+                "{input:?}"
+            );
+        }
+        // Byte by byte, the same verdict (the fast path and the slow path agree).
+        let mut d = DataDecoder::new(1000);
+        for b in b"ab\0cd\r\n.\r\n" {
+            d.feed(&[*b]);
+        }
+        assert_eq!(d.finish(), DataOutcome::Nul);
+    }
+
+    #[test]
+    fn precedence_is_bare_then_nul_then_size() {
+        let mut d = DataDecoder::new(3);
+        d.feed(b"\0abcdef\nx\r\n.\r\n");
+        assert_eq!(d.finish(), DataOutcome::Bare(BareNewline::Lf));
+        let mut d = DataDecoder::new(3);
+        d.feed(b"abcdef\0\r\n.\r\n");
+        assert_eq!(d.finish(), DataOutcome::Nul);
     }
 }

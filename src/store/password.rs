@@ -33,6 +33,18 @@ pub fn verify_password(pw: &str, phc: &str) -> bool {
     }
 }
 
+/// Verifies `pw` against a fixed dummy hash with the same parameters as real ones and
+/// returns `false`: an AUTH for a user that does not exist costs as much time as one for a
+/// user that does, so the answer's timing does not tell which users exist.
+pub fn verify_unknown_user(pw: &str) -> bool {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let phc = DUMMY.get_or_init(|| {
+        hash_password("erlmail: no such user; this hash only burns time").unwrap_or_default()
+    });
+    let _ = verify_password(pw, phc);
+    false
+}
+
 /// Whether `s` parses as a PHC hash string; the store refuses anything else so that a
 /// clear-text password can never be stored by mistake.
 pub fn is_phc_hash(s: &str) -> bool {
@@ -51,6 +63,22 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("correct horsE", &h));
         assert!(!verify_password("", &h));
+    }
+
+    #[test]
+    fn unknown_users_never_verify_and_cost_a_real_verification() {
+        let known = hash_password("pw").unwrap();
+        // Warm the dummy hash first: only the verification is compared.
+        assert!(!verify_unknown_user("pw"));
+        let t = std::time::Instant::now();
+        assert!(!verify_unknown_user("pw"));
+        let unknown = t.elapsed();
+        let t = std::time::Instant::now();
+        assert!(verify_password("pw", &known));
+        let real = t.elapsed();
+        // The same work (argon2 with the same parameters), not a fast path: within a
+        // factor that machine noise cannot explain away.
+        assert!(unknown * 4 > real, "unknown {unknown:?} vs known {real:?}");
     }
 
     #[test]
