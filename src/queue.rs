@@ -1,13 +1,15 @@
 //! The outgoing queue's policy, as pure functions: when a message is tried again
 //! (`retry`), whether a sender's lock on it still holds (`lease`), what a delivery
-//! attempt's outcome means for a recipient (`outcome`), and the delivery status
-//! notifications sent back to the sender (`dsn`).
+//! attempt's outcome means for a recipient (`outcome`), the delivery status
+//! notifications sent back to the sender (`dsn`), and when a message that keeps crashing
+//! its delivery agent is given up (`crash`).
 //!
 //! Like `protocol` and `session`, this module does no I/O and never reads the clock:
 //! every instant is an argument, so the whole policy is tested without sleeping. The
 //! actors (`actors::queue`, `actors::sender`) and the store apply it; `outbound` does
 //! the network work.
 
+pub mod crash;
 pub mod dsn;
 pub mod lease;
 pub mod outcome;

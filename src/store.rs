@@ -414,8 +414,8 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>>;
-    /// Extend our lease to `now + lease`. `Ok(false)` if the message is gone or its lock
-    /// is no longer `node`'s (another node claimed it after our lease lapsed).
+    /// Extend our lease to `now + lease`. `Ok(false)` if the message is gone, held, or its
+    /// lock is no longer `node`'s (another node claimed it after our lease lapsed).
     async fn renew_lease(
         &self,
         id: &str,
@@ -434,6 +434,22 @@ pub trait MessageStore: Send + Sync + 'static {
     /// counted elsewhere); a message not yet due falls due now. Does nothing if the lock
     /// is not `node`'s.
     async fn release(&self, id: &str, node: &str) -> StoreResult<()>;
+    /// Clear every lock held by an earlier run of the node `node` (owners `node#<boot>`,
+    /// and `node:<pid>` from before boot numbers), except `current`, this run's own; what
+    /// they held falls due now. Only safe while this process holds the node's name
+    /// exclusively ([`lock_node`](Self::lock_node) or the spool lock), so no live process
+    /// is using those leases. Returns how many messages were freed.
+    async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64>;
+    /// Take the node name `node` for this process for as long as the store lives:
+    /// `Ok(false)` if another live process holds it. Backends whose store is reached by
+    /// one host (SQLite, where the spool lock does this) need not do anything.
+    async fn lock_node(&self, _node: &str) -> StoreResult<bool> {
+        Ok(true)
+    }
+    /// Whether the message is still leased to `node` at `now` and not held: a message
+    /// that waited in memory is checked before it starts, so `queue delete` and `queue
+    /// hold` reach it. A read, no write.
+    async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool>;
 
     // ----- outgoing queue: administration (postqueue/postsuper) -----
 

@@ -74,6 +74,18 @@ struct Running {
     message: Arc<QueuedMessage>,
     crashes: u32,
     destination: String,
+    /// The sender bounces the message (crash budget spent) instead of delivering it.
+    giving_up: bool,
+}
+
+/// How a sender is started.
+struct Start {
+    /// Senders that crashed on this attempt so far.
+    crashes: u32,
+    /// The message waited in memory: check it is still ours before trying it.
+    check_first: bool,
+    /// The crash budget is spent: bounce the message with this diagnostic.
+    give_up: Option<String>,
 }
 
 /// The queue's state.
@@ -87,8 +99,12 @@ pub struct QueueState {
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
     /// The active queue: leased messages waiting for a sender, per next hop (never an
-    /// empty line).
-    waiting: HashMap<String, VecDeque<QueuedMessage>>,
+    /// empty line), each with the `generation` it arrived in.
+    waiting: HashMap<String, VecDeque<(QueuedMessage, u64)>>,
+    /// Counts the queue's handled requests: a message started in a later generation than
+    /// it arrived in waited in memory, and is checked against the store first (`queue
+    /// delete` or `hold` may have reached it meanwhile).
+    generation: u64,
     /// Next hops with waiting messages, served in turn.
     turns: VecDeque<String>,
     /// Body bytes in `waiting`.
@@ -116,11 +132,14 @@ fn build_router(config: &Config) -> Result<Arc<Router>, ActorProcessingErr> {
     Ok(Arc::new(Router::new(RouterConfig::from_config(config))?))
 }
 
-/// The lock owner this process stamps on claimed messages: the node name plus the
-/// process id, so that two processes on one host never take each other's leases for
-/// their own.
+/// The lock owner this process stamps on claimed messages: the node name plus a boot
+/// number (this run's start, in milliseconds), `node#boot`. One process holds a node
+/// name at a time (the spool lock, or a PostgreSQL advisory lock), so at start a node
+/// takes back every lease an earlier run of it left, instead of waiting them out.
 pub fn lock_owner(config: &Config) -> String {
-    format!("{}:{}", config.node_name, std::process::id())
+    static BOOT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let boot = BOOT.get_or_init(|| Utc::now().timestamp_millis());
+    format!("{}#{boot}", config.node_name)
 }
 
 async fn store_call<T: Send + 'static>(
@@ -190,11 +209,12 @@ impl QueueState {
         }
         let dest = self.destination(&message);
         self.waiting_bytes += message.body.len();
+        let generation = self.generation;
         let line = self.waiting.entry(dest.clone()).or_default();
         if line.is_empty() {
             self.turns.push_back(dest);
         }
-        line.push_back(message);
+        line.push_back((message, generation));
     }
 
     /// Start senders for waiting messages while senders are free, one destination after
@@ -214,7 +234,7 @@ impl QueueState {
             let Some(line) = self.waiting.get_mut(&dest) else {
                 continue;
             };
-            let Some(m) = line.pop_front() else {
+            let Some((m, arrived)) = line.pop_front() else {
                 continue;
             };
             if line.is_empty() {
@@ -223,7 +243,12 @@ impl QueueState {
                 self.turns.push_back(dest);
             }
             self.waiting_bytes -= m.body.len();
-            self.spawn_sender(myself, Arc::new(m), 0).await;
+            let start = Start {
+                crashes: 0,
+                check_first: arrived != self.generation,
+                give_up: None,
+            };
+            self.spawn_sender(myself, Arc::new(m), start).await;
         }
     }
 
@@ -235,7 +260,7 @@ impl QueueState {
         let limit = Utc::now() + margin;
         let mut stale = Vec::new();
         for line in self.waiting.values_mut() {
-            line.retain(|m| {
+            line.retain(|(m, _)| {
                 let keep = m.lock_expires_at.is_some_and(|t| t > limit);
                 if !keep {
                     stale.push((m.id.clone(), m.body.len()));
@@ -257,8 +282,13 @@ impl QueueState {
         &mut self,
         myself: &ActorRef<QueueMsg>,
         message: Arc<QueuedMessage>,
-        crashes: u32,
+        start: Start,
     ) {
+        let Start {
+            crashes,
+            check_first,
+            give_up,
+        } = start;
         let name = format!("smtpc_sender#{}", message.id);
         super::wait_unregistered(&name).await;
         let destination = self.destination(&message);
@@ -269,6 +299,8 @@ impl QueueState {
             owner: self.owner.clone(),
             path: super::child_path(&self.path, &name),
             crashes,
+            check_first,
+            give_up: give_up.clone(),
         };
         match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
             Ok((r, _)) => {
@@ -279,6 +311,7 @@ impl QueueState {
                         message,
                         crashes,
                         destination,
+                        giving_up: give_up.is_some(),
                     },
                 );
             }
@@ -345,9 +378,41 @@ impl Actor for QueueActor {
             senders: HashMap::new(),
             backlog: true,
             waiting: HashMap::new(),
+            generation: 0,
             turns: VecDeque::new(),
             waiting_bytes: 0,
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Take back what an earlier run of this node was delivering when it stopped
+        // (crash, kill -9, power cut): this process holds the node name, so nobody is
+        // using those leases, and the mail goes out now rather than a lease later.
+        let (node, current) = (state.config.node_name.clone(), state.owner.clone());
+        match store_call(|reply| QueueOp::ReleaseNode {
+            node,
+            current,
+            reply,
+        })
+        .await
+        {
+            Some(Ok(0)) => {}
+            Some(Ok(n)) => {
+                info!(path = %state.path, messages = n, "took back {n} messages leased by an earlier run of this node")
+            }
+            Some(Err(e)) => {
+                warn!(path = %state.path, error = %e, "could not take back an earlier run's leases; they will lapse")
+            }
+            None => {
+                warn!(path = %state.path, "store did not answer; an earlier run's leases will lapse")
+            }
+        }
+        let _ = myself.send_message(QueueMsg::Tick);
+        Ok(())
     }
 
     async fn post_stop(
@@ -363,7 +428,7 @@ impl Actor for QueueActor {
             state.release(r.message.id.clone());
         }
         for line in state.waiting.values() {
-            for m in line {
+            for (m, _) in line {
                 state.release(m.id.clone());
             }
         }
@@ -377,6 +442,7 @@ impl Actor for QueueActor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.generation += 1;
         match msg {
             QueueMsg::Leased(messages) => {
                 for m in messages {
@@ -423,16 +489,37 @@ impl Actor for QueueActor {
         let path = super::child_path(&state.path, &name);
         if let Some(err) = failure {
             let crashes = running.crashes + 1;
-            error!(path = %path, error = %err, crashes, "sender failed");
-            if crashes <= MAX_SENDER_RESPAWNS {
+            let m = running.message.clone();
+            let total = crate::queue::crash::crashes_so_far(m.last_error.as_deref()) + crashes;
+            error!(path = %path, error = %err, crashes, in_a_row = total, "sender failed");
+            if crate::queue::crash::budget_spent(total) && !running.giving_up {
+                // A message that kills every sender it meets is given up: bounced (5.3.0)
+                // by one more sender that does not deliver, only reports.
+                error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
+                let start = Start {
+                    crashes,
+                    check_first: false,
+                    give_up: Some(format!(
+                        "the delivery agent crashed {total} times in a row on this message; \
+                         it was given up ({err})"
+                    )),
+                };
+                state.spawn_sender(&myself, m, start).await;
+                return Ok(());
+            }
+            if crashes <= MAX_SENDER_RESPAWNS && !running.giving_up {
                 warn!(path = %path, "restarting");
-                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone())
+                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
                     .increment(1);
-                state.spawn_sender(&myself, running.message, crashes).await;
+                let start = Start {
+                    crashes,
+                    check_first: false,
+                    give_up: None,
+                };
+                state.spawn_sender(&myself, m, start).await;
                 return Ok(());
             }
             error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
-            let m = &running.message;
             let now = Utc::now();
             let next = crate::queue::next_retry(
                 m.tries + 1,
@@ -440,7 +527,8 @@ impl Actor for QueueActor {
                 &state.config.server_smtp_retry_interval,
                 now,
             )
-            // A crash is our fault, not the recipient's: never bounce for it.
+            // A crash is our fault, not the recipient's: never bounce for the retry
+            // schedule (the crash budget above decides that).
             .unwrap_or(
                 now + chrono::Duration::from_std(
                     state
@@ -459,7 +547,7 @@ impl Actor for QueueActor {
                     .iter()
                     .map(|r| (r.address.clone(), RcptState::Pending, None))
                     .collect(),
-                error: Some(format!("delivery agent crashed: {err}")),
+                error: Some(crate::queue::crash::crash_error(total, &err)),
                 next_retry_at: Some(next),
             };
             sender::record(

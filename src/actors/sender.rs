@@ -43,6 +43,12 @@ pub struct SenderArgs {
     pub path: String,
     /// How many earlier senders crashed on this attempt (test hook input).
     pub crashes: u32,
+    /// The message waited in memory: check that it is still ours (not deleted, held or
+    /// lapsed) before trying it.
+    pub check_first: bool,
+    /// The crash budget is spent: do not deliver; fail every pending recipient with
+    /// this diagnostic (5.3.0) and send the notifications owed.
+    pub give_up: Option<String>,
 }
 
 /// The sender's only request: run the attempt (sent to itself at start).
@@ -92,7 +98,16 @@ impl Actor for Sender {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let SenderMsg::Run = msg;
-        test_hook_panic(&state.args);
+        if state.args.check_first && !still_ours(&state.args).await {
+            info!(path = %state.args.path, queue_id = %state.args.message.id,
+                "no longer ours to try (deleted, held or lapsed while waiting); not tried");
+            release(&state.args);
+            myself.stop(None);
+            return Ok(());
+        }
+        if state.args.give_up.is_none() {
+            test_hook_panic(&state.args);
+        }
         state.renewer = Some(start_renewer(&state.args));
         let record = attempt(&state.args).await;
         // The lease is renewed until the result is recorded: recording may have to wait
@@ -106,10 +121,45 @@ impl Actor for Sender {
     }
 }
 
+/// Whether the message is still leased to us and not held (a read).
+async fn still_ours(args: &SenderArgs) -> bool {
+    let Some(cell) = ractor::registry::where_is(super::STORE) else {
+        return false;
+    };
+    let store: ActorRef<StoreMsg> = cell.into();
+    let (id, node) = (args.message.id.clone(), args.owner.clone());
+    matches!(
+        store
+            .call(
+                |reply| StoreMsg::Queue(QueueOp::StillLeased { id, node, reply }),
+                Some(STORE_TIMEOUT),
+            )
+            .await,
+        Ok(ractor::rpc::CallResult::Success(Ok(true)))
+    )
+}
+
+/// Give our lease back without recording a try (nothing happens if it is not ours).
+fn release(args: &SenderArgs) {
+    if let Some(cell) = ractor::registry::where_is(super::STORE) {
+        let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
+            id: args.message.id.clone(),
+            node: args.owner.clone(),
+        }));
+    }
+}
+
 /// Test hook (debug builds only): `ERLMAIL_TEST_SENDER_PANICS=N` makes the first N
-/// senders of each attempt panic, so tests can watch the bounded re-spawn.
+/// senders of each attempt panic, so tests can watch the bounded re-spawn; with
+/// `ERLMAIL_TEST_SENDER_PANIC_MATCH=TEXT`, only for messages whose text holds TEXT.
 #[cfg(debug_assertions)]
 fn test_hook_panic(args: &SenderArgs) {
+    if let Ok(needle) = std::env::var("ERLMAIL_TEST_SENDER_PANIC_MATCH") {
+        let body = String::from_utf8_lossy(&args.message.body);
+        if !body.contains(&needle) {
+            return;
+        }
+    }
     if let Some(n) = std::env::var("ERLMAIL_TEST_SENDER_PANICS")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
@@ -167,14 +217,31 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
         metrics::counter!(names::RETRIES).increment(1);
     }
     let started = std::time::Instant::now();
-    let results = outbound::deliver_message(
-        &args.router,
-        &config.server_smtp_name,
-        &msg.sender,
-        &rcpts,
-        &msg.body,
-    )
-    .await;
+    let results = match &args.give_up {
+        // The crash budget is spent: report, do not deliver.
+        Some(why) => rcpts
+            .iter()
+            .map(|rcpt| RcptResult {
+                rcpt: rcpt.clone(),
+                status: RcptStatus::Permanent {
+                    cause: queue::FailureCause::Crashed(why.clone()),
+                },
+                remote_mta: None,
+                remote_addr: None,
+                tls: false,
+            })
+            .collect(),
+        None => {
+            outbound::deliver_message(
+                &args.router,
+                &config.server_smtp_name,
+                &msg.sender,
+                &rcpts,
+                &msg.body,
+            )
+            .await
+        }
+    };
     let now = Utc::now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
     let plan = plan_attempt(msg, &results, config, now);

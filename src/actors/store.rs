@@ -137,6 +137,24 @@ pub enum QueueOp {
         /// Our lock owner name.
         node: String,
     },
+    /// Free every lease an earlier run of this node left (`release_node`).
+    ReleaseNode {
+        /// `node_name`.
+        node: String,
+        /// This run's lock owner, kept.
+        current: String,
+        /// How many messages were freed.
+        reply: RpcReplyPort<StoreResult<u64>>,
+    },
+    /// Whether a message that waited in memory is still ours to try (`still_leased`).
+    StillLeased {
+        /// Queue id.
+        id: String,
+        /// Our lock owner name.
+        node: String,
+        /// The answer.
+        reply: RpcReplyPort<StoreResult<bool>>,
+    },
 }
 
 type PendingRecord = (
@@ -173,6 +191,25 @@ impl Actor for StoreActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let url = args.config.effective_store_url();
         let store = store::open(&url).await?;
+        // One process per node name: its leases are its own, and a restart takes back
+        // those of its earlier run at once (SQLite: the spool lock does this). A restart
+        // of this actor waits briefly for the lock of the store it replaces.
+        let node = &args.config.node_name;
+        let mut locked = store.lock_node(node).await?;
+        for _ in 0..50 {
+            if locked {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            locked = store.lock_node(node).await?;
+        }
+        if !locked {
+            return Err(format!(
+                "node_name {node} is in use by another erlmail process on this store \
+                 (each node needs its own node_name)"
+            )
+            .into());
+        }
         info!(path = %args.path, backend = store.backend(), url = %redact_url(&url), "started");
         Ok(StoreState {
             store,
@@ -315,6 +352,16 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
             if let Err(e) = store.release(&id, &node).await {
                 warn!(queue_id = %id, error = %e, "could not release a lease; it will lapse");
             }
+        }
+        QueueOp::ReleaseNode {
+            node,
+            current,
+            reply,
+        } => {
+            let _ = reply.send(store.release_node(&node, &current).await);
+        }
+        QueueOp::StillLeased { id, node, reply } => {
+            let _ = reply.send(store.still_leased(&id, &node, now).await);
         }
     }
 }

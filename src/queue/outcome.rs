@@ -112,6 +112,10 @@ pub enum FailureCause {
     /// erlmail's own set-up is at fault (an unusable route); temporary so a fixed
     /// configuration gets the message through.
     Local(String),
+    /// The delivery agent crashed on this message again and again (the crash budget is
+    /// spent): permanent, `5.3.0`, so a message that kills its sender is not retried
+    /// forever.
+    Crashed(String),
 }
 
 impl FailureCause {
@@ -122,7 +126,9 @@ impl FailureCause {
                 Outcome::Permanent => Outcome::Permanent,
                 _ => Outcome::Temporary,
             },
-            FailureCause::NoSuchDomain(_) | FailureCause::NullMx(_) => Outcome::Permanent,
+            FailureCause::NoSuchDomain(_) | FailureCause::NullMx(_) | FailureCause::Crashed(_) => {
+                Outcome::Permanent
+            }
             FailureCause::Connection(_)
             | FailureCause::Timeout(_)
             | FailureCause::DnsTemporary(_)
@@ -149,6 +155,7 @@ impl FailureCause {
             FailureCause::NullMx(_) => "5.1.10".into(),
             FailureCause::Protocol(_) => "4.5.0".into(),
             FailureCause::Local(_) => "4.3.0".into(),
+            FailureCause::Crashed(_) => "5.3.0".into(),
         }
     }
 
@@ -172,6 +179,7 @@ impl fmt::Display for FailureCause {
             FailureCause::NullMx(s) => write!(f, "Domain {s} does not accept mail (nullMX)"),
             FailureCause::Protocol(s) => write!(f, "protocol error: {s}"),
             FailureCause::Local(s) => write!(f, "local configuration error: {s}"),
+            FailureCause::Crashed(s) => write!(f, "delivery agent crashed: {s}"),
         }
     }
 }

@@ -84,6 +84,17 @@ pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
+/// The owner prefixes of node `node`'s leases, for `release_node`: their length in
+/// characters, `node#` (owners with a boot number) and `node:` (owners from before boot
+/// numbers, `node:pid`).
+pub(crate) fn node_prefixes(node: &str) -> (i64, String, String) {
+    (
+        node.chars().count() as i64 + 1,
+        format!("{node}#"),
+        format!("{node}:"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,8 +15,8 @@
 //! (retry schedule, who is local): callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, new_queue_id, norm_address, norm_domain, norm_mailbox, opt_from_ms,
-    to_u32, to_u64,
+    from_ms, lease_end, ms, new_queue_id, node_prefixes, norm_address, norm_domain, norm_mailbox,
+    opt_from_ms, to_u32, to_u64,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -132,6 +132,10 @@ impl PgSettings {
 /// The PostgreSQL store: a connection pool on one database shared by every node.
 pub struct PostgresStore {
     pool: PgPool,
+    /// How to reach the server, for the node lock's own connection.
+    options: PgConnectOptions,
+    /// The connection holding this process's node-name advisory lock (`lock_node`).
+    node_lock: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
 }
 
 impl PostgresStore {
@@ -150,7 +154,7 @@ impl PostgresStore {
             .min_connections(0)
             // sqlx has no separate connect timeout: the acquire deadline bounds connecting.
             .acquire_timeout(settings.connect_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| match db_err(e) {
                 StoreError::Backend(m) => {
@@ -158,7 +162,11 @@ impl PostgresStore {
                 }
                 other => other,
             })?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore {
+            pool,
+            options,
+            node_lock: tokio::sync::Mutex::new(None),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -860,7 +868,8 @@ impl MessageStore for PostgresStore {
         lease: Duration,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "UPDATE outgoing SET lock_expires_at = $1 WHERE id = $2 AND lock_owner = $3",
+            "UPDATE outgoing SET lock_expires_at = $1
+             WHERE id = $2 AND lock_owner = $3 AND NOT held",
         )
         .bind(lease_end(now, lease))
         .bind(id)
@@ -955,6 +964,61 @@ impl MessageStore for PostgresStore {
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
+        let (len, booted, legacy) = node_prefixes(node);
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                 next_retry_at = LEAST(next_retry_at, $1)
+             WHERE lock_owner IS NOT NULL AND lock_owner <> $2
+               AND (substr(lock_owner, 1, $3) = $4 OR substr(lock_owner, 1, $3) = $5)",
+        )
+        .bind(ms(Utc::now()))
+        .bind(current)
+        .bind(len as i32)
+        .bind(booted)
+        .bind(legacy)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn lock_node(&self, node: &str) -> StoreResult<bool> {
+        use sqlx::Connection;
+        let mut slot = self.node_lock.lock().await;
+        if slot.is_some() {
+            return Ok(true);
+        }
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
+            .await
+            .map_err(db_err)?;
+        // A session-level advisory lock lives as long as this connection: a process that
+        // dies (even by SIGKILL) loses its connection and so its lock, at once.
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("erlmail node {node}"))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db_err)?;
+        if got {
+            *slot = Some(conn);
+        }
+        Ok(got)
+    }
+
+    async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let row: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM outgoing
+             WHERE id = $1 AND lock_owner = $2 AND NOT held AND lock_expires_at > $3",
+        )
+        .bind(id)
+        .bind(node)
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.is_some())
     }
 
     async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {

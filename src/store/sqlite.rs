@@ -11,7 +11,8 @@
 //! policy (retry schedule, who is local): callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, norm_address, norm_domain, norm_mailbox, opt_from_ms, to_u32, to_u64,
+    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, opt_from_ms,
+    to_u32, to_u64,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -732,7 +733,8 @@ impl MessageStore for SqliteStore {
     ) -> StoreResult<bool> {
         let _writer = self.writer.lock().await;
         let done = sqlx::query(
-            "UPDATE outgoing SET lock_expires_at = $1 WHERE id = $2 AND lock_owner = $3",
+            "UPDATE outgoing SET lock_expires_at = $1
+             WHERE id = $2 AND lock_owner = $3 AND held = 0",
         )
         .bind(lease_end(now, lease))
         .bind(id)
@@ -769,6 +771,40 @@ impl MessageStore for SqliteStore {
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
+        let _writer = self.writer.lock().await;
+        let (len, booted, legacy) = node_prefixes(node);
+        let done = sqlx::query(
+            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                 next_retry_at = MIN(next_retry_at, $1)
+             WHERE lock_owner IS NOT NULL AND lock_owner <> $2
+               AND (substr(lock_owner, 1, $3) = $4 OR substr(lock_owner, 1, $3) = $5)",
+        )
+        .bind(ms(Utc::now()))
+        .bind(current)
+        .bind(len)
+        .bind(booted)
+        .bind(legacy)
+        .execute(&self.writes)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+        let row: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM outgoing
+             WHERE id = $1 AND lock_owner = $2 AND held = 0 AND lock_expires_at > $3",
+        )
+        .bind(id)
+        .bind(node)
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(row.is_some())
     }
 
     async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {

@@ -433,6 +433,9 @@ pub enum Fault {
     StallAtRcpt(Duration),
     /// Answer `452 4.2.2` to RCPT TO.
     Rcpt452,
+    /// Take the message, but answer its final dot only after this long (a slow next
+    /// hop: the sender stays mid-delivery meanwhile).
+    SlowDot(Duration),
 }
 
 /// Apply `fault` to the first `times` recipients (or transactions) whose local part
@@ -572,6 +575,7 @@ fn fault_name(f: Fault) -> &'static str {
         Fault::Reply421AfterDot => "421",
         Fault::StallAtRcpt(_) => "stall",
         Fault::Rcpt452 => "452",
+        Fault::SlowDot(_) => "slow-dot",
     }
 }
 
@@ -670,13 +674,18 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                     };
                     data.extend_from_slice(content);
                 }
-                let after_dot =
-                    |f: Fault| matches!(f, Fault::DropAfterDot | Fault::Reply421AfterDot);
+                let after_dot = |f: Fault| {
+                    matches!(
+                        f,
+                        Fault::DropAfterDot | Fault::Reply421AfterDot | Fault::SlowDot(_)
+                    )
+                };
                 let fault = rcpts
                     .iter()
                     .find_map(|r| s.take_fault(&local_part(r), after_dot));
                 match fault {
                     Some(Fault::DropAfterDot) => return Ok(()),
+                    Some(Fault::SlowDot(d)) => tokio::time::sleep(d).await,
                     Some(_) => {
                         io.get_mut()
                             .write_all(b"421 4.3.0 faults.test closing on purpose\r\n")

@@ -1,0 +1,231 @@
+//! The lease protocol at its edges (issue 15), against the real `erlmail serve`:
+//! - kill -9 while senders hold leases, then a restart with the default lease (5 min):
+//!   the node takes its own leases back and the mail goes out within seconds;
+//! - `queue delete` and `queue hold` reach messages waiting in memory for a sender;
+//! - a message that crashes every sender it meets is bounced after the crash budget
+//!   (5.3.0), never retried forever.
+
+#[path = "support/chaos.rs"]
+mod chaos;
+#[path = "support/daemon.rs"]
+mod daemon;
+#[path = "support/sink.rs"]
+mod sink;
+
+use std::time::{Duration, Instant};
+
+use chaos::{Fault, FaultRule, FaultSink};
+use daemon::Daemon;
+use sink::{Sink, SinkConfig, StartTls};
+
+fn relay_yaml(port: u16, extra: &str) -> String {
+    format!(
+        "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
+         server_smtp_relay_host: \"127.0.0.1:{port}\"\n\
+         server_smtp_name: \"relay.test\"\n{extra}"
+    )
+}
+
+fn queue_json(d: &Daemon) -> Vec<serde_json::Value> {
+    let (status, out, err) = d.admin(&["queue", "list", "--json"], None);
+    assert!(status.success(), "queue list: {err}");
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Relay one message per recipient in one session; returns after the last 250.
+fn relay(d: &Daemon, rcpts: &[String], tag: &str) {
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    for (i, rcpt) in rcpts.iter().enumerate() {
+        let r = s.send_mail(
+            "a@client.test",
+            &[rcpt.as_str()],
+            &format!("Subject: {tag} {i}\r\nX-Seq: {tag}-{i}\r\n\r\nbody {i}\r\n"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let _ = s.cmd("QUIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
+    // A next hop that accepts connections and never says a word: every sender hangs
+    // holding its lease (default server_smtp_lock_lease: 5 minutes).
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hang.accept().await {
+            conns.push(c);
+        }
+    });
+    let mut d = Daemon::start(&relay_yaml(hang_port, ""));
+    let rcpts: Vec<String> = (0..20).map(|i| format!("r{i}@remote.test")).collect();
+    relay(&d, &rcpts, "kill");
+    wait_until("every message leased", Duration::from_secs(10), || {
+        let q = queue_json(&d);
+        q.len() == 20 && q.iter().all(|m| !m["lock_owner"].is_null())
+    });
+    // kill -9: no shutdown, no release; the leases stay in the store for 5 minutes.
+    d.signal("KILL");
+    d.wait_exit(Duration::from_secs(10)).expect("killed");
+    held.abort();
+    let sink = Sink::start(SinkConfig {
+        starttls: StartTls::Off,
+        ..SinkConfig::default()
+    })
+    .await;
+    let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
+        &format!("127.0.0.1:{hang_port}"),
+        &format!("127.0.0.1:{}", sink.port()),
+    );
+    std::fs::write(&d.config, yaml).unwrap();
+    let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
+    let config = d.config.clone();
+    drop(d);
+    let restarted = Instant::now();
+    let mut d = Daemon::spawn(dir, config, &[]);
+    d.addr = d.wait_for_listener();
+    assert!(
+        sink.wait_for(20, Duration::from_secs(10)).await,
+        "{} of 20 delivered within 10 s of the restart:\n{}",
+        sink.count(),
+        d.log_text()
+    );
+    let took = restarted.elapsed();
+    d.wait_for_log("took back 20 messages", Duration::from_secs(5));
+    wait_until("empty queue", Duration::from_secs(10), || {
+        queue_json(&d).is_empty()
+    });
+    println!("20 messages leased by the killed run delivered {took:?} after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_hold_reach_messages_waiting_in_memory() {
+    // One sender at a time, each delivery's 250 held up 1 s: nine messages wait in the
+    // active queue (in memory, leased) while the first is on the wire.
+    let sink = FaultSink::start(vec![FaultRule {
+        prefix: "slow".into(),
+        fault: Fault::SlowDot(Duration::from_secs(1)),
+        times: usize::MAX,
+    }])
+    .await;
+    let d = Daemon::start(&relay_yaml(
+        sink.port(),
+        "server_smtp_max_senders: 1\nserver_smtp_timeout: 30s\n",
+    ));
+    let rcpts: Vec<String> = (0..10).map(|i| format!("slow{i}@remote.test")).collect();
+    relay(&d, &rcpts, "admin");
+    // Every message is leased to this node (claimed at accept) and listed.
+    let q = queue_json(&d);
+    assert_eq!(q.len(), 10);
+    let id_of = |rcpt: &str| -> String {
+        q.iter()
+            .find(|m| m["recipients"][0]["address"] == rcpt)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The last five are still waiting in memory: delete four, hold one.
+    let deleted: Vec<String> = (5..9)
+        .map(|i| id_of(&format!("slow{i}@remote.test")))
+        .collect();
+    let on_hold = id_of("slow9@remote.test");
+    for id in &deleted {
+        let (ok, _, err) = d.admin(&["queue", "delete", id], None);
+        assert!(ok.success(), "delete {id}: {err}");
+    }
+    let (ok, _, err) = d.admin(&["queue", "hold", &on_hold], None);
+    assert!(ok.success(), "hold: {err}");
+    // The first five are delivered; the deleted four never; the held one stays held.
+    wait_until("five delivered", Duration::from_secs(40), || {
+        sink.count() >= 5
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered: Vec<String> = sink
+        .arrivals()
+        .iter()
+        .flat_map(|a| a.rcpts.clone())
+        .collect();
+    assert_eq!(delivered.len(), 5, "{delivered:?}\n{}", d.log_text());
+    for i in 5..10 {
+        let rcpt = format!("slow{i}@remote.test");
+        assert!(
+            !delivered.iter().any(|r| r.contains(&rcpt)),
+            "{rcpt} was delivered"
+        );
+    }
+    let q = queue_json(&d);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0]["id"], on_hold.as_str());
+    assert_eq!(q[0]["held"], true);
+    // Released from hold, it is tried (its lease was given back when it was skipped).
+    let (ok, _, err) = d.admin(&["queue", "release", &on_hold], None);
+    assert!(ok.success(), "release: {err}");
+    wait_until("the held one delivered", Duration::from_secs(20), || {
+        sink.count() == 6
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
+    let sink = Sink::start(SinkConfig {
+        starttls: StartTls::Off,
+        ..SinkConfig::default()
+    })
+    .await;
+    let d = Daemon::start_with_env(
+        &relay_yaml(
+            sink.port(),
+            "server_smtp_retry_interval: [\"1s\"]\nserver_smtp_queue_interval: \"100ms\"\n",
+        ),
+        &[
+            ("ERLMAIL_TEST_SENDER_PANICS", "1000"),
+            ("ERLMAIL_TEST_SENDER_PANIC_MATCH", "X-Crash: always"),
+        ],
+    );
+    // The mark that kills senders is in the body, and the bounce returns headers only
+    // (RET=HDRS), so the bounce itself goes out.
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    assert!(s
+        .cmd("MAIL FROM:<owner@client.test> RET=HDRS")
+        .starts_with("250"));
+    assert!(s.cmd("RCPT TO:<victim@remote.test>").starts_with("250"));
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(b"Subject: deadly\r\n\r\nX-Crash: always\r\n");
+    let r = s.cmd(".");
+    assert!(r.starts_with("250"), "{r}");
+    // The notification goes back to the envelope sender (through the same next hop).
+    assert!(
+        sink.wait_for(1, Duration::from_secs(30)).await,
+        "no bounce:\n{}",
+        d.log_text()
+    );
+    let bounce = &sink.messages()[0];
+    let text = String::from_utf8_lossy(&bounce.data).into_owned();
+    assert_eq!(bounce.mail_from, "");
+    assert!(text.contains("Status: 5.3.0"), "{text}");
+    assert!(text.contains("crashed"), "{text}");
+    wait_until("queue empty", Duration::from_secs(10), || {
+        queue_json(&d).is_empty()
+    });
+    let log = d.log_text();
+    // One line per crash, each with its count in a row.
+    let crashes = log.matches("in_a_row=").count();
+    assert_eq!(crashes, 5, "crash budget is 5 in a row:\n{log}");
+    assert!(log.contains("crashed 5 times in a row"), "{log}");
+}
