@@ -141,6 +141,10 @@ pub struct Config {
     pub server_smtp_max_hops: u32,
     /// Most senders at once.
     pub server_smtp_max_senders: usize,
+    /// How long a graceful stop waits for deliveries already on the wire to finish
+    /// before exiting (their leases are then left to lapse, never handed to another
+    /// node while the transaction may still complete).
+    pub server_smtp_shutdown_timeout: Duration,
     /// Port for MX deliveries.
     pub server_smtp_remote_port: u16,
     /// When a delay DSN is sent; `None` means never.
@@ -206,6 +210,7 @@ impl Default for Config {
             server_smtp_auth_failure_limit: 5,
             server_smtp_max_hops: 50,
             server_smtp_max_senders: 20,
+            server_smtp_shutdown_timeout: Duration::from_secs(30),
             server_smtp_remote_port: 25,
             server_smtp_delay_warning: None,
             server_smtp_tls_cert: None,

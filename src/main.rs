@@ -848,6 +848,7 @@ async fn status(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 
 async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
+    let shutdown_limit = config.server_smtp_shutdown_timeout + Duration::from_secs(8);
     let source = path
         .as_ref()
         .map(|p| p.display().to_string())
@@ -930,9 +931,9 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             }
         }
     }
-    let stopped = root
-        .call(RootMsg::Shutdown, Some(Duration::from_secs(8)))
-        .await;
+    // Sessions drain (4 s), deliveries on the wire finish (the shutdown timeout), then
+    // the queue and the store stop.
+    let stopped = root.call(RootMsg::Shutdown, Some(shutdown_limit)).await;
     if !matches!(stopped, Ok(ractor::rpc::CallResult::Success(()))) {
         warn!("shutdown did not finish in time");
     }

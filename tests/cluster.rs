@@ -13,6 +13,8 @@
 //! tests print a note and pass without running; set and unreachable, they fail. Each test
 //! runs on a database of its own, `erlmail_test_<random>`, dropped at the end.
 
+#[path = "support/chaos.rs"]
+mod chaos;
 #[path = "support/daemon.rs"]
 mod daemon;
 #[path = "support/sink.rs"]
@@ -691,7 +693,7 @@ async fn a_node_killed_mid_run_loses_nothing_and_its_leases_pass_to_the_others()
     let pool = db.pool().await;
     let leased: Vec<(String, Vec<u8>)> =
         sqlx::query_as("SELECT id, body FROM outgoing WHERE lock_owner LIKE $1")
-            .bind(format!("{}:%", NODES[VICTIM]))
+            .bind(format!("{}#%", NODES[VICTIM]))
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -1074,4 +1076,82 @@ async fn domains_and_users_added_on_one_node_are_served_by_all() {
     let r = rcpt(&daemons[0], "carol@cluster.test");
     assert!(r.starts_with("550 5.1.1"), "after removal, via node-a: {r}");
     drop(daemons);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the_rest() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // A next hop that takes 3 s to answer each final dot. It keeps a message whose
+    // client hung up before the 250: a sender killed mid-DATA whose lease was handed to
+    // another node would make a duplicate.
+    let sink = chaos::FaultSink::start(vec![chaos::FaultRule {
+        prefix: "slow".into(),
+        fault: chaos::Fault::SlowDot(Duration::from_secs(3)),
+        times: usize::MAX,
+    }])
+    .await;
+    let mut a = Daemon::start(&format!(
+        "{}server_smtp_max_senders: 2\n",
+        relay_yaml(&db.url, sink.port(), "node-a")
+    ));
+    let b = Daemon::start(&relay_yaml(&db.url, sink.port(), "node-b"));
+    // Ten messages into node a: two on the wire at a time, eight waiting in its memory.
+    const N: u64 = 10;
+    {
+        let mut s = a.connect();
+        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        for i in 0..N {
+            let r = s.send_mail(
+                "load@client.test",
+                &[&format!("slow{i}@remote.test")],
+                &chaos::body(i, 1),
+            );
+            assert!(r.starts_with("250"), "{r}");
+        }
+        let _ = s.cmd("QUIT");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.active() < 2 {
+        assert!(Instant::now() < deadline, "no deliveries on the wire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both are past their dot, waiting for the 250, when the stop comes.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    a.signal("TERM");
+    let status = a
+        .wait_exit(Duration::from_secs(40))
+        .expect("node a stops within its shutdown timeout");
+    assert!(status.success(), "{status}");
+    let log_a = a.log_text();
+    assert!(
+        log_a.contains("stopping: waiting for deliveries on the wire"),
+        "{log_a}"
+    );
+    // Node b delivers what node a gave back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.count() < N as usize {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} delivered\n{}",
+            sink.count(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for a in sink.arrivals() {
+        *seen
+            .entry(chaos::seq_of(&a.data).expect("X-Seq"))
+            .or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "duplicates: {dups:?}");
+    assert_eq!(seen.len(), N as usize, "lost: {seen:?}");
+    assert!(
+        sent_by(&b) >= 1,
+        "node b delivered nothing: the handover did not happen"
+    );
 }

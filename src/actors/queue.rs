@@ -65,6 +65,9 @@ pub enum QueueMsg {
     Reload(Arc<Config>),
     /// Number of senders at work (for status and tests).
     Active(RpcReplyPort<usize>),
+    /// A graceful stop: claim nothing more, give back what waits in memory, and answer
+    /// once the senders on the wire have finished.
+    Drain(RpcReplyPort<()>),
     /// Test-only fault injection.
     #[cfg(debug_assertions)]
     InjectPanic,
@@ -109,6 +112,10 @@ pub struct QueueState {
     turns: VecDeque<String>,
     /// Body bytes in `waiting`.
     waiting_bytes: usize,
+    /// A graceful stop is under way: answered once no sender is left.
+    draining: Option<RpcReplyPort<()>>,
+    /// Set once draining began (the reply may already be sent).
+    stopping: bool,
 }
 
 fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
@@ -182,6 +189,32 @@ impl QueueState {
                 node: self.owner.clone(),
             }));
         }
+    }
+
+    /// Give these leases back and wait until the store has done so: when the daemon
+    /// stops, the store stops right after the queue, and a release still in its mailbox
+    /// would be lost (the message would then wait out its lease).
+    async fn release_all(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let node = self.owner.clone();
+        if store_call(|reply| QueueOp::ReleaseAll { ids, node, reply })
+            .await
+            .is_none()
+        {
+            warn!(path = %self.path, "the store did not confirm giving back waiting messages; their leases will lapse");
+        }
+    }
+
+    /// Empty the active queue; the ids of what waited.
+    fn take_waiting(&mut self) -> Vec<String> {
+        self.turns.clear();
+        self.waiting_bytes = 0;
+        self.waiting
+            .drain()
+            .flat_map(|(_, line)| line.into_iter().map(|(m, _)| m.id))
+            .collect()
     }
 
     /// Messages in the active queue.
@@ -381,6 +414,8 @@ impl Actor for QueueActor {
             generation: 0,
             turns: VecDeque::new(),
             waiting_bytes: 0,
+            draining: None,
+            stopping: false,
         })
     }
 
@@ -422,15 +457,15 @@ impl Actor for QueueActor {
     ) -> Result<(), ActorProcessingErr> {
         state.ticker.abort();
         myself.stop_children(Some("smtpd_queue stopping".into()));
-        // Messages being tried stay locked until their lease lapses, unless we give
-        // them back now.
-        for r in state.senders.values() {
-            state.release(r.message.id.clone());
-        }
-        for line in state.waiting.values() {
-            for (m, _) in line {
-                state.release(m.id.clone());
-            }
+        // Messages waiting in memory go back to the store for anyone to claim. Messages
+        // whose sender was still on the wire keep their lease: the transaction may have
+        // completed, and handing the message to another node now could send it twice.
+        // The lease lapses, or this node takes it back when it starts again.
+        let waiting = state.take_waiting();
+        state.release_all(waiting).await;
+        if !state.senders.is_empty() {
+            warn!(path = %state.path, senders = state.senders.len(),
+                "stopped with deliveries still on the wire; their leases are kept until they lapse or this node restarts");
         }
         info!(path = %state.path, "stopped");
         Ok(())
@@ -444,13 +479,32 @@ impl Actor for QueueActor {
     ) -> Result<(), ActorProcessingErr> {
         state.generation += 1;
         match msg {
+            QueueMsg::Leased(messages) if state.stopping => {
+                for m in messages {
+                    state.release(m.id);
+                }
+            }
             QueueMsg::Leased(messages) => {
                 for m in messages {
                     state.enqueue(m);
                 }
                 state.pump(&myself).await;
             }
+            QueueMsg::Tick if state.stopping => {}
             QueueMsg::Tick => state.claim_due(&myself).await,
+            QueueMsg::Drain(reply) => {
+                state.stopping = true;
+                state.ticker.abort();
+                let waiting = state.take_waiting();
+                info!(path = %state.path, on_the_wire = state.senders.len(), given_back = waiting.len(),
+                    "stopping: waiting for deliveries on the wire; giving back {} waiting messages", waiting.len());
+                state.release_all(waiting).await;
+                if state.senders.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    state.draining = Some(reply);
+                }
+            }
             QueueMsg::Reload(config) => {
                 if config.server_smtp_queue_interval != state.config.server_smtp_queue_interval {
                     state.ticker.abort();
@@ -492,7 +546,7 @@ impl Actor for QueueActor {
             let m = running.message.clone();
             let total = crate::queue::crash::crashes_so_far(m.last_error.as_deref()) + crashes;
             error!(path = %path, error = %err, crashes, in_a_row = total, "sender failed");
-            if crate::queue::crash::budget_spent(total) && !running.giving_up {
+            if crate::queue::crash::budget_spent(total) && !running.giving_up && !state.stopping {
                 // A message that kills every sender it meets is given up: bounced (5.3.0)
                 // by one more sender that does not deliver, only reports.
                 error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
@@ -507,7 +561,7 @@ impl Actor for QueueActor {
                 state.spawn_sender(&myself, m, start).await;
                 return Ok(());
             }
-            if crashes <= MAX_SENDER_RESPAWNS && !running.giving_up {
+            if crashes <= MAX_SENDER_RESPAWNS && !running.giving_up && !state.stopping {
                 warn!(path = %path, "restarting");
                 metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
                     .increment(1);
@@ -558,6 +612,14 @@ impl Actor for QueueActor {
                 state.config.server_smtp_lock_lease,
             )
             .await;
+        }
+        if state.stopping {
+            if state.senders.is_empty() {
+                if let Some(reply) = state.draining.take() {
+                    let _ = reply.send(());
+                }
+            }
+            return Ok(());
         }
         state.pump(&myself).await;
         if state.waiting.is_empty() && state.backlog && state.free_slots() > 0 {

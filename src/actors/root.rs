@@ -249,6 +249,10 @@ impl Actor for Root {
                         .ok();
                 }
                 if let Some(c) = state.queue.take() {
+                    // Deliveries on the wire finish (bounded); what waits is given back.
+                    let queue: ActorRef<super::queue::QueueMsg> = c.clone().into();
+                    let limit = state.config.server_smtp_shutdown_timeout;
+                    let _ = queue.call(super::queue::QueueMsg::Drain, Some(limit)).await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(1)))
                         .await
                         .ok();

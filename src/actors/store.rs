@@ -137,6 +137,16 @@ pub enum QueueOp {
         /// Our lock owner name.
         node: String,
     },
+    /// Clear our locks on these messages and answer once done (a stopping queue gives
+    /// back what waits in memory before the store itself stops).
+    ReleaseAll {
+        /// Queue ids.
+        ids: Vec<String>,
+        /// Our lock owner name.
+        node: String,
+        /// Done.
+        reply: RpcReplyPort<()>,
+    },
     /// Free every lease an earlier run of this node left (`release_node`).
     ReleaseNode {
         /// `node_name`.
@@ -352,6 +362,14 @@ async fn run_queue_op(store: SharedStore, op: QueueOp) {
             if let Err(e) = store.release(&id, &node).await {
                 warn!(queue_id = %id, error = %e, "could not release a lease; it will lapse");
             }
+        }
+        QueueOp::ReleaseAll { ids, node, reply } => {
+            for id in ids {
+                if let Err(e) = store.release(&id, &node).await {
+                    warn!(queue_id = %id, error = %e, "could not release a lease; it will lapse");
+                }
+            }
+            let _ = reply.send(());
         }
         QueueOp::ReleaseNode {
             node,

@@ -43,6 +43,7 @@ pub const SERVED_KEYS: &[&str] = &[
     "server_smtp_auth_failure_limit",
     "server_smtp_max_hops",
     "server_smtp_max_senders",
+    "server_smtp_shutdown_timeout",
     "server_smtp_remote_port",
     "server_smtp_delay_warning",
     "server_smtp_tls_cert",
@@ -246,6 +247,9 @@ fn apply_value<'de, A: MapAccess<'de>>(
         "server_smtp_auth_failure_limit" => c.server_smtp_auth_failure_limit = map.next_value()?,
         "server_smtp_max_hops" => c.server_smtp_max_hops = map.next_value()?,
         "server_smtp_max_senders" => c.server_smtp_max_senders = map.next_value()?,
+        "server_smtp_shutdown_timeout" => {
+            c.server_smtp_shutdown_timeout = map.next_value::<S<Seconds>>()?.0 .0
+        }
         "server_smtp_remote_port" => c.server_smtp_remote_port = map.next_value()?,
         "server_smtp_delay_warning" => {
             c.server_smtp_delay_warning = map.next_value::<Opt<Seconds>>()?.0.map(|s| s.0)

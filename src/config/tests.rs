@@ -174,6 +174,7 @@ fn everything_changed() -> Config {
         server_smtp_auth_failure_limit: 11,
         server_smtp_max_hops: 5,
         server_smtp_max_senders: 6,
+        server_smtp_shutdown_timeout: Duration::from_secs(12),
         server_smtp_remote_port: 2527,
         server_smtp_delay_warning: Some(Duration::from_secs(4 * 3600)),
         server_smtp_tls_cert: Some("/etc/erlmail/cert.pem".into()),

@@ -120,6 +120,7 @@ fn value_of(c: &Config, key: &str) -> Value {
         "server_smtp_auth_failure_limit" => c.server_smtp_auth_failure_limit.into(),
         "server_smtp_max_hops" => c.server_smtp_max_hops.into(),
         "server_smtp_max_senders" => (c.server_smtp_max_senders as u64).into(),
+        "server_smtp_shutdown_timeout" => string(&format_duration(c.server_smtp_shutdown_timeout)),
         "server_smtp_remote_port" => c.server_smtp_remote_port.into(),
         "server_smtp_delay_warning" => opt(&c.server_smtp_delay_warning, |d| format_duration(*d)),
         "server_smtp_tls_cert" => opt(&c.server_smtp_tls_cert, |p| p.display().to_string()),
