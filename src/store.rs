@@ -128,8 +128,10 @@ pub struct WriteBatch {
 pub struct WriteOutcome {
     /// The batch's messages, handed back.
     pub messages: Vec<IncomingMessage>,
-    /// The accepts, in order, or why none was stored.
-    pub accepted: StoreResult<Vec<Accepted>>,
+    /// Per message, in order (each in a savepoint of its own: one that fails, say a
+    /// local user removed since RCPT, leaves the others committed), or why none was
+    /// stored (the transaction as a whole failed).
+    pub accepted: StoreResult<Vec<StoreResult<Accepted>>>,
     /// Per record, in order, or why none was recorded.
     pub recorded: StoreResult<Vec<StoreResult<()>>>,
 }
@@ -485,15 +487,17 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// One write for the store actor's group commit: `accept_leased` of the messages and
     /// `record_attempts` of the records, in one transaction where the backend can (so
-    /// arrivals and finished attempts share one commit). Each part gets its own result;
-    /// an accept is never reported stored unless its transaction committed. The
-    /// messages are handed back.
+    /// arrivals and finished attempts share one commit). Each message and each record
+    /// gets its own result (backends isolate each message in a savepoint); an accept is
+    /// never reported stored unless its transaction committed. The messages are handed
+    /// back.
     async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
         let accepted = if batch.messages.is_empty() {
             Ok(Vec::new())
         } else {
             self.accept_leased(&batch.messages, batch.lease.as_ref())
                 .await
+                .map(|all| all.into_iter().map(Ok).collect())
         };
         let recorded = if batch.records.is_empty() {
             Ok(Vec::new())

@@ -536,12 +536,23 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                 let mut messages = messages.into_iter();
                 // Every session is answered, whatever happened to the Maildir copies.
                 for (result, reply) in results.into_iter().zip(replies) {
-                    if let (Some(m), Some(id), Some(lease)) =
-                        (messages.next(), &result.queue_id, &lease)
-                    {
-                        leased.push(QueuedMessage::from_accepted(m, id.clone(), lease));
+                    let m = messages.next();
+                    match result {
+                        Ok(accepted) => {
+                            if let (Some(m), Some(id), Some(lease)) =
+                                (m, &accepted.queue_id, &lease)
+                            {
+                                leased.push(QueuedMessage::from_accepted(m, id.clone(), lease));
+                            }
+                            let _ = reply.send(Ok(accepted));
+                        }
+                        // This message alone was rolled back (its savepoint); the
+                        // others of the batch are committed.
+                        Err(e) => {
+                            warn!(path = %path, error = %e, "one message of a group commit failed; the rest committed");
+                            let _ = reply.send(Err(e));
+                        }
                     }
-                    let _ = reply.send(Ok(result));
                 }
                 if let (false, Some(q)) = (leased.is_empty(), &queue) {
                     let _ = q.send_message(super::queue::QueueMsg::Leased(leased));

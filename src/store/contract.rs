@@ -90,7 +90,73 @@ pub async fn run_all(store: &dyn MessageStore) {
     queue_record_attempt(store).await;
     queue_claim_at_accept(store).await;
     commit_batch_mixes_accepts_and_records(store).await;
+    commit_batch_isolates_each_message(store).await;
     queue_admin(store).await;
+}
+
+/// commit_batch: each message in its own savepoint. A batch of 20 where one message
+/// names a local user that no longer exists (removed between RCPT and DATA) commits the
+/// other 19, and the failed one alone gets its error; a lease and its leased rows stay
+/// right for the rest.
+pub async fn commit_batch_isolates_each_message(store: &dyn MessageStore) {
+    store.add_domain("iso.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store.add_user("u@iso.test", &h).await.expect("add user");
+    store.delete_all_queued().await.expect("clear queue");
+    let before = store
+        .list_mailbox("u@iso.test", "INBOX")
+        .await
+        .expect("list")
+        .len();
+    let messages: Vec<IncomingMessage> = (0..20)
+        .map(|i| {
+            let local = if i == 7 {
+                "gone@iso.test"
+            } else {
+                "u@iso.test"
+            };
+            incoming(
+                "s@x.test",
+                &[local],
+                vec![rcpt(&format!("r{i}@far.test"))],
+                t0(),
+                format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes(),
+            )
+        })
+        .collect();
+    let out = store
+        .commit_batch(WriteBatch {
+            messages,
+            lease: Some(AcceptLease {
+                node: "n1".into(),
+                expires_at: secs(65),
+            }),
+            records: Vec::new(),
+        })
+        .await;
+    let accepted = out.accepted.expect("the batch committed");
+    assert_eq!(accepted.len(), 20);
+    for (i, a) in accepted.iter().enumerate() {
+        if i == 7 {
+            assert!(matches!(a, Err(StoreError::Invalid(_))), "{i}: {a:?}");
+        } else {
+            let a = a.as_ref().unwrap_or_else(|e| panic!("{i}: {e}"));
+            assert_eq!(a.message_ids.len(), 1, "{i}");
+            assert!(a.queue_id.is_some(), "{i}");
+        }
+    }
+    let inbox = store
+        .list_mailbox("u@iso.test", "INBOX")
+        .await
+        .expect("list");
+    assert_eq!(inbox.len() - before, 19, "19 local copies");
+    let queue = store.list_queue().await.expect("list");
+    assert_eq!(queue.len(), 19, "19 queued, none for the failed one");
+    assert!(queue.iter().all(|q| q.lock_owner.as_deref() == Some("n1")));
+    assert!(!queue
+        .iter()
+        .any(|q| q.rcpts.iter().any(|r| r.address == "r7@far.test")));
+    store.delete_all_queued().await.expect("clean up");
 }
 
 /// A backend's immediate recipient look-up (`recipient_now`), where it has one, gives
@@ -990,7 +1056,12 @@ pub async fn commit_batch_mixes_accepts_and_records(store: &dyn MessageStore) {
     );
     assert!(store.get_queued(&old).await.expect("get").is_none());
     assert!(store.get_queued(&other).await.expect("get").is_some());
-    let id = accepted[0].queue_id.clone().expect("queued");
+    let id = accepted[0]
+        .as_ref()
+        .expect("accepted")
+        .queue_id
+        .clone()
+        .expect("queued");
     let stored = store.get_queued(&id).await.expect("get").expect("stored");
     assert_eq!(stored.lock_owner.as_deref(), Some("n1"));
     assert_eq!(stored.rcpts, vec![rcpt("new@far.test")]);

@@ -171,6 +171,49 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// `accept_leased` for the group commit: one transaction, each message in a
+    /// savepoint of its own, so one that fails (a local user removed since RCPT) leaves
+    /// the others to commit.
+    async fn accept_isolated(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+    ) -> StoreResult<Vec<StoreResult<Accepted>>> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            sqlx::query("SAVEPOINT accept_one")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            match accept_one(&mut tx, m, lease).await {
+                Ok(a) => {
+                    sqlx::query("RELEASE SAVEPOINT accept_one")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    out.push(Ok(a));
+                }
+                Err(e) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT accept_one")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    out.push(Err(e));
+                }
+            }
+        }
+        let queued: Vec<&str> = out
+            .iter()
+            .filter_map(|a| a.as_ref().ok().and_then(|a| a.queue_id.as_deref()))
+            .collect();
+        if !queued.is_empty() {
+            notify(&mut tx, &queued).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
     /// The schema version of the database (the last migration applied).
     pub async fn schema_version(&self) -> StoreResult<i64> {
         let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
@@ -734,6 +777,25 @@ impl MessageStore for PostgresStore {
         Ok(out)
     }
 
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
+        let accepted = if batch.messages.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.accept_isolated(&batch.messages, batch.lease.as_ref())
+                .await
+        };
+        let recorded = if batch.records.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.record_attempts(batch.records).await
+        };
+        WriteOutcome {
+            messages: batch.messages,
+            accepted,
+            recorded,
+        }
+    }
+
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(Vec::new());
@@ -894,16 +956,19 @@ impl MessageStore for PostgresStore {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_err)?;
-        match owner {
-            None => {
-                return Err(StoreError::Invalid(format!("no queued message {id}")));
-            }
-            Some(owner) if owner.as_deref() != Some(node) => {
-                return Err(StoreError::Invalid(format!(
-                    "queued message {id} is not locked by {node} (lease lost)"
-                )));
-            }
-            Some(_) => {}
+        let refused = match owner {
+            None => Some(format!("no queued message {id}")),
+            Some(owner) if owner.as_deref() != Some(node) => Some(format!(
+                "queued message {id} is not locked by {node} (lease lost)"
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = refused {
+            // Roll back now: a dropped transaction is rolled back only when its
+            // connection is next used, and until then its FOR UPDATE lock makes a claim
+            // (SKIP LOCKED) on another connection pass over the row.
+            tx.rollback().await.map_err(db_err)?;
+            return Err(StoreError::Invalid(why));
         }
         let at = ms(outcome.at);
         for (address, state, response) in &outcome.rcpt_results {

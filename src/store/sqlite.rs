@@ -588,13 +588,18 @@ impl MessageStore for SqliteStore {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        self.commit_batch(WriteBatch {
+        let batch = WriteBatch {
             messages: messages.to_vec(),
             lease: lease.cloned(),
             records: Vec::new(),
-        })
-        .await
-        .accepted
+        };
+        let _writer = self.writer.lock().await;
+        self.fast
+            .commit_with(batch, false)
+            .await
+            .accepted?
+            .into_iter()
+            .collect()
     }
 
     async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {

@@ -70,11 +70,18 @@ impl Writer {
     }
 
     /// Run `batch` as one `BEGIN IMMEDIATE` transaction and answer when it committed
-    /// (or failed and rolled back). The messages come back either way.
+    /// (or failed and rolled back). The messages come back either way. Each message is
+    /// isolated in a savepoint: one that fails leaves the others to commit.
     pub(crate) async fn commit(&self, batch: WriteBatch) -> WriteOutcome {
+        self.commit_with(batch, true).await
+    }
+
+    /// As `commit`; with `isolate` false, a message that fails rolls back the whole
+    /// batch (`accept_batch`'s all-or-nothing contract).
+    pub(crate) async fn commit_with(&self, batch: WriteBatch, isolate: bool) -> WriteOutcome {
         let (answer, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let outcome = run_batch(conn, &batch);
+            let outcome = run_batch(conn, &batch, isolate);
             let (accepted, recorded) = match outcome {
                 Ok((a, r)) => (Ok(a), Ok(r)),
                 Err(e) => (Err(e.clone()), Err(e)),
@@ -143,17 +150,31 @@ fn sql_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// The per-message results of a batch's accepts and its records.
+type BatchResults = (Vec<StoreResult<Accepted>>, Vec<StoreResult<()>>);
+
 fn run_batch(
     conn: &mut Connection,
     batch: &WriteBatch,
-) -> StoreResult<(Vec<Accepted>, Vec<StoreResult<()>>)> {
-    let tx = conn
+    isolate: bool,
+) -> StoreResult<BatchResults> {
+    let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_err)?;
-    // An error drops `tx`, which rolls the whole batch back.
+    // An error here drops `tx`, which rolls the whole batch back; an error inside one
+    // message's savepoint rolls back that message only.
     let mut accepted = Vec::with_capacity(batch.messages.len());
     for m in &batch.messages {
-        accepted.push(accept_one(&tx, m, batch.lease.as_ref())?);
+        let sp = tx.savepoint().map_err(sql_err)?;
+        match accept_one(&sp, m, batch.lease.as_ref()) {
+            Ok(a) => {
+                sp.commit().map_err(sql_err)?;
+                accepted.push(Ok(a));
+            }
+            // Dropping the savepoint rolls it back.
+            Err(e) if isolate => accepted.push(Err(e)),
+            Err(e) => return Err(e),
+        }
     }
     let recorded = if batch.records.is_empty() {
         Vec::new()
@@ -165,7 +186,7 @@ fn run_batch(
 }
 
 fn accept_one(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     m: &IncomingMessage,
     lease: Option<&AcceptLease>,
 ) -> StoreResult<Accepted> {
