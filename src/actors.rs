@@ -44,6 +44,45 @@ pub const LISTENER: &str = "smtpd_listener";
 /// Registry name of the queue actor.
 pub const QUEUE: &str = "smtpd_queue";
 
+/// The store's clock minus this host's, in milliseconds, as `erlmail_store` last
+/// measured it (see [`store_now`]).
+static STORE_CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// This host's clock. Debug builds add `ERLMAIL_TEST_CLOCK_SKEW_SECS` so tests can run a
+/// node whose clock is wrong.
+pub fn local_now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + test_clock_skew()
+}
+
+#[cfg(debug_assertions)]
+fn test_clock_skew() -> chrono::Duration {
+    static SKEW: std::sync::OnceLock<chrono::Duration> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("ERLMAIL_TEST_CLOCK_SKEW_SECS")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .map_or(chrono::Duration::zero(), chrono::Duration::seconds)
+    })
+}
+
+#[cfg(not(debug_assertions))]
+fn test_clock_skew() -> chrono::Duration {
+    chrono::Duration::zero()
+}
+
+/// The store's clock, read as this host's clock plus the last measured offset: what
+/// leases, due times and claims are stamped with, so that nodes whose clocks differ
+/// (by minutes, even) agree on when a lease lapses and never take a live one.
+pub fn store_now() -> chrono::DateTime<chrono::Utc> {
+    let offset = STORE_CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed);
+    local_now() + chrono::Duration::milliseconds(offset)
+}
+
+/// Record a new measurement of the store's clock minus this host's.
+pub(crate) fn set_store_clock_offset(millis: i64) {
+    STORE_CLOCK_OFFSET_MS.store(millis, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// OTP's restart intensity: at most `max_restarts` within `period`, else the supervisor
 /// gives up and stops itself (and so, at the root, the daemon exits non-zero).
 #[derive(Debug, Clone)]

@@ -442,6 +442,11 @@ pub trait MessageStore: Send + Sync + 'static {
     /// exclusively ([`lock_node`](Self::lock_node) or the spool lock), so no live process
     /// is using those leases. Returns how many messages were freed.
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64>;
+    /// The store's clock: leases and due times are stamped by it, so nodes whose clocks
+    /// differ agree on when a lease lapses. SQLite's store is on this host: its clock.
+    async fn clock(&self) -> StoreResult<DateTime<Utc>> {
+        Ok(Utc::now())
+    }
     /// Take the node name `node` for this process for as long as the store lives:
     /// `Ok(false)` if another live process holds it. Backends whose store is reached by
     /// one host (SQLite, where the spool lock does this) need not do anything.

@@ -1155,3 +1155,84 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
         "node b delivered nothing: the handover did not happen"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // Node a's deliveries take 6 s each (the next hop answers each final dot late), under
+    // a 60 s lease. Node b's clock is 10 minutes ahead: by its own clock those leases
+    // lapsed long ago. Leases are stamped and judged by the database's clock, so b must
+    // leave them alone.
+    let sink = chaos::FaultSink::start(vec![chaos::FaultRule {
+        prefix: "slow".into(),
+        fault: chaos::Fault::SlowDot(Duration::from_secs(6)),
+        times: usize::MAX,
+    }])
+    .await;
+    let a = Daemon::start(&format!(
+        "{}server_smtp_lock_lease: \"60s\"\nserver_smtp_max_senders: 4\n",
+        relay_yaml(&db.url, sink.port(), "node-a")
+    ));
+    let mut b = Daemon::start_with_env(
+        &format!(
+            "{}server_smtp_lock_lease: \"60s\"\n",
+            relay_yaml(&db.url, sink.port(), "node-b")
+        ),
+        &[("ERLMAIL_TEST_CLOCK_SKEW_SECS", "600")],
+    );
+    b.wait_for_log("off the store's", Duration::from_secs(10));
+    let send = |d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>| {
+        let mut s = d.connect();
+        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        for i in seqs {
+            let r = s.send_mail(
+                "load@client.test",
+                &[&format!("{prefix}{i}@remote.test")],
+                &chaos::body(i, 1),
+            );
+            assert!(r.starts_with("250"), "{r}");
+        }
+        let _ = s.cmd("QUIT");
+    };
+    send(&a, "slow", 0..4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.active() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "node a's deliveries did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Node b scans every 100 ms while node a's four are on the wire; it also serves
+    // mail of its own.
+    send(&b, "fast", 100..102);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.count() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 6 delivered\n{}",
+            sink.count(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Longer than one more slow delivery: a stolen lease would show up as a second copy.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for arrival in sink.arrivals() {
+        *seen
+            .entry(chaos::seq_of(&arrival.data).expect("X-Seq"))
+            .or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        dups.is_empty(),
+        "node b took live leases: {dups:?}\n{}",
+        b.log_text()
+    );
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_eq!(sent_by(&b), 2, "node b sent only its own mail");
+    assert_eq!(sent_by(&a), 4);
+}

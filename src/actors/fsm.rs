@@ -562,7 +562,7 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
         envid: tx.envid,
         client_ip: tx.client_ip.to_string(),
         helo: tx.helo,
-        received_at: Utc::now(),
+        received_at: super::store_now(),
         subject: tx.subject,
         body: tx.data,
     }

@@ -290,7 +290,7 @@ impl QueueState {
     fn release_stale(&mut self) {
         let margin = chrono::Duration::from_std(self.config.server_smtp_lock_lease / 2)
             .unwrap_or(chrono::Duration::seconds(60));
-        let limit = Utc::now() + margin;
+        let limit = super::store_now() + margin;
         let mut stale = Vec::new();
         for line in self.waiting.values_mut() {
             line.retain(|(m, _)| {
@@ -574,7 +574,7 @@ impl Actor for QueueActor {
                 return Ok(());
             }
             error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
-            let now = Utc::now();
+            let now = super::store_now();
             let next = crate::queue::next_retry(
                 m.tries + 1,
                 state.config.server_smtp_retries,

@@ -242,7 +242,8 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
             .await
         }
     };
-    let now = Utc::now();
+    // Due times are stamped by the store's clock (see `actors::store_now`).
+    let now = super::store_now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
     let plan = plan_attempt(msg, &results, config, now);
     for (kind, dsn_rcpts) in [

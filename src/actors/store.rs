@@ -55,6 +55,8 @@ pub struct RecipientFacts {
 
 /// Requests the store actor serves.
 pub enum StoreMsg {
+    /// Measure the store's clock against this host's (timer).
+    SyncClock,
     /// Commit an accepted message (joins the next group commit).
     Accept(IncomingMessage, RpcReplyPort<StoreResult<Accepted>>),
     /// Is `domain` local, and does `local@domain` exist?
@@ -196,7 +198,7 @@ impl Actor for StoreActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: StoreArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let url = args.config.effective_store_url();
@@ -220,6 +222,10 @@ impl Actor for StoreActor {
             )
             .into());
         }
+        // Leases and due times are stamped by the store's clock, measured now (before
+        // the queue starts) and every few seconds after.
+        sync_clock(store.as_ref(), &args.path).await;
+        myself.send_interval(CLOCK_SYNC_EVERY, || StoreMsg::SyncClock);
         info!(path = %args.path, backend = store.backend(), url = %redact_url(&url), "started");
         Ok(StoreState {
             store,
@@ -316,6 +322,11 @@ impl Actor for StoreActor {
                 tokio::spawn(run_queue_op(store, op));
             }
             StoreMsg::Reload(config) => state.config = config,
+            StoreMsg::SyncClock => {
+                let store = state.store.clone();
+                let path = state.path.clone();
+                tokio::spawn(async move { sync_clock(store.as_ref(), &path).await });
+            }
             #[cfg(debug_assertions)]
             StoreMsg::InjectPanic => {
                 panic!("test hook: injected panic in {}", state.path);
@@ -325,8 +336,30 @@ impl Actor for StoreActor {
     }
 }
 
+/// How often the store's clock is measured against this host's.
+const CLOCK_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Measure the store's clock minus this host's (at the midpoint of the round trip) and
+/// make it what `store_now` adds. An offset over a second is worth a warning: the host's
+/// clock is wrong, and the store's clock is what counts.
+async fn sync_clock(store: &dyn store::MessageStore, path: &str) {
+    let before = super::local_now();
+    let Ok(theirs) = store.clock().await else {
+        return;
+    };
+    let after = super::local_now();
+    let midpoint = before + (after - before) / 2;
+    let offset = (theirs - midpoint).num_milliseconds();
+    super::set_store_clock_offset(offset);
+    if offset.abs() > 1000 {
+        warn!(path = %path, offset_ms = offset,
+            "this host's clock is {:.1} s off the store's; leases and due times follow the store's clock",
+            offset as f64 / 1000.0);
+    }
+}
+
 async fn run_queue_op(store: SharedStore, op: QueueOp) {
-    let now = chrono::Utc::now();
+    let now = super::store_now();
     match op {
         QueueOp::ClaimDue {
             node,
@@ -479,7 +512,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     let queue = ractor::registry::where_is(super::QUEUE);
     let lease = queue.as_ref().map(|_| AcceptLease {
         node: super::queue::lock_owner(&state.config),
-        expires_at: chrono::Utc::now()
+        expires_at: super::store_now()
             + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
                 .unwrap_or(chrono::Duration::minutes(5)),
     });

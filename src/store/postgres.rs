@@ -130,6 +130,14 @@ impl PgSettings {
 }
 
 /// The PostgreSQL store: a connection pool on one database shared by every node.
+/// The database server's clock in the store's time unit (milliseconds since the epoch),
+/// for statements that must not trust the calling host's clock.
+macro_rules! db_now {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
 pub struct PostgresStore {
     pool: PgPool,
     /// How to reach the server, for the node lock's own connection.
@@ -1017,14 +1025,15 @@ impl MessageStore for PostgresStore {
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
-        sqlx::query(
+        // "Due now" by the database's clock, not this host's (hosts' clocks differ).
+        sqlx::query(concat!(
             "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
-                 next_retry_at = LEAST(next_retry_at, $3)
-             WHERE id = $1 AND lock_owner = $2",
-        )
+                 next_retry_at = LEAST(next_retry_at, ",
+            db_now!(),
+            ") WHERE id = $1 AND lock_owner = $2"
+        ))
         .bind(id)
         .bind(node)
-        .bind(ms(Utc::now()))
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
@@ -1033,13 +1042,13 @@ impl MessageStore for PostgresStore {
 
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
         let (len, booted, legacy) = node_prefixes(node);
-        let done = sqlx::query(
+        let done = sqlx::query(concat!(
             "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
-                 next_retry_at = LEAST(next_retry_at, $1)
-             WHERE lock_owner IS NOT NULL AND lock_owner <> $2
-               AND (substr(lock_owner, 1, $3) = $4 OR substr(lock_owner, 1, $3) = $5)",
-        )
-        .bind(ms(Utc::now()))
+                 next_retry_at = LEAST(next_retry_at, ",
+            db_now!(),
+            ") WHERE lock_owner IS NOT NULL AND lock_owner <> $1
+               AND (substr(lock_owner, 1, $2) = $3 OR substr(lock_owner, 1, $2) = $4)"
+        ))
         .bind(current)
         .bind(len as i32)
         .bind(booted)
@@ -1048,6 +1057,14 @@ impl MessageStore for PostgresStore {
         .await
         .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn clock(&self) -> StoreResult<DateTime<Utc>> {
+        let now: i64 = sqlx::query_scalar(concat!("SELECT ", db_now!()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        from_ms(now)
     }
 
     async fn lock_node(&self, node: &str) -> StoreResult<bool> {
