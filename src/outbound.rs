@@ -14,9 +14,9 @@ pub mod route;
 pub mod wire;
 
 pub use client::{
-    deliver, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Hop, RcptResult,
-    CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT, CONNECTION_REUSE_COUNT_LIMIT,
-    CONNECTION_REUSE_TIME_LIMIT,
+    deliver, deliver_with, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, GoAhead,
+    Hop, RcptResult, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
+    CONNECTION_REUSE_COUNT_LIMIT, CONNECTION_REUSE_TIME_LIMIT,
 };
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
 
@@ -37,6 +37,19 @@ pub async fn deliver_message(
     rcpts: &[String],
     body: &[u8],
 ) -> Vec<RcptResult> {
+    deliver_message_with(router, helo, sender, rcpts, body, &GoAhead::new()).await
+}
+
+/// [`deliver_message`], sending the text only while `go_ahead` is given (the sender
+/// withdraws it when it loses the message's lease).
+pub async fn deliver_message_with(
+    router: &Router,
+    helo: &str,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+    go_ahead: &GoAhead,
+) -> Vec<RcptResult> {
     // Group in first-seen order so results and logs follow the envelope.
     let mut groups: Vec<(NextHop, Vec<usize>)> = Vec::new();
     for (i, rcpt) in rcpts.iter().enumerate() {
@@ -51,7 +64,7 @@ pub async fn deliver_message(
         let group_rcpts: Vec<String> = members.iter().map(|i| rcpts[*i].clone()).collect();
         let results = match router.resolve(&hop).await {
             Ok(hops) => {
-                deliver(
+                deliver_with(
                     &hops,
                     helo,
                     sender,
@@ -59,6 +72,7 @@ pub async fn deliver_message(
                     body,
                     router.delivery_options(),
                     Some(router.connection_cache()),
+                    go_ahead,
                 )
                 .await
                 .results

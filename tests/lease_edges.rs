@@ -3,7 +3,9 @@
 //!   the node takes its own leases back and the mail goes out within seconds;
 //! - `queue delete` and `queue hold` reach messages waiting in memory for a sender;
 //! - a message that crashes every sender it meets is bounced after the crash budget
-//!   (5.3.0), never retried forever.
+//!   (5.3.0), never retried forever;
+//! - fencing: a sender whose lease is lost mid-transaction (the message deleted) stops
+//!   before the text and records nothing.
 
 #[path = "support/chaos.rs"]
 mod chaos;
@@ -228,4 +230,40 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
     let crashes = log.matches("in_a_row=").count();
     assert_eq!(crashes, 5, "crash budget is 5 in a row:\n{log}");
     assert!(log.contains("crashed 5 times in a row"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_loses_its_lease_stops_before_the_text() {
+    // The next hop takes 4 s to answer DATA; the lease (3 s) is renewed every second.
+    let sink = FaultSink::start(vec![FaultRule {
+        prefix: "late".into(),
+        fault: Fault::SlowData(Duration::from_secs(4)),
+        times: usize::MAX,
+    }])
+    .await;
+    let d = Daemon::start(&relay_yaml(
+        sink.port(),
+        "server_smtp_lock_lease: 3s\nserver_smtp_timeout: 30s\n",
+    ));
+    relay(&d, &["late@remote.test".to_string()], "fenced");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.active() == 0 {
+        assert!(Instant::now() < deadline, "no delivery started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // While the sender waits for the 354, the administrator deletes the message: its
+    // next renewal finds no lease.
+    let id = queue_json(&d)[0]["id"].as_str().unwrap().to_string();
+    let (ok, _, err) = d.admin(&["queue", "delete", &id], None);
+    assert!(ok.success(), "delete: {err}");
+    let mut d = d;
+    d.wait_for_log("stopped before the text", Duration::from_secs(15));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sink.count(),
+        0,
+        "the text of a message we no longer hold was sent"
+    );
+    assert!(queue_json(&d).is_empty());
+    assert!(!d.log_text().contains("delivery status notification queued"));
 }

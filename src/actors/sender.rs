@@ -108,11 +108,13 @@ impl Actor for Sender {
         if state.args.give_up.is_none() {
             test_hook_panic(&state.args);
         }
-        state.renewer = Some(start_renewer(&state.args));
-        let record = attempt(&state.args).await;
+        let go_ahead = outbound::GoAhead::new();
+        state.renewer = Some(start_renewer(&state.args, go_ahead.clone()));
         // The lease is renewed until the result is recorded: recording may have to wait
         // for the store, and the message must stay ours meanwhile.
-        record_attempt(&state.args, record).await;
+        if let Some(record) = attempt(&state.args, &go_ahead).await {
+            record_attempt(&state.args, record).await;
+        }
         if let Some(r) = state.renewer.take() {
             r.abort();
         }
@@ -173,14 +175,18 @@ fn test_hook_panic(args: &SenderArgs) {
 #[cfg(not(debug_assertions))]
 fn test_hook_panic(_args: &SenderArgs) {}
 
-/// Keep our lease alive while we work: renew at a third of its length.
-fn start_renewer(args: &SenderArgs) -> tokio::task::JoinHandle<()> {
+/// Keep our lease alive while we work: renew at a third of its length. When a renewal
+/// says the lease is gone (deleted, held, taken over), or no renewal has succeeded for
+/// two thirds of a lease (it may lapse before we could know), withdraw `go_ahead`: the
+/// text is not sent, and nothing is recorded.
+fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task::JoinHandle<()> {
     let lease = args.config.server_smtp_lock_lease;
     let id = args.message.id.clone();
     let owner = args.owner.clone();
     let path = args.path.clone();
     tokio::spawn(async move {
         let every = (lease / 3).max(Duration::from_millis(100));
+        let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
             let Some(cell) = ractor::registry::where_is(super::STORE) else {
@@ -201,15 +207,29 @@ fn start_renewer(args: &SenderArgs) -> tokio::task::JoinHandle<()> {
                     Some(STORE_TIMEOUT),
                 )
                 .await;
-            if !matches!(r, Ok(ractor::rpc::CallResult::Success(Ok(true)))) {
-                warn!(path = %path, "lease renewal failed; another node may take this message when it lapses");
+            match r {
+                Ok(ractor::rpc::CallResult::Success(Ok(true))) => {
+                    last_ok = tokio::time::Instant::now();
+                }
+                Ok(ractor::rpc::CallResult::Success(Ok(false))) => {
+                    warn!(path = %path, "lease lost (deleted, held or taken over); stopping before the text");
+                    go_ahead.withdraw();
+                    return;
+                }
+                _ if last_ok.elapsed() >= lease * 2 / 3 => {
+                    warn!(path = %path, "lease not renewed for two thirds of its length; stopping before the text");
+                    go_ahead.withdraw();
+                    return;
+                }
+                _ => warn!(path = %path, "lease renewal failed; trying again"),
             }
         }
     })
 }
 
-/// One delivery attempt: deliver, apply the retry policy, queue notifications.
-async fn attempt(args: &SenderArgs) -> AttemptRecord {
+/// One delivery attempt: deliver, apply the retry policy, queue notifications. `None`
+/// when the lease was lost on the way: the message is not ours to record any more.
+async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<AttemptRecord> {
     let msg = &args.message;
     let config = &args.config;
     let rcpts: Vec<String> = msg.rcpts.iter().map(|r| r.address.clone()).collect();
@@ -232,17 +252,25 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
             })
             .collect(),
         None => {
-            outbound::deliver_message(
+            outbound::deliver_message_with(
                 &args.router,
                 &config.server_smtp_name,
                 &msg.sender,
                 &rcpts,
                 &msg.body,
+                go_ahead,
             )
             .await
         }
     };
     // Due times are stamped by the store's clock (see `actors::store_now`).
+    if !go_ahead.given() {
+        // Fencing: whatever happened on the wire, the message now belongs to whoever
+        // holds its lease (or to nobody: deleted, held); recording or notifying here
+        // could contradict them.
+        warn!(path = %args.path, queue_id = %msg.id, "lease lost during the attempt; stopped before the text and recording nothing");
+        return None;
+    }
     let now = super::store_now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
     let plan = plan_attempt(msg, &results, config, now);
@@ -272,7 +300,7 @@ async fn attempt(args: &SenderArgs) -> AttemptRecord {
             r.status.describe()
         );
     }
-    plan.record
+    Some(plan.record)
 }
 
 fn outcome_word(s: &RcptStatus) -> &'static str {

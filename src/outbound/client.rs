@@ -143,11 +143,37 @@ pub async fn deliver(
     opts: &DeliveryOptions,
     cache: Option<&ConnectionCache>,
 ) -> DeliveryReport {
+    deliver_with(
+        hops,
+        helo,
+        sender,
+        rcpts,
+        body,
+        opts,
+        cache,
+        &GoAhead::new(),
+    )
+    .await
+}
+
+/// [`deliver`], with the text sent only while `go_ahead` is given.
+#[allow(clippy::too_many_arguments)]
+pub async fn deliver_with(
+    hops: &[Hop],
+    helo: &str,
+    sender: &str,
+    rcpts: &[String],
+    body: &[u8],
+    opts: &DeliveryOptions,
+    cache: Option<&ConnectionCache>,
+    go_ahead: &GoAhead,
+) -> DeliveryReport {
     let msg = Message {
         helo,
         sender,
         rcpts,
         body,
+        go_ahead,
     };
     let mut skipped = Vec::new();
     for hop in hops {
@@ -220,6 +246,32 @@ struct Message<'a> {
     sender: &'a str,
     rcpts: &'a [String],
     body: &'a [u8],
+    go_ahead: &'a GoAhead,
+}
+
+/// Permission to send the message text, checked once the server has answered DATA with
+/// 354 and before a byte of the text goes out. The sender holds the message's lease and
+/// withdraws this when the lease is lost (deleted, held, or taken by another node after
+/// it lapsed): the connection is then closed without the text, so the server never gets
+/// the message from us. Up to that point nothing is delivered, so stopping is safe.
+#[derive(Debug, Clone, Default)]
+pub struct GoAhead(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl GoAhead {
+    /// Permission given (the default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Withdraw the permission, for good.
+    pub fn withdraw(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the text may still be sent.
+    pub fn given(&self) -> bool {
+        !self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// How a session with one host ended without deciding the recipients.
@@ -330,6 +382,8 @@ enum ConnError {
     Io(std::io::Error),
     Timeout(&'static str),
     Protocol(String),
+    /// We chose to stop (the go-ahead was withdrawn).
+    Local(String),
 }
 
 impl ConnError {
@@ -340,6 +394,7 @@ impl ConnError {
                 FailureCause::Timeout(format!("{host}: no answer {stage}"))
             }
             ConnError::Protocol(s) => FailureCause::Protocol(format!("{host}: {s}")),
+            ConnError::Local(s) => FailureCause::Local(s.clone()),
         }
     }
 }
@@ -783,6 +838,13 @@ async fn transaction(
         let go = s.conn.answer(pipelined, "DATA", "to DATA").await?;
         if go.code != 354 {
             return Ok((go, false));
+        }
+        if !msg.go_ahead.given() {
+            // The lease was lost while we talked: hang up without the text (the server
+            // discards a transaction whose DATA never ends).
+            return Err(ConnError::Local(
+                "the lease on this message was lost; not sent".into(),
+            ));
         }
         s.conn
             .write(&data_payload(msg.body), "while sending the message")

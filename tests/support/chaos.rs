@@ -436,6 +436,8 @@ pub enum Fault {
     /// Take the message, but answer its final dot only after this long (a slow next
     /// hop: the sender stays mid-delivery meanwhile).
     SlowDot(Duration),
+    /// Answer DATA with its 354 only after this long.
+    SlowData(Duration),
 }
 
 /// Apply `fault` to the first `times` recipients (or transactions) whose local part
@@ -576,6 +578,7 @@ fn fault_name(f: Fault) -> &'static str {
         Fault::StallAtRcpt(_) => "stall",
         Fault::Rcpt452 => "452",
         Fault::SlowDot(_) => "slow-dot",
+        Fault::SlowData(_) => "slow-data",
     }
 }
 
@@ -655,6 +658,12 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
             if mail.is_none() || rcpts.is_empty() {
                 "554 5.5.1 Error: no valid recipients".into()
             } else {
+                let slow = rcpts.iter().find_map(|r| {
+                    s.take_fault(&local_part(r), |f| matches!(f, Fault::SlowData(_)))
+                });
+                if let Some(Fault::SlowData(d)) = slow {
+                    tokio::time::sleep(d).await;
+                }
                 io.get_mut()
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
