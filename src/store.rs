@@ -7,6 +7,7 @@
 //! Every backend passes the contract suite in `store/contract.rs`.
 
 pub mod common;
+#[cfg(any(test, feature = "test-support"))]
 pub mod contract;
 pub mod maildir;
 pub mod password;
@@ -332,6 +333,10 @@ pub struct AttemptRecord {
     /// The next due time; `None` leaves it unchanged (meant for the case where no
     /// recipient stays pending, which deletes the message anyway).
     pub next_retry_at: Option<DateTime<Utc>>,
+    /// Delivery status notifications this attempt owes, queued (unleased, due now) in
+    /// the same transaction as the record: a record that is refused or fails takes them
+    /// with it, so a notification is never lost nor sent twice for one outcome.
+    pub notifications: Vec<IncomingMessage>,
 }
 
 /// The storage trait every backend implements.

@@ -267,3 +267,54 @@ async fn a_sender_that_loses_its_lease_stops_before_the_text() {
     assert!(queue_json(&d).is_empty());
     assert!(!d.log_text().contains("delivery status notification queued"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_survives_a_store_failure_between_attempt_and_record_exactly_once() {
+    // The recipient is refused for good: the attempt owes a bounce. The store fails the
+    // first five records offered: the first attempt is never recorded (its sender gives
+    // up before its 2 s lease could lapse), the message is tried again after the lapse,
+    // and that attempt's record lands. The bounce commits with the record, so it goes
+    // out once: not zero times (lost with the failed record), not twice (once per try).
+    let sink = Sink::start(
+        SinkConfig {
+            starttls: StartTls::Off,
+            ..SinkConfig::default()
+        }
+        .rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
+    )
+    .await;
+    let mut d = Daemon::start_with_env(
+        &relay_yaml(
+            sink.port(),
+            "server_smtp_lock_lease: 2s\nserver_smtp_queue_interval: 100ms\n",
+        ),
+        &[("ERLMAIL_TEST_FAIL_RECORDS", "5")],
+    );
+    relay(&d, &["bad@remote.test".to_string()], "bounced");
+    assert!(
+        sink.wait_for(1, Duration::from_secs(30)).await,
+        "no bounce:\n{}",
+        d.log_text()
+    );
+    d.wait_for_log("gave up recording the attempt", Duration::from_secs(5));
+    wait_until("queue empty", Duration::from_secs(20), || {
+        queue_json(&d).is_empty()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bounces: Vec<_> = sink
+        .messages()
+        .into_iter()
+        .filter(|m| m.mail_from.is_empty())
+        .collect();
+    assert_eq!(bounces.len(), 1, "{}", d.log_text());
+    assert_eq!(bounces[0].rcpts, vec!["a@client.test".to_string()]);
+    let text = String::from_utf8_lossy(&bounces[0].data).into_owned();
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    // The refused recipient was tried twice (the first try's record was lost).
+    let tries = sink
+        .commands()
+        .iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("RCPT") && c.contains("bad@remote.test"))
+        .count();
+    assert!(tries >= 2, "tried {tries} times");
+}

@@ -130,6 +130,7 @@ fn test_database_urls() {
     assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
 }
 
+#[cfg(feature = "test-support")]
 #[tokio::test]
 async fn contract_suite_through_open() {
     let Some(db) = TestDb::create().await else {
@@ -140,6 +141,7 @@ async fn contract_suite_through_open() {
     erlmail::store::contract::run_all(store.as_ref()).await;
 }
 
+#[cfg(feature = "test-support")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pools_on_one_database_never_claim_the_same_message() {
     let Some(db) = TestDb::create().await else {

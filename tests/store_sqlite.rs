@@ -1,5 +1,7 @@
 //! The store contract suite through the public API: `erlmail::store::open` on a
-//! `sqlite://` URL, as the daemon and the admin commands open it.
+//! `sqlite://` URL, as the daemon and the admin commands open it. The suite is behind
+//! the `test-support` feature, which scripts/test enables.
+#![cfg(feature = "test-support")]
 
 #[tokio::test]
 async fn contract_suite_through_open() {

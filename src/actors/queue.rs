@@ -603,6 +603,7 @@ impl Actor for QueueActor {
                     .collect(),
                 error: Some(crate::queue::crash::crash_error(total, &err)),
                 next_retry_at: Some(next),
+                notifications: Vec::new(),
             };
             sender::record(
                 &m.id,

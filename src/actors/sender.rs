@@ -113,7 +113,26 @@ impl Actor for Sender {
         // The lease is renewed until the result is recorded: recording may have to wait
         // for the store, and the message must stay ours meanwhile.
         if let Some(record) = attempt(&state.args, &go_ahead).await {
-            record_attempt(&state.args, record).await;
+            let owed: Vec<(String, String)> = record
+                .notifications
+                .iter()
+                .map(|n| {
+                    let to = n
+                        .local_rcpts
+                        .first()
+                        .cloned()
+                        .or_else(|| n.remote_rcpts.first().map(|r| r.address.clone()))
+                        .unwrap_or_default();
+                    (to, n.subject.clone().unwrap_or_default())
+                })
+                .collect();
+            if record_attempt(&state.args, record).await {
+                for (to, kind) in owed {
+                    metrics::counter!(names::DSNS, "kind" => dsn_kind_label(&kind)).increment(1);
+                    info!(path = %state.args.path, queue_id = %state.args.message.id, to = %to, kind = dsn_kind_label(&kind),
+                        "delivery status notification queued");
+                }
+            }
         }
         if let Some(r) = state.renewer.take() {
             r.abort();
@@ -227,7 +246,8 @@ fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task:
     })
 }
 
-/// One delivery attempt: deliver, apply the retry policy, queue notifications. `None`
+/// One delivery attempt: deliver, apply the retry policy, build the notifications owed
+/// (they commit with the record). `None`
 /// when the lease was lost on the way: the message is not ours to record any more.
 async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<AttemptRecord> {
     let msg = &args.message;
@@ -273,14 +293,17 @@ async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<Atte
     }
     let now = super::store_now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
-    let plan = plan_attempt(msg, &results, config, now);
+    let mut plan = plan_attempt(msg, &results, config, now);
+    // The notifications travel with the record and commit with it (see AttemptRecord).
     for (kind, dsn_rcpts) in [
         (DsnKind::Failure, &plan.failed),
         (DsnKind::Delay, &plan.delayed),
         (DsnKind::Success, &plan.delivered),
     ] {
         if !dsn_rcpts.is_empty() {
-            queue_dsn(args, kind, dsn_rcpts.clone(), now).await;
+            if let Some(dsn) = notification(args, kind, dsn_rcpts.clone(), now).await {
+                plan.record.notifications.push(dsn);
+            }
         }
     }
     for r in &results {
@@ -417,6 +440,7 @@ fn plan_attempt(
             rcpt_results,
             error: first_error,
             next_retry_at: if any_pending { next } else { None },
+            notifications: Vec::new(),
         },
         failed,
         delayed,
@@ -424,13 +448,14 @@ fn plan_attempt(
     }
 }
 
-/// Build a notification and hand it to the store actor, from `<>` to the original sender.
-async fn queue_dsn(
+/// Build a notification from `<>` to the original sender (local mailbox or queue); it is
+/// queued with the attempt's record.
+async fn notification(
     args: &SenderArgs,
     kind: DsnKind,
     recipients: Vec<DsnRecipient>,
     now: DateTime<Utc>,
-) {
+) -> Option<IncomingMessage> {
     let msg = &args.message;
     let config = &args.config;
     let input = DsnInput {
@@ -453,7 +478,7 @@ async fn queue_dsn(
     let body = queue::build_dsn(&input);
     let Some(cell) = ractor::registry::where_is(super::STORE) else {
         warn!(path = %args.path, "store not running; notification not queued");
-        return;
+        return None;
     };
     let store: ActorRef<StoreMsg> = cell.into();
     // A sender whose own domain is local gets the report in its mailbox.
@@ -473,7 +498,7 @@ async fn queue_dsn(
                 (vec![address.clone()], vec![])
             } else {
                 warn!(path = %args.path, sender = %address, "notification for an unknown local user dropped");
-                return;
+                return None;
             }
         }
         _ => (
@@ -497,27 +522,20 @@ async fn queue_dsn(
         subject: Some(kind.subject().to_string()),
         body,
     };
-    match store
-        .call(|reply| StoreMsg::Accept(dsn, reply), Some(STORE_TIMEOUT))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(a))) => {
-            metrics::counter!(names::DSNS, "kind" => kind.action()).increment(1);
-            info!(
-            path = %args.path,
-            queue_id = %msg.id,
-            dsn = ?a.queue_id,
-            to = %address,
-            kind = kind.action(),
-            "delivery status notification queued"
-            )
-        }
-        _ => warn!(path = %args.path, queue_id = %msg.id, "could not queue a notification"),
-    }
+    Some(dsn)
 }
 
-/// Record the attempt through the store actor (which also clears our lease).
-pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) {
+/// The metric label of a notification, from its subject (what `DsnKind::subject` wrote).
+fn dsn_kind_label(subject: &str) -> &'static str {
+    [DsnKind::Failure, DsnKind::Delay, DsnKind::Success]
+        .into_iter()
+        .find(|k| k.subject() == subject)
+        .map_or("failed", |k| k.action())
+}
+
+/// Record the attempt through the store actor (which also clears our lease); whether it
+/// was recorded.
+pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) -> bool {
     // If the store is unreachable, renewals fail too: the lease then lapses at most a
     // lease after the last successful renewal, which came at most a third of a lease
     // ago. Give up before another node can have taken the message.
@@ -534,7 +552,7 @@ pub(crate) async fn record(
     outcome: AttemptRecord,
     path: &str,
     patience: Duration,
-) {
+) -> bool {
     let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(200);
     loop {
@@ -563,10 +581,10 @@ pub(crate) async fn record(
             }
         };
         match result {
-            Some(Ok(())) => return,
+            Some(Ok(())) => return true,
             Some(Err(crate::store::StoreError::Invalid(why))) => {
                 warn!(path = %path, queue_id = %id, reason = %why, "attempt not recorded; another node owns the message now");
-                return;
+                return false;
             }
             Some(Err(e)) => {
                 warn!(path = %path, queue_id = %id, error = %e, "attempt not recorded yet; will offer it again");
@@ -577,7 +595,7 @@ pub(crate) async fn record(
         }
         if tokio::time::Instant::now() + pause > deadline {
             warn!(path = %path, queue_id = %id, "gave up recording the attempt; the lease lapses and the message will be tried again");
-            return;
+            return false;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));

@@ -314,6 +314,12 @@ impl Actor for StoreActor {
                 record,
                 reply,
             }) => {
+                if test_hook_fail_record() {
+                    let _ = reply.send(Err(StoreError::Unavailable(
+                        "test hook: injected store failure".into(),
+                    )));
+                    return Ok(());
+                }
                 state.records.push((id, node, record, reply));
                 commit_or_wait(&myself, state);
             }
@@ -334,6 +340,26 @@ impl Actor for StoreActor {
         }
         Ok(())
     }
+}
+
+/// Test hook (debug builds only): `ERLMAIL_TEST_FAIL_RECORDS=N` fails the first N
+/// attempt records offered (as a store outage between an attempt and its record would).
+#[cfg(debug_assertions)]
+fn test_hook_fail_record() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FAILED: AtomicU64 = AtomicU64::new(0);
+    let Some(n) = std::env::var("ERLMAIL_TEST_FAIL_RECORDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    FAILED.fetch_add(1, Ordering::SeqCst) < n
+}
+
+#[cfg(not(debug_assertions))]
+fn test_hook_fail_record() -> bool {
+    false
 }
 
 /// How often the store's clock is measured against this host's.
@@ -516,6 +542,8 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
             + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
                 .unwrap_or(chrono::Duration::minutes(5)),
     });
+    // Notifications committed with their records are due at once: wake the queue.
+    let notified = records.iter().any(|(_, _, r)| !r.notifications.is_empty());
     tokio::spawn(async move {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = messages.len();
@@ -531,7 +559,13 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                 records,
             })
             .await;
+        let recorded_some = recorded.as_ref().is_ok_and(|r| r.iter().any(Result::is_ok));
         answer_records(recorded, record_replies);
+        if notified && recorded_some {
+            if let Some(q) = &queue {
+                let _ = q.send_message(super::queue::QueueMsg::Tick);
+            }
+        }
         match accepted {
             Ok(_) if n == 0 => {}
             Ok(results) => {

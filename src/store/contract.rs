@@ -772,6 +772,7 @@ pub async fn queue_record_attempt(store: &dyn MessageStore) {
         ],
         error: Some("451 4.3.0 later".into()),
         next_retry_at: Some(secs(900)),
+        notifications: Vec::new(),
     };
     assert!(
         is_invalid(store.record_attempt(&m, "n2", outcome.clone()).await),
@@ -849,6 +850,7 @@ pub async fn queue_record_attempt(store: &dyn MessageStore) {
         )],
         error: None,
         next_retry_at: None,
+        notifications: Vec::new(),
     };
     store
         .record_attempt(&m, "n1", done.clone())
@@ -930,6 +932,7 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
             .collect(),
         error: None,
         next_retry_at: None,
+        notifications: Vec::new(),
     };
     let results = store
         .record_attempts(vec![
@@ -1025,6 +1028,7 @@ pub async fn commit_batch_mixes_accepts_and_records(store: &dyn MessageStore) {
         )],
         error: None,
         next_retry_at: None,
+        notifications: Vec::new(),
     };
     let new = incoming(
         "s@origin.test",
@@ -1199,6 +1203,7 @@ pub async fn concurrent_claims(a: &dyn MessageStore, b: &dyn MessageStore, messa
                     rcpt_results: results,
                     error: None,
                     next_retry_at: None,
+                    notifications: Vec::new(),
                 };
                 store
                     .record_attempt(&m.id, node, outcome)

@@ -1021,6 +1021,17 @@ impl MessageStore for PostgresStore {
             .await
             .map_err(db_err)?;
         }
+        // The notifications this attempt owes commit with its record, or not at all.
+        let mut queued = Vec::new();
+        for n in &outcome.notifications {
+            if let Some(q) = accept_one(&mut tx, n, None).await?.queue_id {
+                queued.push(q);
+            }
+        }
+        if !queued.is_empty() {
+            let ids: Vec<&str> = queued.iter().map(String::as_str).collect();
+            notify(&mut tx, &ids).await?;
+        }
         tx.commit().await.map_err(db_err)
     }
 

@@ -313,6 +313,7 @@ fn records(
             .iter()
             .any(|(_, st, _)| *st == RcptState::Pending);
         if finished && delete.execute([id, node]).map_err(sql_err)? == 1 {
+            queue_notifications(tx, record)?;
             out.push(Ok(()));
             continue;
         }
@@ -328,11 +329,21 @@ fn records(
             Some(_) => {
                 // A failure here is the database's, not this attempt's: abort the batch.
                 record_one(tx, id, record)?;
+                queue_notifications(tx, record)?;
                 Ok(())
             }
         });
     }
     Ok(out)
+}
+
+/// Queue the notifications an attempt owes, unleased and due now, in the record's
+/// transaction.
+fn queue_notifications(tx: &rusqlite::Connection, record: &AttemptRecord) -> StoreResult<()> {
+    for n in &record.notifications {
+        accept_one(tx, n, None)?;
+    }
+    Ok(())
 }
 
 /// Record one attempt whose lock is ours (as `PostgresStore::record_attempt` does).
