@@ -140,7 +140,7 @@ pub struct WriteOutcome {
 /// The claim stamped on queued rows as they are inserted (see `accept_leased`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptLease {
-    /// Lock owner (`node:pid`).
+    /// Lock owner (`node#boot`).
     pub node: String,
     /// When the lease lapses.
     pub expires_at: DateTime<Utc>,
