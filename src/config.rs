@@ -139,7 +139,8 @@ pub struct Config {
     pub server_smtp_auth_failure_limit: u32,
     /// Most `Received:` headers before a message is refused as looping.
     pub server_smtp_max_hops: u32,
-    /// Most senders at once.
+    /// Most senders at once; 0 makes a front node: it accepts and queues mail, never
+    /// delivers it (the other nodes sharing its store do).
     pub server_smtp_max_senders: usize,
     /// How long a graceful stop waits for deliveries already on the wire to finish
     /// before exiting (their leases are then left to lapse, never handed to another
@@ -479,7 +480,9 @@ impl Config {
                 "needs at least one interval (the last one repeats)",
             );
         }
-        let zero_counts: [(&'static str, u64); 5] = [
+        // server_smtp_max_senders may be 0: a front node, which accepts and queues but
+        // leaves delivery to the other nodes sharing its store.
+        let zero_counts: [(&'static str, u64); 4] = [
             (
                 "server_smtp_max_connection",
                 self.server_smtp_max_connection as u64,
@@ -487,10 +490,6 @@ impl Config {
             (
                 "server_smtp_max_recipients",
                 self.server_smtp_max_recipients as u64,
-            ),
-            (
-                "server_smtp_max_senders",
-                self.server_smtp_max_senders as u64,
             ),
             ("server_smtp_max_hops", u64::from(self.server_smtp_max_hops)),
             (

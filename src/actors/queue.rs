@@ -401,6 +401,9 @@ impl Actor for QueueActor {
         let router = build_router(&args.config)?;
         let owner = lock_owner(&args.config);
         info!(path = %args.path, owner = %owner, "started");
+        if args.config.server_smtp_max_senders == 0 {
+            info!(path = %args.path, "server_smtp_max_senders is 0: a front node; mail is accepted and queued here and delivered by the other nodes");
+        }
         let ticker = start_ticker(&myself, &args.config);
         Ok(QueueState {
             config: args.config,

@@ -536,7 +536,10 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     // Claim at accept: when this process's queue runs, the queued rows are inserted
     // already leased to it, and the messages go straight to the queue after the commit.
     let queue = ractor::registry::where_is(super::QUEUE);
-    let lease = queue.as_ref().map(|_| AcceptLease {
+    // A front node (no senders) leaves its mail unleased and due at once, for the
+    // nodes that deliver.
+    let delivers = state.config.server_smtp_max_senders > 0;
+    let lease = queue.as_ref().filter(|_| delivers).map(|_| AcceptLease {
         node: super::queue::lock_owner(&state.config),
         expires_at: super::store_now()
             + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
