@@ -447,6 +447,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// exclusively ([`lock_node`](Self::lock_node) or the spool lock), so no live process
     /// is using those leases. Returns how many messages were freed.
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64>;
+    /// Wake-ups from other processes sharing this store: a `()` whenever one of them
+    /// queued, flushed or released mail that is due now (PostgreSQL's LISTEN/NOTIFY).
+    /// `None` where the store has no such channel (SQLite: the periodic scan covers it).
+    /// Bursts are coalesced; a wake-up is a hint, the scan stays the safety net.
+    fn wake_ups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
     /// The store's clock: leases and due times are stamped by it, so nodes whose clocks
     /// differ agree on when a lease lapses. SQLite's store is on this host: its clock.
     async fn clock(&self) -> StoreResult<DateTime<Utc>> {

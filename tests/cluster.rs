@@ -1318,3 +1318,100 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
         by_back[0], by_back[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
+    // The back node scans only every 10 s: picking mail up in milliseconds takes the
+    // PostgreSQL notification that the front's commit (or an administrator's flush) sends.
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let sink = Sink::start(SinkConfig {
+        starttls: StartTls::Off,
+        defer_first: 1,
+        ..SinkConfig::default()
+    })
+    .await;
+    let slow_scan = "server_smtp_queue_interval: \"10s\"\nserver_smtp_retry_interval: [\"1h\"]\n";
+    let mut front = Daemon::start(&format!(
+        "{}server_smtp_max_senders: 0\n",
+        relay_yaml(&db.url, sink.port(), "front")
+            .replace("server_smtp_queue_interval: \"100ms\"\n", slow_scan)
+    ));
+    let mut back = Daemon::start(
+        &relay_yaml(&db.url, sink.port(), "back")
+            .replace("server_smtp_queue_interval: \"100ms\"\n", slow_scan),
+    );
+    front.wait_for_log("a front node", Duration::from_secs(10));
+    back.wait_for_log("listening on", Duration::from_secs(10));
+    // Let both queues finish their start-up scans.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut s = front.connect();
+    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    // The first message is deferred by the next hop (and waits an hour): the flush below.
+    let r = s.send_mail(
+        "a@client.test",
+        &["b@remote.test"],
+        "Subject: first\r\n\r\nx\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sink.transactions().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first message was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 20 messages, one at a time: from the front's 250 to the next hop's final dot.
+    let mut waits = Vec::new();
+    for i in 0..20 {
+        let before = sink.count();
+        let r = s.send_mail(
+            "a@client.test",
+            &["b@remote.test"],
+            &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"),
+        );
+        assert!(r.starts_with("250"), "{r}");
+        let t = Instant::now();
+        while sink.count() == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "message {i} never crossed:\n{}",
+                back.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        waits.push(t.elapsed());
+    }
+    waits.sort();
+    let median = waits[waits.len() / 2];
+    assert!(
+        median < Duration::from_millis(300),
+        "median 250 -> next hop across nodes: {median:?} ({waits:?})"
+    );
+    // The deferred one: `queue flush` from an administrator wakes the back node.
+    let q = back.admin(&["queue", "list", "--json"], None).1;
+    let list: serde_json::Value = serde_json::from_str(&q).unwrap();
+    let id = list[0]["id"]
+        .as_str()
+        .expect("the deferred message")
+        .to_string();
+    let before = sink.count();
+    let (ok, _, err) = back.admin(&["queue", "flush", &id], None);
+    assert!(ok.success(), "flush: {err}");
+    let t = Instant::now();
+    while sink.count() == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the flushed message was not picked up at once"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let flushed = t.elapsed();
+    assert!(
+        flushed < Duration::from_millis(300),
+        "flush -> next hop: {flushed:?}"
+    );
+    println!("cross-node median {median:?}; flush to next hop {flushed:?}");
+}

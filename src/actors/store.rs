@@ -189,6 +189,9 @@ pub struct StoreState {
     in_flight: bool,
     /// A `FlushRecords` is on its way.
     flush_armed: bool,
+    /// Forwards the store's wake-ups (other nodes' new, flushed or released mail) to
+    /// the queue as ticks; ends with this actor.
+    wake_ups: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for StoreActor {
@@ -226,6 +229,17 @@ impl Actor for StoreActor {
         // the queue starts) and every few seconds after.
         sync_clock(store.as_ref(), &args.path).await;
         myself.send_interval(CLOCK_SYNC_EVERY, || StoreMsg::SyncClock);
+        // Mail another node queued, flushed or released wakes our queue at once; the
+        // periodic scan stays the safety net.
+        let wake_ups = store.wake_ups().map(|mut rx| {
+            tokio::spawn(async move {
+                while rx.recv().await.is_some() {
+                    if let Some(q) = ractor::registry::where_is(super::QUEUE) {
+                        let _ = q.send_message(super::queue::QueueMsg::Tick);
+                    }
+                }
+            })
+        });
         info!(path = %args.path, backend = store.backend(), url = %redact_url(&url), "started");
         Ok(StoreState {
             store,
@@ -235,6 +249,7 @@ impl Actor for StoreActor {
             records: Vec::new(),
             in_flight: false,
             flush_armed: false,
+            wake_ups,
         })
     }
 
@@ -243,6 +258,9 @@ impl Actor for StoreActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(task) = state.wake_ups.take() {
+            task.abort();
+        }
         // Anything still waiting was never committed: its session answers 451.
         for (_, reply) in state.pending.drain(..) {
             let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));

@@ -211,11 +211,13 @@ impl PostgresStore {
                 }
             }
         }
+        // Other nodes need waking only for mail nobody holds (a front node's): a leased
+        // row is being tried by its node already.
         let queued: Vec<&str> = out
             .iter()
             .filter_map(|a| a.as_ref().ok().and_then(|a| a.queue_id.as_deref()))
             .collect();
-        if !queued.is_empty() {
+        if !queued.is_empty() && lease.is_none() {
             notify(&mut tx, &queued).await?;
         }
         tx.commit().await.map_err(db_err)?;
@@ -238,8 +240,7 @@ impl PostgresStore {
 
     /// A listener on `QUEUE_CHANNEL`, on a connection of the pool kept for it (it
     /// reconnects by itself after an outage; notices sent meanwhile are lost, which the
-    /// periodic due scan covers). Not yet part of `MessageStore`: the queue actor would
-    /// call `claim(id)` for each id heard and a due scan for `*`.
+    /// periodic due scan covers). `wake_ups` runs one for the queue.
     pub async fn queue_listener(&self) -> StoreResult<sqlx::postgres::PgListener> {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
             .await
@@ -778,7 +779,7 @@ impl MessageStore for PostgresStore {
             out.push(accept_one(&mut tx, m, lease).await?);
         }
         let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
-        if !queued.is_empty() {
+        if !queued.is_empty() && lease.is_none() {
             notify(&mut tx, &queued).await?;
         }
         tx.commit().await.map_err(db_err)?;
@@ -1048,6 +1049,9 @@ impl MessageStore for PostgresStore {
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
+        // Given back and due: any node may take it now.
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        notify(&mut conn, &[id]).await?;
         Ok(())
     }
 
@@ -1068,6 +1072,50 @@ impl MessageStore for PostgresStore {
         .await
         .map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+
+    fn wake_ups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            while !tx.is_closed() {
+                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "queue notifications: cannot connect; the periodic scan covers meanwhile");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(QUEUE_CHANNEL).await {
+                    tracing::warn!(error = %e, "queue notifications: LISTEN failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                    continue;
+                }
+                backoff = std::time::Duration::from_millis(100);
+                // After a (re)connection something may have been missed: wake once.
+                let _ = tx.try_send(());
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        n = listener.try_recv() => match n {
+                            // A full channel already holds a wake-up: coalesced.
+                            Ok(Some(_)) => { let _ = tx.try_send(()); }
+                            // The connection was lost: reconnect (with the wake-up).
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "queue notifications: connection lost; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Some(rx)
     }
 
     async fn clock(&self) -> StoreResult<DateTime<Utc>> {
