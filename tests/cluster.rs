@@ -1086,6 +1086,22 @@ async fn domains_and_users_added_on_one_node_are_served_by_all() {
     drop(daemons);
 }
 
+/// Copies of each `X-Seq` the fault sink took, and the seqs that came more than once.
+fn copies_by_seq(sink: &chaos::FaultSink) -> (HashMap<u64, usize>, Vec<(u64, usize)>) {
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for arrival in sink.arrivals() {
+        *seen
+            .entry(chaos::seq_of(&arrival.data).expect("X-Seq"))
+            .or_default() += 1;
+    }
+    let dups = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, n)| (*k, *n))
+        .collect();
+    (seen, dups)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the_rest() {
     let Some(db) = TestDb::create().await else {
@@ -1149,13 +1165,7 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut seen: HashMap<u64, usize> = HashMap::new();
-    for a in sink.arrivals() {
-        *seen
-            .entry(chaos::seq_of(&a.data).expect("X-Seq"))
-            .or_default() += 1;
-    }
-    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let (seen, dups) = copies_by_seq(&sink);
     assert!(dups.is_empty(), "duplicates: {dups:?}");
     assert_eq!(seen.len(), N as usize, "lost: {seen:?}");
     assert!(
@@ -1228,13 +1238,7 @@ async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
     }
     // Longer than one more slow delivery: a stolen lease would show up as a second copy.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let mut seen: HashMap<u64, usize> = HashMap::new();
-    for arrival in sink.arrivals() {
-        *seen
-            .entry(chaos::seq_of(&arrival.data).expect("X-Seq"))
-            .or_default() += 1;
-    }
-    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    let (seen, dups) = copies_by_seq(&sink);
     assert!(
         dups.is_empty(),
         "node b took live leases: {dups:?}\n{}",

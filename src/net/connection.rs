@@ -164,18 +164,23 @@ impl Connection {
         deadline: Instant,
         write_limit: Duration,
     ) -> Self {
+        let mut c = Connection::unstarted(sink, deadline, write_limit);
+        c.start_plain(stream);
+        c
+    }
+
+    /// A connection whose reader is not running yet.
+    fn unstarted(sink: InputSink, deadline: Instant, write_limit: Duration) -> Self {
         let (deadline_tx, _) = watch::channel(deadline);
         let (more_tx, _) = mpsc::channel(1);
-        let mut c = Connection {
+        Connection {
             writer: None,
             reader: Reader::None,
             more: more_tx,
             deadline: deadline_tx,
             sink,
             write_limit,
-        };
-        c.start_plain(stream);
-        c
+        }
     }
 
     /// Runs the TLS handshake first (implicit TLS, `server_smtp_tls_port`), bounded by
@@ -189,16 +194,7 @@ impl Connection {
         write_limit: Duration,
     ) -> Result<Self, String> {
         let tls = handshake(acceptor, stream, handshake_limit).await?;
-        let (deadline_tx, _) = watch::channel(deadline);
-        let (more_tx, _) = mpsc::channel(1);
-        let mut c = Connection {
-            writer: None,
-            reader: Reader::None,
-            more: more_tx,
-            deadline: deadline_tx,
-            sink,
-            write_limit,
-        };
+        let mut c = Connection::unstarted(sink, deadline, write_limit);
         c.start_tls_io(tls);
         Ok(c)
     }

@@ -179,14 +179,21 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// `accept_leased` for the group commit: one transaction, each message in a
-    /// savepoint of its own, so one that fails (a local user removed since RCPT) leaves
-    /// the others to commit.
+    /// `accept_leased` for the group commit, where one message that fails (a local user
+    /// removed since RCPT) must leave the others to commit. A savepoint costs two round
+    /// trips per message, so the batch is first tried without them; only when that
+    /// fails is it run again with each message in a savepoint of its own.
     async fn accept_isolated(
         &self,
         messages: &[IncomingMessage],
         lease: Option<&AcceptLease>,
     ) -> StoreResult<Vec<StoreResult<Accepted>>> {
+        match self.accept_leased(messages, lease).await {
+            Ok(all) => return Ok(all.into_iter().map(Ok).collect()),
+            // The server is unreachable: the savepoints would fare no better.
+            Err(e @ StoreError::Unavailable(_)) => return Err(e),
+            Err(_) => {}
+        }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
