@@ -190,9 +190,12 @@ impl PostgresStore {
     ) -> StoreResult<Vec<StoreResult<Accepted>>> {
         match self.accept_leased(messages, lease).await {
             Ok(all) => return Ok(all.into_iter().map(Ok).collect()),
-            // The server is unreachable: the savepoints would fare no better.
-            Err(e @ StoreError::Unavailable(_)) => return Err(e),
-            Err(_) => {}
+            // One message was refused (a local user removed since RCPT): isolate it.
+            Err(StoreError::Invalid(_)) => {}
+            // The database failed (unreachable, broken connection): the savepoints would
+            // fare no better, and the sessions must get their 451 now, not after a
+            // second timeout.
+            Err(e) => return Err(e),
         }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut out = Vec::with_capacity(messages.len());
