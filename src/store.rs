@@ -508,25 +508,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// gets its own result (backends isolate each message in a savepoint); an accept is
     /// never reported stored unless its transaction committed. The messages are handed
     /// back.
-    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
-        let accepted = if batch.messages.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.accept_leased(&batch.messages, batch.lease.as_ref())
-                .await
-                .map(|all| all.into_iter().map(Ok).collect())
-        };
-        let recorded = if batch.records.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.record_attempts(batch.records).await
-        };
-        WriteOutcome {
-            messages: batch.messages,
-            accepted,
-            recorded,
-        }
-    }
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome;
 
     /// How many queued messages are in each state at `now`, for metrics and status.
     /// The default counts through `list_queue`; backends override it with one query.

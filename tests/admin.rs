@@ -14,16 +14,6 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 use sink::{Sink, SinkConfig, StartTls};
 
-fn admin_addr(d: &mut Daemon) -> SocketAddr {
-    let line = d.wait_for_log("admin endpoint listening on", Duration::from_secs(10));
-    let rest = line.rsplit("listening on ").next().unwrap();
-    let addr: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
-        .collect();
-    addr.parse().unwrap()
-}
-
 fn http_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -95,7 +85,7 @@ async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
         sink.port(),
         reports.port()
     ));
-    let admin = admin_addr(&mut d);
+    let admin = d.admin_addr();
     assert!(d
         .admin(&["domain", "add", "example.test"], None)
         .0
@@ -212,7 +202,7 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
          server_smtp_retry_interval: [\"1h\"]\n\
          server_smtp_timeout: \"3s\"\n"
     ));
-    let admin = admin_addr(&mut d);
+    let admin = d.admin_addr();
     let mut s = d.connect();
     assert!(s.cmd("EHLO t.test").starts_with("250"));
     let r = s.send_mail("a@t.test", &["b@far.test"], "Subject: t\r\n\r\nx\r\n");
@@ -250,7 +240,7 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
 #[test]
 fn erlmail_status_prints_tree_queue_and_counters() {
     let mut d = Daemon::start("admin_listen: \"127.0.0.1:0\"\n");
-    let admin = admin_addr(&mut d);
+    let admin = d.admin_addr();
     let config = d.dir.path().join("status.yaml");
     std::fs::write(&config, format!("admin_listen: \"{admin}\"\n")).unwrap();
     let (status, out, err) = daemon::erlmail(&config, &["status"], None);

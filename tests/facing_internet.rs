@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use daemon::Daemon;
+use daemon::{b64, Daemon};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -244,17 +244,6 @@ async fn a_crowd_and_200_drippers_cannot_lock_out_a_good_client() {
     );
 }
 
-/// The admin endpoint's address, from the log.
-fn admin_addr(d: &mut Daemon) -> SocketAddr {
-    let line = d.wait_for_log("admin endpoint listening on", Duration::from_secs(10));
-    let rest = line.rsplit("listening on ").next().unwrap();
-    let addr: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
-        .collect();
-    addr.parse().unwrap()
-}
-
 /// One sample of a counter from `/metrics`, `name{labels}` as written by the exporter.
 fn metric(admin: SocketAddr, sample: &str) -> f64 {
     use std::io::{Read, Write};
@@ -276,7 +265,7 @@ async fn per_client_limit_refuses_with_421_logged_once_and_counted() {
          server_smtp_relay_clients: [\"127.0.0.21/32\"]\n\
          admin_listen: \"127.0.0.1:0\"\n",
     );
-    let admin = admin_addr(&mut d);
+    let admin = d.admin_addr();
     let addr = d.addr;
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -513,24 +502,6 @@ async fn tls_client(from: Ipv4Addr, port: u16) -> Client {
             }
         }
     }
-}
-
-fn b64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn auth_plain(user: &str, password: &str) -> String {

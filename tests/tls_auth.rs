@@ -15,7 +15,7 @@ mod sink;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use daemon::Daemon;
+use daemon::{b64, Daemon};
 use peers::{require, run};
 use sink::{Sink, SinkConfig, StartTls};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -26,25 +26,6 @@ const BOB: &str = "bob@local.test";
 /// Distinctive, so the log check cannot match anything else.
 const PASSWORD: &str = "Zq7-horse-Battery!staple";
 const REMOTE: &str = "someone@remote.test";
-
-/// The standard base64 encoding (for the log check and AUTH PLAIN by hand).
-fn b64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 /// A daemon with a test certificate, a relay host and user bob; not a relay client
 /// (the relay list is empty), logging at trace level.

@@ -183,12 +183,7 @@ impl QueueState {
 
     /// Give a lease back to the store (the message is claimed again later).
     fn release(&self, id: String) {
-        if let Some(cell) = ractor::registry::where_is(super::STORE) {
-            let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
-                id,
-                node: self.owner.clone(),
-            }));
-        }
+        sender::release_lease(id, self.owner.clone());
     }
 
     /// Give these leases back and wait until the store has done so: when the daemon

@@ -101,7 +101,7 @@ impl Actor for Sender {
         if state.args.check_first && !still_ours(&state.args).await {
             info!(path = %state.args.path, queue_id = %state.args.message.id,
                 "no longer ours to try (deleted, held or lapsed while waiting); not tried");
-            release(&state.args);
+            release_lease(state.args.message.id.clone(), state.args.owner.clone());
             myself.stop(None);
             return Ok(());
         }
@@ -112,24 +112,12 @@ impl Actor for Sender {
         state.renewer = Some(start_renewer(&state.args, go_ahead.clone()));
         // The lease is renewed until the result is recorded: recording may have to wait
         // for the store, and the message must stay ours meanwhile.
-        if let Some(record) = attempt(&state.args, &go_ahead).await {
-            let owed: Vec<(String, String)> = record
-                .notifications
-                .iter()
-                .map(|n| {
-                    let to = n
-                        .local_rcpts
-                        .first()
-                        .cloned()
-                        .or_else(|| n.remote_rcpts.first().map(|r| r.address.clone()))
-                        .unwrap_or_default();
-                    (to, n.subject.clone().unwrap_or_default())
-                })
-                .collect();
+        if let Some((record, owed)) = attempt(&state.args, &go_ahead).await {
+            // Notifications are counted once they are committed, with the record.
             if record_attempt(&state.args, record).await {
-                for (to, kind) in owed {
-                    metrics::counter!(names::DSNS, "kind" => dsn_kind_label(&kind)).increment(1);
-                    info!(path = %state.args.path, queue_id = %state.args.message.id, to = %to, kind = dsn_kind_label(&kind),
+                for (kind, to) in owed {
+                    metrics::counter!(names::DSNS, "kind" => kind.action()).increment(1);
+                    info!(path = %state.args.path, queue_id = %state.args.message.id, to = %to, kind = kind.action(),
                         "delivery status notification queued");
                 }
             }
@@ -160,13 +148,11 @@ async fn still_ours(args: &SenderArgs) -> bool {
     )
 }
 
-/// Give our lease back without recording a try (nothing happens if it is not ours).
-fn release(args: &SenderArgs) {
+/// Give the lease on message `id` back without recording a try (nothing happens if it
+/// is not `node`'s); the message falls due at once.
+pub(crate) fn release_lease(id: String, node: String) {
     if let Some(cell) = ractor::registry::where_is(super::STORE) {
-        let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release {
-            id: args.message.id.clone(),
-            node: args.owner.clone(),
-        }));
+        let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release { id, node }));
     }
 }
 
@@ -247,9 +233,12 @@ fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task:
 }
 
 /// One delivery attempt: deliver, apply the retry policy, build the notifications owed
-/// (they commit with the record). `None`
-/// when the lease was lost on the way: the message is not ours to record any more.
-async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<AttemptRecord> {
+/// (they commit with the record; their kinds and addressees come back beside it for the
+/// log). `None` when the lease was lost on the way: the message is not ours to record.
+async fn attempt(
+    args: &SenderArgs,
+    go_ahead: &outbound::GoAhead,
+) -> Option<(AttemptRecord, Vec<(DsnKind, String)>)> {
     let msg = &args.message;
     let config = &args.config;
     let rcpts: Vec<String> = msg.rcpts.iter().map(|r| r.address.clone()).collect();
@@ -294,6 +283,7 @@ async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<Atte
     let now = super::store_now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
     let mut plan = plan_attempt(msg, &results, config, now);
+    let mut owed = Vec::new();
     // The notifications travel with the record and commit with it (see AttemptRecord).
     for (kind, dsn_rcpts) in [
         (DsnKind::Failure, &plan.failed),
@@ -302,6 +292,7 @@ async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<Atte
     ] {
         if !dsn_rcpts.is_empty() {
             if let Some(dsn) = notification(args, kind, dsn_rcpts.clone(), now).await {
+                owed.push((kind, msg.sender.clone()));
                 plan.record.notifications.push(dsn);
             }
         }
@@ -323,7 +314,7 @@ async fn attempt(args: &SenderArgs, go_ahead: &outbound::GoAhead) -> Option<Atte
             r.status.describe()
         );
     }
-    Some(plan.record)
+    Some((plan.record, owed))
 }
 
 fn outcome_word(s: &RcptStatus) -> &'static str {
@@ -523,14 +514,6 @@ async fn notification(
         body,
     };
     Some(dsn)
-}
-
-/// The metric label of a notification, from its subject (what `DsnKind::subject` wrote).
-fn dsn_kind_label(subject: &str) -> &'static str {
-    [DsnKind::Failure, DsnKind::Delay, DsnKind::Success]
-        .into_iter()
-        .find(|k| k.subject() == subject)
-        .map_or("failed", |k| k.action())
 }
 
 /// Record the attempt through the store actor (which also clears our lease); whether it

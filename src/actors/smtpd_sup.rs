@@ -312,14 +312,7 @@ impl Actor for SmtpdSup {
             if state.draining.is_some() {
                 return Ok(());
             }
-            let path = child_path(&state.path, super::ANVIL);
-            error!(path = %path, reason = failure.as_deref().unwrap_or("terminated"), "child failed");
-            if !state.intensity.allow(Instant::now()) {
-                return Err(format!("{path}: restart intensity exceeded").into());
-            }
-            super::wait_unregistered(super::ANVIL).await;
-            warn!(path = %path, "restarting");
-            metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
+            let path = before_restart(state, super::ANVIL, failure.as_deref()).await?;
             let anvil = spawn_anvil(&myself, &state.config, &state.path).await?;
             // The counts were only memory: tell the new anvil which sessions are open.
             let open: Vec<IpAddr> = state.sessions.values().filter_map(|s| s.2).collect();
@@ -339,21 +332,31 @@ impl Actor for SmtpdSup {
         if state.draining.is_some() {
             return Ok(());
         }
-        let name = listener_name(tls);
-        let path = child_path(&state.path, name);
-        error!(path = %path, reason = failure.as_deref().unwrap_or("terminated"), "child failed");
-        if !state.intensity.allow(Instant::now()) {
-            // Escalate: our own failure lets the root decide.
-            return Err(format!("{path}: restart intensity exceeded").into());
-        }
-        super::wait_unregistered(name).await;
-        warn!(path = %path, "restarting");
-        metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
+        let path = before_restart(state, listener_name(tls), failure.as_deref()).await?;
         let cell = spawn_listener(&myself, &state.config, &state.path, tls).await?;
         state.listeners.push((tls, cell));
         info!(path = %path, "restarted");
         Ok(())
     }
+}
+
+/// A permanent child `name` ended: log it, and either escalate (restart intensity spent:
+/// our own failure lets the root decide) or make way for its successor (its registry
+/// name freed, the restart logged and counted). Returns the child's path.
+async fn before_restart(
+    state: &mut SmtpdSupState,
+    name: &str,
+    failure: Option<&str>,
+) -> Result<String, ActorProcessingErr> {
+    let path = child_path(&state.path, name);
+    error!(path = %path, reason = failure.unwrap_or("terminated"), "child failed");
+    if !state.intensity.allow(Instant::now()) {
+        return Err(format!("{path}: restart intensity exceeded").into());
+    }
+    super::wait_unregistered(name).await;
+    warn!(path = %path, "restarting");
+    metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
+    Ok(path)
 }
 
 /// How long `smtpd_sup` waits for anvil's verdict before admitting the client anyway

@@ -252,11 +252,7 @@ impl PostgresStore {
     /// reconnects by itself after an outage; notices sent meanwhile are lost, which the
     /// periodic due scan covers). `wake_ups` runs one for the queue.
     pub async fn queue_listener(&self) -> StoreResult<sqlx::postgres::PgListener> {
-        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
-            .await
-            .map_err(db_err)?;
-        l.listen(QUEUE_CHANNEL).await.map_err(db_err)?;
-        Ok(l)
+        queue_listener(&self.pool).await
     }
 
     /// Close every connection (waits for those in use).
@@ -357,6 +353,15 @@ fn db_err(e: sqlx::Error) -> StoreError {
 
 /// Queue `NOTIFY`s on `QUEUE_CHANNEL` inside the caller's transaction, one per payload;
 /// PostgreSQL delivers them when (and only if) it commits.
+/// A listener on `QUEUE_CHANNEL` over a connection of `pool`.
+async fn queue_listener(pool: &PgPool) -> StoreResult<sqlx::postgres::PgListener> {
+    let mut l = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .map_err(db_err)?;
+    l.listen(QUEUE_CHANNEL).await.map_err(db_err)?;
+    Ok(l)
+}
+
 async fn notify(conn: &mut PgConnection, payloads: &[&str]) -> StoreResult<()> {
     sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::TEXT[]) AS p")
         .bind(QUEUE_CHANNEL)
@@ -1047,21 +1052,21 @@ impl MessageStore for PostgresStore {
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
-        // "Due now" by the database's clock, not this host's (hosts' clocks differ).
+        // "Due now" by the database's clock, not this host's (hosts' clocks differ); what
+        // was given back wakes the other nodes, in the same statement.
         sqlx::query(concat!(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+            "WITH freed AS (UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
                  next_retry_at = LEAST(next_retry_at, ",
             db_now!(),
-            ") WHERE id = $1 AND lock_owner = $2"
+            ") WHERE id = $1 AND lock_owner = $2 RETURNING id)
+             SELECT pg_notify($3, id) FROM freed"
         ))
         .bind(id)
         .bind(node)
+        .bind(QUEUE_CHANNEL)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        // Given back and due: any node may take it now.
-        let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        notify(&mut conn, &[id]).await?;
         Ok(())
     }
 
@@ -1090,21 +1095,15 @@ impl MessageStore for PostgresStore {
         tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             while !tx.is_closed() {
-                let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                let mut listener = match queue_listener(&pool).await {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::warn!(error = %e, "queue notifications: cannot connect; the periodic scan covers meanwhile");
+                        tracing::warn!(error = %e, "queue notifications: cannot listen; the periodic scan covers meanwhile");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
                         continue;
                     }
                 };
-                if let Err(e) = listener.listen(QUEUE_CHANNEL).await {
-                    tracing::warn!(error = %e, "queue notifications: LISTEN failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
-                    continue;
-                }
                 backoff = std::time::Duration::from_millis(100);
                 // After a (re)connection something may have been missed: wake once.
                 let _ = tx.try_send(());

@@ -165,6 +165,10 @@ fn run_batch(
     // message's savepoint rolls back that message only.
     let mut accepted = Vec::with_capacity(batch.messages.len());
     for m in &batch.messages {
+        if !isolate {
+            accepted.push(Ok(accept_one(&tx, m, batch.lease.as_ref())?));
+            continue;
+        }
         let sp = tx.savepoint().map_err(sql_err)?;
         match accept_one(&sp, m, batch.lease.as_ref()) {
             Ok(a) => {
@@ -172,8 +176,7 @@ fn run_batch(
                 accepted.push(Ok(a));
             }
             // Dropping the savepoint rolls it back.
-            Err(e) if isolate => accepted.push(Err(e)),
-            Err(e) => return Err(e),
+            Err(e) => accepted.push(Err(e)),
         }
     }
     let recorded = if batch.records.is_empty() {

@@ -44,6 +44,26 @@ pub fn erlmail(config: &Path, args: &[&str], stdin: Option<&str>) -> (ExitStatus
     )
 }
 
+/// The standard base64 encoding (AUTH PLAIN by hand, and looking for a secret's
+/// encoding in logs).
+pub fn b64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// A running `erlmail serve`.
 pub struct Daemon {
     /// The child process.
@@ -234,6 +254,17 @@ impl Daemon {
     /// Run an admin command against this daemon's configuration.
     pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> (ExitStatus, String, String) {
         erlmail(&self.config, args, stdin)
+    }
+
+    /// The admin endpoint's address (`admin_listen` with port 0), from the log.
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_log("admin endpoint listening on", Duration::from_secs(10));
+        let rest = line.rsplit("listening on ").next().unwrap();
+        let addr: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
+            .collect();
+        addr.parse().unwrap()
     }
 
     /// Open an SMTP connection and read the greeting.
