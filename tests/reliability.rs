@@ -219,21 +219,34 @@ fn kill_9_run(case: &str, store_yaml: &str) {
     max_rss = max_rss.max(chaos::rss_kb(d.child.id()));
     let arrivals = sink.arrivals();
     let t = chaos::tally(&ledger, &sink.datas(), pad);
-    // Attribute each duplicate to the kill between its first and second arrival.
+    // Attribute each duplicate to a kill that fell between the start of one copy's
+    // transaction and the arrival of the next: the first copy was on the wire (or
+    // arrived) when its sender was killed. The sink stamps an arrival when it reads the
+    // final dot, which for a copy written just before the kill can come after it.
     let mut per_kill = vec![0usize; kill_log.len()];
     for seq in &t.duplicated {
-        let times: Vec<Instant> = arrivals
+        let copies: Vec<(Instant, Instant)> = arrivals
             .iter()
             .filter(|a| chaos::seq_of(&a.data) == Some(*seq))
-            .map(|a| a.at)
+            .map(|a| (a.started, a.at))
             .collect();
-        for pair in times.windows(2) {
+        for pair in copies.windows(2) {
             let k = kill_log
                 .iter()
-                .position(|(at, _, _)| *at > pair[0] && *at < pair[1]);
+                .position(|(at, _, _)| *at > pair[0].0 && *at < pair[1].1);
+            let t0 = kill_log[0].0;
+            let ms = |t: Instant| t.saturating_duration_since(t0).as_millis();
             match k {
                 Some(k) => per_kill[k] += 1,
-                None => panic!("message {seq} delivered twice with no kill in between"),
+                None => panic!(
+                    "message {seq} delivered twice with no kill in between: copies (started, \
+                     arrived) {:?} ms, kills {:?} ms",
+                    copies
+                        .iter()
+                        .map(|&(s, a)| (ms(s), ms(a)))
+                        .collect::<Vec<_>>(),
+                    kill_log.iter().map(|k| ms(k.0)).collect::<Vec<_>>()
+                ),
             }
         }
     }

@@ -28,6 +28,8 @@ use sqlx::Row;
 use super::password::is_phc_hash;
 use super::*;
 
+mod batch;
+
 /// Connections per node unless the URL says `pool_size=N`. Each sender, session commit
 /// and admin command holds one only for a statement or a short transaction.
 pub const DEFAULT_POOL_SIZE: u32 = 10;
@@ -232,6 +234,62 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(db_err)?;
         Ok(out)
+    }
+
+    /// The group commit the quick way ([`batch`]): the messages in one statement, the
+    /// records in one more (or one by one where they owe notifications), in one
+    /// transaction, or in none when one statement is all there is. `Err`: nothing was
+    /// committed.
+    async fn commit_fast(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+        records: &[(String, String, AttemptRecord)],
+    ) -> StoreResult<(Vec<StoreResult<Accepted>>, Vec<StoreResult<()>>)> {
+        let plain = batch::plain_records(records);
+        if records.is_empty() || (messages.is_empty() && plain) {
+            // One statement: it commits on its own.
+            let mut conn = self.pool.acquire().await.map_err(db_err)?;
+            return if records.is_empty() {
+                Ok((
+                    batch::accept_all(&mut conn, messages, lease).await?,
+                    Vec::new(),
+                ))
+            } else {
+                Ok((Vec::new(), batch::record_all(&mut conn, records).await?))
+            };
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let done = async {
+            let accepted = if messages.is_empty() {
+                Vec::new()
+            } else {
+                batch::accept_all(&mut tx, messages, lease).await?
+            };
+            let recorded = if plain {
+                batch::record_all(&mut tx, records).await?
+            } else {
+                let mut out = Vec::with_capacity(records.len());
+                for (id, node, record) in records {
+                    out.push(record_one(&mut tx, id, node, record).await?);
+                }
+                out
+            };
+            Ok::<_, StoreError>((accepted, recorded))
+        }
+        .await;
+        match done {
+            Ok(done) => {
+                tx.commit().await.map_err(db_err)?;
+                Ok(done)
+            }
+            Err(e) => {
+                // Roll back now, not when the connection is next used: until then the
+                // row locks taken would hold up the redo and other nodes' claims.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }
 
     /// The schema version of the database (the last migration applied).
@@ -620,6 +678,86 @@ async fn accept_one(
     })
 }
 
+/// One attempt's record inside the caller's transaction (see
+/// `MessageStore::record_attempt`). The inner `Err` (`Invalid`): the lease was lost or
+/// the message is gone, and nothing was changed; the outer: the database failed, or a
+/// notification could not be queued (the caller must roll back).
+async fn record_one(
+    conn: &mut PgConnection,
+    id: &str,
+    node: &str,
+    outcome: &AttemptRecord,
+) -> StoreResult<StoreResult<()>> {
+    // FOR UPDATE: no other node can claim the row between this check and our commit.
+    let owner: Option<Option<String>> =
+        sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    let refused = match owner {
+        None => Some(format!("no queued message {id}")),
+        Some(owner) if owner.as_deref() != Some(node) => Some(format!(
+            "queued message {id} is not locked by {node} (lease lost)"
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = refused {
+        return Ok(Err(StoreError::Invalid(why)));
+    }
+    let at = ms(outcome.at);
+    for (address, state, response) in &outcome.rcpt_results {
+        sqlx::query(
+            "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
+             WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
+        )
+        .bind(state.as_str())
+        .bind(response)
+        .bind(at)
+        .bind(id)
+        .bind(address)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    }
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if pending == 0 {
+        sqlx::query("DELETE FROM outgoing WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    } else {
+        sqlx::query(
+            "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
+                 next_retry_at = COALESCE($3, next_retry_at),
+                 lock_owner = NULL, lock_expires_at = NULL
+             WHERE id = $4",
+        )
+        .bind(at)
+        .bind(&outcome.error)
+        .bind(outcome.next_retry_at.map(ms))
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    }
+    // The notifications this attempt owes commit with its record, or not at all (they
+    // are queued unleased, and wake the other nodes).
+    if !outcome.notifications.is_empty() {
+        for queued in batch::accept_all(conn, &outcome.notifications, None).await? {
+            queued?;
+        }
+    }
+    Ok(Ok(()))
+}
+
 #[async_trait::async_trait]
 impl MessageStore for PostgresStore {
     fn backend(&self) -> &'static str {
@@ -802,19 +940,44 @@ impl MessageStore for PostgresStore {
     }
 
     async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
-        let accepted = if batch.messages.is_empty() {
+        let WriteBatch {
+            messages,
+            lease,
+            records,
+        } = batch;
+        match self.commit_fast(&messages, lease.as_ref(), &records).await {
+            Ok((accepted, recorded)) => {
+                return WriteOutcome {
+                    messages,
+                    accepted: Ok(accepted),
+                    recorded: Ok(recorded),
+                }
+            }
+            // The database is unreachable or full: the careful way would fare no better,
+            // and the sessions must have their 451 now.
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Full(_))) => {
+                return WriteOutcome {
+                    messages,
+                    accepted: Err(e.clone()),
+                    recorded: Err(e),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "group commit redone one message at a time");
+            }
+        }
+        let accepted = if messages.is_empty() {
             Ok(Vec::new())
         } else {
-            self.accept_isolated(&batch.messages, batch.lease.as_ref())
-                .await
+            self.accept_isolated(&messages, lease.as_ref()).await
         };
-        let recorded = if batch.records.is_empty() {
+        let recorded = if records.is_empty() {
             Ok(Vec::new())
         } else {
-            self.record_attempts(batch.records).await
+            self.record_attempts(records).await
         };
         WriteOutcome {
-            messages: batch.messages,
+            messages,
             accepted,
             recorded,
         }
@@ -973,80 +1136,12 @@ impl MessageStore for PostgresStore {
         outcome: AttemptRecord,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        // FOR UPDATE: no other node can claim the row between this check and our commit.
-        let owner: Option<Option<String>> =
-            sqlx::query_scalar("SELECT lock_owner FROM outgoing WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        let refused = match owner {
-            None => Some(format!("no queued message {id}")),
-            Some(owner) if owner.as_deref() != Some(node) => Some(format!(
-                "queued message {id} is not locked by {node} (lease lost)"
-            )),
-            Some(_) => None,
-        };
-        if let Some(why) = refused {
+        if let Err(refused) = record_one(&mut tx, id, node, &outcome).await? {
             // Roll back now: a dropped transaction is rolled back only when its
             // connection is next used, and until then its FOR UPDATE lock makes a claim
             // (SKIP LOCKED) on another connection pass over the row.
             tx.rollback().await.map_err(db_err)?;
-            return Err(StoreError::Invalid(why));
-        }
-        let at = ms(outcome.at);
-        for (address, state, response) in &outcome.rcpt_results {
-            sqlx::query(
-                "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
-                 WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
-            )
-            .bind(state.as_str())
-            .bind(response)
-            .bind(at)
-            .bind(id)
-            .bind(address)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if pending == 0 {
-            sqlx::query("DELETE FROM outgoing WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        } else {
-            sqlx::query(
-                "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
-                     next_retry_at = COALESCE($3, next_retry_at),
-                     lock_owner = NULL, lock_expires_at = NULL
-                 WHERE id = $4",
-            )
-            .bind(at)
-            .bind(&outcome.error)
-            .bind(outcome.next_retry_at.map(ms))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        }
-        // The notifications this attempt owes commit with its record, or not at all.
-        let mut queued = Vec::new();
-        for n in &outcome.notifications {
-            if let Some(q) = accept_one(&mut tx, n, None).await?.queue_id {
-                queued.push(q);
-            }
-        }
-        if !queued.is_empty() {
-            let ids: Vec<&str> = queued.iter().map(String::as_str).collect();
-            notify(&mut tx, &ids).await?;
+            return Err(refused);
         }
         tx.commit().await.map_err(db_err)
     }

@@ -457,6 +457,9 @@ pub struct FaultRule {
 pub struct Arrival {
     /// When the 250 went out.
     pub at: Instant,
+    /// When its MAIL FROM came: a copy whose sender is killed mid-transaction can still
+    /// arrive (the kernel delivers what was written) after the kill.
+    pub started: Instant,
     /// MAIL FROM.
     pub mail_from: String,
     /// Accepted recipients.
@@ -613,6 +616,7 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
         .write_all(b"220 faults.test ESMTP fault sink\r\n")
         .await?;
     let mut mail: Option<String> = None;
+    let mut started = Instant::now();
     let mut rcpts: Vec<String> = Vec::new();
     let mut line = Vec::new();
     loop {
@@ -633,6 +637,7 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 let a = text[10..].trim();
                 let a = a.split_whitespace().next().unwrap_or("");
                 mail = Some(a.trim_start_matches('<').trim_end_matches('>').to_string());
+                started = Instant::now();
                 rcpts.clear();
                 "250 2.1.0 Ok".into()
             }
@@ -705,6 +710,7 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 }
                 s.state.lock().unwrap().arrivals.push(Arrival {
                     at: Instant::now(),
+                    started,
                     mail_from: mail.take().unwrap_or_default(),
                     rcpts: std::mem::take(&mut rcpts),
                     data,
