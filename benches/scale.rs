@@ -5,7 +5,7 @@
 //! It drives the library's `MessageStore` exactly as `smtpd_queue` does through the store
 //! actor (same node/lease/limit arguments), on a real file with the daemon's pragmas
 //! (WAL, `synchronous=FULL`). It must not change the store's code or schema: the only SQL
-//! it runs itself is the set-up (making messages deferred or due) on a second pool.
+//! it runs itself is the set-up (making messages deferred or due) on a second connection.
 //!
 //! A `harness = false` bench, run by `scripts/bench-scale` (or by hand:
 //! `cargo bench --bench scale`). Settings come from the environment:
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::Utc;
 use erlmail::store::{self, IncomingMessage, OutgoingRcpt, SharedStore};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use rusqlite::{params, Connection};
 
 /// Node name stamped by the claims (any string; the daemon uses `node:pid`).
 const NODE: &str = "scale-bench:1";
@@ -65,35 +65,28 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-/// A second pool on the same file for the set-up statements (WAL lets it share the file
-/// with the store's own pool).
-async fn raw_pool(path: &Path) -> anyhow::Result<SqlitePool> {
-    let opts = SqliteConnectOptions::new()
-        .filename(path)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(30));
-    Ok(SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await?)
+/// A second connection on the same file for the set-up statements (WAL lets it share the
+/// file with the store's own connections).
+fn raw_conn(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    Ok(conn)
 }
 
 /// Whether the file already holds `n` queued messages, all deferred and unlocked.
-async fn is_ready(path: &Path, n: usize) -> anyhow::Result<bool> {
+fn is_ready(path: &Path, n: usize) -> anyhow::Result<bool> {
     if !path.is_file() {
         return Ok(false);
     }
-    let pool = raw_pool(path).await?;
-    let total: Result<i64, _> = sqlx::query_scalar("SELECT COUNT(*) FROM outgoing")
-        .fetch_one(&pool)
-        .await;
-    let not_deferred: Result<i64, _> = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM outgoing WHERE next_retry_at < $1 OR lock_owner IS NOT NULL",
-    )
-    .bind(now_ms() + FAR_FUTURE_MS / 2)
-    .fetch_one(&pool)
-    .await;
-    pool.close().await;
+    let conn = raw_conn(path)?;
+    let total: Result<i64, _> = conn.query_row("SELECT COUNT(*) FROM outgoing", [], |r| r.get(0));
+    let not_deferred: Result<i64, _> = conn.query_row(
+        "SELECT COUNT(*) FROM outgoing WHERE next_retry_at < ?1 OR lock_owner IS NOT NULL",
+        [now_ms() + FAR_FUTURE_MS / 2],
+        |r| r.get(0),
+    );
+    drop(conn);
     Ok(matches!((total, not_deferred), (Ok(t), Ok(0)) if usize::try_from(t) == Ok(n)))
 }
 
@@ -147,26 +140,27 @@ async fn fill(path: &Path, n: usize) -> anyhow::Result<f64> {
         }
     }
     drop(store);
-    let pool = raw_pool(path).await?;
+    let conn = raw_conn(path)?;
     let t1 = Instant::now();
-    let r = sqlx::query(
-        "UPDATE outgoing SET tries = 1, last_try_at = $1, next_retry_at = $2, \
+    let deferred = conn.execute(
+        "UPDATE outgoing SET tries = 1, last_try_at = ?1, next_retry_at = ?2, \
          last_error = 'scale bench: deferred'",
-    )
-    .bind(now_ms())
-    .bind(now_ms() + FAR_FUTURE_MS)
-    .execute(&pool)
-    .await?;
+        params![now_ms(), now_ms() + FAR_FUTURE_MS],
+    )?;
     eprintln!(
-        "scale: deferred {} messages in {:.1} s",
-        r.rows_affected(),
+        "scale: deferred {deferred} messages in {:.1} s",
         t1.elapsed().as_secs_f64()
     );
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&pool)
-        .await?;
-    pool.close().await;
+    checkpoint(&conn)?;
+    drop(conn);
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Fold the WAL back into the database file and truncate it.
+fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
+    // The pragma answers with a row (busy, log and checkpointed page counts).
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -211,27 +205,24 @@ async fn idle_ticks(store: &SharedStore, runs: usize) -> anyhow::Result<Vec<f64>
 /// `record_attempt` would) so the next round sees the same queue shape.
 async fn claims(
     store: &SharedStore,
-    pool: &SqlitePool,
+    conn: &Connection,
     runs: usize,
     n: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::with_capacity(runs);
     let stride = (n / runs.max(1)).max(CLAIM_LIMIT);
     for round in 0..runs {
-        let made = sqlx::query(
-            "UPDATE outgoing SET next_retry_at = $1 WHERE rowid IN \
-             (SELECT rowid FROM outgoing ORDER BY rowid LIMIT $2 OFFSET $3)",
-        )
-        .bind(now_ms() - 1_000)
-        .bind(CLAIM_LIMIT as i64)
-        .bind(((round * stride) % n.saturating_sub(CLAIM_LIMIT).max(1)) as i64)
-        .execute(pool)
-        .await?;
-        if made.rows_affected() != CLAIM_LIMIT as u64 {
-            bail!(
-                "made {} messages due, not {CLAIM_LIMIT}",
-                made.rows_affected()
-            );
+        let made = conn.execute(
+            "UPDATE outgoing SET next_retry_at = ?1 WHERE rowid IN \
+             (SELECT rowid FROM outgoing ORDER BY rowid LIMIT ?2 OFFSET ?3)",
+            params![
+                now_ms() - 1_000,
+                CLAIM_LIMIT as i64,
+                ((round * stride) % n.saturating_sub(CLAIM_LIMIT).max(1)) as i64
+            ],
+        )?;
+        if made != CLAIM_LIMIT {
+            bail!("made {made} messages due, not {CLAIM_LIMIT}");
         }
         let t = Instant::now();
         let got = store
@@ -242,33 +233,32 @@ async fn claims(
             bail!("claimed {} messages, not {CLAIM_LIMIT}", got.len());
         }
         // Put them back: deferred, unlocked. The index on next_retry_at finds them.
-        sqlx::query(
-            "UPDATE outgoing SET next_retry_at = $1, lock_owner = NULL, lock_expires_at = NULL \
-             WHERE next_retry_at <= $2",
-        )
-        .bind(now_ms() + FAR_FUTURE_MS)
-        .bind(now_ms())
-        .execute(pool)
-        .await?;
+        conn.execute(
+            "UPDATE outgoing SET next_retry_at = ?1, lock_owner = NULL, lock_expires_at = NULL \
+             WHERE next_retry_at <= ?2",
+            params![now_ms() + FAR_FUTURE_MS, now_ms()],
+        )?;
     }
     Ok(times)
 }
 
 /// SQLite's plan for the claim's inner select, so a full scan would be visible.
-async fn claim_plan(pool: &SqlitePool) -> anyhow::Result<String> {
-    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+fn claim_plan(conn: &Connection) -> anyhow::Result<String> {
+    let mut stmt = conn.prepare(
         "EXPLAIN QUERY PLAN SELECT id FROM outgoing \
          WHERE next_retry_at <= 1 AND held = 0 \
            AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= 1) \
          ORDER BY next_retry_at, id LIMIT 100",
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; "))
+    )?;
+    // Rows of (id, parent, notused, detail).
+    let details = stmt
+        .query_map([], |r| r.get::<_, String>(3))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(details.join("; "))
 }
 
 async fn run(s: Settings) -> anyhow::Result<serde_json::Value> {
-    let fill_seconds = if is_ready(&s.db, s.messages).await? {
+    let fill_seconds = if is_ready(&s.db, s.messages)? {
         eprintln!(
             "scale: reusing {} ({} deferred messages)",
             s.db.display(),
@@ -286,14 +276,14 @@ async fn run(s: Settings) -> anyhow::Result<serde_json::Value> {
     let store = store::open(&format!("sqlite://{}", s.db.display()))
         .await
         .context("opening the filled store")?;
-    let pool = raw_pool(&s.db).await?;
-    let plan = claim_plan(&pool).await?;
+    let conn = raw_conn(&s.db)?;
+    let plan = claim_plan(&conn)?;
 
     // A few untimed rounds first: the pool's connections are opened lazily.
     idle_ticks(&store, 5).await?;
     let (idle_med, idle_p99, idle_max) = summary(idle_ticks(&store, s.idle_runs).await?);
     let (claim_med, claim_p99, claim_max) =
-        summary(claims(&store, &pool, s.claim_runs, s.messages).await?);
+        summary(claims(&store, &conn, s.claim_runs, s.messages).await?);
 
     // The same idle tick on an empty store, as the baseline.
     let empty_dir =
@@ -305,10 +295,8 @@ async fn run(s: Settings) -> anyhow::Result<serde_json::Value> {
     let _ = std::fs::remove_dir_all(&empty_dir);
 
     drop(store);
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&pool)
-        .await?;
-    pool.close().await;
+    checkpoint(&conn)?;
+    drop(conn);
     let db_bytes = std::fs::metadata(&s.db).map(|m| m.len()).unwrap_or(0);
     Ok(serde_json::json!({
         "messages": s.messages,

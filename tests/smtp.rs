@@ -203,24 +203,12 @@ fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     );
     // Make the outgoing insert fail inside the transaction that also delivers locally.
     let db = d.dir.path().join("spool/erlmail.db");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        use sqlx::ConnectOptions;
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .connect()
-            .await
-            .unwrap();
-        sqlx::query(
-            "CREATE TRIGGER fail_outgoing BEFORE INSERT ON outgoing BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    });
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER fail_outgoing BEFORE INSERT ON outgoing BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    )
+    .unwrap();
+    drop(conn);
     let mut s = d.connect();
     assert!(s.cmd("EHLO c.test").starts_with("250"));
     assert!(s.cmd("MAIL FROM:<x@c.test>").starts_with("250"));

@@ -1,14 +1,19 @@
 //! The embedded SQLite backend of `MessageStore`: one file in the spool directory.
 //!
-//! Owns the connection pool, the schema migrations (`migrations/sqlite/*.sql`, embedded,
-//! versioned in `erlmail_schema`) and every SQL statement against the file. The file is in
-//! WAL mode with `synchronous=FULL`, so a committed transaction survives a power cut;
-//! several erlmail processes may share it: every write transaction starts with
-//! `BEGIN IMMEDIATE` (it takes the write lock up front, so two writers never deadlock on
-//! a lock upgrade) and waits out a busy file for `BUSY_TIMEOUT`. Queue claims are one
-//! `UPDATE ... WHERE id IN (SELECT ... LIMIT n) RETURNING id` inside such a transaction,
-//! so no row is given to two processes. Times are unix milliseconds. It must not decide
-//! policy (retry schedule, who is local): callers pass those in.
+//! Owns the schema migrations (`migrations/sqlite/*.sql`, embedded, versioned in
+//! `erlmail_schema`) and every SQL statement against the file. It talks to SQLite through
+//! rusqlite only, whose calls block: reads and the writes that need no lock of ours run
+//! on tokio's blocking threads with a small pool of connections ([`Pool`]); the writes
+//! that read and then write (claims, leases, users, migrations) and the group commits run
+//! on the writer thread of `sqlite_writer`, one connection that this process writes
+//! through under its writer lock. The file is in WAL mode with `synchronous=FULL`, so a
+//! committed transaction survives a power cut; several erlmail processes may share it:
+//! every write transaction starts with `BEGIN IMMEDIATE` (it takes the write lock up
+//! front, so two writers never deadlock on a lock upgrade) and waits out a busy file for
+//! `BUSY_TIMEOUT`. Queue claims are one `UPDATE ... WHERE id IN (SELECT ... LIMIT n)
+//! RETURNING id` inside such a transaction, so no row is given to two processes. Times
+//! are unix milliseconds. It must not decide policy (retry schedule, who is local):
+//! callers pass those in.
 
 use super::common::{
     from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, opt_from_ms,
@@ -16,16 +21,14 @@ use super::common::{
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
-};
-use sqlx::Row;
+use rusqlite::{params, Connection, Params, Row, TransactionBehavior};
 
 use super::password::is_phc_hash;
+use super::sqlite_writer::{open_connection, sql_err, Writer};
 use super::*;
 
 /// How long a statement waits for another process's write lock before failing as
@@ -33,9 +36,12 @@ use super::*;
 /// while, and an SMTP client waits minutes for the reply to DATA anyway.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Connections per process. SQLite has one writer at a time; a few connections let reads
-/// (listings, user look-ups) proceed beside a write.
-const POOL_SIZE: u32 = 4;
+/// Connections per process in the pool. SQLite has one writer at a time; a few
+/// connections let reads (listings, user look-ups) proceed beside a write.
+const POOL_SIZE: usize = 4;
+
+/// How long a caller waits for a free pool connection before failing as `Unavailable`.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The schema migrations, in order: (version, name, SQL). Never edit a released one; add
 /// the next file instead.
@@ -53,14 +59,13 @@ macro_rules! outgoing_cols {
     };
 }
 
-/// The SQLite store: a small connection pool on one database file.
+/// The SQLite store: a small connection pool and a writer thread on one database file.
 pub struct SqliteStore {
-    pool: SqlitePool,
-    /// The one connection this process writes through (taken under `writer`): its page
-    /// cache stays warm, as no other connection of ours changes the file under it.
-    writes: SqlitePool,
-    /// The group-commit writer (accepts and attempt records), on its own thread.
-    fast: super::sqlite_writer::Writer,
+    pool: Arc<Pool>,
+    /// The one connection this process writes through under `writer`, on a thread of its
+    /// own: group commits (accepts and attempt records) and the other locked writes. Its
+    /// page cache stays warm, as no other connection of ours changes the file under it.
+    writes: Writer,
     path: PathBuf,
     /// Writers of this process queue here rather than in SQLite's busy handler, which
     /// polls the lock with sleeps (measured: half the time of a relay run went to those
@@ -68,18 +73,94 @@ pub struct SqliteStore {
     writer: tokio::sync::Mutex<()>,
     /// A read-only connection for recipient look-ups on the async side
     /// ([`MessageStore::recipient_now`]): a WAL reader never waits for the writer, and a
-    /// point look-up on cached statements costs microseconds where a trip to sqlx's
-    /// connection thread and back costs tens of them on every RCPT. `None`: it could not
-    /// be opened, and look-ups take the pool.
-    reader: std::sync::Mutex<Option<rusqlite::Connection>>,
+    /// point look-up on cached statements costs microseconds where a trip to a blocking
+    /// thread and back costs tens of them on every RCPT. `None`: it could not be opened,
+    /// and look-ups take the pool.
+    reader: std::sync::Mutex<Option<Connection>>,
+}
+
+/// Connections for reads and for the writes that need no lock of ours, opened lazily
+/// (up to `POOL_SIZE`) with the store's pragmas. Each use checks one out on a blocking
+/// thread (`spawn_blocking`), so SQLite's calls never hold up the async workers.
+struct Pool {
+    path: PathBuf,
+    extra: Vec<(&'static str, String)>,
+    idle: std::sync::Mutex<Vec<Connection>>,
+    /// One permit per connection that may be in use; closed by `close`.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Pool {
+    fn new(path: &Path, extra: &[(&'static str, String)]) -> Pool {
+        Pool {
+            path: path.to_path_buf(),
+            extra: extra.to_vec(),
+            idle: std::sync::Mutex::new(Vec::with_capacity(POOL_SIZE)),
+            permits: Arc::new(tokio::sync::Semaphore::new(POOL_SIZE)),
+        }
+    }
+
+    /// Run `f` on a pool connection on a blocking thread. `f` opens its own transaction
+    /// if it needs one; a statement outside one commits on its own.
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let permit =
+            match tokio::time::timeout(ACQUIRE_TIMEOUT, self.permits.clone().acquire_owned()).await
+            {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(StoreError::Unavailable("SQLite store closed".into())),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(
+                        "timed out waiting for a SQLite connection".into(),
+                    ))
+                }
+            };
+        let pool = Arc::clone(self);
+        // The permit goes with the work: a caller that gives up leaves it to finish and
+        // hand its connection back.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let mut conn = match idle {
+                Some(conn) => conn,
+                None => open_connection(&pool.path, BUSY_TIMEOUT, &pool.extra)?,
+            };
+            let out = f(&mut conn);
+            // A connection still inside a transaction (one whose rollback failed) is
+            // closed rather than reused: its next `BEGIN` would fail.
+            if conn.is_autocommit() {
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(conn);
+            }
+            out
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Unavailable(format!(
+                "SQLite worker failed: {e}"
+            )))
+        })
+    }
+
+    /// Wait for the connections in use, close them all, and refuse later uses.
+    async fn close(&self) {
+        let _all = self.permits.acquire_many(POOL_SIZE as u32).await;
+        self.permits.close();
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// The read-only connection behind [`MessageStore::recipient_now`], or `None` (logged)
 /// when it cannot be opened. It never waits on a lock: a busy read falls back to the pool.
-fn open_reader(path: &Path) -> Option<rusqlite::Connection> {
+fn open_reader(path: &Path) -> Option<Connection> {
     use rusqlite::OpenFlags;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let opened = rusqlite::Connection::open_with_flags(path, flags).and_then(|c| {
+    let opened = Connection::open_with_flags(path, flags).and_then(|c| {
         c.pragma_update(None, "query_only", true)?;
         c.busy_timeout(Duration::ZERO)?;
         c.set_prepared_statement_cache_capacity(4);
@@ -121,53 +202,33 @@ impl SqliteStore {
                 })?;
             }
         }
-        let mut options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        for (key, value) in pragmas {
-            options = options.pragma(*key, value.clone());
-        }
-        let pool_options = |size: u32| {
-            SqlitePoolOptions::new()
-                .max_connections(size)
-                .min_connections(0)
-                .acquire_timeout(BUSY_TIMEOUT + Duration::from_secs(5))
-                // On SQLITE_FULL (and I/O errors) SQLite rolls the transaction back by itself;
-                // sqlx's own ROLLBACK then fails and the connection keeps a transaction depth
-                // of 1, so every later `BEGIN IMMEDIATE` on it would fail for ever and a full
-                // disk would never recover. Such a connection is closed instead of reused.
-                // (One whose rollback is merely still queued is closed too: harmless.)
-                .before_acquire(|conn, _| {
-                    Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
-                })
-        };
-        let opened = |e| match db_err(e) {
+        let opened = |e| match e {
             StoreError::Backend(m) => {
                 StoreError::Unavailable(format!("cannot open SQLite store {}: {m}", path.display()))
             }
             other => other,
         };
-        let pool = pool_options(POOL_SIZE)
-            .connect_with(options.clone())
+        let pool = Arc::new(Pool::new(path, pragmas));
+        // One connection at once (it creates the file), so that a file that cannot be
+        // opened fails here rather than at first use; it stays in the pool.
+        pool.run(|_| Ok(())).await.map_err(opened)?;
+        let (writes, reader) = {
+            let (path, pragmas) = (path.to_path_buf(), pragmas.to_vec());
+            tokio::task::spawn_blocking(move || {
+                // The reader is opened before the migrations: SQLite prepares its
+                // statements again when it sees the schema changed.
+                Writer::open(&path, BUSY_TIMEOUT, &pragmas).map(|w| (w, open_reader(&path)))
+            })
             .await
-            .map_err(opened)?;
-        let writes = pool_options(1)
-            .connect_with(options)
-            .await
-            .map_err(opened)?;
+            .map_err(|e| StoreError::Unavailable(format!("SQLite worker failed: {e}")))?
+            .map_err(opened)?
+        };
         let store = SqliteStore {
             writer: tokio::sync::Mutex::new(()),
             pool,
             writes,
-            fast: super::sqlite_writer::Writer::open(path, BUSY_TIMEOUT, pragmas)?,
             path: path.to_path_buf(),
-            // Opened before the migrations: SQLite prepares its statements again when it
-            // sees the schema changed.
-            reader: std::sync::Mutex::new(open_reader(path)),
+            reader: std::sync::Mutex::new(reader),
         };
         store.migrate().await?;
         Ok(store)
@@ -180,111 +241,113 @@ impl SqliteStore {
 
     /// The schema version of the file (the last migration applied).
     pub async fn schema_version(&self) -> StoreResult<i64> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let v: Option<i64> = self
+            .pool
+            .run(|c| one(c, "SELECT MAX(version) FROM erlmail_schema", [], col0))
+            .await?
+            .flatten();
         Ok(v.unwrap_or(0))
     }
 
-    /// Close every connection (waits for those in use).
+    /// Close the pool's connections (waits for those in use and for this process's
+    /// write in progress).
     pub async fn close(&self) {
+        let _writer = self.writer.lock().await;
         self.pool.close().await;
-        self.writes.close().await;
     }
 
     /// Apply the missing migrations in one write transaction, so that two processes
     /// opening a fresh file at once apply them exactly once.
     async fn migrate(&self) -> StoreResult<()> {
         let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS erlmail_schema (
-                 version     INTEGER PRIMARY KEY,
-                 name        TEXT NOT NULL,
-                 applied_at  INTEGER NOT NULL
-             )",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        let current = current.unwrap_or(0);
-        let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-        if current > latest {
-            return Err(StoreError::Invalid(format!(
-                "store schema version {current} is newer than this erlmail knows ({latest}); \
-                 upgrade erlmail"
-            )));
-        }
-        for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| StoreError::Backend(format!("migration {version} ({name}): {e}")))?;
-            sqlx::query(
-                "INSERT INTO erlmail_schema (version, name, applied_at) VALUES ($1, $2, $3)",
-            )
-            .bind(version)
-            .bind(name)
-            .bind(Utc::now().timestamp_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            tracing::info!(version, name, path = %self.path.display(), "store migration applied");
-        }
-        tx.commit().await.map_err(db_err)
-    }
-
-    /// A transaction holding the write lock from its first statement.
-    async fn write_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        let path = self.path.clone();
         self.writes
-            .begin_with("BEGIN IMMEDIATE")
+            .run(move |conn| {
+                let tx = write_tx(conn)?;
+                tx.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS erlmail_schema (
+                         version     INTEGER PRIMARY KEY,
+                         name        TEXT NOT NULL,
+                         applied_at  INTEGER NOT NULL
+                     )",
+                )
+                .map_err(sql_err)?;
+                let current: Option<i64> =
+                    one(&tx, "SELECT MAX(version) FROM erlmail_schema", [], col0)?.flatten();
+                let current = current.unwrap_or(0);
+                let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+                if current > latest {
+                    return Err(StoreError::Invalid(format!(
+                        "store schema version {current} is newer than this erlmail knows \
+                         ({latest}); upgrade erlmail"
+                    )));
+                }
+                for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+                    tx.execute_batch(sql).map_err(|e| {
+                        StoreError::Backend(format!("migration {version} ({name}): {e}"))
+                    })?;
+                    execute(
+                        &tx,
+                        "INSERT INTO erlmail_schema (version, name, applied_at)
+                         VALUES (?1, ?2, ?3)",
+                        params![version, name, Utc::now().timestamp_millis()],
+                    )?;
+                    tracing::info!(version, name, path = %path.display(), "store migration applied");
+                }
+                tx.commit().map_err(sql_err)
+            })
             .await
-            .map_err(db_err)
     }
 }
 
 // ----- helpers -----
 
-/// Map a sqlx error to a `StoreError`: a full disk/database is `Full`, a busy or locked
-/// file and pool trouble are `Unavailable` (temporary), the rest `Backend`.
-fn db_err(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::Database(dbe) => {
-            // sqlx reports SQLite's extended result code.
-            let code = dbe.code().and_then(|c| c.parse::<i32>().ok());
-            result_code_err(code, dbe.message().to_string())
-        }
-        sqlx::Error::Io(io) => match StoreError::from(io) {
-            StoreError::Backend(m) => StoreError::Unavailable(m),
-            other => other,
-        },
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            StoreError::Unavailable(e.to_string())
-        }
-        other => StoreError::Backend(other.to_string()),
-    }
+/// A transaction holding the write lock from its first statement.
+fn write_tx(conn: &mut Connection) -> StoreResult<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err)
 }
 
-/// The error for SQLite result code `code` (extended or primary; the primary code is its
-/// low byte) with message `msg`: a full disk or database is `Full`, a busy or locked
-/// file `Unavailable`, the rest `Backend`. Both client libraries' errors map through it.
-pub(super) fn result_code_err(code: Option<i32>, msg: String) -> StoreError {
-    const SQLITE_BUSY: i32 = 5;
-    const SQLITE_LOCKED: i32 = 6;
-    const SQLITE_FULL: i32 = 13;
-    const SQLITE_CANTOPEN: i32 = 14;
-    match code.map(|c| c & 0xff) {
-        Some(SQLITE_FULL) => StoreError::Full(msg),
-        Some(SQLITE_BUSY) | Some(SQLITE_LOCKED) | Some(SQLITE_CANTOPEN) => {
-            StoreError::Unavailable(msg)
-        }
-        _ => StoreError::Backend(msg),
+/// Run one statement (through the connection's statement cache); the rows it changed.
+fn execute(conn: &Connection, sql: &str, params: impl Params) -> StoreResult<u64> {
+    let n = conn
+        .prepare_cached(sql)
+        .and_then(|mut s| s.execute(params))
+        .map_err(sql_err)?;
+    Ok(n as u64)
+}
+
+/// Every row of `sql`, each read by `read`.
+fn all<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    mut read: impl FnMut(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+    let mut rows = stmt.query(params).map_err(sql_err)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        out.push(read(row)?);
     }
+    Ok(out)
+}
+
+/// The first row of `sql`, read by `read`, if there is one.
+fn one<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl Params,
+    read: impl FnOnce(&Row<'_>) -> StoreResult<T>,
+) -> StoreResult<Option<T>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
+    let mut rows = stmt.query(params).map_err(sql_err)?;
+    rows.next().map_err(sql_err)?.map(read).transpose()
+}
+
+/// The first column of a row.
+fn col0<T: rusqlite::types::FromSql>(r: &Row<'_>) -> StoreResult<T> {
+    r.get(0).map_err(sql_err)
 }
 
 /// The row part of a queued message (body and recipients read separately).
@@ -306,65 +369,63 @@ struct OutgoingRow {
     size: u64,
 }
 
-fn outgoing_row(r: &SqliteRow) -> StoreResult<OutgoingRow> {
-    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing row: {e}"));
+fn outgoing_row(r: &Row<'_>) -> StoreResult<OutgoingRow> {
+    let g = |e: rusqlite::Error| StoreError::Backend(format!("outgoing row: {e}"));
     Ok(OutgoingRow {
-        id: r.try_get("id").map_err(g)?,
-        sender: r.try_get("sender").map_err(g)?,
-        ret: r.try_get("ret").map_err(g)?,
-        envid: r.try_get("envid").map_err(g)?,
-        client_ip: r.try_get("client_ip").map_err(g)?,
-        helo: r.try_get("helo").map_err(g)?,
-        received_at: from_ms(r.try_get("received_at").map_err(g)?)?,
-        tries: to_u32(r.try_get("tries").map_err(g)?),
-        last_try_at: opt_from_ms(r.try_get("last_try_at").map_err(g)?)?,
-        last_error: r.try_get("last_error").map_err(g)?,
-        next_retry_at: from_ms(r.try_get("next_retry_at").map_err(g)?)?,
-        lock_owner: r.try_get("lock_owner").map_err(g)?,
-        lock_expires_at: opt_from_ms(r.try_get("lock_expires_at").map_err(g)?)?,
-        held: r.try_get::<i64, _>("held").map_err(g)? != 0,
-        size: to_u64(r.try_get("size").map_err(g)?),
+        id: r.get("id").map_err(g)?,
+        sender: r.get("sender").map_err(g)?,
+        ret: r.get("ret").map_err(g)?,
+        envid: r.get("envid").map_err(g)?,
+        client_ip: r.get("client_ip").map_err(g)?,
+        helo: r.get("helo").map_err(g)?,
+        received_at: from_ms(r.get("received_at").map_err(g)?)?,
+        tries: to_u32(r.get("tries").map_err(g)?),
+        last_try_at: opt_from_ms(r.get("last_try_at").map_err(g)?)?,
+        last_error: r.get("last_error").map_err(g)?,
+        next_retry_at: from_ms(r.get("next_retry_at").map_err(g)?)?,
+        lock_owner: r.get("lock_owner").map_err(g)?,
+        lock_expires_at: opt_from_ms(r.get("lock_expires_at").map_err(g)?)?,
+        held: r.get::<_, i64>("held").map_err(g)? != 0,
+        size: to_u64(r.get("size").map_err(g)?),
     })
 }
 
 /// One queued message with its pending recipients and body, read on `conn` (inside the
-/// caller's transaction, so the three reads agree).
-async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<QueuedMessage>> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        outgoing_cols!(),
-        ", body FROM outgoing WHERE id = $1"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    let Some(row) = row else {
+/// caller's transaction, so the reads agree).
+fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>> {
+    let row = one(
+        conn,
+        concat!(
+            "SELECT ",
+            outgoing_cols!(),
+            ", body FROM outgoing WHERE id = ?1"
+        ),
+        [id],
+        |r| {
+            let o = outgoing_row(r)?;
+            let body: Vec<u8> = r
+                .get("body")
+                .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))?;
+            Ok((o, body))
+        },
+    )?;
+    let Some((o, body)) = row else {
         return Ok(None);
     };
-    let o = outgoing_row(&row)?;
-    let body: Vec<u8> = row
-        .try_get("body")
-        .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))?;
-    let rows = sqlx::query(
+    let g = |e: rusqlite::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+    let rcpts = all(
+        conn,
         "SELECT address, orcpt, notify FROM outgoing_rcpts
-         WHERE queue_id = $1 AND state = 'pending' ORDER BY seq",
-    )
-    .bind(id)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
-    let rcpts = rows
-        .iter()
-        .map(|r| {
+         WHERE queue_id = ?1 AND state = 'pending' ORDER BY seq",
+        [id],
+        |r| {
             Ok(OutgoingRcpt {
-                address: r.try_get("address").map_err(g)?,
-                orcpt: r.try_get("orcpt").map_err(g)?,
-                notify: r.try_get("notify").map_err(g)?,
+                address: r.get("address").map_err(g)?,
+                orcpt: r.get("orcpt").map_err(g)?,
+                notify: r.get("notify").map_err(g)?,
             })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
+        },
+    )?;
     Ok(Some(QueuedMessage {
         id: o.id,
         sender: o.sender,
@@ -386,15 +447,15 @@ async fn load_queued(conn: &mut SqliteConnection, id: &str) -> StoreResult<Optio
     }))
 }
 
-fn message_summary(r: &SqliteRow) -> StoreResult<MessageSummary> {
-    let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
+fn message_summary(r: &Row<'_>) -> StoreResult<MessageSummary> {
+    let g = |e: rusqlite::Error| StoreError::Backend(format!("messages row: {e}"));
     Ok(MessageSummary {
-        id: r.try_get("id").map_err(g)?,
-        mailbox: r.try_get("mailbox").map_err(g)?,
-        sender: r.try_get("sender").map_err(g)?,
-        subject: r.try_get("subject").map_err(g)?,
-        size: to_u64(r.try_get("size").map_err(g)?),
-        internal_date: from_ms(r.try_get("internal_date").map_err(g)?)?,
+        id: r.get("id").map_err(g)?,
+        mailbox: r.get("mailbox").map_err(g)?,
+        sender: r.get("sender").map_err(g)?,
+        subject: r.get("subject").map_err(g)?,
+        size: to_u64(r.get("size").map_err(g)?),
+        internal_date: from_ms(r.get("internal_date").map_err(g)?)?,
     })
 }
 
@@ -406,45 +467,44 @@ impl MessageStore for SqliteStore {
 
     async fn add_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
-        let done = sqlx::query(
-            "INSERT INTO domains (name, created_at) VALUES ($1, $2)
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(&name)
-        .bind(Utc::now().timestamp_millis())
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .pool
+            .run(move |c| {
+                execute(
+                    c,
+                    "INSERT INTO domains (name, created_at) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![name, Utc::now().timestamp_millis()],
+                )
+            })
+            .await?;
+        Ok(done == 1)
     }
 
     async fn remove_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
         // Users, their mailboxes and messages go with it (ON DELETE CASCADE).
-        let done = sqlx::query("DELETE FROM domains WHERE name = $1")
-            .bind(&name)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .pool
+            .run(move |c| execute(c, "DELETE FROM domains WHERE name = ?1", [name]))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn list_domains(&self) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar("SELECT name FROM domains ORDER BY name")
-            .fetch_all(&self.pool)
+        self.pool
+            .run(|c| all(c, "SELECT name FROM domains ORDER BY name", [], col0))
             .await
-            .map_err(db_err)
     }
 
     async fn is_local_domain(&self, name: &str) -> StoreResult<bool> {
         let Ok(name) = norm_domain(name) else {
             return Ok(false);
         };
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
-            .bind(&name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let found: Option<i64> = self
+            .pool
+            .run(move |c| one(c, "SELECT 1 FROM domains WHERE name = ?1", [name], col0))
+            .await?;
         Ok(found.is_some())
     }
 
@@ -456,34 +516,40 @@ impl MessageStore for SqliteStore {
                 "password must be given as an argon2 PHC hash".into(),
             ));
         }
+        let password_hash = password_hash.to_string();
         let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
-            .bind(&domain)
-            .fetch_optional(&mut *tx)
+        self.writes
+            .run(move |conn| {
+                let tx = write_tx(conn)?;
+                let known: Option<i64> = one(
+                    &tx,
+                    "SELECT 1 FROM domains WHERE name = ?1",
+                    [&domain],
+                    col0,
+                )?;
+                if known.is_none() {
+                    return Err(StoreError::Invalid(format!("unknown domain {domain}")));
+                }
+                let done = execute(
+                    &tx,
+                    "INSERT INTO users (address, local_part, domain, password_hash, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (address) DO NOTHING",
+                    params![
+                        address,
+                        local,
+                        domain,
+                        password_hash,
+                        Utc::now().timestamp_millis()
+                    ],
+                )?;
+                if done != 1 {
+                    return Err(StoreError::Invalid(format!(
+                        "user {address} already exists"
+                    )));
+                }
+                tx.commit().map_err(sql_err)
+            })
             .await
-            .map_err(db_err)?;
-        if known.is_none() {
-            return Err(StoreError::Invalid(format!("unknown domain {domain}")));
-        }
-        let done = sqlx::query(
-            "INSERT INTO users (address, local_part, domain, password_hash, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO NOTHING",
-        )
-        .bind(&address)
-        .bind(&local)
-        .bind(&domain)
-        .bind(password_hash)
-        .bind(Utc::now().timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::Invalid(format!(
-                "user {address} already exists"
-            )));
-        }
-        tx.commit().await.map_err(db_err)
     }
 
     async fn set_password(&self, address: &str, password_hash: &str) -> StoreResult<bool> {
@@ -493,52 +559,58 @@ impl MessageStore for SqliteStore {
                 "password must be given as an argon2 PHC hash".into(),
             ));
         }
-        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE address = $2")
-            .bind(password_hash)
-            .bind(&address)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let password_hash = password_hash.to_string();
+        let done = self
+            .pool
+            .run(move |c| {
+                execute(
+                    c,
+                    "UPDATE users SET password_hash = ?1 WHERE address = ?2",
+                    [password_hash, address],
+                )
+            })
+            .await?;
+        Ok(done == 1)
     }
 
     async fn remove_user(&self, address: &str) -> StoreResult<bool> {
         let (address, _, _) = norm_address(address)?;
-        let done = sqlx::query("DELETE FROM users WHERE address = $1")
-            .bind(&address)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .pool
+            .run(move |c| execute(c, "DELETE FROM users WHERE address = ?1", [address]))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn list_users(&self, domain: Option<&str>) -> StoreResult<Vec<String>> {
-        match domain {
-            Some(d) => {
-                let d = norm_domain(d)?;
-                sqlx::query_scalar("SELECT address FROM users WHERE domain = $1 ORDER BY address")
-                    .bind(d)
-                    .fetch_all(&self.pool)
-                    .await
-            }
-            None => {
-                sqlx::query_scalar("SELECT address FROM users ORDER BY address")
-                    .fetch_all(&self.pool)
-                    .await
-            }
-        }
-        .map_err(db_err)
+        let domain = domain.map(norm_domain).transpose()?;
+        self.pool
+            .run(move |c| match domain {
+                Some(d) => all(
+                    c,
+                    "SELECT address FROM users WHERE domain = ?1 ORDER BY address",
+                    [d],
+                    col0,
+                ),
+                None => all(c, "SELECT address FROM users ORDER BY address", [], col0),
+            })
+            .await
     }
 
     async fn password_hash(&self, address: &str) -> StoreResult<Option<String>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(None);
         };
-        sqlx::query_scalar("SELECT password_hash FROM users WHERE address = $1")
-            .bind(&address)
-            .fetch_optional(&self.pool)
+        self.pool
+            .run(move |c| {
+                one(
+                    c,
+                    "SELECT password_hash FROM users WHERE address = ?1",
+                    [address],
+                    col0,
+                )
+            })
             .await
-            .map_err(db_err)
     }
 
     fn recipient_now(&self, address: &str) -> Option<StoreResult<(bool, bool)>> {
@@ -556,7 +628,7 @@ impl MessageStore for SqliteStore {
                         EXISTS (SELECT 1 FROM users WHERE address = ?2)",
             )
             .and_then(|mut s| {
-                s.query_row(rusqlite::params![domain, user], |r| {
+                s.query_row(params![domain, user], |r| {
                     Ok((r.get::<_, bool>(0)?, r.get::<_, bool>(1)?))
                 })
             });
@@ -572,11 +644,10 @@ impl MessageStore for SqliteStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(false);
         };
-        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE address = $1")
-            .bind(&address)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let found: Option<i64> = self
+            .pool
+            .run(move |c| one(c, "SELECT 1 FROM users WHERE address = ?1", [address], col0))
+            .await?;
         Ok(found.is_some())
     }
 
@@ -594,7 +665,7 @@ impl MessageStore for SqliteStore {
             records: Vec::new(),
         };
         let _writer = self.writer.lock().await;
-        self.fast
+        self.writes
             .commit_with(batch, false)
             .await
             .accepted?
@@ -604,56 +675,59 @@ impl MessageStore for SqliteStore {
 
     async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
         let _writer = self.writer.lock().await;
-        self.fast.commit(batch).await
+        self.writes.commit(batch).await
     }
 
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(Vec::new());
         };
-        let rows = sqlx::query(
-            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
-             FROM messages m
-             JOIN mailboxes b ON m.mailbox_id = b.id
-             JOIN users u ON b.user_id = u.id
-             WHERE u.address = $1 AND b.name = $2
-             ORDER BY m.id",
-        )
-        .bind(&address)
-        .bind(norm_mailbox(mailbox))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(message_summary).collect()
+        let mailbox = norm_mailbox(mailbox).to_string();
+        self.pool
+            .run(move |c| {
+                all(
+                    c,
+                    "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
+                     FROM messages m
+                     JOIN mailboxes b ON m.mailbox_id = b.id
+                     JOIN users u ON b.user_id = u.id
+                     WHERE u.address = ?1 AND b.name = ?2
+                     ORDER BY m.id",
+                    [address, mailbox],
+                    message_summary,
+                )
+            })
+            .await
     }
 
     async fn get_message(&self, address: &str, id: i64) -> StoreResult<Option<StoredMessage>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(None);
         };
-        let row = sqlx::query(
-            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
-                    m.recipients, m.body
-             FROM messages m
-             JOIN mailboxes b ON m.mailbox_id = b.id
-             JOIN users u ON b.user_id = u.id
-             WHERE u.address = $1 AND m.id = $2",
-        )
-        .bind(&address)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let g = |e: sqlx::Error| StoreError::Backend(format!("messages row: {e}"));
-        let recipients: String = row.try_get("recipients").map_err(g)?;
-        Ok(Some(StoredMessage {
-            summary: message_summary(&row)?,
-            recipients: recipients.lines().map(str::to_string).collect(),
-            body: row.try_get("body").map_err(g)?,
-        }))
+        self.pool
+            .run(move |c| {
+                one(
+                    c,
+                    "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
+                            m.recipients, m.body
+                     FROM messages m
+                     JOIN mailboxes b ON m.mailbox_id = b.id
+                     JOIN users u ON b.user_id = u.id
+                     WHERE u.address = ?1 AND m.id = ?2",
+                    params![address, id],
+                    |row| {
+                        let g =
+                            |e: rusqlite::Error| StoreError::Backend(format!("messages row: {e}"));
+                        let recipients: String = row.get("recipients").map_err(g)?;
+                        Ok(StoredMessage {
+                            summary: message_summary(row)?,
+                            recipients: recipients.lines().map(str::to_string).collect(),
+                            body: row.get("body").map_err(g)?,
+                        })
+                    },
+                )
+            })
+            .await
     }
 
     async fn claim_due(
@@ -666,35 +740,44 @@ impl MessageStore for SqliteStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let node = node.to_string();
         let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        // The claim itself is this one statement; the write lock taken by BEGIN IMMEDIATE
-        // keeps any other process out until we commit. (PostgreSQL: FOR UPDATE SKIP LOCKED
-        // in the sub-select.)
-        let ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
-             WHERE id IN (
-                 SELECT id FROM outgoing
-                 WHERE next_retry_at <= $3 AND held = 0
-                   AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $3)
-                 ORDER BY next_retry_at, id
-                 LIMIT $4)
-             RETURNING id",
-        )
-        .bind(node)
-        .bind(lease_end(now, lease))
-        .bind(ms(now))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let mut claimed = Vec::with_capacity(ids.len());
-        for id in &ids {
-            if let Some(m) = load_queued(&mut tx, id).await? {
-                claimed.push(m);
-            }
-        }
-        tx.commit().await.map_err(db_err)?;
+        let mut claimed = self
+            .writes
+            .run(move |conn| {
+                let tx = write_tx(conn)?;
+                // The claim itself is this one statement; the write lock taken by BEGIN
+                // IMMEDIATE keeps any other process out until we commit. (PostgreSQL:
+                // FOR UPDATE SKIP LOCKED in the sub-select.)
+                let ids: Vec<String> = all(
+                    &tx,
+                    "UPDATE outgoing SET lock_owner = ?1, lock_expires_at = ?2
+                     WHERE id IN (
+                         SELECT id FROM outgoing
+                         WHERE next_retry_at <= ?3 AND held = 0
+                           AND (lock_owner IS NULL OR lock_expires_at IS NULL
+                                OR lock_expires_at <= ?3)
+                         ORDER BY next_retry_at, id
+                         LIMIT ?4)
+                     RETURNING id",
+                    params![
+                        node,
+                        lease_end(now, lease),
+                        ms(now),
+                        i64::try_from(limit).unwrap_or(i64::MAX)
+                    ],
+                    col0,
+                )?;
+                let mut claimed = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    if let Some(m) = load_queued(&tx, id)? {
+                        claimed.push(m);
+                    }
+                }
+                tx.commit().map_err(sql_err)?;
+                Ok(claimed)
+            })
+            .await?;
         // RETURNING gives no order; hand them out in due order.
         claimed.sort_by(|a, b| (a.next_retry_at, &a.id).cmp(&(b.next_retry_at, &b.id)));
         Ok(claimed)
@@ -707,26 +790,27 @@ impl MessageStore for SqliteStore {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>> {
+        let (id, node) = (id.to_string(), node.to_string());
         let _writer = self.writer.lock().await;
-        let mut tx = self.write_tx().await?;
-        let done = sqlx::query(
-            "UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
-             WHERE id = $3 AND next_retry_at <= $4 AND held = 0
-               AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $4)",
-        )
-        .bind(node)
-        .bind(lease_end(now, lease))
-        .bind(id)
-        .bind(ms(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let m = load_queued(&mut tx, id).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(m)
+        self.writes
+            .run(move |conn| {
+                let tx = write_tx(conn)?;
+                let done = execute(
+                    &tx,
+                    "UPDATE outgoing SET lock_owner = ?1, lock_expires_at = ?2
+                     WHERE id = ?3 AND next_retry_at <= ?4 AND held = 0
+                       AND (lock_owner IS NULL OR lock_expires_at IS NULL
+                            OR lock_expires_at <= ?4)",
+                    params![node, lease_end(now, lease), id, ms(now)],
+                )?;
+                if done != 1 {
+                    return Ok(None);
+                }
+                let m = load_queued(&tx, &id)?;
+                tx.commit().map_err(sql_err)?;
+                Ok(m)
+            })
+            .await
     }
 
     async fn renew_lease(
@@ -736,18 +820,20 @@ impl MessageStore for SqliteStore {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> StoreResult<bool> {
+        let (id, node) = (id.to_string(), node.to_string());
         let _writer = self.writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE outgoing SET lock_expires_at = $1
-             WHERE id = $2 AND lock_owner = $3 AND held = 0",
-        )
-        .bind(lease_end(now, lease))
-        .bind(id)
-        .bind(node)
-        .execute(&self.writes)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .writes
+            .run(move |c| {
+                execute(
+                    c,
+                    "UPDATE outgoing SET lock_expires_at = ?1
+                     WHERE id = ?2 AND lock_owner = ?3 AND held = 0",
+                    params![lease_end(now, lease), id, node],
+                )
+            })
+            .await?;
+        Ok(done == 1)
     }
 
     async fn record_attempt(
@@ -763,180 +849,190 @@ impl MessageStore for SqliteStore {
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
+        let (id, node) = (id.to_string(), node.to_string());
         let _writer = self.writer.lock().await;
-        sqlx::query(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
-                 next_retry_at = MIN(next_retry_at, $3)
-             WHERE id = $1 AND lock_owner = $2",
-        )
-        .bind(id)
-        .bind(node)
-        .bind(ms(Utc::now()))
-        .execute(&self.writes)
-        .await
-        .map_err(db_err)?;
+        self.writes
+            .run(move |c| {
+                execute(
+                    c,
+                    "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                         next_retry_at = MIN(next_retry_at, ?3)
+                     WHERE id = ?1 AND lock_owner = ?2",
+                    params![id, node, ms(Utc::now())],
+                )
+            })
+            .await?;
         Ok(())
     }
 
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
-        let _writer = self.writer.lock().await;
         let (len, booted, legacy) = node_prefixes(node);
-        let done = sqlx::query(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
-                 next_retry_at = MIN(next_retry_at, $1)
-             WHERE lock_owner IS NOT NULL AND lock_owner <> $2
-               AND (substr(lock_owner, 1, $3) = $4 OR substr(lock_owner, 1, $3) = $5)",
-        )
-        .bind(ms(Utc::now()))
-        .bind(current)
-        .bind(len)
-        .bind(booted)
-        .bind(legacy)
-        .execute(&self.writes)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected())
+        let current = current.to_string();
+        let _writer = self.writer.lock().await;
+        self.writes
+            .run(move |c| {
+                execute(
+                    c,
+                    "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+                         next_retry_at = MIN(next_retry_at, ?1)
+                     WHERE lock_owner IS NOT NULL AND lock_owner <> ?2
+                       AND (substr(lock_owner, 1, ?3) = ?4 OR substr(lock_owner, 1, ?3) = ?5)",
+                    params![ms(Utc::now()), current, len, booted, legacy],
+                )
+            })
+            .await
     }
 
     async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        let row: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM outgoing
-             WHERE id = $1 AND lock_owner = $2 AND held = 0 AND lock_expires_at > $3",
-        )
-        .bind(id)
-        .bind(node)
-        .bind(ms(now))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let (id, node) = (id.to_string(), node.to_string());
+        let row: Option<i64> = self
+            .pool
+            .run(move |c| {
+                one(
+                    c,
+                    "SELECT 1 FROM outgoing
+                     WHERE id = ?1 AND lock_owner = ?2 AND held = 0 AND lock_expires_at > ?3",
+                    params![id, node, ms(now)],
+                    col0,
+                )
+            })
+            .await?;
         Ok(row.is_some())
     }
 
     async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {
-        // One read transaction: rows and recipients from the same snapshot.
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            outgoing_cols!(),
-            " FROM outgoing ORDER BY received_at, id"
-        ))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let rrows = sqlx::query(
-            "SELECT queue_id, address, orcpt, notify, state, last_response
-             FROM outgoing_rcpts ORDER BY queue_id, seq",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
-        let mut by_id: HashMap<String, Vec<QueueRcpt>> = HashMap::new();
-        for r in &rrows {
-            let state: String = r.try_get("state").map_err(g)?;
-            let state = RcptState::parse(&state)
-                .ok_or_else(|| StoreError::Backend(format!("unknown recipient state {state:?}")))?;
-            by_id
-                .entry(r.try_get("queue_id").map_err(g)?)
-                .or_default()
-                .push(QueueRcpt {
-                    address: r.try_get("address").map_err(g)?,
-                    orcpt: r.try_get("orcpt").map_err(g)?,
-                    notify: r.try_get("notify").map_err(g)?,
-                    state,
-                    last_response: r.try_get("last_response").map_err(g)?,
-                });
-        }
-        rows.iter()
-            .map(|r| {
-                let o = outgoing_row(r)?;
-                Ok(QueueSummary {
-                    rcpts: by_id.remove(&o.id).unwrap_or_default(),
-                    id: o.id,
-                    size: o.size,
-                    received_at: o.received_at,
-                    sender: o.sender,
-                    tries: o.tries,
-                    last_try_at: o.last_try_at,
-                    next_retry_at: o.next_retry_at,
-                    last_error: o.last_error,
-                    held: o.held,
-                    lock_owner: o.lock_owner,
-                    lock_expires_at: o.lock_expires_at,
-                })
+        let (rows, rcpts) = self
+            .pool
+            .run(|conn| {
+                // One read transaction: rows and recipients from the same snapshot.
+                let tx = conn.transaction().map_err(sql_err)?;
+                let rows = all(
+                    &tx,
+                    concat!(
+                        "SELECT ",
+                        outgoing_cols!(),
+                        " FROM outgoing ORDER BY received_at, id"
+                    ),
+                    [],
+                    outgoing_row,
+                )?;
+                let g =
+                    |e: rusqlite::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
+                let rcpts = all(
+                    &tx,
+                    "SELECT queue_id, address, orcpt, notify, state, last_response
+                     FROM outgoing_rcpts ORDER BY queue_id, seq",
+                    [],
+                    |r| {
+                        let state: String = r.get("state").map_err(g)?;
+                        let state = RcptState::parse(&state).ok_or_else(|| {
+                            StoreError::Backend(format!("unknown recipient state {state:?}"))
+                        })?;
+                        let queue_id: String = r.get("queue_id").map_err(g)?;
+                        Ok((
+                            queue_id,
+                            QueueRcpt {
+                                address: r.get("address").map_err(g)?,
+                                orcpt: r.get("orcpt").map_err(g)?,
+                                notify: r.get("notify").map_err(g)?,
+                                state,
+                                last_response: r.get("last_response").map_err(g)?,
+                            },
+                        ))
+                    },
+                )?;
+                tx.commit().map_err(sql_err)?;
+                Ok((rows, rcpts))
             })
-            .collect()
+            .await?;
+        let mut by_id: HashMap<String, Vec<QueueRcpt>> = HashMap::new();
+        for (queue_id, rcpt) in rcpts {
+            by_id.entry(queue_id).or_default().push(rcpt);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|o| QueueSummary {
+                rcpts: by_id.remove(&o.id).unwrap_or_default(),
+                id: o.id,
+                size: o.size,
+                received_at: o.received_at,
+                sender: o.sender,
+                tries: o.tries,
+                last_try_at: o.last_try_at,
+                next_retry_at: o.next_retry_at,
+                last_error: o.last_error,
+                held: o.held,
+                lock_owner: o.lock_owner,
+                lock_expires_at: o.lock_expires_at,
+            })
+            .collect())
     }
 
     async fn get_queued(&self, id: &str) -> StoreResult<Option<QueuedMessage>> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let m = load_queued(&mut tx, id).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(m)
+        let id = id.to_string();
+        self.pool
+            .run(move |conn| {
+                let tx = conn.transaction().map_err(sql_err)?;
+                let m = load_queued(&tx, &id)?;
+                tx.commit().map_err(sql_err)?;
+                Ok(m)
+            })
+            .await
     }
 
     async fn delete_queued(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM outgoing WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let id = id.to_string();
+        let done = self
+            .pool
+            .run(move |c| execute(c, "DELETE FROM outgoing WHERE id = ?1", [id]))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn delete_all_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM outgoing")
-            .execute(&self.pool)
+        self.pool
+            .run(|c| execute(c, "DELETE FROM outgoing", []))
             .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected())
     }
 
     async fn hold(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE outgoing SET held = 1 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let id = id.to_string();
+        let done = self
+            .pool
+            .run(move |c| execute(c, "UPDATE outgoing SET held = 1 WHERE id = ?1", [id]))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn release_hold(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE outgoing SET held = 0 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let id = id.to_string();
+        let done = self
+            .pool
+            .run(move |c| execute(c, "UPDATE outgoing SET held = 0 WHERE id = ?1", [id]))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {
-        let done = match id {
-            Some(id) => {
-                sqlx::query(
+        let id = id.map(str::to_string);
+        self.pool
+            .run(move |c| match id {
+                Some(id) => execute(
+                    c,
                     "UPDATE outgoing
-                     SET next_retry_at = CASE WHEN next_retry_at > $1 THEN $1 ELSE next_retry_at END
-                     WHERE id = $2 AND held = 0",
-                )
-                .bind(ms(now))
-                .bind(id)
-                .execute(&self.pool)
-                .await
-            }
-            None => {
-                sqlx::query(
+                     SET next_retry_at = CASE WHEN next_retry_at > ?1 THEN ?1 ELSE next_retry_at END
+                     WHERE id = ?2 AND held = 0",
+                    params![ms(now), id],
+                ),
+                None => execute(
+                    c,
                     "UPDATE outgoing
-                     SET next_retry_at = CASE WHEN next_retry_at > $1 THEN $1 ELSE next_retry_at END
+                     SET next_retry_at = CASE WHEN next_retry_at > ?1 THEN ?1 ELSE next_retry_at END
                      WHERE held = 0",
-                )
-                .bind(ms(now))
-                .execute(&self.pool)
-                .await
-            }
-        }
-        .map_err(db_err)?;
-        Ok(done.rows_affected())
+                    [ms(now)],
+                ),
+            })
+            .await
     }
 
     async fn record_attempts(
@@ -956,25 +1052,35 @@ impl MessageStore for SqliteStore {
     }
 
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<super::QueueCounts> {
-        let row = sqlx::query(
-            "SELECT
-               COALESCE(SUM(CASE WHEN held = 1 THEN 1 ELSE 0 END), 0),
-               COALESCE(SUM(CASE WHEN held = 0 AND lock_expires_at > $1 THEN 1 ELSE 0 END), 0),
-               COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > $1, 0) AND tries > 0 THEN 1 ELSE 0 END), 0),
-               COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > $1, 0) AND tries = 0 THEN 1 ELSE 0 END), 0)
-             FROM outgoing",
-        )
-        .bind(ms(now))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db_err)?;
-        let n = |i: usize| row.try_get::<i64, _>(i).map(|v| v.max(0) as u64);
-        Ok(super::QueueCounts {
-            held: n(0).map_err(db_err)?,
-            active: n(1).map_err(db_err)?,
-            deferred: n(2).map_err(db_err)?,
-            incoming: n(3).map_err(db_err)?,
-        })
+        let counts = self
+            .pool
+            .run(move |c| {
+                one(
+                    c,
+                    "SELECT
+                       COALESCE(SUM(CASE WHEN held = 1 THEN 1 ELSE 0 END), 0),
+                       COALESCE(SUM(CASE WHEN held = 0 AND lock_expires_at > ?1 THEN 1 ELSE 0 END), 0),
+                       COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > ?1, 0) AND tries > 0 THEN 1 ELSE 0 END), 0),
+                       COALESCE(SUM(CASE WHEN held = 0 AND NOT COALESCE(lock_expires_at > ?1, 0) AND tries = 0 THEN 1 ELSE 0 END), 0)
+                     FROM outgoing",
+                    [ms(now)],
+                    |r| {
+                        let n = |i: usize| {
+                            r.get::<_, i64>(i)
+                                .map(|v| v.max(0) as u64)
+                                .map_err(sql_err)
+                        };
+                        Ok(super::QueueCounts {
+                            held: n(0)?,
+                            active: n(1)?,
+                            deferred: n(2)?,
+                            incoming: n(3)?,
+                        })
+                    },
+                )
+            })
+            .await?;
+        counts.ok_or_else(|| StoreError::Backend("queue counts: no row".into()))
     }
 }
 
@@ -988,6 +1094,19 @@ mod tests {
             .await
             .unwrap();
         (dir, store)
+    }
+
+    /// The first column of the first row of `sql`, read on a pool connection.
+    async fn scalar<T>(store: &SqliteStore, sql: &'static str) -> T
+    where
+        T: rusqlite::types::FromSql + Send + 'static,
+    {
+        store
+            .pool
+            .run(move |c| one(c, sql, [], col0))
+            .await
+            .unwrap()
+            .expect("a row")
     }
 
     #[tokio::test]
@@ -1035,20 +1154,11 @@ mod tests {
         let (dir, store) = fresh().await;
         let path = dir.path().join("spool/sub/erlmail.db");
         assert!(path.is_file());
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
+        let mode: String = scalar(&store, "PRAGMA journal_mode").await;
         assert_eq!(mode, "wal");
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
+        let sync: i64 = scalar(&store, "PRAGMA synchronous").await;
         assert_eq!(sync, 2, "FULL");
-        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
+        let fk: i64 = scalar(&store, "PRAGMA foreign_keys").await;
         assert_eq!(fk, 1);
         assert_eq!(store.schema_version().await.unwrap(), 1);
         store.add_domain("keep.test").await.unwrap();
@@ -1065,12 +1175,17 @@ mod tests {
     #[tokio::test]
     async fn newer_schema_is_refused() {
         let (dir, store) = fresh().await;
-        sqlx::query(
-            "INSERT INTO erlmail_schema (version, name, applied_at) VALUES (99, 'future', 0)",
-        )
-        .execute(&store.pool)
-        .await
-        .unwrap();
+        store
+            .pool
+            .run(|c| {
+                execute(
+                    c,
+                    "INSERT INTO erlmail_schema (version, name, applied_at) VALUES (99, 'future', 0)",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
         store.close().await;
         let err = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
             .await
@@ -1089,10 +1204,7 @@ mod tests {
         // Create the schema first, then re-open with a page cap just above its size.
         let pages: i64 = {
             let s = SqliteStore::open(&path).await.unwrap();
-            let n = sqlx::query_scalar("PRAGMA page_count")
-                .fetch_one(&s.pool)
-                .await
-                .unwrap();
+            let n = scalar(&s, "PRAGMA page_count").await;
             s.close().await;
             n
         };

@@ -1,15 +1,17 @@
-//! The SQLite store's group-commit writer: one rusqlite connection on a thread of its own
-//! that runs each batch (accepted messages plus finished attempts) as one transaction.
+//! The SQLite store's connections and its writer thread, on rusqlite (the SQLite backend's
+//! one driver).
 //!
-//! sqlx hands every statement of a transaction to its connection thread and back; a
-//! batch of a few messages took a dozen such round trips, each a pair of thread
-//! wake-ups. Here the whole transaction is one job: the async side sends it and waits
-//! for one answer, and the statements run back to back on cached prepared statements.
-//! It opens the same file with the same pragmas (WAL, `synchronous=FULL`, foreign keys,
-//! the busy timeout) as the sqlx pool, and is used under the store's writer lock, so it
-//! never races this process's other writers; other processes meet SQLite's file locks
-//! as before. Its SQL and results match the PostgreSQL backend's `accept_one` and
-//! `record_attempt`; errors map as the sqlx side's do.
+//! [`open_connection`] opens the database file with the store's pragmas (WAL,
+//! `synchronous=FULL`, foreign keys, the busy timeout, plus any extra ones) for every
+//! connection the store uses, and [`sql_err`] maps rusqlite's errors to `StoreError`.
+//!
+//! The [`Writer`] is one connection on a thread of its own that runs jobs in turn: each
+//! group-commit batch (accepted messages plus finished attempts) as one `BEGIN IMMEDIATE`
+//! transaction, and the store's other locked writes ([`Writer::run`]). A job runs its
+//! statements back to back on cached prepared statements, and the async side waits for
+//! one answer. It is used under the store's writer lock, so it never races this
+//! process's other writers; other processes meet SQLite's file locks. Its SQL and results
+//! match the PostgreSQL backend's `accept_one` and `record_attempt`.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -79,43 +81,67 @@ impl Writer {
     /// As `commit`; with `isolate` false, a message that fails rolls back the whole
     /// batch (`accept_batch`'s all-or-nothing contract).
     pub(crate) async fn commit_with(&self, batch: WriteBatch, isolate: bool) -> WriteOutcome {
+        let outcome = self
+            .call(move |conn| {
+                let outcome = run_batch(conn, &batch, isolate);
+                let (accepted, recorded) = match outcome {
+                    Ok((a, r)) => (Ok(a), Ok(r)),
+                    Err(e) => (Err(e.clone()), Err(e)),
+                };
+                WriteOutcome {
+                    messages: batch.messages,
+                    accepted,
+                    recorded,
+                }
+            })
+            .await;
+        outcome.unwrap_or_else(|gone| WriteOutcome {
+            messages: Vec::new(),
+            accepted: Err(gone.clone()),
+            recorded: Err(gone),
+        })
+    }
+
+    /// Run `f` on the writer's connection, after the jobs queued before it. `f` opens
+    /// its own transaction if it needs one (`BEGIN IMMEDIATE` for read-then-write).
+    pub(crate) async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.call(f).await?
+    }
+
+    /// Run `f` on the thread and wait for its answer; `Unavailable` (and a new thread)
+    /// when the thread died before answering.
+    async fn call<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> T + Send + 'static,
+    {
         let (answer, result) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let outcome = run_batch(conn, &batch, isolate);
-            let (accepted, recorded) = match outcome {
-                Ok((a, r)) => (Ok(a), Ok(r)),
-                Err(e) => (Err(e.clone()), Err(e)),
-            };
-            let _ = answer.send(WriteOutcome {
-                messages: batch.messages,
-                accepted,
-                recorded,
-            });
-        });
         // A send fails only when the thread is gone; the answer below then fails too.
-        self.send(job);
+        self.send(Box::new(move |conn| {
+            let _ = answer.send(f(conn));
+        }));
         match result.await {
-            Ok(outcome) => outcome,
+            Ok(value) => Ok(value),
             Err(_) => {
                 self.restart();
-                let gone = StoreError::Unavailable("the SQLite writer stopped".into());
-                WriteOutcome {
-                    messages: Vec::new(),
-                    accepted: Err(gone.clone()),
-                    recorded: Err(gone),
-                }
+                Err(StoreError::Unavailable("the SQLite writer stopped".into()))
             }
         }
     }
 }
 
-/// Open the connection and start its thread; returns where its jobs go.
-fn start(
+/// Open the database file at `path` (creating it if missing) with the store's pragmas:
+/// WAL, `synchronous=FULL`, foreign keys on, `busy_timeout`, then the `extra` ones.
+pub(crate) fn open_connection(
     path: &Path,
     busy_timeout: Duration,
     extra: &[(&'static str, String)],
-) -> StoreResult<mpsc::Sender<Job>> {
-    let mut conn = Connection::open(path).map_err(sql_err)?;
+) -> StoreResult<Connection> {
+    let conn = Connection::open(path).map_err(sql_err)?;
     conn.busy_timeout(busy_timeout).map_err(sql_err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql_err)?;
@@ -127,26 +153,60 @@ fn start(
         conn.pragma_update(None, key, value).map_err(sql_err)?;
     }
     conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Open the connection and start its thread; returns where its jobs go.
+fn start(
+    path: &Path,
+    busy_timeout: Duration,
+    extra: &[(&'static str, String)],
+) -> StoreResult<mpsc::Sender<Job>> {
+    let mut conn = open_connection(path, busy_timeout, extra)?;
     let (jobs, queue) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("erlmail-sqlite-writer".into())
         .spawn(move || {
             for job in queue {
                 job(&mut conn);
+                // A job's transaction ends with it (dropping a rusqlite transaction rolls
+                // it back); should a failed rollback have left one open, end it here, so
+                // that the next `BEGIN IMMEDIATE` does not fail for ever.
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
             }
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot start the SQLite writer: {e}")))?;
     Ok(jobs)
 }
 
-/// Map a rusqlite error as `sqlite::db_err` maps sqlx's (`sqlite::result_code_err`).
-fn sql_err(e: rusqlite::Error) -> StoreError {
+/// Map a rusqlite error to a `StoreError` by SQLite's result code (`result_code_err`);
+/// an error of rusqlite's own (a column of an unexpected type, say) is `Backend`.
+pub(crate) fn sql_err(e: rusqlite::Error) -> StoreError {
     match &e {
-        rusqlite::Error::SqliteFailure(f, msg) => super::sqlite::result_code_err(
+        rusqlite::Error::SqliteFailure(f, msg) => result_code_err(
             Some(f.extended_code),
             msg.clone().unwrap_or_else(|| f.to_string()),
         ),
         _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// The error for SQLite result code `code` (extended or primary; the primary code is its
+/// low byte) with message `msg`: a full disk or database is `Full`, a busy or locked
+/// file `Unavailable`, the rest `Backend`.
+pub(crate) fn result_code_err(code: Option<i32>, msg: String) -> StoreError {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    const SQLITE_FULL: i32 = 13;
+    const SQLITE_CANTOPEN: i32 = 14;
+    match code.map(|c| c & 0xff) {
+        Some(SQLITE_FULL) => StoreError::Full(msg),
+        Some(SQLITE_BUSY) | Some(SQLITE_LOCKED) | Some(SQLITE_CANTOPEN) => {
+            StoreError::Unavailable(msg)
+        }
+        _ => StoreError::Backend(msg),
     }
 }
 
