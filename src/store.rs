@@ -122,6 +122,9 @@ pub struct WriteBatch {
     pub lease: Option<AcceptLease>,
     /// Finished attempts: queue id, lock owner, what happened.
     pub records: Vec<(String, String, AttemptRecord)>,
+    /// Every message or none: one that fails rolls all of them back (the records are
+    /// not affected). Otherwise each message is isolated (a savepoint each).
+    pub atomic: bool,
 }
 
 /// What `commit_batch` did.
@@ -137,7 +140,7 @@ pub struct WriteOutcome {
     pub recorded: StoreResult<Vec<StoreResult<()>>>,
 }
 
-/// The claim stamped on queued rows as they are inserted (see `accept_leased`).
+/// The claim stamped on queued rows as they are inserted (see `MessageStore::commit_batch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptLease {
     /// Lock owner (`node#boot`).
@@ -147,7 +150,7 @@ pub struct AcceptLease {
 }
 
 impl QueuedMessage {
-    /// The queued message that `accept_leased` stored for `m` under `queue_id` with
+    /// The queued message that `commit_batch` stored for `m` under `queue_id` with
     /// `lease`, built from the accepted message itself rather than read back.
     pub fn from_accepted(m: IncomingMessage, queue_id: String, lease: &AcceptLease) -> Self {
         // Times as the store keeps them: whole milliseconds.
@@ -339,12 +342,9 @@ pub struct AttemptRecord {
     pub notifications: Vec<IncomingMessage>,
 }
 
-/// The storage trait every backend implements.
+/// Local domains and users: the accounts an operator keeps (Postfix's virtual maps).
 #[async_trait::async_trait]
-pub trait MessageStore: Send + Sync + 'static {
-    /// Short backend name for logs (`sqlite`, `postgres`).
-    fn backend(&self) -> &'static str;
-
+pub trait AccountStore: Send + Sync {
     /// Add a local domain (lower-cased). `Ok(false)` when it already existed.
     async fn add_domain(&self, name: &str) -> StoreResult<bool>;
     /// Remove a domain and its users. `Ok(false)` when it did not exist.
@@ -376,29 +376,22 @@ pub trait MessageStore: Send + Sync + 'static {
     fn recipient_now(&self, _address: &str) -> Option<StoreResult<(bool, bool)>> {
         None
     }
+}
 
-    /// Commit a batch of accepted messages in one transaction (group commit). Either all
-    /// are durably stored or none is; results are in input order.
-    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
-        self.accept_leased(&messages, None).await
-    }
-    /// `accept_batch`, and with `lease` every queued row is inserted already claimed by
-    /// `lease.node` until `lease.expires_at` (claim at accept): the accepting process
-    /// tries the message at once without a second transaction to claim it, and no other
-    /// process takes it before that lease lapses. A leased row is inserted due at the
-    /// lease's end (so scans for due messages skip it); `release` makes it due at once.
-    async fn accept_leased(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
-    ) -> StoreResult<Vec<Accepted>>;
+/// What local delivery stored, for reading.
+#[async_trait::async_trait]
+pub trait MailboxStore: Send + Sync {
     /// Messages of a user's mailbox, oldest first.
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>>;
     /// One message of a user, by id.
     async fn get_message(&self, address: &str, id: i64) -> StoreResult<Option<StoredMessage>>;
+}
 
-    // ----- outgoing queue: senders -----
-
+/// The outgoing queue: the leases senders take and give back, and administration
+/// (postqueue/postsuper). What an attempt did is written through
+/// [`MessageStore::commit_batch`].
+#[async_trait::async_trait]
+pub trait QueueStore: Send + Sync {
     /// Claim up to `limit` messages that are due (`next_retry_at <= now`), not held, and
     /// unlocked or with a lease expired at `now`, oldest due first. Each is stamped with
     /// `lock_owner = node`, `lock_expires_at = now + lease` atomically: two processes
@@ -430,13 +423,6 @@ pub trait MessageStore: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> StoreResult<bool>;
-    /// Record a delivery attempt in one transaction: update the listed pending recipients,
-    /// `tries + 1`, `last_try_at`, `last_error`, `next_retry_at`, and clear the lock; when
-    /// no recipient stays pending the message is deleted. Only while the lock is `node`'s:
-    /// otherwise nothing changes and the result is `Err(StoreError::Invalid)` (the lease
-    /// was lost, or the message was deleted by the administrator).
-    async fn record_attempt(&self, id: &str, node: &str, outcome: AttemptRecord)
-        -> StoreResult<()>;
     /// Clear our lock without recording a try (shutdown, no free sender, or a crash
     /// counted elsewhere); a message not yet due falls due now. Does nothing if the lock
     /// is not `node`'s.
@@ -470,8 +456,6 @@ pub trait MessageStore: Send + Sync + 'static {
     /// hold` reach it. A read, no write.
     async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool>;
 
-    // ----- outgoing queue: administration (postqueue/postsuper) -----
-
     /// Every queued message, oldest received first, with all recipients and states.
     async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>>;
     /// One queued message with its pending recipients and body, locked or not.
@@ -488,28 +472,6 @@ pub trait MessageStore: Send + Sync + 'static {
     /// kept). Held messages are skipped. Returns how many messages are now due.
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64>;
 
-    /// Record several attempts, as `record_attempt` does for each, in one transaction
-    /// where the backend can (group commit for senders). The outer error means nothing
-    /// was recorded; the inner results are per attempt, in order.
-    async fn record_attempts(
-        &self,
-        batch: Vec<(String, String, AttemptRecord)>,
-    ) -> StoreResult<Vec<StoreResult<()>>> {
-        let mut out = Vec::with_capacity(batch.len());
-        for (id, node, record) in batch {
-            out.push(self.record_attempt(&id, &node, record).await);
-        }
-        Ok(out)
-    }
-
-    /// One write for the store actor's group commit: `accept_leased` of the messages and
-    /// `record_attempts` of the records, in one transaction where the backend can (so
-    /// arrivals and finished attempts share one commit). Each message and each record
-    /// gets its own result (backends isolate each message in a savepoint); an accept is
-    /// never reported stored unless its transaction committed. The messages are handed
-    /// back.
-    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome;
-
     /// How many queued messages are in each state at `now`, for metrics and status.
     /// The default counts through `list_queue`; backends override it with one query.
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<QueueCounts> {
@@ -518,6 +480,63 @@ pub trait MessageStore: Send + Sync + 'static {
             c.add(m.held, m.lock_expires_at.is_some_and(|t| t > now), m.tries);
         }
         Ok(c)
+    }
+}
+
+/// The storage every backend implements: its three roles, and the one write path that
+/// stores accepted mail and what delivery attempts did.
+#[async_trait::async_trait]
+pub trait MessageStore: AccountStore + MailboxStore + QueueStore + 'static {
+    /// Short backend name for logs (`sqlite`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// The one write of accepted mail and finished attempts: the messages (each stored
+    /// as a mailbox copy per local recipient and a queued row for the remote ones, under
+    /// `lease` if given: claim at accept, the row inserted already claimed and due at
+    /// the lease's end) and the records (per attempt: the listed pending recipients
+    /// updated, `tries + 1`, the lock cleared, the message deleted when no recipient stays
+    /// pending, and its notifications queued; only while the lock is the record's node's,
+    /// else `Invalid` and nothing changes), in one transaction where the backend can.
+    /// Each message and each record gets its own result: unless `batch.atomic`, one
+    /// message that fails (a local user removed since RCPT) leaves the others to commit.
+    /// An accept is never reported stored unless its transaction committed. The
+    /// messages are handed back.
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome;
+
+    /// Store `messages` all or nothing (import, tools): one atomic `commit_batch`.
+    async fn accept_batch(&self, messages: Vec<IncomingMessage>) -> StoreResult<Vec<Accepted>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.commit_batch(WriteBatch {
+            messages,
+            lease: None,
+            records: Vec::new(),
+            atomic: true,
+        })
+        .await
+        .accepted?
+        .into_iter()
+        .collect()
+    }
+
+    /// Record one attempt: a `commit_batch` of one record.
+    async fn record_attempt(
+        &self,
+        id: &str,
+        node: &str,
+        outcome: AttemptRecord,
+    ) -> StoreResult<()> {
+        self.commit_batch(WriteBatch {
+            messages: Vec::new(),
+            lease: None,
+            records: vec![(id.to_string(), node.to_string(), outcome)],
+            atomic: false,
+        })
+        .await
+        .recorded?
+        .pop()
+        .unwrap_or_else(|| Err(StoreError::Backend("no record result".into())))
     }
 }
 

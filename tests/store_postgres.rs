@@ -8,7 +8,7 @@
 //! tests run in parallel and repeatedly.
 
 use erlmail::store::postgres::PostgresStore;
-use erlmail::store::{MessageStore, StoreError};
+use erlmail::store::{AccountStore, MessageStore, QueueStore, StoreError};
 use rand::RngCore;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 

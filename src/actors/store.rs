@@ -274,6 +274,7 @@ impl Actor for StoreActor {
                 messages: Vec::new(),
                 lease: None,
                 records,
+                atomic: false,
             });
             match tokio::time::timeout(SHUTDOWN_RECORD_LIMIT, commit).await {
                 Ok(outcome) => answer_records(outcome.recorded, replies),
@@ -578,6 +579,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                 messages,
                 lease: lease.clone(),
                 records,
+                atomic: false,
             })
             .await;
         let recorded_some = recorded.as_ref().is_ok_and(|r| r.iter().any(Result::is_ok));

@@ -79,6 +79,42 @@ fn is_invalid<T: std::fmt::Debug>(r: StoreResult<T>) -> bool {
     matches!(r, Err(StoreError::Invalid(_)))
 }
 
+/// Accept through the one write path as the store actor does: each message isolated,
+/// all results or the batch's failure.
+async fn accept_leased(
+    store: &dyn MessageStore,
+    messages: &[IncomingMessage],
+    lease: Option<&AcceptLease>,
+) -> StoreResult<Vec<Accepted>> {
+    store
+        .commit_batch(WriteBatch {
+            messages: messages.to_vec(),
+            lease: lease.cloned(),
+            records: Vec::new(),
+            atomic: false,
+        })
+        .await
+        .accepted?
+        .into_iter()
+        .collect()
+}
+
+/// Record several attempts through the one write path, in one batch.
+async fn record_all(
+    store: &dyn MessageStore,
+    records: Vec<(String, String, AttemptRecord)>,
+) -> StoreResult<Vec<StoreResult<()>>> {
+    store
+        .commit_batch(WriteBatch {
+            messages: Vec::new(),
+            lease: None,
+            records,
+            atomic: false,
+        })
+        .await
+        .recorded
+}
+
 /// Run every check in order on one fresh store.
 pub async fn run_all(store: &dyn MessageStore) {
     domains(store).await;
@@ -132,6 +168,7 @@ pub async fn commit_batch_isolates_each_message(store: &dyn MessageStore) {
                 expires_at: secs(65),
             }),
             records: Vec::new(),
+            atomic: false,
         })
         .await;
     let accepted = out.accepted.expect("the batch committed");
@@ -891,8 +928,7 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
             b"two\r\n",
         ),
     ];
-    let acc = store
-        .accept_leased(&msgs, Some(&lease))
+    let acc = accept_leased(store, &msgs, Some(&lease))
         .await
         .expect("accept leased");
     let ids: Vec<String> = acc
@@ -934,8 +970,9 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
         next_retry_at: None,
         notifications: Vec::new(),
     };
-    let results = store
-        .record_attempts(vec![
+    let results = record_all(
+        store,
+        vec![
             (ids[0].clone(), "n1".into(), done(&["a@far.test"])),
             (
                 ids[1].clone(),
@@ -947,9 +984,10 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
                 "n1".into(),
                 done(&["x@far.test"]),
             ),
-        ])
-        .await
-        .expect("record batch");
+        ],
+    )
+    .await
+    .expect("record batch");
     assert!(results[0].is_ok(), "finished attempt recorded: {results:?}");
     assert!(
         matches!(results[1], Err(StoreError::Invalid(_))),
@@ -980,19 +1018,19 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
         node: "n1".into(),
         expires_at: now + chrono::Duration::days(1),
     };
-    let acc = store
-        .accept_leased(
-            &[incoming(
-                "s@origin.test",
-                &[],
-                vec![rcpt("d@far.test")],
-                now,
-                b"3\r\n",
-            )],
-            Some(&far),
-        )
-        .await
-        .expect("accept leased");
+    let acc = accept_leased(
+        store,
+        &[incoming(
+            "s@origin.test",
+            &[],
+            vec![rcpt("d@far.test")],
+            now,
+            b"3\r\n",
+        )],
+        Some(&far),
+    )
+    .await
+    .expect("accept leased");
     let id = acc[0].queue_id.clone().expect("queued");
     let soon = now + chrono::Duration::seconds(5);
     assert!(store
@@ -1048,6 +1086,7 @@ pub async fn commit_batch_mixes_accepts_and_records(store: &dyn MessageStore) {
                 (old.clone(), "n1".into(), delivered("old@far.test")),
                 (other.clone(), "n2".into(), delivered("other@far.test")),
             ],
+            atomic: false,
         })
         .await;
     assert_eq!(out.messages, vec![new], "the messages are handed back");

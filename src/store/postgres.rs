@@ -759,11 +759,7 @@ async fn record_one(
 }
 
 #[async_trait::async_trait]
-impl MessageStore for PostgresStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
+impl AccountStore for PostgresStore {
     async fn add_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
         let done = sqlx::query(
@@ -916,73 +912,10 @@ impl MessageStore for PostgresStore {
             .map_err(db_err)?;
         Ok(found.is_some())
     }
+}
 
-    async fn accept_leased(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
-    ) -> StoreResult<Vec<Accepted>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let mut out = Vec::with_capacity(messages.len());
-        for m in messages {
-            // An error drops `tx`, which rolls the whole batch back.
-            out.push(accept_one(&mut tx, m, lease).await?);
-        }
-        let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
-        if !queued.is_empty() && lease.is_none() {
-            notify(&mut tx, &queued).await?;
-        }
-        tx.commit().await.map_err(db_err)?;
-        Ok(out)
-    }
-
-    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
-        let WriteBatch {
-            messages,
-            lease,
-            records,
-        } = batch;
-        match self.commit_fast(&messages, lease.as_ref(), &records).await {
-            Ok((accepted, recorded)) => {
-                return WriteOutcome {
-                    messages,
-                    accepted: Ok(accepted),
-                    recorded: Ok(recorded),
-                }
-            }
-            // The database is unreachable or full: the careful way would fare no better,
-            // and the sessions must have their 451 now.
-            Err(e @ (StoreError::Unavailable(_) | StoreError::Full(_))) => {
-                return WriteOutcome {
-                    messages,
-                    accepted: Err(e.clone()),
-                    recorded: Err(e),
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "group commit redone one message at a time");
-            }
-        }
-        let accepted = if messages.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.accept_isolated(&messages, lease.as_ref()).await
-        };
-        let recorded = if records.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.record_attempts(records).await
-        };
-        WriteOutcome {
-            messages,
-            accepted,
-            recorded,
-        }
-    }
-
+#[async_trait::async_trait]
+impl MailboxStore for PostgresStore {
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(Vec::new());
@@ -1031,7 +964,10 @@ impl MessageStore for PostgresStore {
             body: row.try_get("body").map_err(g)?,
         }))
     }
+}
 
+#[async_trait::async_trait]
+impl QueueStore for PostgresStore {
     async fn claim_due(
         &self,
         node: &str,
@@ -1127,23 +1063,6 @@ impl MessageStore for PostgresStore {
         .await
         .map_err(db_err)?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn record_attempt(
-        &self,
-        id: &str,
-        node: &str,
-        outcome: AttemptRecord,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
-        if let Err(refused) = record_one(&mut tx, id, node, &outcome).await? {
-            // Roll back now: a dropped transaction is rolled back only when its
-            // connection is next used, and until then its FOR UPDATE lock makes a claim
-            // (SKIP LOCKED) on another connection pass over the row.
-            tx.rollback().await.map_err(db_err)?;
-            return Err(refused);
-        }
-        tx.commit().await.map_err(db_err)
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
@@ -1416,6 +1335,119 @@ impl MessageStore for PostgresStore {
         }
         tx.commit().await.map_err(db_err)?;
         Ok(done.rows_affected())
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageStore for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
+        let WriteBatch {
+            messages,
+            lease,
+            records,
+            atomic,
+        } = batch;
+        if atomic {
+            // All or nothing (import): the careful way, which has no savepoints to drop.
+            let accepted = self
+                .accept_leased(&messages, lease.as_ref())
+                .await
+                .map(|all| all.into_iter().map(Ok).collect());
+            let recorded = Ok(self.record_each(records).await);
+            return WriteOutcome {
+                messages,
+                accepted,
+                recorded,
+            };
+        }
+        match self.commit_fast(&messages, lease.as_ref(), &records).await {
+            Ok((accepted, recorded)) => {
+                return WriteOutcome {
+                    messages,
+                    accepted: Ok(accepted),
+                    recorded: Ok(recorded),
+                }
+            }
+            // The database is unreachable or full: the careful way would fare no better,
+            // and the sessions must have their 451 now.
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Full(_))) => {
+                return WriteOutcome {
+                    messages,
+                    accepted: Err(e.clone()),
+                    recorded: Err(e),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "group commit redone one message at a time");
+            }
+        }
+        let accepted = if messages.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.accept_isolated(&messages, lease.as_ref()).await
+        };
+        let recorded = Ok(self.record_each(records).await);
+        WriteOutcome {
+            messages,
+            accepted,
+            recorded,
+        }
+    }
+}
+
+/// The careful way, one transaction per record and no savepoints, for batches that
+/// cannot take the quick one ([`PostgresStore::commit_fast`]).
+impl PostgresStore {
+    /// Store `messages` in one transaction, all or nothing, one message at a time.
+    async fn accept_leased(
+        &self,
+        messages: &[IncomingMessage],
+        lease: Option<&AcceptLease>,
+    ) -> StoreResult<Vec<Accepted>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            // An error drops `tx`, which rolls the whole batch back.
+            out.push(accept_one(&mut tx, m, lease).await?);
+        }
+        let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
+        if !queued.is_empty() && lease.is_none() {
+            notify(&mut tx, &queued).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(out)
+    }
+
+    /// Record each attempt in a transaction of its own.
+    async fn record_each(
+        &self,
+        records: Vec<(String, String, AttemptRecord)>,
+    ) -> Vec<StoreResult<()>> {
+        let mut out = Vec::with_capacity(records.len());
+        for (id, node, record) in records {
+            out.push(self.record_alone(&id, &node, &record).await);
+        }
+        out
+    }
+
+    /// Record one attempt in a transaction of its own.
+    async fn record_alone(&self, id: &str, node: &str, outcome: &AttemptRecord) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        if let Err(refused) = record_one(&mut tx, id, node, outcome).await? {
+            // Roll back now: a dropped transaction is rolled back only when its
+            // connection is next used, and until then its FOR UPDATE lock makes a claim
+            // (SKIP LOCKED) on another connection pass over the row.
+            tx.rollback().await.map_err(db_err)?;
+            return Err(refused);
+        }
+        tx.commit().await.map_err(db_err)
     }
 }
 

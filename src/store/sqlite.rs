@@ -460,11 +460,7 @@ fn message_summary(r: &Row<'_>) -> StoreResult<MessageSummary> {
 }
 
 #[async_trait::async_trait]
-impl MessageStore for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
+impl AccountStore for SqliteStore {
     async fn add_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
         let done = self
@@ -650,34 +646,10 @@ impl MessageStore for SqliteStore {
             .await?;
         Ok(found.is_some())
     }
+}
 
-    async fn accept_leased(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
-    ) -> StoreResult<Vec<Accepted>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = WriteBatch {
-            messages: messages.to_vec(),
-            lease: lease.cloned(),
-            records: Vec::new(),
-        };
-        let _writer = self.writer.lock().await;
-        self.writes
-            .commit_with(batch, false)
-            .await
-            .accepted?
-            .into_iter()
-            .collect()
-    }
-
-    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
-        let _writer = self.writer.lock().await;
-        self.writes.commit(batch).await
-    }
-
+#[async_trait::async_trait]
+impl MailboxStore for SqliteStore {
     async fn list_mailbox(&self, address: &str, mailbox: &str) -> StoreResult<Vec<MessageSummary>> {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(Vec::new());
@@ -729,7 +701,10 @@ impl MessageStore for SqliteStore {
             })
             .await
     }
+}
 
+#[async_trait::async_trait]
+impl QueueStore for SqliteStore {
     async fn claim_due(
         &self,
         node: &str,
@@ -834,18 +809,6 @@ impl MessageStore for SqliteStore {
             })
             .await?;
         Ok(done == 1)
-    }
-
-    async fn record_attempt(
-        &self,
-        id: &str,
-        node: &str,
-        outcome: AttemptRecord,
-    ) -> StoreResult<()> {
-        self.record_attempts(vec![(id.to_string(), node.to_string(), outcome)])
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Backend("no record result".into())))
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
@@ -1035,22 +998,6 @@ impl MessageStore for SqliteStore {
             .await
     }
 
-    async fn record_attempts(
-        &self,
-        batch: Vec<(String, String, AttemptRecord)>,
-    ) -> StoreResult<Vec<StoreResult<()>>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.commit_batch(WriteBatch {
-            messages: Vec::new(),
-            lease: None,
-            records: batch,
-        })
-        .await
-        .recorded
-    }
-
     async fn queue_counts(&self, now: DateTime<Utc>) -> StoreResult<super::QueueCounts> {
         let counts = self
             .pool
@@ -1081,6 +1028,18 @@ impl MessageStore for SqliteStore {
             })
             .await?;
         counts.ok_or_else(|| StoreError::Backend("queue counts: no row".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl MessageStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn commit_batch(&self, batch: WriteBatch) -> WriteOutcome {
+        let _writer = self.writer.lock().await;
+        self.writes.commit(batch).await
     }
 }
 

@@ -73,14 +73,10 @@ impl Writer {
 
     /// Run `batch` as one `BEGIN IMMEDIATE` transaction and answer when it committed
     /// (or failed and rolled back). The messages come back either way. Each message is
-    /// isolated in a savepoint: one that fails leaves the others to commit.
+    /// isolated in a savepoint (one that fails leaves the others to commit), unless the
+    /// batch is `atomic`: then one that fails rolls the whole batch back.
     pub(crate) async fn commit(&self, batch: WriteBatch) -> WriteOutcome {
-        self.commit_with(batch, true).await
-    }
-
-    /// As `commit`; with `isolate` false, a message that fails rolls back the whole
-    /// batch (`accept_batch`'s all-or-nothing contract).
-    pub(crate) async fn commit_with(&self, batch: WriteBatch, isolate: bool) -> WriteOutcome {
+        let isolate = !batch.atomic;
         let outcome = self
             .call(move |conn| {
                 let outcome = run_batch(conn, &batch, isolate);
@@ -498,6 +494,7 @@ mod tests {
             messages: Vec::new(),
             lease: None,
             records: Vec::new(),
+            atomic: false,
         };
         let first = w.commit(empty.clone()).await;
         assert!(
