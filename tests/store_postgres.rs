@@ -325,3 +325,48 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
     a.close().await;
     b.close().await;
 }
+
+/// A node answers "not a local domain" from memory once its listener has read the
+/// domains, and a domain added or removed through another node's store is heard at once:
+/// the look-up then goes to the database (or answers from the new list).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_domains_follow_changes_made_by_other_nodes() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a = PostgresStore::open(&db.url).await.unwrap();
+    let b = PostgresStore::open(&db.url).await.unwrap();
+    b.add_domain("old.test").await.unwrap();
+    assert_eq!(
+        a.recipient_now("x@far.test"),
+        None,
+        "nothing read before listening"
+    );
+    let _wake = a.wake_ups().expect("PostgreSQL has wake-ups");
+    let within = |what: &'static str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    within("the listener reads the domains", &|| {
+        a.recipient_now("x@far.test") == Some(Ok((false, false)))
+    });
+    assert_eq!(
+        a.recipient_now("u@OLD.test"),
+        None,
+        "a local domain's users are looked up in the database"
+    );
+    b.add_domain("new.test").await.unwrap();
+    within("a domain added on another node is heard", &|| {
+        a.recipient_now("u@new.test").is_none()
+    });
+    assert!(a.is_local_domain("new.test").await.unwrap());
+    b.remove_domain("old.test").await.unwrap();
+    within("a domain removed on another node is heard", &|| {
+        a.recipient_now("u@old.test") == Some(Ok((false, false)))
+    });
+    a.close().await;
+    b.close().await;
+}

@@ -18,7 +18,8 @@ use super::common::{
     from_ms, lease_end, ms, new_queue_id, node_prefixes, norm_address, norm_domain, norm_mailbox,
     opt_from_ms, to_u32, to_u64,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -44,6 +45,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// tries it at once) or `*` (`queue flush` of everything: run the due scan now). Sent on
 /// commit only, so a listener never hears of a message it cannot read yet.
 pub const QUEUE_CHANNEL: &str = "erlmail_queue";
+
+/// The channel on which every node hears that the local domains changed (payload: the
+/// domain), so that its cached list ([`PostgresStore`]'s `domains`) is read again.
+pub const ACCOUNTS_CHANNEL: &str = "erlmail_accounts";
 
 /// Key of the advisory lock held while migrating (any fixed 64-bit number; this one spells
 /// "erlmail" in ASCII).
@@ -146,6 +151,10 @@ pub struct PostgresStore {
     options: PgConnectOptions,
     /// The connection holding this process's node-name advisory lock (`lock_node`).
     node_lock: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    /// The local domains, for recipient look-ups without a round trip
+    /// (`recipient_now`): `None` unless the notification listener is connected and has
+    /// read them since its last (re)connection or domain change.
+    domains: Arc<std::sync::RwLock<Option<HashSet<String>>>>,
 }
 
 impl PostgresStore {
@@ -158,7 +167,9 @@ impl PostgresStore {
             .url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("store_url: {e}")))?;
-        let options = options.application_name("erlmail");
+        let options = options
+            .application_name("erlmail")
+            .options([("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.pool_size)
             .min_connections(0)
@@ -176,6 +187,7 @@ impl PostgresStore {
             pool,
             options,
             node_lock: tokio::sync::Mutex::new(None),
+            domains: Arc::default(),
         };
         store.migrate().await?;
         Ok(store)
@@ -236,45 +248,27 @@ impl PostgresStore {
         Ok(out)
     }
 
-    /// The group commit the quick way ([`batch`]): the messages in one statement, the
-    /// records in one more (or one by one where they owe notifications), in one
-    /// transaction, or in none when one statement is all there is. `Err`: nothing was
-    /// committed.
+    /// The group commit the quick way ([`batch`]): one statement for the messages and
+    /// the plain records, which commits on its own. Records that owe notifications
+    /// (messages of their own to queue) join it in one transaction, one by one. `Err`:
+    /// nothing was committed.
     async fn commit_fast(
         &self,
         messages: &[IncomingMessage],
         lease: Option<&AcceptLease>,
         records: &[(String, String, AttemptRecord)],
-    ) -> StoreResult<(Vec<StoreResult<Accepted>>, Vec<StoreResult<()>>)> {
-        let plain = batch::plain_records(records);
-        if records.is_empty() || (messages.is_empty() && plain) {
-            // One statement: it commits on its own.
+    ) -> StoreResult<batch::Committed> {
+        if batch::plain_records(records) {
             let mut conn = self.pool.acquire().await.map_err(db_err)?;
-            return if records.is_empty() {
-                Ok((
-                    batch::accept_all(&mut conn, messages, lease).await?,
-                    Vec::new(),
-                ))
-            } else {
-                Ok((Vec::new(), batch::record_all(&mut conn, records).await?))
-            };
+            return batch::commit_all(&mut conn, messages, lease, records).await;
         }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let done = async {
-            let accepted = if messages.is_empty() {
-                Vec::new()
-            } else {
-                batch::accept_all(&mut tx, messages, lease).await?
-            };
-            let recorded = if plain {
-                batch::record_all(&mut tx, records).await?
-            } else {
-                let mut out = Vec::with_capacity(records.len());
-                for (id, node, record) in records {
-                    out.push(record_one(&mut tx, id, node, record).await?);
-                }
-                out
-            };
+            let (accepted, _) = batch::commit_all(&mut tx, messages, lease, &[]).await?;
+            let mut recorded = Vec::with_capacity(records.len());
+            for (id, node, record) in records {
+                recorded.push(record_one(&mut tx, id, node, record).await?);
+            }
             Ok::<_, StoreError>((accepted, recorded))
         }
         .await;
@@ -418,6 +412,29 @@ async fn queue_listener(pool: &PgPool) -> StoreResult<sqlx::postgres::PgListener
         .map_err(db_err)?;
     l.listen(QUEUE_CHANNEL).await.map_err(db_err)?;
     Ok(l)
+}
+
+/// The wake-ups' listener: queue work and domain changes.
+async fn notification_listener(pool: &PgPool) -> StoreResult<sqlx::postgres::PgListener> {
+    let mut l = queue_listener(pool).await?;
+    l.listen(ACCOUNTS_CHANNEL).await.map_err(db_err)?;
+    Ok(l)
+}
+
+/// Read the local domains into `cache`; on failure it stays empty (look-ups ask the
+/// database) until the next change or reconnection.
+async fn read_domains(pool: &PgPool, cache: &std::sync::RwLock<Option<HashSet<String>>>) {
+    match sqlx::query_scalar::<_, String>("SELECT name FROM domains")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(names) => {
+            *cache.write().unwrap_or_else(|e| e.into_inner()) = Some(names.into_iter().collect());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the local domains; look-ups ask the database")
+        }
+    }
 }
 
 async fn notify(conn: &mut PgConnection, payloads: &[&str]) -> StoreResult<()> {
@@ -751,7 +768,8 @@ async fn record_one(
     // The notifications this attempt owes commit with its record, or not at all (they
     // are queued unleased, and wake the other nodes).
     if !outcome.notifications.is_empty() {
-        for queued in batch::accept_all(conn, &outcome.notifications, None).await? {
+        let (queued, _) = batch::commit_all(conn, &outcome.notifications, None, &[]).await?;
+        for queued in queued {
             queued?;
         }
     }
@@ -762,27 +780,34 @@ async fn record_one(
 impl AccountStore for PostgresStore {
     async fn add_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
-        let done = sqlx::query(
-            "INSERT INTO domains (name, created_at) VALUES ($1, $2)
-             ON CONFLICT (name) DO NOTHING",
+        // Every node's cached list is read again once this commits.
+        let added = sqlx::query(
+            "WITH added AS (INSERT INTO domains (name, created_at) VALUES ($1, $2)
+                            ON CONFLICT (name) DO NOTHING RETURNING name)
+             SELECT pg_notify($3, name) FROM added",
         )
         .bind(&name)
         .bind(Utc::now().timestamp_millis())
-        .execute(&self.pool)
+        .bind(ACCOUNTS_CHANNEL)
+        .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(added.len() == 1)
     }
 
     async fn remove_domain(&self, name: &str) -> StoreResult<bool> {
         let name = norm_domain(name)?;
         // Users, their mailboxes and messages go with it (ON DELETE CASCADE).
-        let done = sqlx::query("DELETE FROM domains WHERE name = $1")
-            .bind(&name)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let removed = sqlx::query(
+            "WITH removed AS (DELETE FROM domains WHERE name = $1 RETURNING name)
+             SELECT pg_notify($2, name) FROM removed",
+        )
+        .bind(&name)
+        .bind(ACCOUNTS_CHANNEL)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(removed.len() == 1)
     }
 
     async fn list_domains(&self) -> StoreResult<Vec<String>> {
@@ -911,6 +936,18 @@ impl AccountStore for PostgresStore {
             .await
             .map_err(db_err)?;
         Ok(found.is_some())
+    }
+
+    fn recipient_now(&self, address: &str) -> Option<StoreResult<(bool, bool)>> {
+        // Only "not a local domain" is answered here (relayed mail, the common case); a
+        // local domain's user is looked up in the database.
+        let (_, domain) = address.rsplit_once('@')?;
+        let domain = norm_domain(domain).ok()?;
+        let domains = self.domains.read().unwrap_or_else(|e| e.into_inner());
+        match domains.as_ref() {
+            Some(known) if !known.contains(&domain) => Some(Ok((false, false))),
+            _ => None,
+        }
     }
 }
 
@@ -1106,10 +1143,13 @@ impl QueueStore for PostgresStore {
     fn wake_ups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let pool = self.pool.clone();
+        let domains = self.domains.clone();
         tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             while !tx.is_closed() {
-                let mut listener = match queue_listener(&pool).await {
+                // No listener, no cached domains: a change would go unheard.
+                *domains.write().unwrap_or_else(|e| e.into_inner()) = None;
+                let mut listener = match notification_listener(&pool).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::warn!(error = %e, "queue notifications: cannot listen; the periodic scan covers meanwhile");
@@ -1119,12 +1159,18 @@ impl QueueStore for PostgresStore {
                     }
                 };
                 backoff = std::time::Duration::from_millis(100);
-                // After a (re)connection something may have been missed: wake once.
+                // After a (re)connection something may have been missed: wake once, and
+                // read the domains (after LISTEN, so no change falls in between).
                 let _ = tx.try_send(());
+                read_domains(&pool, &domains).await;
                 loop {
                     tokio::select! {
                         _ = tx.closed() => return,
                         n = listener.try_recv() => match n {
+                            Ok(Some(n)) if n.channel() == ACCOUNTS_CHANNEL => {
+                                *domains.write().unwrap_or_else(|e| e.into_inner()) = None;
+                                read_domains(&pool, &domains).await;
+                            }
                             // A full channel already holds a wake-up: coalesced.
                             Ok(Some(_)) => { let _ = tx.try_send(()); }
                             // The connection was lost: reconnect (with the wake-up).
