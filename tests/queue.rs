@@ -322,8 +322,12 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
         "counting the try as a temporary failure",
         Duration::from_secs(15),
     );
-    let listing = queue_list(&d);
-    assert!(listing.contains("delivery agent crashed"), "{listing}");
+    // The log line comes before the record commits (records wait a few ms for company).
+    let mut listing = String::new();
+    wait_until("the crash recorded", Duration::from_secs(5), || {
+        listing = queue_list(&d);
+        listing.contains("delivery agent crashed")
+    });
     assert!(!listing.contains("being delivered"), "unlocked: {listing}");
     assert!(listing.contains("b@remote.test [pending]"), "{listing}");
     assert_eq!(sink.count(), 0);
