@@ -12,6 +12,7 @@ pub mod contract;
 pub mod maildir;
 pub mod password;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 mod sqlite_writer;
 

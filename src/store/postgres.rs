@@ -27,6 +27,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::Row;
 
 use super::password::is_phc_hash;
+use super::sql::{self, outgoing_cols};
 use super::*;
 
 mod batch;
@@ -61,14 +62,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     "initial",
     include_str!("../../migrations/postgres/0001_initial.sql"),
 )];
-
-/// The columns of `outgoing` that a `QueuedMessage`/`QueueSummary` reads, body excluded.
-macro_rules! outgoing_cols {
-    () => {
-        "id, sender, ret, envid, client_ip, helo, received_at, tries, last_try_at, \
-         last_error, next_retry_at, lock_owner, lock_expires_at, held, size"
-    };
-}
 
 /// The settings `PostgresStore::open` takes from a store URL besides what libpq-style
 /// URLs already carry.
@@ -288,7 +281,7 @@ impl PostgresStore {
 
     /// The schema version of the database (the last migration applied).
     pub async fn schema_version(&self) -> StoreResult<i64> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+        let v: Option<i64> = sqlx::query_scalar(sql::SCHEMA_VERSION)
             .fetch_one(&self.pool)
             .await
             .map_err(db_err)?;
@@ -332,7 +325,7 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM erlmail_schema")
+        let current: Option<i64> = sqlx::query_scalar(sql::SCHEMA_VERSION)
             .fetch_one(&mut *tx)
             .await
             .map_err(db_err)?;
@@ -354,15 +347,13 @@ impl PostgresStore {
                     }
                     other => other,
                 })?;
-            sqlx::query(
-                "INSERT INTO erlmail_schema (version, name, applied_at) VALUES ($1, $2, $3)",
-            )
-            .bind(version)
-            .bind(name)
-            .bind(Utc::now().timestamp_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            sqlx::query(sql::RECORD_MIGRATION)
+                .bind(version)
+                .bind(name)
+                .bind(Utc::now().timestamp_millis())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
             tracing::info!(version, name, "store migration applied (postgres)");
         }
         tx.commit().await.map_err(db_err)
@@ -745,7 +736,7 @@ async fn record_one(
     .await
     .map_err(db_err)?;
     if pending == 0 {
-        sqlx::query("DELETE FROM outgoing WHERE id = $1")
+        sqlx::query(sql::DELETE_QUEUED)
             .bind(id)
             .execute(&mut *conn)
             .await
@@ -822,7 +813,7 @@ impl AccountStore for PostgresStore {
         let Ok(name) = norm_domain(name) else {
             return Ok(false);
         };
-        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM domains WHERE name = $1")
+        let found: Option<i32> = sqlx::query_scalar(sql::DOMAIN_EXISTS)
             .bind(&name)
             .fetch_optional(&self.pool)
             .await
@@ -849,18 +840,15 @@ impl AccountStore for PostgresStore {
         if known.is_none() {
             return Err(StoreError::Invalid(format!("unknown domain {domain}")));
         }
-        let done = sqlx::query(
-            "INSERT INTO users (address, local_part, domain, password_hash, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO NOTHING",
-        )
-        .bind(&address)
-        .bind(&local)
-        .bind(&domain)
-        .bind(password_hash)
-        .bind(Utc::now().timestamp_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let done = sqlx::query(sql::INSERT_USER)
+            .bind(&address)
+            .bind(&local)
+            .bind(&domain)
+            .bind(password_hash)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
         if done.rows_affected() != 1 {
             return Err(StoreError::Invalid(format!(
                 "user {address} already exists"
@@ -876,7 +864,7 @@ impl AccountStore for PostgresStore {
                 "password must be given as an argon2 PHC hash".into(),
             ));
         }
-        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE address = $2")
+        let done = sqlx::query(sql::SET_PASSWORD)
             .bind(password_hash)
             .bind(&address)
             .execute(&self.pool)
@@ -887,7 +875,7 @@ impl AccountStore for PostgresStore {
 
     async fn remove_user(&self, address: &str) -> StoreResult<bool> {
         let (address, _, _) = norm_address(address)?;
-        let done = sqlx::query("DELETE FROM users WHERE address = $1")
+        let done = sqlx::query(sql::DELETE_USER)
             .bind(&address)
             .execute(&self.pool)
             .await
@@ -919,7 +907,7 @@ impl AccountStore for PostgresStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(None);
         };
-        sqlx::query_scalar("SELECT password_hash FROM users WHERE address = $1")
+        sqlx::query_scalar(sql::PASSWORD_HASH)
             .bind(&address)
             .fetch_optional(&self.pool)
             .await
@@ -930,7 +918,7 @@ impl AccountStore for PostgresStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(false);
         };
-        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM users WHERE address = $1")
+        let found: Option<i32> = sqlx::query_scalar(sql::USER_EXISTS)
             .bind(&address)
             .fetch_optional(&self.pool)
             .await
@@ -957,19 +945,12 @@ impl MailboxStore for PostgresStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(Vec::new());
         };
-        let rows = sqlx::query(
-            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
-             FROM messages m
-             JOIN mailboxes b ON m.mailbox_id = b.id
-             JOIN users u ON b.user_id = u.id
-             WHERE u.address = $1 AND b.name = $2
-             ORDER BY m.id",
-        )
-        .bind(&address)
-        .bind(norm_mailbox(mailbox))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let rows = sqlx::query(sql::LIST_MAILBOX)
+            .bind(&address)
+            .bind(norm_mailbox(mailbox))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
         rows.iter().map(message_summary).collect()
     }
 
@@ -977,19 +958,12 @@ impl MailboxStore for PostgresStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(None);
         };
-        let row = sqlx::query(
-            "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
-                    m.recipients, m.body
-             FROM messages m
-             JOIN mailboxes b ON m.mailbox_id = b.id
-             JOIN users u ON b.user_id = u.id
-             WHERE u.address = $1 AND m.id = $2",
-        )
-        .bind(&address)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err)?;
+        let row = sqlx::query(sql::GET_MESSAGE)
+            .bind(&address)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -1247,13 +1221,10 @@ impl QueueStore for PostgresStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db_err)?;
-        let rrows = sqlx::query(
-            "SELECT queue_id, address, orcpt, notify, state, last_response
-             FROM outgoing_rcpts ORDER BY queue_id, seq",
-        )
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let rrows = sqlx::query(sql::ALL_QUEUE_RCPTS)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
         let mut by_id: HashMap<String, Vec<QueueRcpt>> = HashMap::new();
@@ -1317,7 +1288,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn delete_queued(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM outgoing WHERE id = $1")
+        let done = sqlx::query(sql::DELETE_QUEUED)
             .bind(id)
             .execute(&self.pool)
             .await
@@ -1326,7 +1297,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn delete_all_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM outgoing")
+        let done = sqlx::query(sql::DELETE_ALL_QUEUED)
             .execute(&self.pool)
             .await
             .map_err(db_err)?;

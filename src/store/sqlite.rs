@@ -28,6 +28,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, Params, Row, TransactionBehavior};
 
 use super::password::is_phc_hash;
+use super::sql::{self, outgoing_cols};
 use super::sqlite_writer::{open_connection, sql_err, Writer};
 use super::*;
 
@@ -50,14 +51,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     "initial",
     include_str!("../../migrations/sqlite/0001_initial.sql"),
 )];
-
-/// The columns of `outgoing` that a `QueuedMessage`/`QueueSummary` reads, body excluded.
-macro_rules! outgoing_cols {
-    () => {
-        "id, sender, ret, envid, client_ip, helo, received_at, tries, last_try_at, \
-         last_error, next_retry_at, lock_owner, lock_expires_at, held, size"
-    };
-}
 
 /// The SQLite store: a small connection pool and a writer thread on one database file.
 pub struct SqliteStore {
@@ -243,7 +236,7 @@ impl SqliteStore {
     pub async fn schema_version(&self) -> StoreResult<i64> {
         let v: Option<i64> = self
             .pool
-            .run(|c| one(c, "SELECT MAX(version) FROM erlmail_schema", [], col0))
+            .run(|c| one(c, sql::SCHEMA_VERSION, [], col0))
             .await?
             .flatten();
         Ok(v.unwrap_or(0))
@@ -273,7 +266,7 @@ impl SqliteStore {
                 )
                 .map_err(sql_err)?;
                 let current: Option<i64> =
-                    one(&tx, "SELECT MAX(version) FROM erlmail_schema", [], col0)?.flatten();
+                    one(&tx, sql::SCHEMA_VERSION, [], col0)?.flatten();
                 let current = current.unwrap_or(0);
                 let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
                 if current > latest {
@@ -288,8 +281,7 @@ impl SqliteStore {
                     })?;
                     execute(
                         &tx,
-                        "INSERT INTO erlmail_schema (version, name, applied_at)
-                         VALUES (?1, ?2, ?3)",
+                        sql::RECORD_MIGRATION,
                         params![version, name, Utc::now().timestamp_millis()],
                     )?;
                     tracing::info!(version, name, path = %path.display(), "store migration applied");
@@ -499,7 +491,7 @@ impl AccountStore for SqliteStore {
         };
         let found: Option<i64> = self
             .pool
-            .run(move |c| one(c, "SELECT 1 FROM domains WHERE name = ?1", [name], col0))
+            .run(move |c| one(c, sql::DOMAIN_EXISTS, [name], col0))
             .await?;
         Ok(found.is_some())
     }
@@ -517,19 +509,13 @@ impl AccountStore for SqliteStore {
         self.writes
             .run(move |conn| {
                 let tx = write_tx(conn)?;
-                let known: Option<i64> = one(
-                    &tx,
-                    "SELECT 1 FROM domains WHERE name = ?1",
-                    [&domain],
-                    col0,
-                )?;
+                let known: Option<i64> = one(&tx, sql::DOMAIN_EXISTS, [&domain], col0)?;
                 if known.is_none() {
                     return Err(StoreError::Invalid(format!("unknown domain {domain}")));
                 }
                 let done = execute(
                     &tx,
-                    "INSERT INTO users (address, local_part, domain, password_hash, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (address) DO NOTHING",
+                    sql::INSERT_USER,
                     params![
                         address,
                         local,
@@ -558,13 +544,7 @@ impl AccountStore for SqliteStore {
         let password_hash = password_hash.to_string();
         let done = self
             .pool
-            .run(move |c| {
-                execute(
-                    c,
-                    "UPDATE users SET password_hash = ?1 WHERE address = ?2",
-                    [password_hash, address],
-                )
-            })
+            .run(move |c| execute(c, sql::SET_PASSWORD, [password_hash, address]))
             .await?;
         Ok(done == 1)
     }
@@ -573,7 +553,7 @@ impl AccountStore for SqliteStore {
         let (address, _, _) = norm_address(address)?;
         let done = self
             .pool
-            .run(move |c| execute(c, "DELETE FROM users WHERE address = ?1", [address]))
+            .run(move |c| execute(c, sql::DELETE_USER, [address]))
             .await?;
         Ok(done == 1)
     }
@@ -598,14 +578,7 @@ impl AccountStore for SqliteStore {
             return Ok(None);
         };
         self.pool
-            .run(move |c| {
-                one(
-                    c,
-                    "SELECT password_hash FROM users WHERE address = ?1",
-                    [address],
-                    col0,
-                )
-            })
+            .run(move |c| one(c, sql::PASSWORD_HASH, [address], col0))
             .await
     }
 
@@ -642,7 +615,7 @@ impl AccountStore for SqliteStore {
         };
         let found: Option<i64> = self
             .pool
-            .run(move |c| one(c, "SELECT 1 FROM users WHERE address = ?1", [address], col0))
+            .run(move |c| one(c, sql::USER_EXISTS, [address], col0))
             .await?;
         Ok(found.is_some())
     }
@@ -656,19 +629,7 @@ impl MailboxStore for SqliteStore {
         };
         let mailbox = norm_mailbox(mailbox).to_string();
         self.pool
-            .run(move |c| {
-                all(
-                    c,
-                    "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date
-                     FROM messages m
-                     JOIN mailboxes b ON m.mailbox_id = b.id
-                     JOIN users u ON b.user_id = u.id
-                     WHERE u.address = ?1 AND b.name = ?2
-                     ORDER BY m.id",
-                    [address, mailbox],
-                    message_summary,
-                )
-            })
+            .run(move |c| all(c, sql::LIST_MAILBOX, [address, mailbox], message_summary))
             .await
     }
 
@@ -678,26 +639,15 @@ impl MailboxStore for SqliteStore {
         };
         self.pool
             .run(move |c| {
-                one(
-                    c,
-                    "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date,
-                            m.recipients, m.body
-                     FROM messages m
-                     JOIN mailboxes b ON m.mailbox_id = b.id
-                     JOIN users u ON b.user_id = u.id
-                     WHERE u.address = ?1 AND m.id = ?2",
-                    params![address, id],
-                    |row| {
-                        let g =
-                            |e: rusqlite::Error| StoreError::Backend(format!("messages row: {e}"));
-                        let recipients: String = row.get("recipients").map_err(g)?;
-                        Ok(StoredMessage {
-                            summary: message_summary(row)?,
-                            recipients: recipients.lines().map(str::to_string).collect(),
-                            body: row.get("body").map_err(g)?,
-                        })
-                    },
-                )
+                one(c, sql::GET_MESSAGE, params![address, id], |row| {
+                    let g = |e: rusqlite::Error| StoreError::Backend(format!("messages row: {e}"));
+                    let recipients: String = row.get("recipients").map_err(g)?;
+                    Ok(StoredMessage {
+                        summary: message_summary(row)?,
+                        recipients: recipients.lines().map(str::to_string).collect(),
+                        body: row.get("body").map_err(g)?,
+                    })
+                })
             })
             .await
     }
@@ -881,29 +831,23 @@ impl QueueStore for SqliteStore {
                 )?;
                 let g =
                     |e: rusqlite::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
-                let rcpts = all(
-                    &tx,
-                    "SELECT queue_id, address, orcpt, notify, state, last_response
-                     FROM outgoing_rcpts ORDER BY queue_id, seq",
-                    [],
-                    |r| {
-                        let state: String = r.get("state").map_err(g)?;
-                        let state = RcptState::parse(&state).ok_or_else(|| {
-                            StoreError::Backend(format!("unknown recipient state {state:?}"))
-                        })?;
-                        let queue_id: String = r.get("queue_id").map_err(g)?;
-                        Ok((
-                            queue_id,
-                            QueueRcpt {
-                                address: r.get("address").map_err(g)?,
-                                orcpt: r.get("orcpt").map_err(g)?,
-                                notify: r.get("notify").map_err(g)?,
-                                state,
-                                last_response: r.get("last_response").map_err(g)?,
-                            },
-                        ))
-                    },
-                )?;
+                let rcpts = all(&tx, sql::ALL_QUEUE_RCPTS, [], |r| {
+                    let state: String = r.get("state").map_err(g)?;
+                    let state = RcptState::parse(&state).ok_or_else(|| {
+                        StoreError::Backend(format!("unknown recipient state {state:?}"))
+                    })?;
+                    let queue_id: String = r.get("queue_id").map_err(g)?;
+                    Ok((
+                        queue_id,
+                        QueueRcpt {
+                            address: r.get("address").map_err(g)?,
+                            orcpt: r.get("orcpt").map_err(g)?,
+                            notify: r.get("notify").map_err(g)?,
+                            state,
+                            last_response: r.get("last_response").map_err(g)?,
+                        },
+                    ))
+                })?;
                 tx.commit().map_err(sql_err)?;
                 Ok((rows, rcpts))
             })
@@ -947,14 +891,14 @@ impl QueueStore for SqliteStore {
         let id = id.to_string();
         let done = self
             .pool
-            .run(move |c| execute(c, "DELETE FROM outgoing WHERE id = ?1", [id]))
+            .run(move |c| execute(c, sql::DELETE_QUEUED, [id]))
             .await?;
         Ok(done == 1)
     }
 
     async fn delete_all_queued(&self) -> StoreResult<u64> {
         self.pool
-            .run(|c| execute(c, "DELETE FROM outgoing", []))
+            .run(|c| execute(c, sql::DELETE_ALL_QUEUED, []))
             .await
     }
 

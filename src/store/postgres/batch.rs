@@ -20,16 +20,55 @@ use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
 };
 
-/// Every message of a batch: mailbox copies (a message with a local recipient who is no
-/// user is left out whole), queued rows and their recipients, under the lease $13/$14 if
-/// given, and wake-ups for unleased rows when $21.
-const ACCEPT_CTES: &str = "
+/// The messages' envelopes and bodies, one row each (`mi`: its index from 1).
+macro_rules! messages_cte {
+    () => {
+        "
 m AS (
     SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
                          $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[])
         WITH ORDINALITY AS m (qid, sender, ret, envid, client_ip, helo, received_at, size,
                               body, subject, mi)
-), l AS (
+)"
+    };
+}
+
+/// Queued rows and their recipients for the messages with remote recipients that pass
+/// `$ok`.
+macro_rules! queue_ctes {
+    ($ok:literal) => {
+        concat!(
+            "
+queued AS (
+    INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, tries,
+                          next_retry_at, held, size, body, lock_owner, lock_expires_at)
+    SELECT qid, sender, ret, envid, client_ip, helo, received_at, 0,
+           COALESCE($14, received_at), FALSE, size, body, $13, $14
+    FROM m WHERE qid IS NOT NULL AND ",
+            $ok,
+            "
+    RETURNING id
+), rcpts AS (
+    INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at)
+    SELECT m.qid, rc.seq, rc.address, rc.orcpt, rc.notify, 'pending', m.received_at
+    FROM UNNEST($15::BIGINT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[], $19::TEXT[])
+        AS rc (mi, seq, address, orcpt, notify)
+    JOIN m ON m.mi = rc.mi
+    WHERE m.qid IS NOT NULL AND ",
+            $ok,
+            "
+)"
+        )
+    };
+}
+
+/// Every message of a batch: mailbox copies (a message with a local recipient who is no
+/// user is left out whole), queued rows and their recipients, under the lease $13/$14 if
+/// given, and wake-ups for unleased rows when $21.
+const ACCEPT_CTES: &str = concat!(
+    messages_cte!(),
+    ",
+l AS (
     SELECT l.mi, l.ord, l.address, u.id AS user_id, b.id AS mailbox_id
     FROM UNNEST($11::BIGINT[], $12::TEXT[]) WITH ORDINALITY AS l (mi, address, ord)
     LEFT JOIN users u ON u.address = l.address
@@ -51,21 +90,9 @@ m AS (
     INSERT INTO messages (id, mailbox_id, sender, recipients, subject, size, internal_date, body)
     SELECT lm.id, lm.mailbox_id, m.sender, lm.address, m.subject, m.size, m.received_at, m.body
     FROM lm JOIN m ON m.mi = lm.mi
-), queued AS (
-    INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                          next_retry_at, held, size, body, lock_owner, lock_expires_at)
-    SELECT qid, sender, ret, envid, client_ip, helo, received_at, 0,
-           COALESCE($14, received_at), FALSE, size, body, $13, $14
-    FROM m WHERE qid IS NOT NULL AND mi NOT IN (SELECT mi FROM bad)
-    RETURNING id
-), rcpts AS (
-    INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at)
-    SELECT m.qid, rc.seq, rc.address, rc.orcpt, rc.notify, 'pending', m.received_at
-    FROM UNNEST($15::BIGINT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[], $19::TEXT[])
-        AS rc (mi, seq, address, orcpt, notify)
-    JOIN m ON m.mi = rc.mi
-    WHERE m.qid IS NOT NULL AND m.mi NOT IN (SELECT mi FROM bad)
-)";
+),",
+    queue_ctes!("m.mi NOT IN (SELECT mi FROM bad)")
+);
 
 /// The rows of [`ACCEPT_CTES`]: `kind` 0, a refused message (`mi`); 1, a mailbox copy
 /// (`mi`, its order `ord`, its `id`); 2, a wake-up sent.
@@ -123,26 +150,7 @@ const RECORD_ROWS: &str =
 /// Messages without local recipients (relayed mail), the common case: [`ACCEPT_CTES`]
 /// without the mailbox parts, whose executor set-up costs even when they insert nothing.
 /// The same parameters ($11 and $12 unused).
-const REMOTE_CTES: &str = "
-m AS (
-    SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
-                         $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[])
-        WITH ORDINALITY AS m (qid, sender, ret, envid, client_ip, helo, received_at, size,
-                              body, subject, mi)
-), queued AS (
-    INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                          next_retry_at, held, size, body, lock_owner, lock_expires_at)
-    SELECT qid, sender, ret, envid, client_ip, helo, received_at, 0,
-           COALESCE($14, received_at), FALSE, size, body, $13, $14
-    FROM m
-    RETURNING id
-), rcpts AS (
-    INSERT INTO outgoing_rcpts (queue_id, seq, address, orcpt, notify, state, updated_at)
-    SELECT m.qid, rc.seq, rc.address, rc.orcpt, rc.notify, 'pending', m.received_at
-    FROM UNNEST($15::BIGINT[], $16::BIGINT[], $17::TEXT[], $18::TEXT[], $19::TEXT[])
-        AS rc (mi, seq, address, orcpt, notify)
-    JOIN m ON m.mi = rc.mi
-)";
+const REMOTE_CTES: &str = concat!(messages_cte!(), ",", queue_ctes!("TRUE"));
 
 /// The rows of [`REMOTE_CTES`]: wake-ups sent (`kind` 2).
 const REMOTE_ROWS: &str = "
