@@ -16,7 +16,7 @@
 
 use super::common::{
     from_ms, lease_end, ms, new_queue_id, node_prefixes, norm_address, norm_domain, norm_mailbox,
-    opt_from_ms, to_u32, to_u64,
+    to_u64, Columns, OutgoingRow,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -438,69 +438,25 @@ async fn notify(conn: &mut PgConnection, payloads: &[&str]) -> StoreResult<()> {
     Ok(())
 }
 
-/// The row part of a queued message (recipients read separately).
-struct OutgoingRow {
-    id: String,
-    sender: String,
-    ret: Option<String>,
-    envid: Option<String>,
-    client_ip: String,
-    helo: String,
-    received_at: DateTime<Utc>,
-    tries: u32,
-    last_try_at: Option<DateTime<Utc>>,
-    last_error: Option<String>,
-    next_retry_at: DateTime<Utc>,
-    lock_owner: Option<String>,
-    lock_expires_at: Option<DateTime<Utc>>,
-    held: bool,
-    size: u64,
-}
+impl Columns for PgRow {
+    fn text(&self, col: &str) -> StoreResult<Option<String>> {
+        self.try_get(col)
+            .map_err(|e| StoreError::Backend(format!("column {col}: {e}")))
+    }
 
-impl OutgoingRow {
-    /// The sender's view: this row with its pending recipients and body.
-    fn into_queued(self, rcpts: Vec<OutgoingRcpt>, body: Vec<u8>) -> QueuedMessage {
-        QueuedMessage {
-            id: self.id,
-            sender: self.sender,
-            ret: self.ret,
-            envid: self.envid,
-            client_ip: self.client_ip,
-            helo: self.helo,
-            received_at: self.received_at,
-            tries: self.tries,
-            last_try_at: self.last_try_at,
-            last_error: self.last_error,
-            next_retry_at: self.next_retry_at,
-            lock_owner: self.lock_owner,
-            lock_expires_at: self.lock_expires_at,
-            held: self.held,
-            size: self.size,
-            rcpts,
-            body,
-        }
+    fn int(&self, col: &str) -> StoreResult<Option<i64>> {
+        self.try_get(col)
+            .map_err(|e| StoreError::Backend(format!("column {col}: {e}")))
+    }
+
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        self.try_get(col)
+            .map_err(|e| StoreError::Backend(format!("column {col}: {e}")))
     }
 }
 
 fn outgoing_row(r: &PgRow) -> StoreResult<OutgoingRow> {
-    let g = |e: sqlx::Error| StoreError::Backend(format!("outgoing row: {e}"));
-    Ok(OutgoingRow {
-        id: r.try_get("id").map_err(g)?,
-        sender: r.try_get("sender").map_err(g)?,
-        ret: r.try_get("ret").map_err(g)?,
-        envid: r.try_get("envid").map_err(g)?,
-        client_ip: r.try_get("client_ip").map_err(g)?,
-        helo: r.try_get("helo").map_err(g)?,
-        received_at: from_ms(r.try_get("received_at").map_err(g)?)?,
-        tries: to_u32(r.try_get("tries").map_err(g)?),
-        last_try_at: opt_from_ms(r.try_get("last_try_at").map_err(g)?)?,
-        last_error: r.try_get("last_error").map_err(g)?,
-        next_retry_at: from_ms(r.try_get("next_retry_at").map_err(g)?)?,
-        lock_owner: r.try_get("lock_owner").map_err(g)?,
-        lock_expires_at: opt_from_ms(r.try_get("lock_expires_at").map_err(g)?)?,
-        held: r.try_get("held").map_err(g)?,
-        size: to_u64(r.try_get("size").map_err(g)?),
-    })
+    OutgoingRow::read(r)
 }
 
 fn body_of(r: &PgRow) -> StoreResult<Vec<u8>> {
@@ -1246,20 +1202,8 @@ impl QueueStore for PostgresStore {
         rows.iter()
             .map(|r| {
                 let o = outgoing_row(r)?;
-                Ok(QueueSummary {
-                    rcpts: by_id.remove(&o.id).unwrap_or_default(),
-                    id: o.id,
-                    size: o.size,
-                    received_at: o.received_at,
-                    sender: o.sender,
-                    tries: o.tries,
-                    last_try_at: o.last_try_at,
-                    next_retry_at: o.next_retry_at,
-                    last_error: o.last_error,
-                    held: o.held,
-                    lock_owner: o.lock_owner,
-                    lock_expires_at: o.lock_expires_at,
-                })
+                let rcpts = by_id.remove(&o.id).unwrap_or_default();
+                Ok(o.into_summary(rcpts))
             })
             .collect()
     }

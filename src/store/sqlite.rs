@@ -16,8 +16,8 @@
 //! callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, opt_from_ms,
-    to_u32, to_u64,
+    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, to_u64,
+    Columns, OutgoingRow,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -342,44 +342,24 @@ fn col0<T: rusqlite::types::FromSql>(r: &Row<'_>) -> StoreResult<T> {
     r.get(0).map_err(sql_err)
 }
 
-/// The row part of a queued message (body and recipients read separately).
-struct OutgoingRow {
-    id: String,
-    sender: String,
-    ret: Option<String>,
-    envid: Option<String>,
-    client_ip: String,
-    helo: String,
-    received_at: DateTime<Utc>,
-    tries: u32,
-    last_try_at: Option<DateTime<Utc>>,
-    last_error: Option<String>,
-    next_retry_at: DateTime<Utc>,
-    lock_owner: Option<String>,
-    lock_expires_at: Option<DateTime<Utc>>,
-    held: bool,
-    size: u64,
+impl Columns for Row<'_> {
+    fn text(&self, col: &str) -> StoreResult<Option<String>> {
+        self.get(col)
+            .map_err(|e| StoreError::Backend(format!("column {col}: {e}")))
+    }
+
+    fn int(&self, col: &str) -> StoreResult<Option<i64>> {
+        self.get(col)
+            .map_err(|e| StoreError::Backend(format!("column {col}: {e}")))
+    }
+
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        Ok(self.int(col)?.unwrap_or(0) != 0)
+    }
 }
 
 fn outgoing_row(r: &Row<'_>) -> StoreResult<OutgoingRow> {
-    let g = |e: rusqlite::Error| StoreError::Backend(format!("outgoing row: {e}"));
-    Ok(OutgoingRow {
-        id: r.get("id").map_err(g)?,
-        sender: r.get("sender").map_err(g)?,
-        ret: r.get("ret").map_err(g)?,
-        envid: r.get("envid").map_err(g)?,
-        client_ip: r.get("client_ip").map_err(g)?,
-        helo: r.get("helo").map_err(g)?,
-        received_at: from_ms(r.get("received_at").map_err(g)?)?,
-        tries: to_u32(r.get("tries").map_err(g)?),
-        last_try_at: opt_from_ms(r.get("last_try_at").map_err(g)?)?,
-        last_error: r.get("last_error").map_err(g)?,
-        next_retry_at: from_ms(r.get("next_retry_at").map_err(g)?)?,
-        lock_owner: r.get("lock_owner").map_err(g)?,
-        lock_expires_at: opt_from_ms(r.get("lock_expires_at").map_err(g)?)?,
-        held: r.get::<_, i64>("held").map_err(g)? != 0,
-        size: to_u64(r.get("size").map_err(g)?),
-    })
+    OutgoingRow::read(r)
 }
 
 /// One queued message with its pending recipients and body, read on `conn` (inside the
@@ -418,25 +398,7 @@ fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>
             })
         },
     )?;
-    Ok(Some(QueuedMessage {
-        id: o.id,
-        sender: o.sender,
-        ret: o.ret,
-        envid: o.envid,
-        client_ip: o.client_ip,
-        helo: o.helo,
-        received_at: o.received_at,
-        tries: o.tries,
-        last_try_at: o.last_try_at,
-        last_error: o.last_error,
-        next_retry_at: o.next_retry_at,
-        lock_owner: o.lock_owner,
-        lock_expires_at: o.lock_expires_at,
-        held: o.held,
-        size: o.size,
-        rcpts,
-        body,
-    }))
+    Ok(Some(o.into_queued(rcpts, body)))
 }
 
 fn message_summary(r: &Row<'_>) -> StoreResult<MessageSummary> {
@@ -858,19 +820,9 @@ impl QueueStore for SqliteStore {
         }
         Ok(rows
             .into_iter()
-            .map(|o| QueueSummary {
-                rcpts: by_id.remove(&o.id).unwrap_or_default(),
-                id: o.id,
-                size: o.size,
-                received_at: o.received_at,
-                sender: o.sender,
-                tries: o.tries,
-                last_try_at: o.last_try_at,
-                next_retry_at: o.next_retry_at,
-                last_error: o.last_error,
-                held: o.held,
-                lock_owner: o.lock_owner,
-                lock_expires_at: o.lock_expires_at,
+            .map(|o| {
+                let rcpts = by_id.remove(&o.id).unwrap_or_default();
+                o.into_summary(rcpts)
             })
             .collect())
     }
