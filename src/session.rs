@@ -284,10 +284,31 @@ pub struct Session {
     errors: u32,
     /// The connection is encrypted (after STARTTLS, or an implicit-TLS listener).
     tls: bool,
+    /// The TLS protocol and cipher, for the `Received:` header (see
+    /// [`Session::set_tls_summary`]).
+    tls_summary: Option<String>,
     /// The user who authenticated with AUTH, if any.
     user: Option<String>,
     /// Stress mode: the error limit is 1 (see [`Session::set_stress`]).
     stress: bool,
+}
+
+/// Whether two recipients reach one mailbox, compared as their store compares them:
+/// the domain case-insensitively, and the local part too for a local user (users are
+/// kept lower-case), exactly for a remote one (RFC 5321 §2.4 leaves that to its host).
+/// A repeated recipient gets its 250 but one copy.
+fn same_mailbox(a: &str, b: &str, local: bool) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => {
+            da.eq_ignore_ascii_case(db)
+                && if local {
+                    la.to_lowercase() == lb.to_lowercase()
+                } else {
+                    la == lb
+                }
+        }
+        _ => a == b,
+    }
 }
 
 /// Appends reply bytes, merging with a preceding `Send` so a pipelined batch is written
@@ -314,9 +335,16 @@ impl Session {
             envelope: None,
             errors: 0,
             tls: false,
+            tls_summary: None,
             user: None,
             stress: false,
         }
+    }
+
+    /// What the connection negotiated (`TLSv1.3 with cipher TLS_AES_256_GCM_SHA384
+    /// (256/256 bits)`), once encrypted: written in the `Received:` header.
+    pub fn set_tls_summary(&mut self, summary: Option<String>) {
+        self.tls_summary = summary;
     }
 
     /// A session on a connection that is encrypted from the start (implicit TLS, e.g.
@@ -381,10 +409,10 @@ impl Session {
         };
         match (local, self.envelope.as_mut()) {
             (Some(local), Some(env)) => {
-                let duplicate = env
-                    .recipients
-                    .iter()
-                    .any(|r| r.path.mailbox == pending.path.mailbox);
+                let new = pending.path.mailbox.to_string();
+                let duplicate = env.recipients.iter().any(|r| {
+                    r.local == local && same_mailbox(&r.path.mailbox.to_string(), &new, local)
+                });
                 if !duplicate {
                     env.recipients.push(AcceptedRecipient {
                         path: pending.path,
@@ -978,11 +1006,18 @@ impl Session {
             [only] => Some(only.path.mailbox.to_string()),
             _ => None,
         };
+        let protocol = received::Protocol {
+            esmtp: helo.esmtp,
+            utf8: env.params.smtputf8,
+            tls: self.tls,
+            auth: self.user.is_some(),
+        };
         let header = received::received_header(
             &helo.name,
             self.peer.ip,
             &self.policy.hostname,
-            helo.esmtp,
+            protocol,
+            self.tls_summary.as_deref(),
             single.as_deref(),
             now,
         );

@@ -310,3 +310,33 @@ fn an_idle_session_is_closed_with_421_after_the_timeout() {
     );
     let _ = s.stream.write_all(b"NOOP\r\n");
 }
+
+/// RFC 5321 leaves a local part's case to its host; this store keeps users lower-case,
+/// so `Alice@` and `alice@` in one transaction are one mailbox: one copy, two 250s.
+#[test]
+fn a_local_user_named_twice_in_two_cases_gets_one_copy() {
+    let d = local_daemon("");
+    let mut s = d.connect();
+    assert!(s.cmd("EHLO client.remote.test").starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<bob@remote.test>").starts_with("250"));
+    for rcpt in [
+        "<Alice@example.test>",
+        "<alice@EXAMPLE.test>",
+        "<ALICE@example.test>",
+    ] {
+        let r = s.cmd(&format!("RCPT TO:{rcpt}"));
+        assert!(r.starts_with("250"), "{rcpt}: {r}");
+    }
+    assert!(s.cmd("DATA").starts_with("354"));
+    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
+    let r = s.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let _ = s.cmd("QUIT");
+    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert!(status.success(), "{err}");
+    assert_eq!(
+        list.lines().filter(|l| l.contains("Hello Alice")).count(),
+        1,
+        "one copy in the INBOX: {list}"
+    );
+}

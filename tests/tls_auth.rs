@@ -216,6 +216,13 @@ async fn swaks_starttls_auth_plain_and_login_relay() {
             text.contains(&format!("Subject: via swaks {mech}")),
             "{text}"
         );
+        // RFC 3848: TLS and AUTH in the protocol keyword; the cipher as Postfix says it.
+        let received = text.split("\r\n\r\n").next().unwrap_or_default();
+        assert!(received.contains(" with ESMTPSA"), "{received}");
+        assert!(
+            received.contains("\t(using TLSv1.") && received.contains(" with cipher TLS_"),
+            "{received}"
+        );
     }
     // Wrong password: 535, and nothing is queued or relayed.
     let out = swaks(

@@ -227,6 +227,7 @@ impl Actor for Fsm {
         } else {
             Connection::plain(stream, sink, deadline, rules.timeout)
         };
+        state.session.set_tls_summary(conn.tls_summary());
         state.conn = Some(conn);
         let actions = state.session.greeting();
         run(state, actions).await;
@@ -367,6 +368,7 @@ async fn run(state: &mut FsmState, actions: Vec<Action>) {
                 match conn.start_tls(&acceptor, handshake_limit).await {
                     Ok(()) => {
                         debug!(path = %state.path, "STARTTLS: TLS established");
+                        state.session.set_tls_summary(conn.tls_summary());
                         work.extend(state.session.tls_started());
                     }
                     Err(e) => {

@@ -154,6 +154,8 @@ pub struct Connection {
     sink: InputSink,
     /// How long one reply may take to write before the client counts as gone.
     write_limit: Duration,
+    /// What TLS negotiated, once encrypted (see [`Connection::tls_summary`]).
+    tls_summary: Option<String>,
 }
 
 impl Connection {
@@ -180,6 +182,7 @@ impl Connection {
             deadline: deadline_tx,
             sink,
             write_limit,
+            tls_summary: None,
         }
     }
 
@@ -298,7 +301,14 @@ impl Connection {
         )));
     }
 
+    /// What TLS negotiated, as Postfix's `Received:` header says it: `TLSv1.3 with
+    /// cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`. `None` on a plain connection.
+    pub fn tls_summary(&self) -> Option<String> {
+        self.tls_summary.clone()
+    }
+
     fn start_tls_io(&mut self, stream: TlsIo) {
+        self.tls_summary = Some(tls_summary(stream.get_ref().1));
         let (read_half, write_half) = tokio::io::split(stream);
         let (more, deadline) = self.channels();
         self.writer = Some(Writer::Tls(write_half));
@@ -309,6 +319,27 @@ impl Connection {
             deadline,
         )));
     }
+}
+
+/// `TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`: the protocol and the
+/// cipher suite's IANA name with its key bits.
+fn tls_summary(tls: &rustls::ServerConnection) -> String {
+    let version = match tls.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "TLS".to_string(),
+    };
+    let suite = tls
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_else(|| "unknown".into());
+    // rustls names TLS 1.3 suites TLS13_*; their IANA names are TLS_*.
+    let suite = suite
+        .strip_prefix("TLS13_")
+        .map_or(suite.clone(), |s| format!("TLS_{s}"));
+    let bits = if suite.contains("AES_128") { 128 } else { 256 };
+    format!("{version} with cipher {suite} ({bits}/{bits} bits)")
 }
 
 impl Drop for Connection {

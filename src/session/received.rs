@@ -7,7 +7,42 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 
+/// How the message came in, for the `with` clause of `Received:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Protocol {
+    /// The client greeted with EHLO.
+    pub esmtp: bool,
+    /// The transaction asked for SMTPUTF8 (RFC 6531).
+    pub utf8: bool,
+    /// Under TLS (STARTTLS or implicit).
+    pub tls: bool,
+    /// The client authenticated (AUTH).
+    pub auth: bool,
+}
+
+impl Protocol {
+    /// The protocol keyword: `SMTP` after HELO; `ESMTP` with RFC 3848's `S` (TLS) and
+    /// `A` (authenticated) suffixes; `UTF8SMTP` and its variants for SMTPUTF8 mail
+    /// (RFC 6531 §3.7.3).
+    pub fn keyword(self) -> String {
+        if !self.esmtp {
+            return "SMTP".into();
+        }
+        let base = if self.utf8 { "UTF8SMTP" } else { "ESMTP" };
+        let mut k = String::from(base);
+        if self.tls {
+            k.push('S');
+        }
+        if self.auth {
+            k.push('A');
+        }
+        k
+    }
+}
+
 /// Builds the `Received:` header prepended to every accepted message, CRLF-terminated.
+/// `tls` is the session's TLS summary (protocol and cipher), written in a comment as
+/// Postfix writes it.
 ///
 /// `for <rcpt>` is only written for a single recipient, so that a message to many does
 /// not disclose the whole list to each of them.
@@ -15,7 +50,8 @@ pub fn received_header(
     helo: &str,
     client_ip: IpAddr,
     hostname: &str,
-    esmtp: bool,
+    protocol: Protocol,
+    tls: Option<&str>,
     single_recipient: Option<&str>,
     now: DateTime<Utc>,
 ) -> String {
@@ -28,13 +64,19 @@ pub fn received_header(
         .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .collect();
-    let with = if esmtp { "ESMTP" } else { "SMTP" };
+    let with = protocol.keyword();
+    let using = match tls {
+        Some(t) => format!("\r\n\t(using {t})"),
+        None => String::new(),
+    };
     let date = now.to_rfc2822();
     match single_recipient {
         Some(rcpt) => format!(
-            "Received: from {helo} ({ip})\r\n\tby {hostname} with {with}\r\n\tfor <{rcpt}>; {date}\r\n"
+            "Received: from {helo} ({ip}){using}\r\n\tby {hostname} with {with}\r\n\tfor <{rcpt}>; {date}\r\n"
         ),
-        None => format!("Received: from {helo} ({ip})\r\n\tby {hostname} with {with}; {date}\r\n"),
+        None => format!(
+            "Received: from {helo} ({ip}){using}\r\n\tby {hostname} with {with}; {date}\r\n"
+        ),
     }
 }
 
@@ -70,13 +112,65 @@ mod tests {
         Utc.with_ymd_and_hms(2024, 3, 5, 14, 7, 9).unwrap()
     }
 
+    fn esmtp() -> Protocol {
+        Protocol {
+            esmtp: true,
+            ..Protocol::default()
+        }
+    }
+
+    #[test]
+    fn protocol_keywords_follow_rfc_3848_and_6531() {
+        let k = |esmtp, utf8, tls, auth| {
+            Protocol {
+                esmtp,
+                utf8,
+                tls,
+                auth,
+            }
+            .keyword()
+        };
+        assert_eq!(k(false, false, false, false), "SMTP");
+        assert_eq!(k(true, false, false, false), "ESMTP");
+        assert_eq!(k(true, false, true, false), "ESMTPS");
+        assert_eq!(k(true, false, false, true), "ESMTPA");
+        assert_eq!(k(true, false, true, true), "ESMTPSA");
+        assert_eq!(k(true, true, false, false), "UTF8SMTP");
+        assert_eq!(k(true, true, true, false), "UTF8SMTPS");
+        assert_eq!(k(true, true, false, true), "UTF8SMTPA");
+        assert_eq!(k(true, true, true, true), "UTF8SMTPSA");
+    }
+
+    #[test]
+    fn tls_is_described_in_a_comment() {
+        let h = received_header(
+            "c",
+            "192.0.2.1".parse().unwrap(),
+            "mx",
+            Protocol {
+                esmtp: true,
+                tls: true,
+                auth: true,
+                utf8: false,
+            },
+            Some("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
+            None,
+            now(),
+        );
+        assert_eq!(
+            h,
+            "Received: from c ([192.0.2.1])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\tby mx with ESMTPSA; Tue, 5 Mar 2024 14:07:09 +0000\r\n"
+        );
+    }
+
     #[test]
     fn header_for_one_recipient() {
         let h = received_header(
             "client.example",
             "192.0.2.1".parse().unwrap(),
             "mx.local.example",
-            true,
+            esmtp(),
+            None,
             Some("bob@local.example"),
             now(),
         );
@@ -92,7 +186,8 @@ mod tests {
             "c",
             "2001:db8::1".parse().unwrap(),
             "mx",
-            false,
+            Protocol::default(),
+            None,
             None,
             now(),
         );
@@ -104,7 +199,8 @@ mod tests {
             "c d",
             "::ffff:10.0.0.1".parse().unwrap(),
             "mx",
-            true,
+            esmtp(),
+            None,
             None,
             now(),
         );

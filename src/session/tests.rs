@@ -33,8 +33,9 @@ fn peer() -> PeerInfo {
 fn lookup(path: &ForwardPath) -> RecipientInfo {
     let m = &path.mailbox;
     let local_domain = m.domain == "local.example" || m.domain == HOST;
-    let user_exists =
-        local_domain && ["bob", "alice", "postmaster"].contains(&m.local_part.as_str());
+    // Users are found case-insensitively, as the store finds them.
+    let user_exists = local_domain
+        && ["bob", "alice", "postmaster"].contains(&m.local_part.to_lowercase().as_str());
     RecipientInfo {
         local_domain,
         user_exists,
@@ -304,10 +305,11 @@ fn esmtp_parameters_reach_the_transaction() {
     );
     assert_eq!(tx.recipients[1].notify.as_deref(), Some("NEVER"));
     assert_eq!(tx.recipients[1].orcpt, None);
-    // Two recipients: no `for <...>` in the trace header.
+    // Two recipients: no `for <...>` in the trace header; SMTPUTF8 mail is received
+    // `with UTF8SMTP` (RFC 6531 §3.7.3).
     assert!(tx
         .data
-        .starts_with(b"Received: from c ([192.0.2.10])\r\n\tby mx.local.example with ESMTP; "));
+        .starts_with(b"Received: from c ([192.0.2.10])\r\n\tby mx.local.example with UTF8SMTP; "));
 }
 
 #[test]
@@ -315,6 +317,30 @@ fn duplicate_recipients_are_kept_once() {
     let t = dialogue("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<bob@LOCAL.example.>\r\nDATA\r\nx\r\n.\r\n");
     assert_eq!(after_ehlo(&t), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n");
     assert_eq!(t.stored[0].recipients.len(), 1);
+}
+
+#[test]
+fn a_local_user_named_in_two_cases_gets_one_copy_a_remote_one_two() {
+    let t = dialogue_with(
+        authorised(),
+        "EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Alice@local.example>\r\nRCPT TO:<alice@Local.Example>\r\n\
+         RCPT TO:<Carol@far.example>\r\nRCPT TO:<carol@FAR.example>\r\nRCPT TO:<Carol@far.EXAMPLE>\r\n\
+         DATA\r\nx\r\n.\r\n",
+    );
+    let rcpts: Vec<(String, bool)> = t.stored[0]
+        .recipients
+        .iter()
+        .map(|r| (r.path.mailbox.to_string(), r.local))
+        .collect();
+    assert_eq!(
+        rcpts,
+        vec![
+            ("Alice@local.example".to_string(), true),
+            ("Carol@far.example".to_string(), false),
+            ("carol@far.example".to_string(), false),
+        ],
+        "one copy per mailbox: a local user's name in any case, a remote local part as written"
+    );
 }
 
 // ---- open relay, unauthorised client ----
