@@ -147,6 +147,98 @@ async fn mx_preference_lower_value_wins() {
     assert_eq!(m.data, BODY);
 }
 
+/// RFC 5321 §5.1: hosts of equal preference are tried in random order, so 40 messages
+/// reach both, and a worse preference is only tried after them.
+#[tokio::test]
+async fn equal_preference_mx_hosts_share_the_messages() {
+    let (sink4, sink6) = Sink::start_pair(SinkConfig::default(), SinkConfig::default()).await;
+    let zone = dns::Zone::new()
+        .mx("example.test", 10, "mx-a.example.test")
+        .mx("example.test", 10, "mx-b.example.test")
+        .mx("example.test", 20, "mx-c.example.test")
+        .a("mx-a.example.test", V4)
+        .aaaa("mx-b.example.test", V6)
+        .a("mx-c.example.test", Ipv4Addr::new(127, 0, 0, 9));
+    let dns = dns::DnsServer::start(zone).await;
+    let r = router(&dns, sink4.port());
+    for _ in 0..40 {
+        let hops = r.resolve(&r.next_hop("example.test")).await.unwrap();
+        assert_eq!(
+            hops[2].host, "mx-c.example.test",
+            "the worse preference last"
+        );
+        let res = deliver_message(
+            &r,
+            "erlmail.test",
+            "a@origin.test",
+            &rcpts(&["b@example.test"]),
+            BODY,
+        )
+        .await;
+        assert!(
+            matches!(res[0].status, RcptStatus::Delivered { .. }),
+            "{:?}",
+            res[0]
+        );
+    }
+    assert_eq!(sink4.count() + sink6.count(), 40);
+    assert!(
+        sink4.count() >= 5 && sink6.count() >= 5,
+        "both equal MX hosts take a share: {} and {}",
+        sink4.count(),
+        sink6.count()
+    );
+}
+
+/// A next hop whose greeting or EHLO reply names us (our `server_smtp_name`, here the
+/// HELO name `erlmail.test`) is this host: the mail fails at once with 5.4.6, nothing
+/// is sent, and the next MX is not tried (it would loop the same way).
+#[tokio::test]
+async fn a_next_hop_that_names_this_host_is_a_loop() {
+    for (greeting, name) in [
+        ("220 ERLMAIL.test. ESMTP", "elsewhere.test"),
+        ("220 elsewhere.test ESMTP", "erlmail.test"),
+    ] {
+        let (sink4, sink6) = Sink::start_pair(
+            SinkConfig {
+                name: name.into(),
+                greeting: greeting.into(),
+                starttls: StartTls::Off,
+                ..SinkConfig::default()
+            },
+            SinkConfig::default(),
+        )
+        .await;
+        let zone = dns::Zone::new()
+            .mx("example.test", 10, "mx-a.example.test")
+            .mx("example.test", 20, "mx-b.example.test")
+            .a("mx-a.example.test", V4)
+            .aaaa("mx-b.example.test", V6);
+        let dns = dns::DnsServer::start(zone).await;
+        let r = router(&dns, sink4.port());
+        let res = deliver_message(
+            &r,
+            "erlmail.test",
+            "a@origin.test",
+            &rcpts(&["b@example.test"]),
+            BODY,
+        )
+        .await;
+        match &res[0].status {
+            RcptStatus::Permanent { cause } => {
+                assert_eq!(cause.status(), "5.4.6", "{cause}");
+                assert!(
+                    cause.to_string().contains("loops back to myself"),
+                    "{cause}"
+                );
+            }
+            other => panic!("{greeting} / {name}: {other:?}"),
+        }
+        assert_eq!(sink4.count() + sink6.count(), 0, "nothing sent");
+        assert_eq!(sink6.commands().len(), 0, "the next MX is not tried");
+    }
+}
+
 #[tokio::test]
 async fn falls_back_to_next_mx_when_first_refuses_connections() {
     let sink = Sink::start(SinkConfig::default()).await;

@@ -530,6 +530,9 @@ fn server_name(hop: &Hop) -> rustls::pki_types::ServerName<'static> {
 async fn greet(conn: &mut Conn, helo: &str) -> Result<Result<Vec<String>, SmtpReply>, ConnError> {
     let ehlo = conn.command(&format!("EHLO {helo}"), "to EHLO").await?;
     if ehlo.outcome() == Outcome::Delivered {
+        if names_me(&ehlo, helo) {
+            return Ok(Err(looped()));
+        }
         return Ok(Ok(ehlo_keywords(&ehlo)));
     }
     let helo_reply = conn.command(&format!("HELO {helo}"), "to HELO").await?;
@@ -538,6 +541,22 @@ async fn greet(conn: &mut Conn, helo: &str) -> Result<Result<Vec<String>, SmtpRe
     } else {
         Ok(Err(helo_reply))
     }
+}
+
+/// Whether a server's greeting or EHLO reply begins with our own name (`helo`, which is
+/// `server_smtp_name`): the next hop is this host, and the mail would loop.
+fn names_me(reply: &SmtpReply, helo: &str) -> bool {
+    let me = helo.trim_end_matches('.');
+    reply
+        .lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .is_some_and(|name| name.trim_end_matches('.').eq_ignore_ascii_case(me))
+}
+
+/// The stand-in reply [`greet`] gives when the server is this host (see [`names_me`]).
+fn looped() -> SmtpReply {
+    SmtpReply::new(554, "5.4.6 the next hop names this host")
 }
 
 /// A connection past its greeting, EHLO and (when wanted and offered) STARTTLS: ready
@@ -611,8 +630,21 @@ async fn open(
             cause: FailureCause::Reply(greeting),
         });
     }
+    // A next hop that is this host (a stale MX, a route or relay host pointing back
+    // here) fails the mail at once rather than pass it round until the hop limit.
+    let looping = |conn: Conn| -> Result<Session, HostError> {
+        spawn_quit(conn);
+        Err(HostError::Fatal {
+            cause: FailureCause::Loop(host.to_string()),
+            tls: false,
+        })
+    };
+    if names_me(&greeting, helo) {
+        return looping(conn);
+    }
     let mut keywords = match greet(&mut conn, helo).await.map_err(skip)? {
         Ok(k) => k,
+        Err(reply) if reply == looped() => return looping(conn),
         Err(reply) => {
             spawn_quit(conn);
             return Err(HostError::Skip {
@@ -674,6 +706,7 @@ async fn open(
             tls = true;
             keywords = match greet(&mut conn, helo).await.map_err(skip)? {
                 Ok(k) => k,
+                Err(reply) if reply == looped() => return looping(conn),
                 Err(reply) => {
                     spawn_quit(conn);
                     return Err(HostError::Skip {

@@ -221,9 +221,9 @@ impl Router {
     }
 
     /// The hosts to try for a next hop, in order: for a route its host's addresses; for
-    /// an MX hop each MX host's addresses by preference (ties in the order the server
-    /// listed them), or the domain's own addresses when it has no MX. Duplicate addresses
-    /// are dropped.
+    /// an MX hop each MX host's addresses by preference (ties in a new random order each
+    /// call, so each attempt spreads the load), or the domain's own addresses when it
+    /// has no MX. Duplicate addresses are dropped.
     pub async fn resolve(&self, hop: &NextHop) -> Result<Vec<Hop>, RouteError> {
         let hops = match hop {
             NextHop::Route(host, port) => {
@@ -245,7 +245,7 @@ impl Router {
 
     async fn mx_hosts(&self, domain: &str) -> Result<Vec<Hop>, RouteError> {
         let port = self.config.remote_port;
-        let mut mxs: Vec<(u16, Name)> = match self.resolver.mx_lookup(fqdn(domain)).await {
+        let mxs: Vec<(u16, Name)> = match self.resolver.mx_lookup(fqdn(domain)).await {
             Ok(lookup) => lookup
                 .answers()
                 .iter()
@@ -273,10 +273,12 @@ impl Router {
                 other => other,
             };
         }
-        mxs.sort_by_key(|(pref, _)| *pref);
+        // Ordered before any await: the thread's random generator must not be held
+        // across one.
+        let ordered = order_mx(mxs, &mut rand::rng());
         let mut hops = Vec::new();
         let mut last_err = None;
-        for (_, exchange) in mxs {
+        for exchange in ordered {
             let host = exchange.to_ascii();
             let host = host.trim_end_matches('.').to_string();
             match self.host_addresses(&host, port).await {
@@ -394,8 +396,35 @@ fn address_literal(domain: &str) -> Option<IpAddr> {
     inner.parse().ok()
 }
 
+/// MX hosts by preference, hosts of equal preference in random order (RFC 5321 §5.1:
+/// the sender must spread the load across them).
+fn order_mx<T>(mut mxs: Vec<(u16, T)>, rng: &mut impl rand::Rng) -> Vec<T> {
+    use rand::seq::SliceRandom;
+    mxs.shuffle(rng);
+    // A stable sort: the shuffled order stays within each preference.
+    mxs.sort_by_key(|(pref, _)| *pref);
+    mxs.into_iter().map(|(_, host)| host).collect()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn equal_preferences_come_in_every_order_lower_ones_first() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let order = order_mx(vec![(20, "c"), (10, "a"), (10, "b"), (30, "d")], &mut rng);
+            assert_eq!(&order[2..], &["c", "d"], "preferences keep their order");
+            firsts.insert(order[0]);
+        }
+        assert_eq!(
+            firsts.len(),
+            2,
+            "both hosts of preference 10 come first at times"
+        );
+    }
     use super::*;
 
     #[test]

@@ -116,6 +116,9 @@ pub enum FailureCause {
     /// spent): permanent, `5.3.0`, so a message that kills its sender is not retried
     /// forever.
     Crashed(String),
+    /// The next hop is this host (its greeting or EHLO reply names us): the mail would
+    /// loop, so it fails at once (`5.4.6`), as Postfix's "loops back to myself".
+    Loop(String),
 }
 
 impl FailureCause {
@@ -126,9 +129,10 @@ impl FailureCause {
                 Outcome::Permanent => Outcome::Permanent,
                 _ => Outcome::Temporary,
             },
-            FailureCause::NoSuchDomain(_) | FailureCause::NullMx(_) | FailureCause::Crashed(_) => {
-                Outcome::Permanent
-            }
+            FailureCause::NoSuchDomain(_)
+            | FailureCause::NullMx(_)
+            | FailureCause::Crashed(_)
+            | FailureCause::Loop(_) => Outcome::Permanent,
             FailureCause::Connection(_)
             | FailureCause::Timeout(_)
             | FailureCause::DnsTemporary(_)
@@ -156,6 +160,7 @@ impl FailureCause {
             FailureCause::Protocol(_) => "4.5.0".into(),
             FailureCause::Local(_) => "4.3.0".into(),
             FailureCause::Crashed(_) => "5.3.0".into(),
+            FailureCause::Loop(_) => "5.4.6".into(),
         }
     }
 
@@ -180,6 +185,7 @@ impl fmt::Display for FailureCause {
             FailureCause::Protocol(s) => write!(f, "protocol error: {s}"),
             FailureCause::Local(s) => write!(f, "local configuration error: {s}"),
             FailureCause::Crashed(s) => write!(f, "delivery agent crashed: {s}"),
+            FailureCause::Loop(s) => write!(f, "mail for {s} loops back to myself"),
         }
     }
 }
