@@ -103,7 +103,8 @@ pub struct Config {
     pub server_stmp_failure_notification: bool,
 
     // ---- erlmail's own keys ----
-    /// Address the SMTP listener binds.
+    /// Address the SMTP listener binds; `::` (the default) is IPv4 and IPv6 on one
+    /// dual-stack socket.
     pub server_smtp_address: IpAddr,
     /// Store location: `sqlite://PATH` or `postgres://...`; `None` means the SQLite file
     /// `erlmail.db` inside `spool_dir`.
@@ -195,7 +196,7 @@ impl Default for Config {
                 .map(|m| Duration::from_secs(m * 60))
                 .collect(),
             server_stmp_failure_notification: true,
-            server_smtp_address: IpAddr::from([0, 0, 0, 0]),
+            server_smtp_address: IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
             store_url: None,
             server_smtp_relay_host: None,
             server_smtp_routes: BTreeMap::new(),

@@ -340,3 +340,42 @@ fn a_local_user_named_twice_in_two_cases_gets_one_copy() {
         "one copy in the INBOX: {list}"
     );
 }
+
+/// With `server_smtp_address` left at its default, one socket serves IPv4 and IPv6, and
+/// each client is judged by its own address over a real socket: the IPv4 relay client
+/// (arriving IPv4-mapped) may relay, an IPv6 client outside the relay list may not.
+#[test]
+fn the_default_listener_serves_both_stacks_and_judges_each_client_by_its_address() {
+    // The comment keeps the test support from pinning the address to 127.0.0.1.
+    let d = Daemon::start(
+        "# server_smtp_address left out: the default, both stacks\n\
+         server_smtp_relay_clients: [\"127.0.0.1/32\"]\nserver_smtp_relay_host: \"127.0.0.1:9\"\n",
+    );
+    assert!(
+        d.addr.ip().is_unspecified() && d.addr.is_ipv6(),
+        "{}",
+        d.addr
+    );
+    let port = d.addr.port();
+    let rcpt_from = |addr: std::net::SocketAddr| {
+        let mut s = daemon::Smtp::connect(addr);
+        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+        let r = s.cmd("RCPT TO:<b@remote.test>");
+        let _ = s.cmd("QUIT");
+        r
+    };
+    let v4 = rcpt_from(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(
+        v4.starts_with("250"),
+        "IPv4 relay client over the dual-stack socket: {v4}"
+    );
+    let v6 = rcpt_from(std::net::SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        port,
+    )));
+    assert!(
+        v6.starts_with("554 5.7.1"),
+        "IPv6 client not in the relay list: {v6}"
+    );
+}
