@@ -180,6 +180,27 @@ impl QueuedMessage {
     }
 }
 
+impl QueuedMessage {
+    /// The administrator's view of this message, with all its recipients and their
+    /// states (`rcpts`) in place of the pending ones, and no body.
+    pub(crate) fn into_summary(self, rcpts: Vec<QueueRcpt>) -> QueueSummary {
+        QueueSummary {
+            rcpts,
+            id: self.id,
+            size: self.size,
+            received_at: self.received_at,
+            sender: self.sender,
+            tries: self.tries,
+            last_try_at: self.last_try_at,
+            next_retry_at: self.next_retry_at,
+            last_error: self.last_error,
+            held: self.held,
+            lock_owner: self.lock_owner,
+            lock_expires_at: self.lock_expires_at,
+        }
+    }
+}
+
 /// A message in a user's mailbox, for listings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageSummary {

@@ -55,6 +55,18 @@ fn rcpts(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// `BODY` from a@origin.test to b@example.test, greeting as erlmail.test.
+async fn send_to_b(r: &Router) -> Vec<erlmail::outbound::RcptResult> {
+    deliver_message(
+        r,
+        "erlmail.test",
+        "a@origin.test",
+        &rcpts(&["b@example.test"]),
+        BODY,
+    )
+    .await
+}
+
 fn wait() -> Duration {
     Duration::from_secs(10)
 }
@@ -123,14 +135,7 @@ async fn mx_preference_lower_value_wins() {
         ]
     );
 
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-    )
-    .await;
+    let res = send_to_b(&r).await;
     assert_eq!(res.len(), 1);
     assert!(
         matches!(res[0].status, RcptStatus::Delivered { .. }),
@@ -167,14 +172,7 @@ async fn equal_preference_mx_hosts_share_the_messages() {
             hops[2].host, "mx-c.example.test",
             "the worse preference last"
         );
-        let res = deliver_message(
-            &r,
-            "erlmail.test",
-            "a@origin.test",
-            &rcpts(&["b@example.test"]),
-            BODY,
-        )
-        .await;
+        let res = send_to_b(&r).await;
         assert!(
             matches!(res[0].status, RcptStatus::Delivered { .. }),
             "{:?}",
@@ -216,14 +214,7 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
             .aaaa("mx-b.example.test", V6);
         let dns = dns::DnsServer::start(zone).await;
         let r = router(&dns, sink4.port());
-        let res = deliver_message(
-            &r,
-            "erlmail.test",
-            "a@origin.test",
-            &rcpts(&["b@example.test"]),
-            BODY,
-        )
-        .await;
+        let res = send_to_b(&r).await;
         match &res[0].status {
             RcptStatus::Permanent { cause } => {
                 assert_eq!(cause.status(), "5.4.6", "{cause}");
@@ -250,14 +241,7 @@ async fn falls_back_to_next_mx_when_first_refuses_connections() {
         .a("mx-b.example.test", V4);
     let dns = dns::DnsServer::start(zone).await;
     let r = router(&dns, sink.port());
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-    )
-    .await;
+    let res = send_to_b(&r).await;
     assert!(
         matches!(res[0].status, RcptStatus::Delivered { .. }),
         "{:?}",
@@ -281,14 +265,7 @@ async fn falls_back_to_next_mx_on_421_greeting() {
         .aaaa("mx-b.example.test", V6);
     let dns = dns::DnsServer::start(zone).await;
     let r = router(&dns, busy4.port());
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-    )
-    .await;
+    let res = send_to_b(&r).await;
     assert!(
         matches!(res[0].status, RcptStatus::Delivered { .. }),
         "{:?}",

@@ -525,21 +525,30 @@ fn server_name(hop: &Hop) -> rustls::pki_types::ServerName<'static> {
         .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(hop.addr.ip().into()))
 }
 
-/// EHLO, falling back to HELO when EHLO is refused; the keywords offered (none after
-/// HELO).
-async fn greet(conn: &mut Conn, helo: &str) -> Result<Result<Vec<String>, SmtpReply>, ConnError> {
+/// What [`greet`] found.
+enum Greeted {
+    /// Ready for a transaction: the keywords offered (none after HELO).
+    Ready(Vec<String>),
+    /// EHLO and HELO both refused: the HELO reply.
+    Refused(SmtpReply),
+    /// The EHLO reply names this host (see [`names_me`]).
+    Me,
+}
+
+/// EHLO, falling back to HELO when EHLO is refused.
+async fn greet(conn: &mut Conn, helo: &str) -> Result<Greeted, ConnError> {
     let ehlo = conn.command(&format!("EHLO {helo}"), "to EHLO").await?;
     if ehlo.outcome() == Outcome::Delivered {
         if names_me(&ehlo, helo) {
-            return Ok(Err(looped()));
+            return Ok(Greeted::Me);
         }
-        return Ok(Ok(ehlo_keywords(&ehlo)));
+        return Ok(Greeted::Ready(ehlo_keywords(&ehlo)));
     }
     let helo_reply = conn.command(&format!("HELO {helo}"), "to HELO").await?;
     if helo_reply.outcome() == Outcome::Delivered {
-        Ok(Ok(Vec::new()))
+        Ok(Greeted::Ready(Vec::new()))
     } else {
-        Ok(Err(helo_reply))
+        Ok(Greeted::Refused(helo_reply))
     }
 }
 
@@ -552,11 +561,6 @@ fn names_me(reply: &SmtpReply, helo: &str) -> bool {
         .first()
         .and_then(|l| l.split_whitespace().next())
         .is_some_and(|name| name.trim_end_matches('.').eq_ignore_ascii_case(me))
-}
-
-/// The stand-in reply [`greet`] gives when the server is this host (see [`names_me`]).
-fn looped() -> SmtpReply {
-    SmtpReply::new(554, "5.4.6 the next hop names this host")
 }
 
 /// A connection past its greeting, EHLO and (when wanted and offered) STARTTLS: ready
@@ -643,9 +647,9 @@ async fn open(
         return looping(conn);
     }
     let mut keywords = match greet(&mut conn, helo).await.map_err(skip)? {
-        Ok(k) => k,
-        Err(reply) if reply == looped() => return looping(conn),
-        Err(reply) => {
+        Greeted::Ready(k) => k,
+        Greeted::Me => return looping(conn),
+        Greeted::Refused(reply) => {
             spawn_quit(conn);
             return Err(HostError::Skip {
                 cause: FailureCause::Reply(reply),
@@ -705,9 +709,9 @@ async fn open(
             };
             tls = true;
             keywords = match greet(&mut conn, helo).await.map_err(skip)? {
-                Ok(k) => k,
-                Err(reply) if reply == looped() => return looping(conn),
-                Err(reply) => {
+                Greeted::Ready(k) => k,
+                Greeted::Me => return looping(conn),
+                Greeted::Refused(reply) => {
                     spawn_quit(conn);
                     return Err(HostError::Skip {
                         cause: FailureCause::Reply(reply),

@@ -1,14 +1,14 @@
 //! Helpers both store backends share, so that SQLite and PostgreSQL store the same
 //! names, ids and times: unix-millisecond times, normalised domains, addresses and
 //! mailbox names, and Postfix-like queue ids, and the queue row both read alike
-//! ([`OutgoingRow`], through either driver's row as [`Columns`]). No database access.
+//! ([`read_queued`], through either driver's row as [`Columns`]). No database access.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 
-use super::{OutgoingRcpt, QueueRcpt, QueueSummary, QueuedMessage, StoreError, StoreResult};
+use super::{QueuedMessage, StoreError, StoreResult};
 
 pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -106,95 +106,37 @@ pub(crate) trait Columns {
     fn flag(&self, col: &str) -> StoreResult<bool>;
 }
 
-/// The row part of a queued message (`outgoing_cols!`), recipients read separately.
-pub(crate) struct OutgoingRow {
-    pub id: String,
-    pub sender: String,
-    pub ret: Option<String>,
-    pub envid: Option<String>,
-    pub client_ip: String,
-    pub helo: String,
-    pub received_at: DateTime<Utc>,
-    pub tries: u32,
-    pub last_try_at: Option<DateTime<Utc>>,
-    pub last_error: Option<String>,
-    pub next_retry_at: DateTime<Utc>,
-    pub lock_owner: Option<String>,
-    pub lock_expires_at: Option<DateTime<Utc>>,
-    pub held: bool,
-    pub size: u64,
-}
-
-impl OutgoingRow {
-    /// Read the `outgoing_cols!` of a row.
-    pub fn read(r: &impl Columns) -> StoreResult<Self> {
-        let text = |c: &str| {
-            r.text(c)?
-                .ok_or_else(|| StoreError::Backend(format!("outgoing row: {c} is NULL")))
-        };
-        let int = |c: &str| {
-            r.int(c)?
-                .ok_or_else(|| StoreError::Backend(format!("outgoing row: {c} is NULL")))
-        };
-        Ok(OutgoingRow {
-            id: text("id")?,
-            sender: text("sender")?,
-            ret: r.text("ret")?,
-            envid: r.text("envid")?,
-            client_ip: text("client_ip")?,
-            helo: text("helo")?,
-            received_at: from_ms(int("received_at")?)?,
-            tries: to_u32(int("tries")?),
-            last_try_at: opt_from_ms(r.int("last_try_at")?)?,
-            last_error: r.text("last_error")?,
-            next_retry_at: from_ms(int("next_retry_at")?)?,
-            lock_owner: r.text("lock_owner")?,
-            lock_expires_at: opt_from_ms(r.int("lock_expires_at")?)?,
-            held: r.flag("held")?,
-            size: to_u64(int("size")?),
-        })
-    }
-
-    /// The sender's view: this row with its pending recipients and body.
-    pub fn into_queued(self, rcpts: Vec<OutgoingRcpt>, body: Vec<u8>) -> QueuedMessage {
-        QueuedMessage {
-            id: self.id,
-            sender: self.sender,
-            ret: self.ret,
-            envid: self.envid,
-            client_ip: self.client_ip,
-            helo: self.helo,
-            received_at: self.received_at,
-            tries: self.tries,
-            last_try_at: self.last_try_at,
-            last_error: self.last_error,
-            next_retry_at: self.next_retry_at,
-            lock_owner: self.lock_owner,
-            lock_expires_at: self.lock_expires_at,
-            held: self.held,
-            size: self.size,
-            rcpts,
-            body,
-        }
-    }
-
-    /// The administrator's view: this row with all its recipients and their states.
-    pub fn into_summary(self, rcpts: Vec<QueueRcpt>) -> QueueSummary {
-        QueueSummary {
-            rcpts,
-            id: self.id,
-            size: self.size,
-            received_at: self.received_at,
-            sender: self.sender,
-            tries: self.tries,
-            last_try_at: self.last_try_at,
-            next_retry_at: self.next_retry_at,
-            last_error: self.last_error,
-            held: self.held,
-            lock_owner: self.lock_owner,
-            lock_expires_at: self.lock_expires_at,
-        }
-    }
+/// A queued message from its row's `outgoing_cols!`, read through either driver's row;
+/// its recipients and body are the caller's to fill in (they are read separately, or
+/// not at all for a listing).
+pub(crate) fn read_queued(r: &impl Columns) -> StoreResult<QueuedMessage> {
+    let text = |c: &str| {
+        r.text(c)?
+            .ok_or_else(|| StoreError::Backend(format!("outgoing row: {c} is NULL")))
+    };
+    let int = |c: &str| {
+        r.int(c)?
+            .ok_or_else(|| StoreError::Backend(format!("outgoing row: {c} is NULL")))
+    };
+    Ok(QueuedMessage {
+        id: text("id")?,
+        sender: text("sender")?,
+        ret: r.text("ret")?,
+        envid: r.text("envid")?,
+        client_ip: text("client_ip")?,
+        helo: text("helo")?,
+        received_at: from_ms(int("received_at")?)?,
+        tries: to_u32(int("tries")?),
+        last_try_at: opt_from_ms(r.int("last_try_at")?)?,
+        last_error: r.text("last_error")?,
+        next_retry_at: from_ms(int("next_retry_at")?)?,
+        lock_owner: r.text("lock_owner")?,
+        lock_expires_at: opt_from_ms(r.int("lock_expires_at")?)?,
+        held: r.flag("held")?,
+        size: to_u64(int("size")?),
+        rcpts: Vec::new(),
+        body: Vec::new(),
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 
 use super::common::{
     from_ms, lease_end, ms, new_queue_id, node_prefixes, norm_address, norm_domain, norm_mailbox,
-    to_u64, Columns, OutgoingRow,
+    read_queued, to_u64, Columns,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -455,10 +455,6 @@ impl Columns for PgRow {
     }
 }
 
-fn outgoing_row(r: &PgRow) -> StoreResult<OutgoingRow> {
-    OutgoingRow::read(r)
-}
-
 fn body_of(r: &PgRow) -> StoreResult<Vec<u8>> {
     r.try_get("body")
         .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))
@@ -501,15 +497,15 @@ async fn with_rcpts(conn: &mut PgConnection, rows: &[PgRow]) -> StoreResult<Vec<
     }
     let parsed = rows
         .iter()
-        .map(|r| Ok((outgoing_row(r)?, body_of(r)?)))
+        .map(|r| Ok((read_queued(r)?, body_of(r)?)))
         .collect::<StoreResult<Vec<_>>>()?;
     let ids: Vec<String> = parsed.iter().map(|(o, _)| o.id.clone()).collect();
     let mut rcpts = pending_rcpts(conn, &ids).await?;
     Ok(parsed
         .into_iter()
         .map(|(o, body)| {
-            let r = rcpts.remove(&o.id).unwrap_or_default();
-            o.into_queued(r, body)
+            let rcpts = rcpts.remove(&o.id).unwrap_or_default();
+            QueuedMessage { rcpts, body, ..o }
         })
         .collect())
 }
@@ -1201,7 +1197,7 @@ impl QueueStore for PostgresStore {
         }
         rows.iter()
             .map(|r| {
-                let o = outgoing_row(r)?;
+                let o = read_queued(r)?;
                 let rcpts = by_id.remove(&o.id).unwrap_or_default();
                 Ok(o.into_summary(rcpts))
             })

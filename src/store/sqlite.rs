@@ -16,8 +16,8 @@
 //! callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, to_u64,
-    Columns, OutgoingRow,
+    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, read_queued,
+    to_u64, Columns,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -358,10 +358,6 @@ impl Columns for Row<'_> {
     }
 }
 
-fn outgoing_row(r: &Row<'_>) -> StoreResult<OutgoingRow> {
-    OutgoingRow::read(r)
-}
-
 /// One queued message with its pending recipients and body, read on `conn` (inside the
 /// caller's transaction, so the reads agree).
 fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>> {
@@ -374,7 +370,7 @@ fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>
         ),
         [id],
         |r| {
-            let o = outgoing_row(r)?;
+            let o = read_queued(r)?;
             let body: Vec<u8> = r
                 .get("body")
                 .map_err(|e| StoreError::Backend(format!("outgoing body: {e}")))?;
@@ -398,7 +394,7 @@ fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>
             })
         },
     )?;
-    Ok(Some(o.into_queued(rcpts, body)))
+    Ok(Some(QueuedMessage { rcpts, body, ..o }))
 }
 
 fn message_summary(r: &Row<'_>) -> StoreResult<MessageSummary> {
@@ -789,7 +785,7 @@ impl QueueStore for SqliteStore {
                         " FROM outgoing ORDER BY received_at, id"
                     ),
                     [],
-                    outgoing_row,
+                    |r| read_queued(r),
                 )?;
                 let g =
                     |e: rusqlite::Error| StoreError::Backend(format!("outgoing_rcpts row: {e}"));
