@@ -106,6 +106,7 @@ fn message(i: usize) -> IncomingMessage {
         }],
         ret: None,
         envid: None,
+        smtputf8: false,
         client_ip: "127.0.0.1".into(),
         helo: "client.x.test".into(),
         received_at: Utc::now(),

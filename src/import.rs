@@ -372,6 +372,7 @@ fn incoming(address: &str, body: Vec<u8>) -> IncomingMessage {
         remote_rcpts: Vec::new(),
         ret: None,
         envid: None,
+        smtputf8: false,
         client_ip: String::new(),
         helo: "erlmail-import".to_string(),
         received_at,

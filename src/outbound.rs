@@ -3,7 +3,8 @@
 //! and the SMTP client dialogue that hands it over (`client`: EHLO as
 //! `server_smtp_name`, opportunistic STARTTLS, one result per recipient, connections
 //! reused through the router's `ConnectionCache` as Postfix's connection cache does).
-//! `wire` holds the byte-level pieces (reply parsing, dot-stuffing).
+//! `wire` holds the byte-level pieces (reply parsing, dot-stuffing), `seven_bit` the
+//! conversion of 8-bit text for hops without 8BITMIME.
 //!
 //! This is the only folder that does outbound network I/O. It decides nothing about
 //! retries or notifications: it reports per-recipient `RcptStatus` values and leaves
@@ -11,11 +12,12 @@
 
 pub mod client;
 pub mod route;
+pub mod seven_bit;
 pub mod wire;
 
 pub use client::{
-    deliver, deliver_with, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, GoAhead,
-    Hop, RcptResult, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
+    deliver, deliver_with, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Envelope,
+    EnvelopeRcpt, GoAhead, Hop, RcptResult, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
     CONNECTION_REUSE_COUNT_LIMIT, CONNECTION_REUSE_TIME_LIMIT,
 };
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
@@ -37,23 +39,24 @@ pub async fn deliver_message(
     rcpts: &[String],
     body: &[u8],
 ) -> Vec<RcptResult> {
-    deliver_message_with(router, helo, sender, rcpts, body, &GoAhead::new()).await
+    let envelope = Envelope::plain(sender, rcpts);
+    deliver_message_with(router, helo, &envelope, body, &GoAhead::new()).await
 }
 
-/// [`deliver_message`], sending the text only while `go_ahead` is given (the sender
-/// withdraws it when it loses the message's lease).
+/// [`deliver_message`] with the envelope's parameters (passed on where the next hop
+/// offers their extensions), sending the text only while `go_ahead` is given (the
+/// sender withdraws it when it loses the message's lease).
 pub async fn deliver_message_with(
     router: &Router,
     helo: &str,
-    sender: &str,
-    rcpts: &[String],
+    envelope: &Envelope,
     body: &[u8],
     go_ahead: &GoAhead,
 ) -> Vec<RcptResult> {
     // Group in first-seen order so results and logs follow the envelope.
     let mut groups: Vec<(NextHop, Vec<usize>)> = Vec::new();
-    for (i, rcpt) in rcpts.iter().enumerate() {
-        let hop = router.next_hop(&recipient_domain(rcpt));
+    for (i, rcpt) in envelope.rcpts.iter().enumerate() {
+        let hop = router.next_hop(&recipient_domain(&rcpt.address));
         match groups.iter_mut().find(|(h, _)| *h == hop) {
             Some((_, members)) => members.push(i),
             None => groups.push((hop, vec![i])),
@@ -61,14 +64,13 @@ pub async fn deliver_message_with(
     }
 
     let work = groups.into_iter().map(|(hop, members)| async move {
-        let group_rcpts: Vec<String> = members.iter().map(|i| rcpts[*i].clone()).collect();
+        let group = envelope.subset(&members);
         let results = match router.resolve(&hop).await {
             Ok(hops) => {
                 deliver_with(
                     &hops,
                     helo,
-                    sender,
-                    &group_rcpts,
+                    &group,
                     body,
                     router.delivery_options(),
                     Some(router.connection_cache()),
@@ -80,14 +82,16 @@ pub async fn deliver_message_with(
             Err(e) => {
                 tracing::info!(next_hop = %hop, error = %e, "next hop not resolved");
                 let cause = e.cause();
-                group_rcpts
+                group
+                    .rcpts
                     .iter()
                     .map(|r| RcptResult {
-                        rcpt: r.clone(),
+                        rcpt: r.address.clone(),
                         status: RcptStatus::failed(cause.clone()),
                         remote_mta: None,
                         remote_addr: None,
                         tls: false,
+                        dsn: false,
                     })
                     .collect()
             }

@@ -916,6 +916,9 @@ impl Session {
         if max > 0 && params.size.is_some_and(|s| s > max) {
             return self.error(out, too_big());
         }
+        if !params.smtputf8 && from.as_ref().is_some_and(|p| !p.raw.is_ascii()) {
+            return self.error(out, unicode_without_smtputf8());
+        }
         let reverse_path = match from {
             None => ReversePath::Null,
             Some(path) => match path.mailbox() {
@@ -937,6 +940,9 @@ impl Session {
             return self.error(out, Reply::new(503, "5.5.1 Error: need MAIL command"));
         };
         env.rcpt_seen = true;
+        if !env.params.smtputf8 && !to.raw.is_ascii() {
+            return self.error(out, unicode_without_smtputf8());
+        }
         let max = self.policy.max_recipients;
         if max > 0 && env.recipients.len() >= max {
             // Not counted as an error: see the module documentation.
@@ -1050,6 +1056,12 @@ impl Session {
 
 fn auth_failed() -> Reply {
     Reply::new(535, "5.7.8 Error: authentication failed")
+}
+
+/// A UTF-8 address in a transaction that did not declare SMTPUTF8 (RFC 6531 §3.4),
+/// in Postfix's words.
+fn unicode_without_smtputf8() -> Reply {
+    Reply::new(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
 }
 
 fn too_big() -> Reply {

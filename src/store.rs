@@ -93,6 +93,9 @@ pub struct IncomingMessage {
     pub ret: Option<String>,
     /// MAIL FROM ENVID=, if given.
     pub envid: Option<String>,
+    /// MAIL FROM SMTPUTF8 was given (RFC 6531): passed on, and required of the next hop
+    /// when the envelope or the header holds UTF-8.
+    pub smtputf8: bool,
     /// Client IP address as text.
     pub client_ip: String,
     /// HELO/EHLO argument.
@@ -163,6 +166,7 @@ impl QueuedMessage {
             sender: m.sender,
             ret: m.ret,
             envid: m.envid,
+            smtputf8: m.smtputf8,
             client_ip: m.client_ip,
             helo: m.helo,
             received_at,
@@ -295,6 +299,8 @@ pub struct QueuedMessage {
     pub held: bool,
     /// Size of the body in octets.
     pub size: u64,
+    /// MAIL FROM SMTPUTF8 was given.
+    pub smtputf8: bool,
     /// Recipients still pending, in the order they were received.
     pub rcpts: Vec<OutgoingRcpt>,
     /// The whole message as accepted.

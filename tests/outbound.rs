@@ -231,6 +231,61 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
 }
 
 #[tokio::test]
+async fn a_next_hop_at_an_address_erlmail_listens_on_is_a_loop() {
+    // The MX resolves to 127.0.0.1 on the port this erlmail listens on (on every
+    // address: `::`). A sink stands there only to show that nobody is connected to.
+    let me = Sink::start(SinkConfig {
+        name: "not-my-name.test".into(),
+        ..SinkConfig::default()
+    })
+    .await;
+    let zone = dns::Zone::new()
+        .mx("example.test", 10, "mx.example.test")
+        .a("mx.example.test", V4);
+    let dns = dns::DnsServer::start(zone).await;
+    for listening in [
+        SocketAddr::new(V6.into(), me.port()).to_string(),
+        format!("[::]:{}", me.port()),
+        format!("0.0.0.0:{}", me.port()),
+        format!("127.0.0.1:{}", me.port()),
+    ] {
+        let r = Router::new(RouterConfig {
+            routes: BTreeMap::new(),
+            relay_host: None,
+            remote_port: me.port(),
+            dns_nameservers: vec![dns.addr()],
+            delivery: DeliveryOptions {
+                own_addrs: vec![listening.parse().unwrap()],
+                ..opts()
+            },
+        })
+        .unwrap();
+        let res = send_to_b(&r).await;
+        if listening.starts_with("[::1]") {
+            // Another address of this host: not where the hop is.
+            assert!(
+                matches!(res[0].status, RcptStatus::Delivered { .. }),
+                "{listening}: {:?}",
+                res[0]
+            );
+            continue;
+        }
+        match &res[0].status {
+            RcptStatus::Permanent { cause } => {
+                assert_eq!(cause.status(), "5.4.6", "{listening}: {cause}");
+                assert!(cause.to_string().contains("loops back to myself"));
+            }
+            other => panic!("{listening}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        me.connections(),
+        1,
+        "only the delivery past [::1] connected"
+    );
+}
+
+#[tokio::test]
 async fn falls_back_to_next_mx_when_first_refuses_connections() {
     let sink = Sink::start(SinkConfig::default()).await;
     // mx-a resolves to ::1 on the sink's port, where nothing listens.
@@ -327,7 +382,10 @@ async fn a_only_domain_uses_implicit_mx() {
     );
     let m = &sink.messages()[0];
     assert_eq!(m.mail_from, "", "null sender sent as MAIL FROM:<>");
-    assert!(sink.commands().iter().any(|c| c == "MAIL FROM:<>"));
+    assert!(sink
+        .commands()
+        .iter()
+        .any(|c| c.starts_with("MAIL FROM:<> SIZE=")));
 }
 
 #[tokio::test]

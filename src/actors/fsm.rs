@@ -562,6 +562,7 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
         remote_rcpts,
         ret: tx.ret,
         envid: tx.envid,
+        smtputf8: tx.smtputf8,
         client_ip: tx.client_ip.to_string(),
         helo: tx.helo,
         received_at: super::store_now(),

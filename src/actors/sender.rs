@@ -258,14 +258,29 @@ async fn attempt(
                 remote_mta: None,
                 remote_addr: None,
                 tls: false,
+                dsn: false,
             })
             .collect(),
         None => {
+            let envelope = outbound::Envelope {
+                sender: msg.sender.clone(),
+                rcpts: msg
+                    .rcpts
+                    .iter()
+                    .map(|r| outbound::EnvelopeRcpt {
+                        address: r.address.clone(),
+                        notify: r.notify.clone(),
+                        orcpt: r.orcpt.clone(),
+                    })
+                    .collect(),
+                ret: msg.ret.clone(),
+                envid: msg.envid.clone(),
+                smtputf8: msg.smtputf8,
+            };
             outbound::deliver_message_with(
                 &args.router,
                 &config.server_smtp_name,
-                &msg.sender,
-                &rcpts,
+                &envelope,
                 &msg.body,
                 go_ahead,
             )
@@ -288,7 +303,7 @@ async fn attempt(
     for (kind, dsn_rcpts) in [
         (DsnKind::Failure, &plan.failed),
         (DsnKind::Delay, &plan.delayed),
-        (DsnKind::Success, &plan.delivered),
+        (DsnKind::Relayed, &plan.relayed),
     ] {
         if !dsn_rcpts.is_empty() {
             if let Some(dsn) = notification(args, kind, dsn_rcpts.clone(), now).await {
@@ -332,8 +347,9 @@ struct AttemptPlan {
     failed: Vec<DsnRecipient>,
     /// Recipients to warn about (still being retried past `server_smtp_delay_warning`).
     delayed: Vec<DsnRecipient>,
-    /// Recipients to report as delivered (NOTIFY=SUCCESS).
-    delivered: Vec<DsnRecipient>,
+    /// Recipients to report as relayed (NOTIFY=SUCCESS, and the next hop does not
+    /// offer DSN: it was not given the NOTIFY and will not report).
+    relayed: Vec<DsnRecipient>,
 }
 
 /// The retry and notification policy applied to one attempt's results.
@@ -351,7 +367,7 @@ fn plan_attempt(
     );
     let mut rcpt_results = Vec::new();
     let mut failed = Vec::new();
-    let mut delivered = Vec::new();
+    let mut relayed = Vec::new();
     let mut delayed = Vec::new();
     let mut first_error = None;
     // The delay warning goes out with the one attempt that crosses the threshold: the
@@ -382,8 +398,8 @@ fn plan_attempt(
         });
         let state = match &r.status {
             RcptStatus::Delivered { .. } => {
-                if queue::should_notify(&msg.sender, notify, DsnKind::Success, true) {
-                    delivered.push(dsn_rcpt());
+                if !r.dsn && queue::should_notify(&msg.sender, notify, DsnKind::Relayed, true) {
+                    relayed.push(dsn_rcpt());
                 }
                 RcptState::Delivered
             }
@@ -435,7 +451,7 @@ fn plan_attempt(
         },
         failed,
         delayed,
-        delivered,
+        relayed,
     }
 }
 
@@ -507,6 +523,8 @@ async fn notification(
         remote_rcpts,
         ret: None,
         envid: None,
+        // A report to a UTF-8 address needs SMTPUTF8 on its way (RFC 6533).
+        smtputf8: !address.is_ascii(),
         client_ip: "127.0.0.1".into(),
         helo: config.server_smtp_name.clone(),
         received_at: now,
@@ -596,6 +614,7 @@ mod tests {
             sender: sender.into(),
             ret: None,
             envid: None,
+            smtputf8: false,
             client_ip: "127.0.0.1".into(),
             helo: "client".into(),
             received_at: Utc::now(),
@@ -626,6 +645,7 @@ mod tests {
             remote_mta: Some("mx.test".into()),
             remote_addr: None,
             tls: false,
+            dsn: false,
         }
     }
 
@@ -719,9 +739,15 @@ mod tests {
             &config,
             now,
         );
-        assert_eq!(p.delivered.len(), 1);
-        assert_eq!(p.delivered[0].final_recipient, "x@b.test");
+        assert_eq!(p.relayed.len(), 1);
+        assert_eq!(p.relayed[0].final_recipient, "x@b.test");
         assert_eq!(p.record.next_retry_at, None);
+
+        // A next hop that offers DSN was given the NOTIFY: the report is its to send.
+        let mut passed_on = result("x@b.test", ok());
+        passed_on.dsn = true;
+        let p = plan_attempt(&m, &[passed_on, result("y@b.test", ok())], &config, now);
+        assert!(p.relayed.is_empty());
     }
 
     #[test]

@@ -34,8 +34,78 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::seven_bit;
 use super::wire::{data_payload, ehlo_keywords, Fed, ReplyBuilder, MAX_REPLY_LINE};
 use crate::queue::outcome::{FailureCause, Outcome, RcptStatus, SmtpReply};
+
+/// One recipient with the DSN parameters its client gave (RFC 3461 §4), passed on to a
+/// next hop that offers DSN.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvelopeRcpt {
+    /// The forward-path.
+    pub address: String,
+    /// `NOTIFY=` as received.
+    pub notify: Option<String>,
+    /// `ORCPT=` as received (`addr-type;xtext`).
+    pub orcpt: Option<String>,
+}
+
+/// What `MAIL FROM` and the `RCPT TO`s carry: the addresses and the parameters the
+/// client gave that travel on (RFC 3461 DSN, RFC 6531 SMTPUTF8). `BODY` and `SIZE` are
+/// the client's to work out from the text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// The reverse-path (`""` for `<>`).
+    pub sender: String,
+    /// The recipients, in order.
+    pub rcpts: Vec<EnvelopeRcpt>,
+    /// `RET=` as received.
+    pub ret: Option<String>,
+    /// `ENVID=` as received (xtext).
+    pub envid: Option<String>,
+    /// The client declared `SMTPUTF8`.
+    pub smtputf8: bool,
+}
+
+impl Envelope {
+    /// An envelope with addresses only.
+    pub fn plain(sender: &str, rcpts: &[String]) -> Self {
+        Envelope {
+            sender: sender.to_string(),
+            rcpts: rcpts
+                .iter()
+                .map(|a| EnvelopeRcpt {
+                    address: a.clone(),
+                    ..EnvelopeRcpt::default()
+                })
+                .collect(),
+            ..Envelope::default()
+        }
+    }
+
+    /// The recipients' addresses, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.rcpts.iter().map(|r| r.address.clone()).collect()
+    }
+
+    /// The same envelope for the recipients at `members` (indexes into `rcpts`).
+    pub fn subset(&self, members: &[usize]) -> Self {
+        Envelope {
+            rcpts: members.iter().map(|i| self.rcpts[*i].clone()).collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether a next hop must offer SMTPUTF8 for this message (RFC 6531 §3.2): the
+    /// client declared it and an address or a header field of `body` is not ASCII. A
+    /// message that declared it without needing it goes to any hop, as Postfix sends it.
+    fn needs_smtputf8(&self, body: &[u8]) -> bool {
+        self.smtputf8
+            && (!self.sender.is_ascii()
+                || self.rcpts.iter().any(|r| !r.address.is_ascii())
+                || !seven_bit::header_section(body).is_ascii())
+    }
+}
 
 /// One host to try: its name (for `Remote-MTA` and TLS SNI) and address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,9 +141,30 @@ pub struct DeliveryOptions {
     /// offer STARTTLS, or whose handshake fails, is a temporary failure, never a
     /// plain-text delivery.
     pub require_tls: bool,
+    /// Where erlmail itself listens for SMTP: a next hop at one of these is this host,
+    /// and the mail fails at once as a loop (`5.4.6`). An unspecified address (`::`,
+    /// `0.0.0.0`) stands for every address of this host on that port.
+    pub own_addrs: Vec<SocketAddr>,
 }
 
 impl DeliveryOptions {
+    /// Whether `addr` is one erlmail listens on (see `own_addrs`).
+    pub fn is_own_address(&self, addr: SocketAddr) -> bool {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.own_addrs.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == ip
+                    || (own.ip().is_unspecified()
+                        && (own.is_ipv6() || ip.is_ipv4())
+                        && is_local_address(ip)))
+        })
+    }
+
     /// Every timeout set to `timeout` (`server_smtp_timeout`), STARTTLS on.
     pub fn with_timeout(timeout: Duration) -> Self {
         DeliveryOptions {
@@ -82,6 +173,7 @@ impl DeliveryOptions {
             data_timeout: timeout,
             starttls: true,
             require_tls: false,
+            own_addrs: Vec::new(),
         }
     }
 }
@@ -95,6 +187,7 @@ impl Default for DeliveryOptions {
             data_timeout: Duration::from_secs(600),
             starttls: true,
             require_tls: false,
+            own_addrs: Vec::new(),
         }
     }
 }
@@ -112,6 +205,9 @@ pub struct RcptResult {
     pub remote_addr: Option<SocketAddr>,
     /// Whether that session ran over TLS.
     pub tls: bool,
+    /// The host that decided the status offered DSN, so it was given the recipient's
+    /// `NOTIFY` and `ORCPT`: reports of success from here on are its to send.
+    pub dsn: bool,
 }
 
 /// The outcome of one `deliver` call.
@@ -143,40 +239,45 @@ pub async fn deliver(
     opts: &DeliveryOptions,
     cache: Option<&ConnectionCache>,
 ) -> DeliveryReport {
-    deliver_with(
-        hops,
-        helo,
-        sender,
-        rcpts,
-        body,
-        opts,
-        cache,
-        &GoAhead::new(),
-    )
-    .await
+    let envelope = Envelope::plain(sender, rcpts);
+    deliver_with(hops, helo, &envelope, body, opts, cache, &GoAhead::new()).await
 }
 
-/// [`deliver`], with the text sent only while `go_ahead` is given.
-#[allow(clippy::too_many_arguments)]
+/// [`deliver`] with the envelope's parameters, the text sent only while `go_ahead` is
+/// given.
 pub async fn deliver_with(
     hops: &[Hop],
     helo: &str,
-    sender: &str,
-    rcpts: &[String],
+    envelope: &Envelope,
     body: &[u8],
     opts: &DeliveryOptions,
     cache: Option<&ConnectionCache>,
     go_ahead: &GoAhead,
 ) -> DeliveryReport {
+    let rcpts = &envelope.addresses();
     let msg = Message {
         helo,
-        sender,
+        envelope,
         rcpts,
         body,
         go_ahead,
+        eight_bit: seven_bit::has_eight_bit(body),
+        needs_smtputf8: envelope.needs_smtputf8(body),
+        seven_bit: OnceLock::new(),
     };
     let mut skipped = Vec::new();
     for hop in hops {
+        if opts.is_own_address(hop.addr) {
+            // The next hop is where erlmail itself listens: the mail would come back.
+            tracing::warn!(host = %hop.host, addr = %hop.addr, "next hop is this host's own listening address");
+            return failed_at(
+                hop,
+                rcpts,
+                FailureCause::Loop(hop.host.clone()),
+                false,
+                skipped,
+            );
+        }
         let mut use_tls = opts.starttls;
         loop {
             match attempt_host(hop, &msg, opts, cache, use_tls).await {
@@ -186,23 +287,9 @@ pub async fn deliver_with(
                     use_tls = false;
                 }
                 Err(HostError::Fatal { cause, tls }) => {
-                    // The server refused the sender itself: all recipients fail alike.
-                    let results = rcpts
-                        .iter()
-                        .map(|r| RcptResult {
-                            rcpt: r.clone(),
-                            status: RcptStatus::failed(cause.clone()),
-                            remote_mta: Some(hop.host.clone()),
-                            remote_addr: Some(hop.addr),
-                            tls,
-                        })
-                        .collect();
-                    return DeliveryReport {
-                        results,
-                        remote: Some(hop.clone()),
-                        tls,
-                        skipped,
-                    };
+                    // The server refused the sender itself, or the mail cannot go there
+                    // at all: all recipients fail alike.
+                    return failed_at(hop, rcpts, cause, tls, skipped);
                 }
                 Err(
                     HostError::Skip { cause }
@@ -230,6 +317,7 @@ pub async fn deliver_with(
             remote_mta: remote.as_ref().filter(|_| answered).map(|h| h.host.clone()),
             remote_addr: remote.as_ref().filter(|_| answered).map(|h| h.addr),
             tls: false,
+            dsn: false,
         })
         .collect();
     DeliveryReport {
@@ -240,13 +328,79 @@ pub async fn deliver_with(
     }
 }
 
+/// Every recipient failed alike at `hop` for `cause`.
+fn failed_at(
+    hop: &Hop,
+    rcpts: &[String],
+    cause: FailureCause,
+    tls: bool,
+    skipped: Vec<(Hop, FailureCause)>,
+) -> DeliveryReport {
+    let results = rcpts
+        .iter()
+        .map(|r| RcptResult {
+            rcpt: r.clone(),
+            status: RcptStatus::failed(cause.clone()),
+            remote_mta: Some(hop.host.clone()),
+            remote_addr: Some(hop.addr),
+            tls,
+            dsn: false,
+        })
+        .collect();
+    DeliveryReport {
+        results,
+        remote: Some(hop.clone()),
+        tls,
+        skipped,
+    }
+}
+
 /// What one `deliver` call hands over: the same for every host tried.
 struct Message<'a> {
     helo: &'a str,
-    sender: &'a str,
+    envelope: &'a Envelope,
     rcpts: &'a [String],
     body: &'a [u8],
     go_ahead: &'a GoAhead,
+    /// The text holds an octet above 127.
+    eight_bit: bool,
+    /// Only a hop offering SMTPUTF8 may take it (see `Envelope::needs_smtputf8`).
+    needs_smtputf8: bool,
+    /// The text made 7-bit for hops without 8BITMIME, worked out once when first needed.
+    seven_bit: OnceLock<Result<Option<Vec<u8>>, seven_bit::Unconvertible>>,
+}
+
+impl Message<'_> {
+    /// The text to send to a hop offering `keywords`, and whether it goes as
+    /// `BODY=8BITMIME`; or why it cannot go there at all (RFC 6531 §3.2, RFC 6152).
+    fn text_for(&self, keywords: &[String], host: &str) -> Result<(&[u8], bool), FailureCause> {
+        let offers = |k: &str| keywords.iter().any(|x| x == k);
+        if self.needs_smtputf8 && !offers("SMTPUTF8") {
+            return Err(FailureCause::NotOffered {
+                extension: "SMTPUTF8",
+                host: host.to_string(),
+            });
+        }
+        if !self.eight_bit {
+            return Ok((self.body, false));
+        }
+        if offers("8BITMIME") {
+            return Ok((self.body, true));
+        }
+        // Postfix converts rather than bounce: every 8-bit MIME part quoted-printable.
+        match self
+            .seven_bit
+            .get_or_init(|| seven_bit::to_seven_bit(self.body))
+        {
+            Ok(Some(converted)) => Ok((converted, false)),
+            // 8-bit octets in the header only: sent as they are, as Postfix does.
+            Ok(None) => Ok((self.body, false)),
+            Err(_) => Err(FailureCause::NotOffered {
+                extension: "8BITMIME",
+                host: host.to_string(),
+            }),
+        }
+    }
 }
 
 /// Permission to send the message text, checked once the server has answered DATA with
@@ -292,6 +446,8 @@ enum HostError {
 struct SessionResult {
     statuses: Vec<RcptStatus>,
     tls: bool,
+    /// The host offered DSN (the recipients' parameters went with them).
+    dsn: bool,
 }
 
 impl SessionResult {
@@ -301,7 +457,7 @@ impl SessionResult {
         rcpts: &[String],
         skipped: Vec<(Hop, FailureCause)>,
     ) -> DeliveryReport {
-        let tls = self.tls;
+        let (tls, dsn) = (self.tls, self.dsn);
         let results = rcpts
             .iter()
             .zip(self.statuses)
@@ -311,6 +467,7 @@ impl SessionResult {
                 remote_mta: Some(hop.host.clone()),
                 remote_addr: Some(hop.addr),
                 tls,
+                dsn,
             })
             .collect();
         DeliveryReport {
@@ -397,6 +554,12 @@ impl ConnError {
             ConnError::Local(s) => FailureCause::Local(s.clone()),
         }
     }
+}
+
+/// Whether `ip` belongs to this host: a loopback address, or one a socket can be bound
+/// to (the kernel allows that only for its own addresses).
+fn is_local_address(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// One SMTP connection with its read buffer.
@@ -771,8 +934,21 @@ async fn transaction(
     // out in one write and their replies are read in order, two round trips a message
     // (this group, then the text) instead of three plus one per recipient.
     let pipelined = s.keywords.iter().any(|k| k == "PIPELINING");
-    let mail_line = format!("MAIL FROM:<{}>", msg.sender);
-    let rcpt_lines: Vec<String> = msg.rcpts.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
+    let (text, body_8bit) = match msg.text_for(&s.keywords, host) {
+        Ok(t) => t,
+        Err(cause) => {
+            spawn_quit(s.conn);
+            return Err(HostError::Fatal { cause, tls });
+        }
+    };
+    let dsn = s.keywords.iter().any(|k| k == "DSN");
+    let mail_line = mail_command(&s.keywords, msg.envelope, text.len(), body_8bit);
+    let rcpt_lines: Vec<String> = msg
+        .envelope
+        .rcpts
+        .iter()
+        .map(|r| rcpt_command(r, dsn))
+        .collect();
     if pipelined {
         let mut group = String::new();
         for line in std::iter::once(&mail_line).chain(&rcpt_lines) {
@@ -863,6 +1039,7 @@ async fn transaction(
             SessionResult {
                 statuses: statuses.into_iter().flatten().collect(),
                 tls,
+                dsn,
             },
             kept,
         ));
@@ -884,7 +1061,7 @@ async fn transaction(
             ));
         }
         s.conn
-            .write(&data_payload(msg.body), "while sending the message")
+            .write(&data_payload(text), "while sending the message")
             .await?;
         let reply = s
             .conn
@@ -916,9 +1093,51 @@ async fn transaction(
                 .map(|st| st.unwrap_or_else(|| accepted_status.clone()))
                 .collect(),
             tls,
+            dsn,
         },
         kept,
     ))
+}
+
+/// `MAIL FROM` for `envelope` to a server offering `keywords`: `SIZE` of the text as
+/// sent, `BODY=8BITMIME` for 8-bit text, `SMTPUTF8` and the DSN parameters as the client
+/// gave them, each only where the server offers its extension (RFC 1870, 6152, 6531,
+/// 3461 §4).
+fn mail_command(keywords: &[String], envelope: &Envelope, size: usize, body_8bit: bool) -> String {
+    let offers = |k: &str| keywords.iter().any(|x| x == k);
+    let mut line = format!("MAIL FROM:<{}>", envelope.sender);
+    if offers("SIZE") {
+        line.push_str(&format!(" SIZE={size}"));
+    }
+    if body_8bit {
+        line.push_str(" BODY=8BITMIME");
+    }
+    if envelope.smtputf8 && offers("SMTPUTF8") {
+        line.push_str(" SMTPUTF8");
+    }
+    if offers("DSN") {
+        if let Some(ret) = &envelope.ret {
+            line.push_str(&format!(" RET={ret}"));
+        }
+        if let Some(envid) = &envelope.envid {
+            line.push_str(&format!(" ENVID={envid}"));
+        }
+    }
+    line
+}
+
+/// `RCPT TO` for `rcpt`, with its `NOTIFY` and `ORCPT` when the server offers DSN.
+fn rcpt_command(rcpt: &EnvelopeRcpt, dsn: bool) -> String {
+    let mut line = format!("RCPT TO:<{}>", rcpt.address);
+    if dsn {
+        if let Some(notify) = &rcpt.notify {
+            line.push_str(&format!(" NOTIFY={notify}"));
+        }
+        if let Some(orcpt) = &rcpt.orcpt {
+            line.push_str(&format!(" ORCPT={orcpt}"));
+        }
+    }
+    line
 }
 
 /// `smtp_connection_cache_time_limit` (Postfix default 2 s): how long a connection may

@@ -110,6 +110,12 @@ impl RouterConfig {
             delivery: DeliveryOptions {
                 starttls: config.server_smtp_tls_outbound != TlsOutbound::None,
                 require_tls: config.server_smtp_tls_outbound == TlsOutbound::Require,
+                // Where this erlmail listens: a next hop there is a loop.
+                own_addrs: std::iter::once(config.server_smtp_port)
+                    .chain(config.server_smtp_tls_port)
+                    .filter(|port| *port != 0)
+                    .map(|port| SocketAddr::new(config.server_smtp_address, port))
+                    .collect(),
                 ..DeliveryOptions::with_timeout(config.server_smtp_timeout)
             },
         }
@@ -408,6 +414,29 @@ fn order_mx<T>(mut mxs: Vec<(u16, T)>, rng: &mut impl rand::Rng) -> Vec<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_listening_addresses_are_where_a_next_hop_would_loop() {
+        let config = crate::config::Config {
+            server_smtp_address: "::".parse().unwrap(),
+            server_smtp_port: 2525,
+            server_smtp_tls_port: Some(4650),
+            ..crate::config::Config::default()
+        };
+        let opts = super::RouterConfig::from_config(&config).delivery;
+        let at = |s: &str| opts.is_own_address(s.parse().unwrap());
+        assert!(at("127.0.0.1:2525") && at("127.0.0.9:4650") && at("[::1]:2525"));
+        assert!(at("[::ffff:127.0.0.1]:2525"), "IPv4-mapped");
+        assert!(!at("127.0.0.1:25"), "another port");
+        // Not an address of this host (TEST-NET-3, never assigned here).
+        assert!(!at("203.0.113.7:2525"));
+        let ephemeral = crate::config::Config {
+            server_smtp_port: 0,
+            ..crate::config::Config::default()
+        };
+        let opts = super::RouterConfig::from_config(&ephemeral).delivery;
+        assert!(opts.own_addrs.is_empty(), "port 0 is no address to compare");
+    }
 
     #[test]
     fn equal_preferences_come_in_every_order_lower_ones_first() {

@@ -21,6 +21,11 @@ pub enum DsnKind {
     Delay,
     /// Some recipients were delivered and asked to hear so (`NOTIFY=SUCCESS`).
     Success,
+    /// Some recipients asked to hear of success (`NOTIFY=SUCCESS`) and were handed to a
+    /// next hop that does not offer DSN, so no later success report can come (RFC 3461
+    /// §6.2.3.4, `Action: relayed`). A hop that offers DSN is given the `NOTIFY` instead
+    /// and reports on its own.
+    Relayed,
 }
 
 impl DsnKind {
@@ -30,6 +35,7 @@ impl DsnKind {
             DsnKind::Failure => "failed",
             DsnKind::Delay => "delayed",
             DsnKind::Success => "delivered",
+            DsnKind::Relayed => "relayed",
         }
     }
 
@@ -38,7 +44,7 @@ impl DsnKind {
         match self {
             DsnKind::Failure => "Undelivered Mail Returned to Sender",
             DsnKind::Delay => "Delayed Mail (still being retried)",
-            DsnKind::Success => "Successful Mail Delivery Report",
+            DsnKind::Success | DsnKind::Relayed => "Successful Mail Delivery Report",
         }
     }
 
@@ -162,14 +168,15 @@ pub fn should_notify(
     if kind == DsnKind::Failure && !failure_notification_enabled {
         return false;
     }
+    let success = matches!(kind, DsnKind::Success | DsnKind::Relayed);
     let Some(notify) = notify else {
-        return kind != DsnKind::Success;
+        return !success;
     };
     let mut asked = notify.split(',').map(str::trim);
     let wanted = match kind {
         DsnKind::Failure => "FAILURE",
         DsnKind::Delay => "DELAY",
-        DsnKind::Success => "SUCCESS",
+        DsnKind::Success | DsnKind::Relayed => "SUCCESS",
     };
     let mut any = false;
     let mut hit = false;
@@ -182,7 +189,7 @@ pub fn should_notify(
     }
     // An empty NOTIFY= value is malformed; treat it as absent rather than as NEVER.
     if !any {
-        return kind != DsnKind::Success;
+        return !success;
     }
     hit
 }
@@ -287,6 +294,12 @@ fn human_text(input: &DsnInput, host: &str) -> String {
         DsnKind::Success => {
             "Your message was successfully delivered to the destination(s)\r\n\
              listed below.\r\n\r\n"
+        }
+        DsnKind::Relayed => {
+            "Your message was successfully delivered to the destination(s)\r\n\
+             listed below. If the message was delivered to mailbox you will\r\n\
+             receive no further notifications. Otherwise you may still receive\r\n\
+             notifications of mail delivery errors from other systems.\r\n\r\n"
         }
     });
     t.push_str("                   The mail system\r\n\r\n");
@@ -635,6 +648,11 @@ mod tests {
         assert_eq!(field(&groups[1], "Action"), Some("delivered"));
         assert_eq!(field(&groups[1], "Status"), Some("2.0.0"));
         assert_eq!(field(&groups[1], "Original-Recipient"), None);
+
+        i.kind = DsnKind::Relayed;
+        let s = build_dsn(&i);
+        assert_eq!(field(&status_groups(&s)[1], "Action"), Some("relayed"));
+        assert!(String::from_utf8_lossy(&s).contains("you may still receive"));
     }
 
     #[test]
@@ -675,6 +693,9 @@ mod tests {
         assert!(!should_notify("a@b", Some("never"), Delay, true));
         // explicit lists
         assert!(should_notify("a@b", Some("SUCCESS"), Success, true));
+        assert!(should_notify("a@b", Some("SUCCESS"), Relayed, true));
+        assert!(!should_notify("a@b", None, Relayed, true));
+        assert!(!should_notify("a@b", Some("NEVER"), Relayed, true));
         assert!(!should_notify("a@b", Some("SUCCESS"), Failure, true));
         assert!(should_notify("a@b", Some("SUCCESS,FAILURE"), Failure, true));
         assert!(!should_notify("a@b", Some("FAILURE"), Delay, true));

@@ -119,6 +119,15 @@ pub enum FailureCause {
     /// The next hop is this host (its greeting or EHLO reply names us): the mail would
     /// loop, so it fails at once (`5.4.6`), as Postfix's "loops back to myself".
     Loop(String),
+    /// The message needs an extension the next hop does not offer and cannot go without
+    /// it: `SMTPUTF8` (`5.6.7`, RFC 6531 §3.2) or `8BITMIME` for 8-bit text that cannot
+    /// be made 7-bit (`5.6.3`, RFC 6152). Permanent, as Postfix bounces it.
+    NotOffered {
+        /// The extension's EHLO keyword.
+        extension: &'static str,
+        /// The host that did not offer it.
+        host: String,
+    },
 }
 
 impl FailureCause {
@@ -132,7 +141,8 @@ impl FailureCause {
             FailureCause::NoSuchDomain(_)
             | FailureCause::NullMx(_)
             | FailureCause::Crashed(_)
-            | FailureCause::Loop(_) => Outcome::Permanent,
+            | FailureCause::Loop(_)
+            | FailureCause::NotOffered { .. } => Outcome::Permanent,
             FailureCause::Connection(_)
             | FailureCause::Timeout(_)
             | FailureCause::DnsTemporary(_)
@@ -161,6 +171,10 @@ impl FailureCause {
             FailureCause::Local(_) => "4.3.0".into(),
             FailureCause::Crashed(_) => "5.3.0".into(),
             FailureCause::Loop(_) => "5.4.6".into(),
+            FailureCause::NotOffered { extension, .. } if *extension == "SMTPUTF8" => {
+                "5.6.7".into()
+            }
+            FailureCause::NotOffered { .. } => "5.6.3".into(),
         }
     }
 
@@ -186,6 +200,17 @@ impl fmt::Display for FailureCause {
             FailureCause::Local(s) => write!(f, "local configuration error: {s}"),
             FailureCause::Crashed(s) => write!(f, "delivery agent crashed: {s}"),
             FailureCause::Loop(s) => write!(f, "mail for {s} loops back to myself"),
+            FailureCause::NotOffered { extension, host } if *extension == "SMTPUTF8" => {
+                write!(
+                    f,
+                    "SMTPUTF8 is required, but was not offered by host {host}"
+                )
+            }
+            FailureCause::NotOffered { extension, host } => write!(
+                f,
+                "8-bit content cannot be sent to host {host}, which does not offer \
+                 {extension}, nor converted to 7-bit"
+            ),
         }
     }
 }

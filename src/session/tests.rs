@@ -313,6 +313,24 @@ fn esmtp_parameters_reach_the_transaction() {
 }
 
 #[test]
+fn unicode_addresses_need_smtputf8() {
+    let t = dialogue(
+        "EHLO c\r\nMAIL FROM:<jos\u{e9}@remote.example>\r\nMAIL FROM:<a@remote.example>\r\n\
+         RCPT TO:<b\u{f8}b@local.example>\r\nRSET\r\n\
+         MAIL FROM:<jos\u{e9}@remote.example> SMTPUTF8\r\nRCPT TO:<bob@local.example>\r\n",
+    );
+    assert_eq!(
+        after_ehlo(&t),
+        "553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n\
+         250 2.1.0 Ok\r\n\
+         553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n\
+         250 2.0.0 Ok\r\n\
+         250 2.1.0 Ok\r\n\
+         250 2.1.5 Ok\r\n"
+    );
+}
+
+#[test]
 fn duplicate_recipients_are_kept_once() {
     let t = dialogue("EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<bob@local.example>\r\nRCPT TO:<bob@LOCAL.example.>\r\nDATA\r\nx\r\n.\r\n");
     assert_eq!(after_ehlo(&t), "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as Q1\r\n");

@@ -134,6 +134,7 @@ pub(crate) fn read_queued(r: &impl Columns) -> StoreResult<QueuedMessage> {
         lock_expires_at: opt_from_ms(r.int("lock_expires_at")?)?,
         held: r.flag("held")?,
         size: to_u64(int("size")?),
+        smtputf8: r.flag("smtputf8")?,
         rcpts: Vec::new(),
         body: Vec::new(),
     })

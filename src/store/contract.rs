@@ -48,6 +48,7 @@ fn incoming(
         remote_rcpts: remote,
         ret: None,
         envid: None,
+        smtputf8: false,
         client_ip: "127.0.0.1".to_string(),
         helo: "client.test".to_string(),
         received_at: at,
@@ -468,6 +469,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
     );
     m.ret = Some("HDRS".into());
     m.envid = Some("ENV-1".into());
+    m.smtputf8 = true;
     m.client_ip = "::1".into();
     m.helo = "helo.test".into();
     m.subject = Some("all bytes".into());
@@ -558,6 +560,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
             sender: "s@remote.test".into(),
             ret: Some("HDRS".into()),
             envid: Some("ENV-1".into()),
+            smtputf8: true,
             client_ip: "::1".into(),
             helo: "helo.test".into(),
             received_at: at,
@@ -912,7 +915,7 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
         node: "n1".into(),
         expires_at: secs(60),
     };
-    let msgs = vec![
+    let mut msgs = vec![
         incoming(
             "s@origin.test",
             &[],
@@ -928,6 +931,8 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
             b"two\r\n",
         ),
     ];
+    // The SMTPUTF8 flag travels through the batched insert too.
+    msgs[1].smtputf8 = true;
     let acc = accept_leased(store, &msgs, Some(&lease))
         .await
         .expect("accept leased");

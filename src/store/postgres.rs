@@ -57,11 +57,18 @@ const MIGRATION_LOCK: i64 = 0x65_72_6c_6d_61_69_6c;
 
 /// The schema migrations, in order: (version, name, SQL). Never edit a released one; add
 /// the next file instead.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "smtputf8",
+        include_str!("../../migrations/postgres/0002_smtputf8.sql"),
+    ),
+];
 
 /// The settings `PostgresStore::open` takes from a store URL besides what libpq-style
 /// URLs already carry.
@@ -581,8 +588,9 @@ async fn accept_one(
             let done = sqlx::query(
                 "INSERT INTO outgoing
                      (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                      next_retry_at, held, size, body, lock_owner, lock_expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, COALESCE($11, $7), FALSE, $8, $9, $10, $11)
+                      next_retry_at, held, size, body, lock_owner, lock_expires_at, smtputf8)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, COALESCE($11, $7), FALSE, $8, $9, $10, $11,
+                         $12)
                  ON CONFLICT (id) DO NOTHING",
             )
             .bind(&id)
@@ -596,6 +604,7 @@ async fn accept_one(
             .bind(&m.body)
             .bind(lease.map(|l| l.node.as_str()))
             .bind(lease.map(|l| ms(l.expires_at)))
+            .bind(m.smtputf8)
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;

@@ -7,7 +7,7 @@
 macro_rules! outgoing_cols {
     () => {
         "id, sender, ret, envid, client_ip, helo, received_at, tries, last_try_at, \
-         last_error, next_retry_at, lock_owner, lock_expires_at, held, size"
+         last_error, next_retry_at, lock_owner, lock_expires_at, held, size, smtputf8"
     };
 }
 pub(super) use outgoing_cols;

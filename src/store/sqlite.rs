@@ -46,11 +46,18 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The schema migrations, in order: (version, name, SQL). Never edit a released one; add
 /// the next file instead.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/sqlite/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "smtputf8",
+        include_str!("../../migrations/sqlite/0002_smtputf8.sql"),
+    ),
+];
 
 /// The SQLite store: a small connection pool and a writer thread on one database file.
 pub struct SqliteStore {
@@ -1011,12 +1018,12 @@ mod tests {
         assert_eq!(sync, 2, "FULL");
         let fk: i64 = scalar(&store, "PRAGMA foreign_keys").await;
         assert_eq!(fk, 1);
-        assert_eq!(store.schema_version().await.unwrap(), 1);
+        assert_eq!(store.schema_version().await.unwrap(), 2);
         store.add_domain("keep.test").await.unwrap();
         store.close().await;
         // Re-opening applies nothing twice and keeps the data.
         let again = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(again.schema_version().await.unwrap(), 1);
+        assert_eq!(again.schema_version().await.unwrap(), 2);
         assert_eq!(
             again.list_domains().await.unwrap(),
             vec!["keep.test".to_string()]
@@ -1073,6 +1080,7 @@ mod tests {
             }],
             ret: None,
             envid: None,
+            smtputf8: false,
             client_ip: "127.0.0.1".into(),
             helo: "h".into(),
             received_at: Utc::now(),

@@ -301,8 +301,9 @@ fn accept_one(
         let n = tx
             .prepare_cached(
                 "INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at,
-                     tries, next_retry_at, held, size, body, lock_owner, lock_expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, 0, ?9, ?10, ?11, ?12)
+                     tries, next_retry_at, held, size, body, lock_owner, lock_expires_at,
+                     smtputf8)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, 0, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT (id) DO NOTHING",
             )
             .and_then(|mut s| {
@@ -319,7 +320,8 @@ fn accept_one(
                     size,
                     m.body,
                     owner,
-                    expires
+                    expires,
+                    m.smtputf8
                 ])
             })
             .map_err(sql_err)?;

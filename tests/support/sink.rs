@@ -64,6 +64,9 @@ pub struct SinkConfig {
     pub defer_reply: String,
     /// The reply to MAIL FROM (normally 250).
     pub mail_reply: String,
+    /// EHLO keywords offered after PIPELINING, SIZE, STARTTLS and ENHANCEDSTATUSCODES
+    /// (`8BITMIME` by default; add `DSN` or `SMTPUTF8`, or none for a 7-bit hop).
+    pub extensions: Vec<String>,
 }
 
 impl Default for SinkConfig {
@@ -76,6 +79,7 @@ impl Default for SinkConfig {
             defer_first: 0,
             defer_reply: "451 4.3.0 Error: try again later".into(),
             mail_reply: "250 2.1.0 Ok".into(),
+            extensions: vec!["8BITMIME".into()],
         }
     }
 }
@@ -84,6 +88,12 @@ impl SinkConfig {
     /// Adds a RCPT rule: recipients whose local part starts with `prefix` get `reply`.
     pub fn rcpt_reply(mut self, prefix: &str, reply: &str) -> Self {
         self.rcpt_rules.push((prefix.into(), reply.into()));
+        self
+    }
+
+    /// Offers exactly these extensions besides the fixed ones (see `extensions`).
+    pub fn offering(mut self, extensions: &[&str]) -> Self {
+        self.extensions = extensions.iter().map(|e| e.to_string()).collect();
         self
     }
 }
@@ -312,7 +322,14 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 if cfg.starttls != StartTls::Off && !tls {
                     r.push_str("250-STARTTLS\r\n");
                 }
-                r.push_str("250-ENHANCEDSTATUSCODES\r\n250 8BITMIME");
+                r.push_str("250-ENHANCEDSTATUSCODES");
+                for e in &cfg.extensions {
+                    r.push_str("\r\n250-");
+                    r.push_str(e);
+                }
+                // The last line of the reply has a space after its code.
+                let cut = r.rfind("250-").expect("a line");
+                r.replace_range(cut..cut + 4, "250 ");
                 r
             }
         } else if upper == "STARTTLS" {

@@ -26,9 +26,10 @@ macro_rules! messages_cte {
         "
 m AS (
     SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
-                         $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[])
+                         $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BYTEA[], $10::TEXT[],
+                         $22::BOOLEAN[])
         WITH ORDINALITY AS m (qid, sender, ret, envid, client_ip, helo, received_at, size,
-                              body, subject, mi)
+                              body, subject, smtputf8, mi)
 )"
     };
 }
@@ -41,9 +42,10 @@ macro_rules! queue_ctes {
             "
 queued AS (
     INSERT INTO outgoing (id, sender, ret, envid, client_ip, helo, received_at, tries,
-                          next_retry_at, held, size, body, lock_owner, lock_expires_at)
+                          next_retry_at, held, size, body, lock_owner, lock_expires_at,
+                          smtputf8)
     SELECT qid, sender, ret, envid, client_ip, helo, received_at, 0,
-           COALESCE($14, received_at), FALSE, size, body, $13, $14
+           COALESCE($14, received_at), FALSE, size, body, $13, $14, smtputf8
     FROM m WHERE qid IS NOT NULL AND ",
             $ok,
             "
@@ -159,7 +161,7 @@ FROM (SELECT pg_notify($20, id) FROM queued WHERE $21) AS woken
 ";
 
 /// The statements, by [`statement`]: each kind of accept alone and with records, and
-/// records alone (the records' parameters numbered after the accepts' 21).
+/// records alone (the records' parameters numbered after the accepts' 22).
 static STATEMENTS: LazyLock<[String; 5]> = LazyLock::new(|| {
     let records = |first: usize| {
         (1..=9).rev().fold(RECORD_CTES.to_string(), |sql, n| {
@@ -169,7 +171,7 @@ static STATEMENTS: LazyLock<[String; 5]> = LazyLock::new(|| {
     let both = |ctes: &str, rows: &str| {
         format!(
             "WITH {ctes},{}\n{rows}UNION ALL\n{RECORD_ROWS}",
-            records(22)
+            records(23)
         )
     };
     [
@@ -298,6 +300,7 @@ struct AcceptArgs<'a> {
     size: Vec<i64>,
     body: Vec<&'a [u8]>,
     subject: Vec<Option<&'a str>>,
+    smtputf8: Vec<bool>,
     l_mi: Vec<i64>,
     l_addr: Vec<String>,
     r_mi: Vec<i64>,
@@ -324,6 +327,7 @@ impl<'a> AcceptArgs<'a> {
             a.size.push(i64::try_from(m.body.len()).unwrap_or(i64::MAX));
             a.body.push(&m.body);
             a.subject.push(m.subject.as_deref());
+            a.smtputf8.push(m.smtputf8);
             for rcpt in &m.local_rcpts {
                 a.l_mi.push(mi);
                 a.l_addr.push(norm_address(rcpt)?.0);
@@ -339,7 +343,7 @@ impl<'a> AcceptArgs<'a> {
         Ok(a)
     }
 
-    /// Bind $1 to $21.
+    /// Bind $1 to $22.
     fn bind<'q>(&'q self, q: PgQuery<'q>, lease: Option<&'q AcceptLease>) -> PgQuery<'q> {
         q.bind(&self.qid)
             .bind(&self.sender)
@@ -362,6 +366,7 @@ impl<'a> AcceptArgs<'a> {
             .bind(&self.r_notify)
             .bind(QUEUE_CHANNEL)
             .bind(lease.is_none())
+            .bind(&self.smtputf8)
     }
 }
 
