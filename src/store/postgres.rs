@@ -968,7 +968,7 @@ impl QueueStore for PostgresStore {
              RETURNING ",
             "o.id, o.sender, o.ret, o.envid, o.client_ip, o.helo, o.received_at, o.tries, \
              o.last_try_at, o.last_error, o.next_retry_at, o.lock_owner, o.lock_expires_at, \
-             o.held, o.size, o.body"
+             o.held, o.size, o.smtputf8, o.body"
         ))
         .bind(node)
         .bind(lease_end(now, lease))
