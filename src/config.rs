@@ -74,6 +74,53 @@ impl values::Scalar for TlsOutbound {
     }
 }
 
+/// One DKIM signing key (`server_smtp_dkim_keys`): mail whose `From:` domain is
+/// `domain` or below it is signed as `d=domain; s=selector`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimKeyConfig {
+    /// The signing domain (`d=`), lower case.
+    pub domain: String,
+    /// The selector (`s=`): the key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM file with the private key (RSA, PKCS#1 or PKCS#8; Ed25519, PKCS#8).
+    pub private_key: PathBuf,
+}
+
+/// What a DMARC failure under `p=reject` or `p=quarantine` does to mail for local users
+/// (`server_smtp_dmarc_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DmarcPolicy {
+    /// Follow the domain's policy: `reject` gets `550 5.7.1`, `quarantine` goes to the
+    /// recipient's Junk mailbox.
+    #[default]
+    Enforce,
+    /// Only record the result in `Authentication-Results:`.
+    Report,
+}
+
+impl DmarcPolicy {
+    /// The configuration spelling: `enforce` or `report`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmarcPolicy::Enforce => "enforce",
+            DmarcPolicy::Report => "report",
+        }
+    }
+}
+
+impl values::Scalar for DmarcPolicy {
+    const EXPECTING: &'static str = "enforce or report";
+    fn from_text(s: &str) -> Result<Self, String> {
+        match s {
+            "enforce" => Ok(DmarcPolicy::Enforce),
+            "report" => Ok(DmarcPolicy::Report),
+            _ => Err(format!(
+                "bad server_smtp_dmarc_policy `{s}`: expected enforce or report"
+            )),
+        }
+    }
+}
+
 /// The effective configuration of an erlmail node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -162,6 +209,10 @@ pub struct Config {
     pub server_smtp_relay_auth: bool,
     /// Outbound STARTTLS policy.
     pub server_smtp_tls_outbound: TlsOutbound,
+    /// DKIM keys: relayed mail whose `From:` domain has one is signed at accept.
+    pub server_smtp_dkim_keys: Vec<DkimKeyConfig>,
+    /// What a DMARC failure does to mail for local users.
+    pub server_smtp_dmarc_policy: DmarcPolicy,
     /// DNS servers for MX look-ups; empty means the system resolver.
     pub dns_nameservers: Vec<SocketAddr>,
     /// This node's name, stamped on the queue locks it takes.
@@ -220,6 +271,8 @@ impl Default for Config {
             server_smtp_tls_port: None,
             server_smtp_relay_auth: true,
             server_smtp_tls_outbound: TlsOutbound::May,
+            server_smtp_dkim_keys: Vec::new(),
+            server_smtp_dmarc_policy: DmarcPolicy::Enforce,
             dns_nameservers: Vec::new(),
             node_name: default_node_name(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8025))),

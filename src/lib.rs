@@ -19,6 +19,7 @@
 //! policy in `queue`. `protocol`, `session` and `queue` are pure: no I/O, no clock.
 
 pub mod actors;
+pub mod auth;
 pub mod config;
 pub mod import;
 pub mod net;

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use super::values::{HostPort, Listen, Minutes, NameServer, Net, Opt, Seconds, S};
+use super::values::{DkimKey, HostPort, Listen, Minutes, NameServer, Net, Opt, Seconds, S};
 use super::Config;
 
 /// Every key erlmail serves, ErlMail's first, in the order `to_yaml` writes them.
@@ -51,6 +51,8 @@ pub const SERVED_KEYS: &[&str] = &[
     "server_smtp_tls_port",
     "server_smtp_relay_auth",
     "server_smtp_tls_outbound",
+    "server_smtp_dkim_keys",
+    "server_smtp_dmarc_policy",
     "dns_nameservers",
     "node_name",
     "admin_listen",
@@ -259,6 +261,14 @@ fn apply_value<'de, A: MapAccess<'de>>(
         "server_smtp_tls_port" => c.server_smtp_tls_port = map.next_value()?,
         "server_smtp_relay_auth" => c.server_smtp_relay_auth = map.next_value()?,
         "server_smtp_tls_outbound" => c.server_smtp_tls_outbound = map.next_value::<S<_>>()?.0,
+        "server_smtp_dkim_keys" => {
+            c.server_smtp_dkim_keys = map
+                .next_value::<Vec<DkimKey>>()?
+                .into_iter()
+                .map(DkimKey::into_config)
+                .collect()
+        }
+        "server_smtp_dmarc_policy" => c.server_smtp_dmarc_policy = map.next_value::<S<_>>()?.0,
         "dns_nameservers" => {
             c.dns_nameservers = map
                 .next_value::<Vec<S<NameServer>>>()?

@@ -182,6 +182,12 @@ fn everything_changed() -> Config {
         server_smtp_tls_port: Some(465),
         server_smtp_relay_auth: false,
         server_smtp_tls_outbound: crate::config::TlsOutbound::Require,
+        server_smtp_dkim_keys: vec![crate::config::DkimKeyConfig {
+            domain: "example.com".into(),
+            selector: "s1".into(),
+            private_key: "/etc/erlmail/dkim.pem".into(),
+        }],
+        server_smtp_dmarc_policy: crate::config::DmarcPolicy::Report,
         dns_nameservers: vec![
             "127.0.0.1:5353".parse().unwrap(),
             "[::1]:53".parse().unwrap(),
@@ -228,6 +234,59 @@ fn shipped_yaml_is_the_defaults() {
             "{key} is not in config/erlmail.yaml"
         );
     }
+}
+
+#[test]
+fn dkim_keys_and_dmarc_policy() {
+    let src = "\
+server_smtp_dkim_keys:
+  - {domain: Example.COM., selector: s2026, private_key: /etc/erlmail/dkim/example.pem}
+  - domain: other.test
+    selector: ed
+    private_key: keys/ed.pem
+server_smtp_dmarc_policy: report
+";
+    let c = Config::from_yaml_str(src, "t.yaml").unwrap();
+    assert_eq!(
+        c.server_smtp_dkim_keys,
+        vec![
+            crate::config::DkimKeyConfig {
+                domain: "example.com".into(),
+                selector: "s2026".into(),
+                private_key: "/etc/erlmail/dkim/example.pem".into(),
+            },
+            crate::config::DkimKeyConfig {
+                domain: "other.test".into(),
+                selector: "ed".into(),
+                private_key: "keys/ed.pem".into(),
+            },
+        ]
+    );
+    assert_eq!(
+        c.server_smtp_dmarc_policy,
+        crate::config::DmarcPolicy::Report
+    );
+    // What `config show` writes reads back the same.
+    let again = Config::from_yaml_str(&c.to_yaml(), "again.yaml").unwrap();
+    assert_eq!(again.server_smtp_dkim_keys, c.server_smtp_dkim_keys);
+    assert_eq!(again.server_smtp_dmarc_policy, c.server_smtp_dmarc_policy);
+    assert_eq!(
+        Config::default().server_smtp_dmarc_policy,
+        crate::config::DmarcPolicy::Enforce
+    );
+
+    let bad = Config::from_yaml_str(
+        "server_smtp_dkim_keys:\n  - {domain: a.test, selector: s, key: x.pem}\n",
+        "bad.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("bad.yaml:2:"), "{bad}");
+    assert!(bad.contains("key"), "{bad}");
+    let bad = Config::from_yaml_str("server_smtp_dmarc_policy: drop\n", "bad.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("enforce or report"), "{bad}");
 }
 
 #[test]

@@ -624,3 +624,23 @@ mod tests {
         }
     }
 }
+
+/// One entry of `server_smtp_dkim_keys`: `{domain: D, selector: S, private_key: FILE}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DkimKey {
+    domain: S<String>,
+    selector: S<String>,
+    private_key: S<PathBuf>,
+}
+
+impl DkimKey {
+    /// The typed key: the domain lower case, without a trailing dot.
+    pub(crate) fn into_config(self) -> super::DkimKeyConfig {
+        super::DkimKeyConfig {
+            domain: self.domain.0.trim_end_matches('.').to_ascii_lowercase(),
+            selector: self.selector.0,
+            private_key: self.private_key.0,
+        }
+    }
+}

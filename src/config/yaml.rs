@@ -128,6 +128,24 @@ fn value_of(c: &Config, key: &str) -> Value {
         "server_smtp_tls_port" => c.server_smtp_tls_port.map_or(Value::Null, Value::from),
         "server_smtp_relay_auth" => Value::Bool(c.server_smtp_relay_auth),
         "server_smtp_tls_outbound" => string(c.server_smtp_tls_outbound.as_str()),
+        "server_smtp_dkim_keys" => Value::Sequence(
+            c.server_smtp_dkim_keys
+                .iter()
+                .map(|k| {
+                    Value::Mapping(
+                        [
+                            ("domain", k.domain.clone()),
+                            ("selector", k.selector.clone()),
+                            ("private_key", k.private_key.display().to_string()),
+                        ]
+                        .into_iter()
+                        .map(|(name, v)| (string(name), string(&v)))
+                        .collect(),
+                    )
+                })
+                .collect(),
+        ),
+        "server_smtp_dmarc_policy" => string(c.server_smtp_dmarc_policy.as_str()),
         "dns_nameservers" => list(&c.dns_nameservers, |a| a.to_string()),
         "node_name" => string(&c.node_name),
         "admin_listen" => opt(&c.admin_listen, |a| a.to_string()),

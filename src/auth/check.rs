@@ -1,0 +1,1 @@
+//! SPF, DKIM and DMARC checks of incoming mail (placeholder: being written).

@@ -1,0 +1,1 @@
+//! DKIM signing of relayed mail (placeholder: being written).
