@@ -104,6 +104,7 @@ fn message(i: usize) -> IncomingMessage {
             orcpt: None,
             notify: None,
         }],
+        junk: false,
         ret: None,
         envid: None,
         smtputf8: false,

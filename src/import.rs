@@ -370,6 +370,7 @@ fn incoming(address: &str, body: Vec<u8>) -> IncomingMessage {
         sender,
         local_rcpts: vec![address.to_string()],
         remote_rcpts: Vec::new(),
+        junk: false,
         ret: None,
         envid: None,
         smtputf8: false,

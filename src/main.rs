@@ -240,8 +240,14 @@ enum UserCmd {
 
 #[derive(Subcommand, Debug)]
 enum MailboxCmd {
-    /// List the messages in a user's INBOX.
-    List { address: String },
+    /// List the messages in a user's INBOX, or in another of their mailboxes (`Junk`
+    /// holds mail that failed DMARC under `p=quarantine`).
+    List {
+        address: String,
+        /// The mailbox to list.
+        #[arg(long, default_value = "INBOX")]
+        mailbox: String,
+    },
     /// Print one message exactly as stored.
     Show { address: String, id: i64 },
 }
@@ -448,12 +454,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Mailbox { action } => admin(path.as_deref(), &cli.set, |store| async move {
             use std::io::Write;
             match action {
-                MailboxCmd::List { address } => {
+                MailboxCmd::List { address, mailbox } => {
                     println!(
                         "{:>6}  {:<25}  {:>8}  {:<30}  SUBJECT",
                         "ID", "DATE", "SIZE", "FROM"
                     );
-                    for m in store.list_mailbox(address, "INBOX").await? {
+                    for m in store.list_mailbox(address, mailbox).await? {
                         println!(
                             "{:>6}  {:<25}  {:>8}  {:<30}  {}",
                             m.id,

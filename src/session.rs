@@ -181,6 +181,8 @@ pub enum StoreOutcome {
     Failed,
     /// Nothing was stored, out of space: `452 4.3.1 Insufficient system storage`.
     DiskFull,
+    /// Refused by policy (a DMARC `p=reject` failure): `550` with this text.
+    Refused(String),
 }
 
 /// One accepted recipient of a transaction.
@@ -215,6 +217,9 @@ pub struct Transaction {
     pub helo: String,
     /// The client address, as the socket reported it.
     pub client_ip: IpAddr,
+    /// The client may relay (listed in `server_smtp_relay_clients` or authenticated):
+    /// its mail is not put through the SPF/DKIM/DMARC checks.
+    pub trusted: bool,
     /// Decoded `Subject:` header, for mailbox listings; `None` when no recipient is
     /// local (relayed mail keeps no subject of its own).
     pub subject: Option<String>,
@@ -455,6 +460,7 @@ impl Session {
             StoreOutcome::Stored { queue_id: None } => Reply::new(250, "2.0.0 Ok: queued"),
             StoreOutcome::Failed => Reply::new(451, "4.3.0 Error: queue file write error"),
             StoreOutcome::DiskFull => Reply::new(452, "4.3.1 Insufficient system storage"),
+            StoreOutcome::Refused(text) => Reply::new(550, text),
         };
         self.reply(&mut out, reply);
         self.run(&mut out, now);
@@ -1046,6 +1052,7 @@ impl Session {
             smtputf8: env.params.smtputf8,
             helo: helo.name.clone(),
             client_ip: self.peer.ip,
+            trusted: self.policy.relay_authorised || self.user.is_some(),
             subject,
             data,
         };

@@ -89,6 +89,9 @@ pub struct IncomingMessage {
     pub local_rcpts: Vec<String>,
     /// Recipients for the outgoing queue.
     pub remote_rcpts: Vec<OutgoingRcpt>,
+    /// The local copies go to each recipient's `Junk` mailbox instead of the INBOX (mail
+    /// that failed DMARC under `p=quarantine`).
+    pub junk: bool,
     /// MAIL FROM RET= (`FULL`/`HDRS`), if given.
     pub ret: Option<String>,
     /// MAIL FROM ENVID=, if given.
@@ -152,6 +155,20 @@ pub struct AcceptLease {
     /// When the lease lapses.
     pub expires_at: DateTime<Utc>,
 }
+
+impl IncomingMessage {
+    /// The mailbox the local copies go to: `Junk` or `INBOX`.
+    pub fn mailbox(&self) -> &'static str {
+        if self.junk {
+            JUNK
+        } else {
+            "INBOX"
+        }
+    }
+}
+
+/// The mailbox for mail that failed DMARC under `p=quarantine` (Maildir++ `.Junk`).
+pub const JUNK: &str = "Junk";
 
 impl QueuedMessage {
     /// The queued message that `commit_batch` stored for `m` under `queue_id` with

@@ -81,6 +81,10 @@ pub mod names {
     pub const ATTEMPT_SECONDS: &str = "erlmail_delivery_attempt_seconds";
     /// Histogram: seconds from acceptance to delivery, per delivered recipient.
     pub const DELIVERY_LATENCY: &str = "erlmail_delivery_latency_seconds";
+    /// Checks of mail for local users, by method (spf, dkim, dmarc) and result.
+    pub const AUTH_RESULTS: &str = "erlmail_auth_results_total";
+    /// DMARC failures acted on, by action (reject, junk).
+    pub const DMARC_ACTIONS: &str = "erlmail_dmarc_actions_total";
 }
 
 /// Install the Prometheus recorder (once per process) and describe every metric.
@@ -126,6 +130,14 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     describe_counter!(names::RETRIES, "Delivery attempts of messages tried before");
     describe_counter!(names::DSNS, "Delivery status notifications queued, by kind");
     describe_counter!(names::RESTARTS, "Actor restarts by path in the tree");
+    describe_counter!(
+        names::AUTH_RESULTS,
+        "SPF, DKIM and DMARC results of mail for local users, by method and result"
+    );
+    describe_counter!(
+        names::DMARC_ACTIONS,
+        "DMARC failures acted on under server_smtp_dmarc_policy: enforce, by action"
+    );
     describe_histogram!(
         names::COMMIT_SECONDS,
         Unit::Seconds,
@@ -185,6 +197,7 @@ pub fn rejection_reason(reply: &[u8]) -> Option<&'static str> {
         .unwrap_or("");
     Some(match (code, enhanced) {
         ("554", "5.7.1") => "relay_denied",
+        ("550", "5.7.1") => "dmarc_reject",
         ("550", "5.1.1") => "user_unknown",
         ("552", _) => "message_too_big",
         ("452", "4.5.3") => "too_many_recipients",

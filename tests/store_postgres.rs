@@ -274,6 +274,7 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
             })
             .into_iter()
             .collect(),
+        junk: false,
         ret: None,
         envid: None,
         smtputf8: false,

@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::anvil::AnvilMsg;
 use super::store::{RecipientFacts, StoreMsg};
+use crate::auth::check::{Checker, Disposition};
 use crate::config::Config;
 use crate::net::connection::{Connection, Deadlines, Input, InputSink, Phase};
 use crate::session::{
@@ -108,6 +109,9 @@ pub struct FsmState {
     /// The last batch of actions waited for the store, a password check or TLS, so the
     /// deadline of a partial line read before that wait starts afresh.
     waited: bool,
+    /// SPF, DKIM and DMARC for mail to local users from untrusted clients; `None`: the
+    /// resolver could not be set up (the mail is then stored unchecked).
+    checker: Option<Arc<Checker>>,
 }
 
 impl FsmState {
@@ -174,6 +178,13 @@ impl Actor for Fsm {
             Session::new(policy, peer)
         };
         session.set_stress(args.stress);
+        let checker = match Checker::for_config(&config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(path = %args.path, error = %e, "SPF/DKIM/DMARC checks unavailable");
+                None
+            }
+        };
         metrics::gauge!(names::SESSIONS_OPEN).increment(1.0);
         metrics::counter!(names::SESSIONS_TOTAL).increment(1);
         Ok(FsmState {
@@ -189,6 +200,7 @@ impl Actor for Fsm {
             stress: args.stress,
             ip,
             waited: false,
+            checker,
         })
     }
 
@@ -352,7 +364,10 @@ async fn run(state: &mut FsmState, actions: Vec<Action>) {
             }
             Action::Store(tx) => {
                 state.waited = true;
-                let outcome = store(&state.path, tx).await;
+                let outcome = match checked(state.checker.as_deref(), tx, &state.path).await {
+                    Ok((tx, junk)) => store(&state.path, tx, junk).await,
+                    Err(refused) => refused,
+                };
                 work.extend(state.session.stored(outcome, Utc::now()));
             }
             Action::Close => {
@@ -480,9 +495,51 @@ async fn lookup(address: &str) -> Result<RecipientFacts, String> {
     }
 }
 
-/// Hand the transaction to the store actor and wait for its group commit.
-async fn store(path: &str, tx: Transaction) -> StoreOutcome {
-    let message = to_incoming(tx);
+/// Mail for local users from a client that may not relay goes through SPF, DKIM and
+/// DMARC (`auth::check`): the transaction comes back with our `Authentication-Results:`
+/// on top and whether it belongs in Junk, or the refusal of a DMARC `p=reject` failure.
+async fn checked(
+    checker: Option<&Checker>,
+    mut tx: Transaction,
+    path: &str,
+) -> Result<(Transaction, bool), StoreOutcome> {
+    let Some(checker) = checker else {
+        return Ok((tx, false));
+    };
+    if tx.trusted || !tx.recipients.iter().any(|r| r.local) {
+        return Ok((tx, false));
+    }
+    let sender = tx.reverse_path.to_string();
+    let c = checker
+        .check(&tx.data, tx.client_ip, &tx.helo, &sender)
+        .await;
+    for (method, result) in [("spf", c.spf), ("dkim", c.dkim), ("dmarc", c.dmarc)] {
+        metrics::counter!(names::AUTH_RESULTS, "method" => method, "result" => result).increment(1);
+    }
+    info!(path = %path, spf = c.spf, dkim = c.dkim, dmarc = c.dmarc, from_domain = %c.from_domain, "authentication results");
+    match c.disposition {
+        Disposition::Reject(text) => {
+            metrics::counter!(names::DMARC_ACTIONS, "action" => "reject").increment(1);
+            info!(path = %path, from_domain = %c.from_domain, "refused: DMARC p=reject");
+            Err(StoreOutcome::Refused(text))
+        }
+        Disposition::Junk => {
+            metrics::counter!(names::DMARC_ACTIONS, "action" => "junk").increment(1);
+            tx.data = c.message;
+            Ok((tx, true))
+        }
+        Disposition::Deliver => {
+            tx.data = c.message;
+            Ok((tx, false))
+        }
+    }
+}
+
+/// Hand the transaction to the store actor and wait for its group commit; `junk` puts
+/// the local copies in the Junk mailbox.
+async fn store(path: &str, tx: Transaction, junk: bool) -> StoreOutcome {
+    let mut message = to_incoming(tx);
+    message.junk = junk;
     let destination = match (
         message.local_rcpts.is_empty(),
         message.remote_rcpts.is_empty(),
@@ -560,6 +617,7 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
         sender: tx.reverse_path.to_string(),
         local_rcpts,
         remote_rcpts,
+        junk: false,
         ret: tx.ret,
         envid: tx.envid,
         smtputf8: tx.smtputf8,

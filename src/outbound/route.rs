@@ -154,37 +154,43 @@ pub enum RouterBuildError {
     Resolver(#[from] NetError),
 }
 
+/// The resolver erlmail asks: only `nameservers` (UDP and TCP, no hosts file, no cache,
+/// 2 s a try, two tries) when given, the system configuration otherwise.
+pub fn resolver_for(nameservers: &[SocketAddr]) -> Result<TokioResolver, NetError> {
+    if nameservers.is_empty() {
+        let mut builder = TokioResolver::builder_tokio()?;
+        builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        return Ok(builder.build()?);
+    }
+    let servers = nameservers
+        .iter()
+        .map(|sa| {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = sa.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = sa.port();
+            NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    let mut opts = ResolverOpts::default();
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.cache_size = 0;
+    opts.timeout = std::time::Duration::from_secs(2);
+    opts.attempts = 2;
+    let rc = ResolverConfig::from_name_servers(servers);
+    Ok(
+        TokioResolver::builder_with_config(rc, TokioRuntimeProvider::default())
+            .with_options(opts)
+            .build()?,
+    )
+}
+
 impl Router {
     /// A router with its resolver: only `dns_nameservers` (UDP and TCP, no hosts file,
     /// no cache) when given, the system configuration otherwise.
     pub fn new(config: RouterConfig) -> Result<Self, RouterBuildError> {
-        let resolver = if config.dns_nameservers.is_empty() {
-            let mut builder = TokioResolver::builder_tokio()?;
-            builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-            builder.build()?
-        } else {
-            let servers = config
-                .dns_nameservers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            let mut opts = ResolverOpts::default();
-            opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-            opts.use_hosts_file = ResolveHosts::Never;
-            opts.cache_size = 0;
-            opts.timeout = std::time::Duration::from_secs(2);
-            opts.attempts = 2;
-            let rc = ResolverConfig::from_name_servers(servers);
-            TokioResolver::builder_with_config(rc, TokioRuntimeProvider::default())
-                .with_options(opts)
-                .build()?
-        };
+        let resolver = resolver_for(&config.dns_nameservers)?;
         let routes = config
             .routes
             .iter()

@@ -46,6 +46,7 @@ fn incoming(
         sender: sender.to_string(),
         local_rcpts: local.iter().map(|s| s.to_string()).collect(),
         remote_rcpts: remote,
+        junk: false,
         ret: None,
         envid: None,
         smtputf8: false,
@@ -128,7 +129,54 @@ pub async fn run_all(store: &dyn MessageStore) {
     queue_claim_at_accept(store).await;
     commit_batch_mixes_accepts_and_records(store).await;
     commit_batch_isolates_each_message(store).await;
+    junk_copies(store).await;
     queue_admin(store).await;
+}
+
+/// A message marked `junk` (DMARC quarantine) puts its local copies in each recipient's
+/// `Junk` mailbox, created on first use, in a group commit beside INBOX mail.
+pub async fn junk_copies(store: &dyn MessageStore) {
+    store.add_domain("junk.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store.add_user("j@junk.test", &h).await.expect("add user");
+    let mut spam = incoming(
+        "s@forged.test",
+        &["j@junk.test"],
+        vec![],
+        t0(),
+        b"Subject: spam\r\n\r\nx\r\n",
+    );
+    spam.junk = true;
+    let ham = incoming(
+        "s@good.test",
+        &["j@junk.test"],
+        vec![],
+        t0(),
+        b"Subject: ham\r\n\r\ny\r\n",
+    );
+    let out = store
+        .commit_batch(WriteBatch {
+            messages: vec![spam, ham],
+            lease: None,
+            records: Vec::new(),
+            atomic: false,
+        })
+        .await;
+    let accepted = out.accepted.expect("the batch committed");
+    assert!(accepted.iter().all(|a| a.is_ok()), "{accepted:?}");
+    let junk = store
+        .list_mailbox("j@junk.test", "Junk")
+        .await
+        .expect("list");
+    assert_eq!(junk.len(), 1);
+    assert_eq!(junk[0].sender, "s@forged.test");
+    assert_eq!(junk[0].mailbox, "Junk");
+    let inbox = store
+        .list_mailbox("j@junk.test", "INBOX")
+        .await
+        .expect("list");
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].sender, "s@good.test");
 }
 
 /// commit_batch: each message in its own savepoint. A batch of 20 where one message

@@ -72,25 +72,40 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Deliver `bytes` into the Maildir of `address` under `root` and return the path of
-/// the file in `new/`. Creates the Maildir if missing. The file is durable (file and
+/// Deliver `bytes` into the Maildir of `address` under `root` (into its Maildir++ folder
+/// `.<folder>` when `folder` is given, such as `Junk`) and return the path of the file
+/// in `new/`. Creates the Maildir (and folder, marked with a `maildirfolder` file) if
+/// missing. The file is durable (file and
 /// directory fsynced) when this returns `Ok`. A full disk is an error of kind
 /// `StorageFull` (the store maps it to `StoreError::Full`).
 pub fn deliver(
     root: &Path,
     address: &str,
+    folder: Option<&str>,
     bytes: &[u8],
     now: DateTime<Utc>,
 ) -> io::Result<PathBuf> {
-    let dir = maildir_path(root, address)?;
+    let user = maildir_path(root, address)?;
+    let dir = match folder {
+        // Folder names keep their case (`.Junk`); the same characters are refused.
+        Some(f) => {
+            component(f, address)?;
+            user.join(format!(".{f}"))
+        }
+        None => user.clone(),
+    };
     let created = !dir.join("new").is_dir();
     for sub in ["tmp", "new", "cur"] {
         fs::create_dir_all(dir.join(sub))?;
     }
     if created {
+        if folder.is_some() {
+            File::create(dir.join("maildirfolder"))?.sync_all()?;
+            sync_dir(&user)?;
+        }
         // New directories must themselves survive a crash: sync their parents.
         sync_dir(&dir)?;
-        if let Some(parent) = dir.parent() {
+        if let Some(parent) = user.parent() {
             sync_dir(parent)?;
         }
         sync_dir(root)?;
@@ -149,8 +164,8 @@ mod tests {
     fn deliver_writes_new_and_reads_back() {
         let root = tempfile::tempdir().unwrap();
         let body = b"Subject: hi\r\n\r\nbody\r\n.. dot\r\n\x00\xff";
-        let p1 = deliver(root.path(), "Alice@Example.COM", body, now()).unwrap();
-        let p2 = deliver(root.path(), "alice@example.com", b"second", now()).unwrap();
+        let p1 = deliver(root.path(), "Alice@Example.COM", None, body, now()).unwrap();
+        let p2 = deliver(root.path(), "alice@example.com", None, b"second", now()).unwrap();
         assert_ne!(p1, p2);
         let dir = root.path().join("example.com").join("alice");
         assert_eq!(p1.parent().unwrap(), dir.join("new"));
@@ -164,6 +179,21 @@ mod tests {
         let mut want = vec![body.to_vec(), b"second".to_vec()];
         want.sort();
         assert_eq!(bodies, want);
+    }
+
+    #[test]
+    fn junk_goes_to_a_maildir_plus_plus_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let p = deliver(root.path(), "bob@example.com", Some("Junk"), b"spam", now()).unwrap();
+        let folder = root.path().join("example.com/bob/.Junk");
+        assert_eq!(p.parent().unwrap(), folder.join("new"));
+        assert!(folder.join("maildirfolder").is_file());
+        assert!(folder.join("tmp").is_dir() && folder.join("cur").is_dir());
+        assert!(
+            read_all(root.path(), "bob@example.com").unwrap().is_empty(),
+            "not the INBOX"
+        );
+        assert!(deliver(root.path(), "bob@example.com", Some("../x"), b"x", now()).is_err());
     }
 
     #[test]
@@ -187,7 +217,7 @@ mod tests {
             "nodomain",
             "a\0@example.com",
         ] {
-            let e = deliver(root.path(), bad, b"x", now()).unwrap_err();
+            let e = deliver(root.path(), bad, None, b"x", now()).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
         }
         assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0);

@@ -548,16 +548,18 @@ async fn accept_one(
         let user_id = user_id
             .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
         sqlx::query(
-            "INSERT INTO mailboxes (user_id, name) VALUES ($1, 'INBOX')
+            "INSERT INTO mailboxes (user_id, name) VALUES ($1, $2)
              ON CONFLICT (user_id, name) DO NOTHING",
         )
         .bind(user_id)
+        .bind(m.mailbox())
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
         let mailbox_id: i64 =
-            sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = 'INBOX'")
+            sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = $2")
                 .bind(user_id)
+                .bind(m.mailbox())
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(db_err)?;
@@ -1330,7 +1332,14 @@ impl MessageStore for PostgresStore {
                 recorded,
             };
         }
-        match self.commit_fast(&messages, lease.as_ref(), &records).await {
+        // The one-statement commit files mail in the INBOX; the rare Junk copy goes the
+        // careful way below.
+        let fast = if messages.iter().any(|m| m.junk) {
+            Err(StoreError::Backend("a Junk copy".into()))
+        } else {
+            self.commit_fast(&messages, lease.as_ref(), &records).await
+        };
+        match fast {
             Ok((accepted, recorded)) => {
                 return WriteOutcome {
                     messages,

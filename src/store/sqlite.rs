@@ -1078,6 +1078,7 @@ mod tests {
                 orcpt: None,
                 notify: None,
             }],
+            junk: false,
             ret: None,
             envid: None,
             smtputf8: false,

@@ -259,15 +259,16 @@ fn accept_one(
             .and_then(|mut s| s.query_row([&address], |r| r.get(0)).optional())
             .map_err(sql_err)?
             .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
+        let mailbox = m.mailbox();
         tx.prepare_cached(
-            "INSERT INTO mailboxes (user_id, name) VALUES (?1, 'INBOX')
+            "INSERT INTO mailboxes (user_id, name) VALUES (?1, ?2)
              ON CONFLICT (user_id, name) DO NOTHING",
         )
-        .and_then(|mut s| s.execute([user_id]))
+        .and_then(|mut s| s.execute(params![user_id, mailbox]))
         .map_err(sql_err)?;
         let mailbox_id: i64 = tx
-            .prepare_cached("SELECT id FROM mailboxes WHERE user_id = ?1 AND name = 'INBOX'")
-            .and_then(|mut s| s.query_row([user_id], |r| r.get(0)))
+            .prepare_cached("SELECT id FROM mailboxes WHERE user_id = ?1 AND name = ?2")
+            .and_then(|mut s| s.query_row(params![user_id, mailbox], |r| r.get(0)))
             .map_err(sql_err)?;
         let id: i64 = tx
             .prepare_cached(

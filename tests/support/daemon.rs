@@ -113,6 +113,12 @@ impl Daemon {
         if !yaml.contains("admin_listen") {
             text.push_str("admin_listen: \"\"\n");
         }
+        // Never the system resolver: SPF/DKIM/DMARC look-ups for local mail (and any MX
+        // look-up) go to a loopback port where nothing answers, unless the test runs a
+        // DNS server of its own.
+        if !yaml.contains("dns_nameservers") {
+            text.push_str("dns_nameservers: [\"127.0.0.1:9\"]\n");
+        }
         text
     }
 
@@ -292,7 +298,22 @@ pub struct Smtp {
 impl Smtp {
     /// Connect and read the greeting.
     pub fn connect(addr: SocketAddr) -> Smtp {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Smtp::over(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// Connect from the loopback address `from` (another host, as the server sees it)
+    /// and read the greeting.
+    pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Smtp {
+        let domain = socket2::Domain::for_address(addr);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+        socket
+            .bind(&SocketAddr::new(from, 0).into())
+            .expect("bind the client address");
+        socket.connect(&addr.into()).expect("connect");
+        Smtp::over(socket.into())
+    }
+
+    fn over(stream: TcpStream) -> Smtp {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();

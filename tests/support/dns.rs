@@ -1,6 +1,7 @@
 //! An in-process DNS server for tests, on 127.0.0.1 (UDP and TCP on the same ephemeral
-//! port), answering from a table the test builds: MX records (null MX included), A and
-//! AAAA records, NXDOMAIN and SERVFAIL names. Any name not in the table is NXDOMAIN; a
+//! port), answering from a table the test builds: MX records (null MX included), A,
+//! AAAA and TXT records, NXDOMAIN and SERVFAIL names, and names never answered (the
+//! client times out). Any name not in the table is NXDOMAIN; a
 //! known name without records of the asked type gets an empty NOERROR (NODATA).
 //!
 //! Use it from an integration test with
@@ -26,7 +27,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use hickory_resolver::proto::op::{Message, MessageType, ResponseCode};
-use hickory_resolver::proto::rr::rdata::{A, AAAA, MX};
+use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, TXT};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -41,6 +42,8 @@ pub struct Zone {
     aaaa: HashMap<String, Vec<Ipv6Addr>>,
     nxdomain: HashSet<String>,
     servfail: HashSet<String>,
+    txt: HashMap<String, Vec<String>>,
+    silent: HashSet<String>,
     /// Names that exist (have some record) but may have none of the asked type.
     exists: HashSet<String>,
 }
@@ -97,6 +100,23 @@ impl Zone {
         self
     }
 
+    /// Adds a TXT record to `name`; text longer than 255 octets is split into strings
+    /// of 255, as a zone file would hold it.
+    pub fn txt(mut self, name: &str, text: &str) -> Self {
+        self.exists.insert(key(name));
+        self.txt
+            .entry(key(name))
+            .or_default()
+            .push(text.to_string());
+        self
+    }
+
+    /// Never answers questions about `name`: the resolver times out.
+    pub fn silent(mut self, name: &str) -> Self {
+        self.silent.insert(key(name));
+        self
+    }
+
     /// Answers SERVFAIL for `name` (a temporary DNS failure).
     pub fn servfail(mut self, name: &str) -> Self {
         self.servfail.insert(key(name));
@@ -142,6 +162,20 @@ impl Zone {
                 .flatten()
                 .map(|ip| Record::from_rdata(name.clone(), 60, RData::AAAA(AAAA(*ip))))
                 .collect(),
+            RecordType::TXT => self
+                .txt
+                .get(&k)
+                .into_iter()
+                .flatten()
+                .map(|text| {
+                    let parts: Vec<String> = text
+                        .as_bytes()
+                        .chunks(255)
+                        .map(|c| String::from_utf8_lossy(c).into_owned())
+                        .collect();
+                    Record::from_rdata(name.clone(), 60, RData::TXT(TXT::new(parts)))
+                })
+                .collect(),
             _ => Vec::new(),
         };
         (ResponseCode::NoError, records)
@@ -157,6 +191,13 @@ impl Zone {
         resp.metadata.recursion_desired = req.metadata.recursion_desired;
         resp.metadata.recursion_available = true;
         resp.metadata.authoritative = true;
+        if req
+            .queries
+            .iter()
+            .any(|q| self.silent.contains(&key(&q.name().to_ascii())))
+        {
+            return None;
+        }
         let mut code = ResponseCode::NoError;
         for q in &req.queries {
             let (c, records) = self.answer(q.name(), q.query_type());
