@@ -160,7 +160,7 @@ pub fn resolver_for(nameservers: &[SocketAddr]) -> Result<TokioResolver, NetErro
     if nameservers.is_empty() {
         let mut builder = TokioResolver::builder_tokio()?;
         builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        return Ok(builder.build()?);
+        return builder.build();
     }
     let servers = nameservers
         .iter()
@@ -179,11 +179,9 @@ pub fn resolver_for(nameservers: &[SocketAddr]) -> Result<TokioResolver, NetErro
     opts.timeout = std::time::Duration::from_secs(2);
     opts.attempts = 2;
     let rc = ResolverConfig::from_name_servers(servers);
-    Ok(
-        TokioResolver::builder_with_config(rc, TokioRuntimeProvider::default())
-            .with_options(opts)
-            .build()?,
-    )
+    TokioResolver::builder_with_config(rc, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
 }
 
 impl Router {
