@@ -5,7 +5,8 @@
 //! address fails SPF; DMARC `p=reject` gets 550 5.7.1 and nothing is stored;
 //! `p=quarantine` lands in Junk; a forged `Authentication-Results:` for our name is
 //! removed; a DNS server that never answers gives `temperror`, not a refusal; a relay
-//! client's mail is not checked.
+//! client's mail, and this host's own (127.0.0.1), is not checked. The checked client
+//! connects from 127.0.0.3.
 
 #[path = "support/daemon.rs"]
 mod daemon;
@@ -19,6 +20,8 @@ use std::process::{Command, Stdio};
 use daemon::{Daemon, Smtp};
 
 const ME: &str = "mx.example.test";
+/// The checked client's address (127.0.0.1 is this host's own, never checked).
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
 /// An RSA key from openssl: the PEM file and the public key for the DKIM TXT record.
 fn rsa_key(dir: &Path) -> (std::path::PathBuf, String) {
@@ -142,7 +145,7 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
     let (key, public) = rsa_key(dir.path());
     let zone = dns::Zone::new()
         // Signed and SPF-listed: everything passes.
-        .txt("good.test", "v=spf1 ip4:127.0.0.1 -all")
+        .txt("good.test", "v=spf1 ip4:127.0.0.3 -all")
         .txt(
             "sel._domainkey.good.test",
             &format!("v=DKIM1; k=rsa; p={public}"),
@@ -162,9 +165,10 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
         .silent("slow.test")
         .silent("_dmarc.slow.test");
     let dns = dns::DnsServer::start(zone).await;
-    let d = Daemon::start(&format!(
+    let mut d = Daemon::start(&format!(
         "server_smtp_name: \"{ME}\"\n\
          dns_nameservers: [\"{}\"]\n\
+         admin_listen: \"127.0.0.1:0\"\n\
          server_smtp_relay_clients: [\"127.0.0.2/32\"]\n",
         dns.addr()
     ));
@@ -177,7 +181,7 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
         .0
         .success());
 
-    let mut s = d.connect();
+    let mut s = Smtp::connect_from(d.addr, CLIENT);
     assert!(s.cmd("EHLO client.test").starts_with("250"));
     // A pass, with a forged result for our name that must not survive, and one for
     // another host that stays.
@@ -227,9 +231,23 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
     )
     .starts_with("250"));
     let _ = relay.cmd("QUIT");
+    // Nor is this host's own.
+    let mut own = d.connect();
+    assert!(own.cmd("EHLO localhost").starts_with("250"));
+    assert!(send(
+        &mut own,
+        "c@rejecting.test",
+        &message("c@rejecting.test", "own")
+    )
+    .starts_with("250"));
+    let _ = own.cmd("QUIT");
 
     let inbox = stored(&d, "INBOX");
-    assert_eq!(inbox.len(), 4, "good, spf-only, slow, trusted: {inbox:#?}");
+    assert_eq!(
+        inbox.len(),
+        5,
+        "good, spf-only, slow, trusted, own: {inbox:#?}"
+    );
     let good = with_subject(&inbox, "good");
     let ar = results(good);
     assert!(
@@ -258,8 +276,10 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
     assert!(ar.contains("spf=temperror"), "{ar}");
     assert!(ar.contains("dmarc=temperror"), "{ar}");
 
-    let trusted = with_subject(&inbox, "trusted");
-    assert!(!trusted.contains("Authentication-Results"), "{trusted}");
+    for unchecked in ["trusted", "own"] {
+        let m = with_subject(&inbox, unchecked);
+        assert!(!m.contains("Authentication-Results"), "{m}");
+    }
 
     let junk = stored(&d, "Junk");
     assert_eq!(junk.len(), 1, "{junk:#?}");
@@ -270,8 +290,28 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
         assert!(!m.contains("Subject: rejected") && !m.contains("Subject: evil"));
     }
 
-    let metrics = d.log_text();
-    assert!(metrics.contains("refused: DMARC p=reject"), "logged");
+    assert!(d.log_text().contains("refused: DMARC p=reject"), "logged");
+    let metrics = scrape(d.admin_addr());
+    for line in [
+        "erlmail_dmarc_actions_total{action=\"reject\"} 2",
+        "erlmail_dmarc_actions_total{action=\"junk\"} 1",
+        "erlmail_auth_results_total{method=\"dkim\",result=\"pass\"} 2",
+        "erlmail_auth_results_total{method=\"spf\",result=\"pass\"} 1",
+        "erlmail_auth_results_total{method=\"dmarc\",result=\"temperror\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
+/// The admin endpoint's `/metrics` text.
+fn scrape(admin: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +334,7 @@ async fn report_mode_only_records_the_verdict() {
         .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
         .0
         .success());
-    let mut s = d.connect();
+    let mut s = Smtp::connect_from(d.addr, CLIENT);
     assert!(s.cmd("EHLO client.test").starts_with("250"));
     let r = send(
         &mut s,

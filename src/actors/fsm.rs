@@ -506,7 +506,8 @@ async fn checked(
     let Some(checker) = checker else {
         return Ok((tx, false));
     };
-    if tx.trusted || !tx.recipients.iter().any(|r| r.local) {
+    let internal = crate::auth::check::internal_host(tx.client_ip);
+    if tx.trusted || internal || !tx.recipients.iter().any(|r| r.local) {
         return Ok((tx, false));
     }
     let sender = tx.reverse_path.to_string();

@@ -9,8 +9,9 @@
 //! `p=reject` is refused (`550 5.7.1`), `p=quarantine` goes to the Junk mailbox. DNS
 //! trouble is `temperror` in the header and never a refusal.
 //!
-//! Mail from authenticated or relay clients is not checked (the caller decides that);
-//! nothing here touches the store or a socket other than the resolver's.
+//! Mail from authenticated or relay clients, and from this host itself (127.0.0.1, ::1:
+//! see [`internal_host`]), is not checked (the caller decides that); nothing here
+//! touches the store or a socket other than the resolver's.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -156,6 +157,19 @@ impl Checker {
             dkim: best_dkim_word(dkim.iter().map(|d| d.result())),
             dmarc: dmarc_word,
             from_domain,
+        }
+    }
+}
+
+/// Whether mail from `ip` is this host's own (127.0.0.1 or ::1, OpenDKIM's
+/// `InternalHosts` and OpenDMARC's `IgnoreHosts` defaults): it is not checked. Other
+/// loopback addresses are checked like any client.
+pub fn internal_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => {
+            v6 == std::net::Ipv6Addr::LOCALHOST
+                || v6.to_ipv4_mapped() == Some(std::net::Ipv4Addr::LOCALHOST)
         }
     }
 }
@@ -358,6 +372,16 @@ mod tests {
             decide(&fail, Policy::Reject, DmarcPolicy::Report, "d"),
             Disposition::Deliver
         );
+    }
+
+    #[test]
+    fn only_this_hosts_own_address_is_internal() {
+        for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(internal_host(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["127.0.0.2", "192.0.2.1", "2001:db8::1"] {
+            assert!(!internal_host(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]
