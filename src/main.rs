@@ -8,6 +8,33 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+
+/// Everything the commands print goes through [`out`]: a reader that went away
+/// (`erlmail queue list | head -1`) ends the command quietly, as `ls | head` does,
+/// instead of the panic std's `println!` gives on a closed pipe.
+macro_rules! println {
+    () => { out(format_args!("\n")) };
+    ($($arg:tt)*) => { out(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// See [`println`].
+macro_rules! print {
+    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
+}
+
+/// Write to standard output; exit 0 at once when the reader has gone (EPIPE), and with
+/// EX_IOERR (74) and one line on standard error for any other write failure.
+fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("erlmail: writing to standard output: {e}");
+        std::process::exit(74);
+    }
+}
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -880,8 +907,11 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
     let (root, handle, mut exit) = match root::start(Arc::new(config)).await {
         Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "start-up failed");
-            return ExitCode::from(1);
+            let cause = root::startup_cause(&e);
+            error!(error = %cause, "start-up failed");
+            eprintln!("erlmail: {cause}");
+            // sysexits.h EX_UNAVAILABLE: a port, the store or a file was not available.
+            return ExitCode::from(69);
         }
     };
     let (mut term, mut int, mut hup, mut usr1, mut usr2) = match (

@@ -97,10 +97,12 @@ fn sigusr1_logs_the_live_tree_with_sessions() {
     assert!(line.contains("actor tree"));
     std::thread::sleep(Duration::from_millis(100));
     let after = d.log.lock().unwrap()[mark..].join("\n");
-    assert!(
-        after.contains("smtpd_fsm#1"),
-        "live session missing:\n{after}"
+    assert_eq!(
+        after.matches("smtpd_fsm#1").count(),
+        1,
+        "the live session, and the tree only once:\n{after}"
     );
+    assert!(!after.contains("tree="), "no copy in a field:\n{after}");
 }
 
 fn fault_daemon() -> (Daemon, std::path::PathBuf) {
@@ -269,4 +271,29 @@ fn daemon_mode_detaches_and_writes_a_pidfile() {
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .contains("erlmail stopped"));
+}
+
+#[test]
+fn a_taken_port_is_one_plain_line_and_ex_unavailable() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("erlmail.yaml");
+    let yaml = format!("server_smtp_port: {port}\n");
+    std::fs::write(&config, Daemon::complete_yaml(&yaml, dir.path())).unwrap();
+    let out = std::process::Command::new(daemon::bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("ERLMAIL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "EX_UNAVAILABLE");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = format!("erlmail: cannot listen on 127.0.0.1:{port}: Address already in use");
+    assert!(
+        err.lines().any(|l| l.starts_with(&line)),
+        "one plain line: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

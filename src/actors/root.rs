@@ -168,10 +168,9 @@ impl Actor for Root {
     async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        _state: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let tree = TreeNode::of(&myself.get_cell());
-        info!(path = super::ROOT, tree = %tree.render(), "started; actor tree:\n{}", tree.render());
+        log_tree(&state.config, "started; actor tree", &myself);
         Ok(())
     }
 
@@ -225,10 +224,7 @@ impl Actor for Root {
                 }
                 info!(path = super::ROOT, "configuration reloaded");
             }
-            RootMsg::LogTree => {
-                let tree = TreeNode::of(&myself.get_cell());
-                info!(path = super::ROOT, tree = %tree.render(), "actor tree:\n{}", tree.render());
-            }
+            RootMsg::LogTree => log_tree(&state.config, "actor tree", &myself),
             RootMsg::Tree(reply) => {
                 let _ = reply.send(TreeNode::of(&myself.get_cell()));
             }
@@ -353,6 +349,29 @@ impl Actor for Root {
         }
         info!(path = %path, "restarted");
         Ok(())
+    }
+}
+
+/// Log the live tree once: in the message of a text log (one line per actor below it),
+/// as the `tree` field of a JSON log.
+fn log_tree(config: &Config, what: &str, root: &ActorRef<RootMsg>) {
+    let tree = TreeNode::of(&root.get_cell()).render();
+    match config.log_format {
+        crate::config::LogFormat::Json => info!(path = super::ROOT, tree = %tree, "{what}"),
+        crate::config::LogFormat::Text => info!(path = super::ROOT, "{what}:\n{tree}"),
+    }
+}
+
+/// Why the tree could not start, in plain words: the innermost cause of a start-up
+/// failure that each supervisor on the way wrapped again (`cannot listen on
+/// 127.0.0.1:25: Address already in use`).
+pub fn startup_cause(e: &ractor::SpawnErr) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    loop {
+        match cause.downcast_ref::<ractor::SpawnErr>() {
+            Some(ractor::SpawnErr::StartupFailed(inner)) => cause = inner.as_ref(),
+            _ => return cause.to_string(),
+        }
     }
 }
 
