@@ -55,11 +55,71 @@ fn serve_with_no_setup_starts_on_sqlite_and_logs_the_tree() {
         s.greeting
     );
     let _ = s.cmd("QUIT");
+    readme_first_steps(d.dir.path(), addr.port());
     d.signal("TERM");
     let status = d
         .wait_exit(Duration::from_secs(5))
         .expect("exit after SIGTERM");
     assert!(status.success(), "{status}");
+}
+
+/// README's first steps after `serve`, run exactly as written (the command at the path
+/// the build leaves, in the server's directory; port 25 replaced by the server's).
+fn readme_first_steps(dir: &std::path::Path, port: u16) {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("send yourself mail:")
+        .expect("README's first steps");
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let mut last = String::new();
+    for line in block.lines() {
+        let (stdin, command) = match line.split_once(" | ") {
+            Some((echo, cmd)) => (
+                Some(
+                    echo.trim_start_matches("echo '")
+                        .trim_end_matches('\'')
+                        .to_string(),
+                ),
+                cmd,
+            ),
+            None => (None, line),
+        };
+        let mut words = command.split_whitespace();
+        let program = words.next().unwrap();
+        let args: Vec<String> = words
+            .map(|w| w.replace("127.0.0.1:25", &format!("127.0.0.1:{port}")))
+            .collect();
+        let mut cmd = match program {
+            "./target/release/erlmail" => Command::new(daemon::bin()),
+            "swaks" => Command::new("swaks"),
+            other => panic!("README step runs {other:?}: say how it gets on the PATH"),
+        };
+        cmd.args(&args)
+            .current_dir(dir)
+            .env_remove("ERLMAIL_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{line}: {e}"));
+        if let Some(text) = stdin {
+            use std::io::Write;
+            writeln!(child.stdin.take().unwrap(), "{text}").unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    assert!(
+        last.lines().count() == 2 && last.contains("  test "),
+        "the mail sent with swaks is listed: {last}"
+    );
 }
 
 #[test]
