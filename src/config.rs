@@ -209,6 +209,9 @@ pub struct Config {
     pub server_smtp_relay_auth: bool,
     /// Outbound STARTTLS policy.
     pub server_smtp_tls_outbound: TlsOutbound,
+    /// The name in the EHLO erlmail sends to next hops; `None` is `server_smtp_name`
+    /// (ErlMail's `ehlo`). A next hop that names `server_smtp_name` is still a loop.
+    pub server_smtp_ehlo_name: Option<String>,
     /// DKIM keys: relayed mail whose `From:` domain has one is signed at accept.
     pub server_smtp_dkim_keys: Vec<DkimKeyConfig>,
     /// What a DMARC failure does to mail for local users.
@@ -271,6 +274,7 @@ impl Default for Config {
             server_smtp_tls_port: None,
             server_smtp_relay_auth: true,
             server_smtp_tls_outbound: TlsOutbound::May,
+            server_smtp_ehlo_name: None,
             server_smtp_dkim_keys: Vec::new(),
             server_smtp_dmarc_policy: DmarcPolicy::Enforce,
             dns_nameservers: Vec::new(),
@@ -390,6 +394,7 @@ fn apply_document(
                 return Ok(Vec::new());
             };
             let mut apply = apply::Apply::new(config);
+            apply.lenient = true;
             serde::de::DeserializeSeed::deserialize(&mut apply, erlang::TermDe(env)).map_err(
                 |e| {
                     let pos = e.pos.unwrap_or(env.pos);

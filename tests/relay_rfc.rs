@@ -310,3 +310,33 @@ async fn eight_bit_text_is_converted_for_a_hop_without_8bitmime() {
     assert!(report.contains("b@seven.test"), "{report}");
     assert_eq!(field(&report, "Status"), Some("5.6.3"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ehlo_name_can_differ_from_the_name_a_loop_is_judged_by() {
+    // ErlMail's `ehlo` (server_smtp_ehlo_name): the next hop is greeted as "localhost",
+    // and a hop that calls itself "localhost" is not taken for this host.
+    let sink = Sink::start(SinkConfig {
+        name: "localhost".into(),
+        greeting: "220 localhost ESMTP".into(),
+        ..SinkConfig::default()
+    })
+    .await;
+    let d = Daemon::start(&format!(
+        "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
+         server_smtp_relay_host: \"127.0.0.1:{}\"\n\
+         server_smtp_queue_interval: \"100ms\"\n\
+         server_smtp_name: \"relay.test\"\n\
+         server_smtp_ehlo_name: \"localhost\"\n",
+        sink.port()
+    ));
+    let mut s = client(&d);
+    let r = send(
+        &mut s,
+        "MAIL FROM:<s@origin.test>",
+        &["RCPT TO:<b@far.test>"],
+        TEXT,
+    );
+    assert!(r.starts_with("250"), "{r}");
+    wait(&sink, 1, &d).await;
+    assert_eq!(sink.messages()[0].helo, "localhost");
+}

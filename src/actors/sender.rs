@@ -277,14 +277,11 @@ async fn attempt(
                 envid: msg.envid.clone(),
                 smtputf8: msg.smtputf8,
             };
-            outbound::deliver_message_with(
-                &args.router,
-                &config.server_smtp_name,
-                &envelope,
-                &msg.body,
-                go_ahead,
-            )
-            .await
+            let helo = config
+                .server_smtp_ehlo_name
+                .as_deref()
+                .unwrap_or(&config.server_smtp_name);
+            outbound::deliver_message_with(&args.router, helo, &envelope, &msg.body, go_ahead).await
         }
     };
     // Due times are stamped by the store's clock (see `actors::store_now`).

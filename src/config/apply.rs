@@ -12,7 +12,9 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use super::values::{DkimKey, HostPort, Listen, Minutes, NameServer, Net, Opt, Seconds, S};
+use super::values::{
+    DkimKey, HostPort, Listen, Minutes, NameServer, Net, Opt, Seconds, SmartHost, S,
+};
 use super::Config;
 
 /// Every key erlmail serves, ErlMail's first, in the order `to_yaml` writes them.
@@ -51,6 +53,7 @@ pub const SERVED_KEYS: &[&str] = &[
     "server_smtp_tls_port",
     "server_smtp_relay_auth",
     "server_smtp_tls_outbound",
+    "server_smtp_ehlo_name",
     "server_smtp_dkim_keys",
     "server_smtp_dmarc_policy",
     "dns_nameservers",
@@ -84,6 +87,9 @@ pub(crate) struct Apply<'a> {
     pub seen: HashSet<String>,
     /// Served keys set by this map, in order (callers use them to place later errors).
     pub set_keys: Vec<&'static str>,
+    /// An unknown key is reported as ignored rather than refused: ErlMail's own files,
+    /// whose applications ignored keys they did not know.
+    pub lenient: bool,
 }
 
 impl<'a> Apply<'a> {
@@ -93,19 +99,32 @@ impl<'a> Apply<'a> {
             config,
             seen: HashSet::new(),
             set_keys: Vec::new(),
+            lenient: false,
         }
     }
 }
+
+/// ErlMail's client keys (`smtpc` in its forks' `erlmail.app`), read into erlmail's own:
+/// `smarthost` (`{{127,0,0,1},25}` or `{"host",25}`) is `server_smtp_relay_host`, `ehlo`
+/// is `server_smtp_ehlo_name`.
+const ERLMAIL_ALIASES: &[(&str, &str)] = &[
+    ("smarthost", "server_smtp_relay_host"),
+    ("ehlo", "server_smtp_ehlo_name"),
+];
 
 /// A key as classified while it is read.
 enum Key {
     Served(&'static str),
     Ignored(String),
+    /// `smarthost`: a host and port as ErlMail wrote them.
+    SmartHost,
 }
 
-/// Reads one key, refusing unknown and repeated ones at the key's own position.
+/// Reads one key, refusing unknown (unless `lenient`) and repeated ones at the key's own
+/// position.
 struct KeySeed<'s> {
     seen: &'s HashSet<String>,
+    lenient: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
@@ -126,9 +145,18 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
         if self.seen.contains(k) {
             return Err(E::custom(format!("duplicate key `{k}`")));
         }
-        if let Some(served) = SERVED_KEYS.iter().find(|s| **s == k) {
+        let alias = ERLMAIL_ALIASES
+            .iter()
+            .find(|(a, _)| *a == k)
+            .map(|(_, s)| *s);
+        if let Some(served) = alias.filter(|s| self.seen.contains(*s)) {
+            return Err(E::custom(format!("`{k}` repeats `{served}`")));
+        }
+        if k == "smarthost" {
+            Ok(Key::SmartHost)
+        } else if let Some(served) = SERVED_KEYS.iter().find(|s| **s == k || Some(**s) == alias) {
             Ok(Key::Served(served))
-        } else if is_ignored_key(k) {
+        } else if is_ignored_key(k) || self.lenient {
             Ok(Key::Ignored(k.to_string()))
         } else {
             Err(E::custom(format!(
@@ -162,8 +190,17 @@ impl<'de> Visitor<'de> for &mut Apply<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key_seed(KeySeed { seen: &self.seen })? {
+        while let Some(key) = map.next_key_seed(KeySeed {
+            seen: &self.seen,
+            lenient: self.lenient,
+        })? {
             match key {
+                Key::SmartHost => {
+                    let host = map.next_value::<SmartHost>()?;
+                    self.config.server_smtp_relay_host = Some(host.0);
+                    self.seen.insert("server_smtp_relay_host".to_string());
+                    self.set_keys.push("server_smtp_relay_host");
+                }
                 Key::Ignored(name) => {
                     map.next_value::<IgnoredAny>()?;
                     self.seen.insert(name.clone());
@@ -261,6 +298,7 @@ fn apply_value<'de, A: MapAccess<'de>>(
         "server_smtp_tls_port" => c.server_smtp_tls_port = map.next_value()?,
         "server_smtp_relay_auth" => c.server_smtp_relay_auth = map.next_value()?,
         "server_smtp_tls_outbound" => c.server_smtp_tls_outbound = map.next_value::<S<_>>()?.0,
+        "server_smtp_ehlo_name" => c.server_smtp_ehlo_name = map.next_value::<Opt<String>>()?.0,
         "server_smtp_dkim_keys" => {
             c.server_smtp_dkim_keys = map
                 .next_value::<Vec<DkimKey>>()?

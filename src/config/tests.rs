@@ -182,6 +182,7 @@ fn everything_changed() -> Config {
         server_smtp_tls_port: Some(465),
         server_smtp_relay_auth: false,
         server_smtp_tls_outbound: crate::config::TlsOutbound::Require,
+        server_smtp_ehlo_name: Some("out.example.com".into()),
         server_smtp_dkim_keys: vec![crate::config::DkimKeyConfig {
             domain: "example.com".into(),
             selector: "s1".into(),
@@ -351,6 +352,44 @@ fn empty_yaml_is_the_defaults() {
         Config::from_yaml_str("# nothing\n", "e.yaml").unwrap(),
         Config::default()
     );
+}
+
+#[test]
+fn erlmail_client_keys_map_and_unknown_erlang_keys_are_only_reported() {
+    // An erlmail.app as ErlMail's forks ship it, with the smtpc keys.
+    let src = r#"{application, erlmail, [{env, [
+	{smarthost, {{127,0,0,1},25}},
+	{ehlo, "localhost"},
+	{server_list, []},
+	{some_fork_option, true}
+]}]}."#;
+    let c = Config::from_erlang_str(src, "erlmail.app").unwrap();
+    assert_eq!(c.server_smtp_relay_host.as_deref(), Some("127.0.0.1:25"));
+    assert_eq!(c.server_smtp_ehlo_name.as_deref(), Some("localhost"));
+    assert!(c.server_list.is_empty());
+    assert_eq!(c.ignored_keys, vec!["some_fork_option".to_string()]);
+    for (term, host) in [
+        (r#"{"relay.example", 2525}"#, "relay.example:2525"),
+        ("{{8193,3512,0,0,0,0,0,1},25}", "[2001:db8::1]:25"),
+    ] {
+        let src = format!("[{{erlmail, [{{smarthost, {term}}}]}}].");
+        let c = Config::from_erlang_str(&src, "t.config").unwrap();
+        assert_eq!(c.server_smtp_relay_host.as_deref(), Some(host), "{term}");
+    }
+    let bad = Config::from_erlang_str("[{erlmail, [{smarthost, {{1,2,3},25}}]}].", "t.config")
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("t.config:1:"), "{bad}");
+    // In YAML an unknown key is still a mistake.
+    let bad = Config::from_yaml_str("some_fork_option: true\n", "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("unknown key `some_fork_option`"), "{bad}");
+    // What `config convert` writes reads back the same.
+    let c = Config::from_erlang_str(src, "erlmail.app").unwrap();
+    let again = Config::from_yaml_str(&c.to_yaml(), "again.yaml").unwrap();
+    assert_eq!(again.server_smtp_relay_host, c.server_smtp_relay_host);
+    assert_eq!(again.server_smtp_ehlo_name, c.server_smtp_ehlo_name);
 }
 
 #[test]
@@ -625,12 +664,6 @@ const MALFORMED: &[(&str, usize, usize, &str)] = &[
         "unknown unit `x` in duration `15x`",
     ),
     (
-        "bad-unknown-key.config",
-        3,
-        6,
-        "unknown key `server_smtp_prot`",
-    ),
-    (
         "bad-duplicate.config",
         4,
         6,
@@ -700,6 +733,15 @@ fn malformed_files_report_file_line_and_column() {
             format!("{}:{line}:{column}: {}", path.display(), e.message)
         );
     }
+}
+
+#[test]
+fn an_unknown_key_in_an_erlmail_file_is_reported_not_fatal() {
+    // ErlMail ignored keys it did not know; its files still load (a typo shows in the
+    // start-up warning and `config check`).
+    let c = Config::load(&fixture("config/unknown-key.config")).unwrap();
+    assert_eq!(c.ignored_keys, vec!["server_smtp_prot".to_string()]);
+    assert_eq!(c.server_smtp_port, 2525, "the misspelt key changed nothing");
 }
 
 #[test]

@@ -644,3 +644,82 @@ impl DkimKey {
         }
     }
 }
+
+/// ErlMail's `smarthost`: `{{A,B,C,D}, Port}` (or eight numbers for IPv6) or
+/// `{"host", Port}`, as `host:port` (`[v6]:port`).
+pub(crate) struct SmartHost(pub String);
+
+impl<'de> Deserialize<'de> for SmartHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SmartHost;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("{{A,B,C,D}, Port} or {\"host\", Port}")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHost, A::Error> {
+                let host: SmartHostName = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::custom("smarthost needs a host"))?;
+                let port: u16 = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::custom("smarthost needs a port"))?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("smarthost is {Host, Port}"));
+                }
+                Ok(SmartHost(match host.0 {
+                    IpAddr::V6(v6) if host.1.is_none() => format!("[{v6}]:{port}"),
+                    ip if host.1.is_none() => format!("{ip}:{port}"),
+                    _ => format!("{}:{port}", host.1.unwrap_or_default()),
+                }))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHost, E> {
+                HostPort::from_text(s)
+                    .map(|h| SmartHost(h.0))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The host of a `smarthost`: an address tuple, or a name (kept as text).
+struct SmartHostName(IpAddr, Option<String>);
+
+impl<'de> Deserialize<'de> for SmartHostName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SmartHostName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address tuple {A,B,C,D} or a host name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHostName, E> {
+                if s.is_empty() {
+                    return Err(E::custom("empty smarthost"));
+                }
+                Ok(SmartHostName(
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    Some(s.to_string()),
+                ))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHostName, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(n) = seq.next_element::<u16>()? {
+                    parts.push(n);
+                }
+                let ip = match parts.as_slice() {
+                    [a, b, c, d] if parts.iter().all(|p| *p < 256) => {
+                        IpAddr::V4(Ipv4Addr::new(*a as u8, *b as u8, *c as u8, *d as u8))
+                    }
+                    [a, b, c, d, e, f, g, h] => {
+                        IpAddr::V6(Ipv6Addr::new(*a, *b, *c, *d, *e, *f, *g, *h))
+                    }
+                    _ => return Err(de::Error::custom("an address is {A,B,C,D} (or 8 numbers)")),
+                };
+                Ok(SmartHostName(ip, None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

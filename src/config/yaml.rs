@@ -146,6 +146,7 @@ fn value_of(c: &Config, key: &str) -> Value {
                 .collect(),
         ),
         "server_smtp_dmarc_policy" => string(c.server_smtp_dmarc_policy.as_str()),
+        "server_smtp_ehlo_name" => opt(&c.server_smtp_ehlo_name, |s| s.clone()),
         "dns_nameservers" => list(&c.dns_nameservers, |a| a.to_string()),
         "node_name" => string(&c.node_name),
         "admin_listen" => opt(&c.admin_listen, |a| a.to_string()),

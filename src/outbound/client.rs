@@ -145,6 +145,9 @@ pub struct DeliveryOptions {
     /// and the mail fails at once as a loop (`5.4.6`). An unspecified address (`::`,
     /// `0.0.0.0`) stands for every address of this host on that port.
     pub own_addrs: Vec<SocketAddr>,
+    /// This host's name (`server_smtp_name`): a next hop whose greeting or EHLO reply
+    /// names it is a loop. `None`: the EHLO name.
+    pub own_name: Option<String>,
 }
 
 impl DeliveryOptions {
@@ -174,6 +177,7 @@ impl DeliveryOptions {
             starttls: true,
             require_tls: false,
             own_addrs: Vec::new(),
+            own_name: None,
         }
     }
 }
@@ -188,6 +192,7 @@ impl Default for DeliveryOptions {
             starttls: true,
             require_tls: false,
             own_addrs: Vec::new(),
+            own_name: None,
         }
     }
 }
@@ -699,10 +704,10 @@ enum Greeted {
 }
 
 /// EHLO, falling back to HELO when EHLO is refused.
-async fn greet(conn: &mut Conn, helo: &str) -> Result<Greeted, ConnError> {
+async fn greet(conn: &mut Conn, helo: &str, me: &str) -> Result<Greeted, ConnError> {
     let ehlo = conn.command(&format!("EHLO {helo}"), "to EHLO").await?;
     if ehlo.outcome() == Outcome::Delivered {
-        if names_me(&ehlo, helo) {
+        if names_me(&ehlo, me) {
             return Ok(Greeted::Me);
         }
         return Ok(Greeted::Ready(ehlo_keywords(&ehlo)));
@@ -715,10 +720,10 @@ async fn greet(conn: &mut Conn, helo: &str) -> Result<Greeted, ConnError> {
     }
 }
 
-/// Whether a server's greeting or EHLO reply begins with our own name (`helo`, which is
-/// `server_smtp_name`): the next hop is this host, and the mail would loop.
-fn names_me(reply: &SmtpReply, helo: &str) -> bool {
-    let me = helo.trim_end_matches('.');
+/// Whether a server's greeting or EHLO reply begins with our own name `me`
+/// (`server_smtp_name`): the next hop is this host, and the mail would loop.
+fn names_me(reply: &SmtpReply, me: &str) -> bool {
+    let me = me.trim_end_matches('.');
     reply
         .lines
         .first()
@@ -806,10 +811,12 @@ async fn open(
             tls: false,
         })
     };
-    if names_me(&greeting, helo) {
+    // This host's name: `server_smtp_name`, which the EHLO name may differ from.
+    let me = opts.own_name.as_deref().unwrap_or(helo);
+    if names_me(&greeting, me) {
         return looping(conn);
     }
-    let mut keywords = match greet(&mut conn, helo).await.map_err(skip)? {
+    let mut keywords = match greet(&mut conn, helo, me).await.map_err(skip)? {
         Greeted::Ready(k) => k,
         Greeted::Me => return looping(conn),
         Greeted::Refused(reply) => {
@@ -871,7 +878,7 @@ async fn open(
                 timeout: opts.command_timeout,
             };
             tls = true;
-            keywords = match greet(&mut conn, helo).await.map_err(skip)? {
+            keywords = match greet(&mut conn, helo, me).await.map_err(skip)? {
                 Greeted::Ready(k) => k,
                 Greeted::Me => return looping(conn),
                 Greeted::Refused(reply) => {

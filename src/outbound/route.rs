@@ -110,6 +110,7 @@ impl RouterConfig {
             delivery: DeliveryOptions {
                 starttls: config.server_smtp_tls_outbound != TlsOutbound::None,
                 require_tls: config.server_smtp_tls_outbound == TlsOutbound::Require,
+                own_name: Some(config.server_smtp_name.clone()),
                 // Where this erlmail listens: a next hop there is a loop.
                 own_addrs: std::iter::once(config.server_smtp_port)
                     .chain(config.server_smtp_tls_port)
@@ -432,6 +433,10 @@ mod tests {
         assert!(at("127.0.0.1:2525") && at("127.0.0.9:4650") && at("[::1]:2525"));
         assert!(at("[::ffff:127.0.0.1]:2525"), "IPv4-mapped");
         assert!(!at("127.0.0.1:25"), "another port");
+        assert_eq!(
+            opts.own_name.as_deref(),
+            Some(config.server_smtp_name.as_str())
+        );
         // Not an address of this host (TEST-NET-3, never assigned here).
         assert!(!at("203.0.113.7:2525"));
         let ephemeral = crate::config::Config {
