@@ -57,7 +57,10 @@ impl QueueReport {
                     .unwrap_or_default();
                 *r.by_domain.entry(domain).or_default() += 1;
             }
-            let err = m.last_error.clone().unwrap_or_else(|| "(none)".into());
+            let err = m
+                .last_error
+                .as_deref()
+                .map_or_else(|| "(none)".to_string(), error_class);
             *r.by_error.entry(err).or_default() += 1;
         }
         r
@@ -83,6 +86,31 @@ impl QueueReport {
             out.push_str(&format!("{n:>8}  {e}\n"));
         }
         out
+    }
+}
+
+/// The class of a queued message's last error, to group by: the reply code and enhanced
+/// status (`451 4.3.0`) of a refusal, or the kind of a local failure (`connection
+/// failed`, `timeout`, `DNS look-up failed`...), without the recipient or the host's
+/// own words, so a thousand messages deferred alike make one row.
+pub fn error_class(last_error: &str) -> String {
+    // "<rcpt>: <status>"; the recipient has no ": " in it.
+    let status = last_error.split_once(": ").map_or(last_error, |(_, s)| s);
+    let mut words = status.split_whitespace();
+    match words.next() {
+        Some(code) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => {
+            match words.next() {
+                Some(enh) if enh.split('.').count() == 3 && enh.starts_with(&code[..1]) => {
+                    format!("{code} {enh}")
+                }
+                _ => code.to_string(),
+            }
+        }
+        _ => status
+            .split_once(':')
+            .map_or(status, |(kind, _)| kind)
+            .trim()
+            .to_string(),
     }
 }
 
@@ -138,4 +166,30 @@ pub fn handler(metrics: metrics_exporter_prometheus::PrometheusHandle) -> Handle
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_class;
+
+    #[test]
+    fn last_errors_group_by_reply_code_and_status_or_kind() {
+        for (error, class) in [
+            ("a@x.test: 451 4.3.0 Error: try again later", "451 4.3.0"),
+            ("b@y.test: 451 4.3.0 busy, queue id 1234", "451 4.3.0"),
+            ("c@z.test: 421 closing", "421"),
+            ("d@x.test: 550 4.1.1 odd", "550"),
+            (
+                "e@x.test: connection failed: mx.x.test: Connection refused (os error 111)",
+                "connection failed",
+            ),
+            ("f@x.test: timeout: mx.x.test: no answer to EHLO", "timeout"),
+            (
+                "g@x.test: DNS look-up failed: servfail",
+                "DNS look-up failed",
+            ),
+        ] {
+            assert_eq!(error_class(error), class, "{error}");
+        }
+    }
 }
