@@ -289,6 +289,44 @@ fn worker_threads(cores: usize, env: Option<&str>) -> usize {
         .unwrap_or_else(|| cores.saturating_sub(1).max(1))
 }
 
+/// Whether `new` can be applied over `running` as a whole: every listening address that
+/// changes can be bound now (a taken port refuses the reload, never stops the daemon).
+fn reload_applies(running: &Config, new: &Config) -> anyhow::Result<()> {
+    let listen = |c: &Config| {
+        std::iter::once(c.server_smtp_port)
+            .chain(c.server_smtp_tls_port)
+            .map(|port| std::net::SocketAddr::new(c.server_smtp_address, port))
+            .collect::<Vec<_>>()
+    };
+    let now = listen(running);
+    for addr in listen(new) {
+        if addr.port() != 0 && !now.contains(&addr) {
+            erlmail::net::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The keys a reload cannot apply that differ between `running` and `new`.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("store_url", running.store_url != new.store_url);
+    check("spool_dir", running.spool_dir != new.spool_dir);
+    check(
+        "server_smtp_start",
+        running.server_smtp_start != new.server_smtp_start,
+    );
+    check("log_format", running.log_format != new.log_format);
+    check("admin_listen", running.admin_listen != new.admin_listen);
+    check("node_name", running.node_name != new.node_name);
+    changed
+}
+
 /// sysexits.h: another daemon holds the spool or pid file; trying later may work.
 const EX_TEMPFAIL: u8 = 75;
 /// sysexits.h: the spool directory, its lock file or the pid file cannot be created.
@@ -904,7 +942,8 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
         }
     };
     let admin_listen = config.admin_listen;
-    let (root, handle, mut exit) = match root::start(Arc::new(config)).await {
+    let mut running = Arc::new(config);
+    let (root, handle, mut exit) = match root::start(running.clone()).await {
         Ok(r) => r,
         Err(e) => {
             let cause = root::startup_cause(&e);
@@ -949,10 +988,16 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
-                match load_config(path.as_deref(), &overrides) {
+                let loaded = load_config(path.as_deref(), &overrides)
+                    .and_then(|c| reload_applies(&running, &c).map(|()| c));
+                match loaded {
                     Ok(c) => {
                         info!("SIGHUP: configuration read from {source}; applying it");
-                        let _ = root.send_message(RootMsg::Reload(Arc::new(c)));
+                        for key in restart_only_changes(&running, &c) {
+                            warn!(key, "SIGHUP: {key} changed; it takes effect at the next start");
+                        }
+                        running = Arc::new(c);
+                        let _ = root.send_message(RootMsg::Reload(running.clone()));
                     }
                     Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded; keeping the running one"),
                 }

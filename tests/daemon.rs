@@ -357,3 +357,67 @@ fn a_taken_port_is_one_plain_line_and_ex_unavailable() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut d = Daemon::start(&format!(
+        "server_smtp_greeting: \"before\"\nserver_smtp_port: {port}\n"
+    ));
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    // The new port is taken, and the greeting changes too: nothing of it applies.
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace(
+            &format!("server_smtp_port: {port}"),
+            &format!("server_smtp_port: {taken_port}"),
+        )
+        .replace("\"before\"", "\"after\"");
+    std::fs::write(&d.config, &text).unwrap();
+    let mark = d.log_len();
+    d.signal("HUP");
+    let line = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    assert!(
+        line.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let s = daemon::Smtp::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(
+        s.greeting.ends_with("before"),
+        "still serving as before: {}",
+        s.greeting
+    );
+    drop(s);
+    assert!(
+        d.wait_exit(Duration::from_millis(200)).is_none(),
+        "still running"
+    );
+
+    // A key only a restart can apply is named; the rest applies.
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace(
+            &format!("server_smtp_port: {taken_port}"),
+            &format!("server_smtp_port: {port}"),
+        )
+        .replace("admin_listen: \"\"", "admin_listen: \"127.0.0.1:0\"");
+    std::fs::write(&d.config, text).unwrap();
+    let mark = d.log_len();
+    d.signal("HUP");
+    let line = d.wait_for_log_after(
+        mark,
+        "takes effect at the next start",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("admin_listen"), "{line}");
+    d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
+    let s = daemon::Smtp::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    assert!(s.greeting.ends_with("after"), "{}", s.greeting);
+    drop(taken);
+}

@@ -224,6 +224,7 @@ impl Actor for SmtpdSup {
             }
             SmtpdSupMsg::Reload(config, applied) => {
                 let new_addr = listener_addr(&config);
+                let (old_addr, old_config) = (state.listener_addr, state.config.clone());
                 if let Some(anvil) = &state.anvil {
                     let _ = anvil.send_message(AnvilMsg::Reload(Limits::of(&config)));
                 }
@@ -238,7 +239,17 @@ impl Actor for SmtpdSup {
                             .ok();
                         super::wait_unregistered(listener_name(tls)).await;
                     }
-                    state.listeners = spawn_listeners(&myself, &state.config, &state.path).await?;
+                    state.listeners = match spawn_listeners(&myself, &state.config, &state.path)
+                        .await
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // Taken since it was checked: keep serving where we were.
+                            error!(path = %state.path, error = %e, "new listening address unusable; listening where before");
+                            state.listener_addr = old_addr;
+                            spawn_listeners(&myself, &old_config, &state.path).await?
+                        }
+                    };
                 }
                 if let Some(reply) = applied {
                     let _ = reply.send(());
