@@ -108,6 +108,9 @@ pub struct FsmState {
     /// The last batch of actions waited for the store, a password check or TLS, so the
     /// deadline of a partial line read before that wait starts afresh.
     waited: bool,
+    /// The DKIM keys of the configuration the session began with (built once per
+    /// configuration, never per message).
+    signers: Arc<crate::auth::sign::Signers>,
 }
 
 impl FsmState {
@@ -142,6 +145,10 @@ impl Actor for Fsm {
                 None
             }
         };
+        let signers = crate::auth::sign::signers_for(&config).unwrap_or_else(|e| {
+            warn!(path = %args.path, error = %e, "DKIM keys unusable; relayed mail not signed");
+            Arc::default()
+        });
         let implicit_tls = args.implicit_tls;
         let ip = canonical_ip(args.peer.ip());
         let authorised = client_is_relay_authorised(ip, &config.server_smtp_relay_clients);
@@ -189,6 +196,7 @@ impl Actor for Fsm {
             stress: args.stress,
             ip,
             waited: false,
+            signers,
         })
     }
 
@@ -352,7 +360,7 @@ async fn run(state: &mut FsmState, actions: Vec<Action>) {
             }
             Action::Store(tx) => {
                 state.waited = true;
-                let outcome = store(&state.path, tx).await;
+                let outcome = store(&state.path, &state.signers, tx).await;
                 work.extend(state.session.stored(outcome, Utc::now()));
             }
             Action::Close => {
@@ -480,9 +488,20 @@ async fn lookup(address: &str) -> Result<RecipientFacts, String> {
     }
 }
 
-/// Hand the transaction to the store actor and wait for its group commit.
-async fn store(path: &str, tx: Transaction) -> StoreOutcome {
-    let message = to_incoming(tx);
+/// Hand the transaction to the store actor and wait for its group commit. Relayed mail
+/// is DKIM-signed first when a key applies.
+async fn store(
+    path: &str,
+    signers: &Arc<crate::auth::sign::Signers>,
+    tx: Transaction,
+) -> StoreOutcome {
+    let mut message = to_incoming(tx);
+    if !message.remote_rcpts.is_empty() && !signers.is_empty() {
+        let Some(body) = dkim_sign(path, signers, message.body).await else {
+            return StoreOutcome::Failed;
+        };
+        message.body = body;
+    }
     let destination = match (
         message.local_rcpts.is_empty(),
         message.remote_rcpts.is_empty(),
@@ -524,6 +543,34 @@ async fn store(path: &str, tx: Transaction) -> StoreOutcome {
             StoreOutcome::Failed
         }
     }
+}
+
+/// The message with its DKIM signatures on top (or as it was when no key applies). The
+/// RSA operation takes a millisecond or more, so it runs on the blocking pool rather
+/// than hold up the sessions sharing this worker. `None`: the signing task panicked.
+async fn dkim_sign(
+    path: &str,
+    signers: &Arc<crate::auth::sign::Signers>,
+    mut body: Vec<u8>,
+) -> Option<Vec<u8>> {
+    let signers = signers.clone();
+    let (body, signed) = match tokio::task::spawn_blocking(move || {
+        let signed = signers.sign(&mut body);
+        (body, signed)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(path = %path, error = %e, "DKIM signing failed");
+            return None;
+        }
+    };
+    for s in signed.iter().flat_map(|s| &s.signatures) {
+        debug!(path = %path, d = %s.domain, s = %s.selector, a = s.algorithm, "DKIM-Signature added");
+        metrics::counter!(names::DKIM_SIGNED, "algorithm" => s.algorithm).increment(1);
+    }
+    Some(body)
 }
 
 /// Count each refusing reply among the (possibly pipelined) replies in `bytes`.
