@@ -262,20 +262,22 @@ impl Signers {
 
     /// The signing domain (`d=`) `message` would be signed for, if any.
     pub fn signing_domain(&self, message: &[u8]) -> Option<&str> {
-        let from = from_domain(message)?;
-        self.keys_for(&from).first().map(|k| k.domain.as_str())
+        let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+        self.keys_for(&from_domain(&parsed)?)
+            .first()
+            .map(|k| k.domain.as_str())
     }
 
     /// The `DKIM-Signature:` fields for `message` exactly as it is (CRLF line ends), or
     /// `None` when it has no `From:` domain with a key. See [`Signers::sign`] for the
     /// message as relayed.
     pub fn signature(&self, message: &[u8]) -> Option<Signed> {
-        let from = from_domain(message)?;
-        let keys = self.keys_for(&from);
+        let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+        let keys = self.keys_for(&from_domain(&parsed)?);
         if keys.is_empty() {
             return None;
         }
-        let headers = headers_to_sign(message);
+        let headers = headers_to_sign(&parsed);
         let mut out = Signed {
             headers: Vec::new(),
             signatures: Vec::new(),
@@ -311,10 +313,7 @@ impl Signers {
     /// 7-bit (see the module doc) and the signature fields are put on top of `message`.
     /// `None` (and `message` untouched) when no key applies.
     pub fn sign(&self, message: &mut Vec<u8>) -> Option<Signed> {
-        let from = from_domain(message)?;
-        if self.keys_for(&from).is_empty() {
-            return None;
-        }
+        self.signing_domain(message)?;
         let mut converted = false;
         if seven_bit::has_eight_bit(message) {
             match seven_bit::to_seven_bit(message) {
@@ -341,8 +340,7 @@ impl Signers {
 }
 
 /// The domain of the (first) `From:` address, lower case, without a trailing dot.
-fn from_domain(message: &[u8]) -> Option<String> {
-    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+fn from_domain(parsed: &mail_parser::Message<'_>) -> Option<String> {
     let address = parsed.from()?.first()?.address()?;
     let (_, domain) = address.rsplit_once('@')?;
     let domain = domain.trim().trim_end_matches('.').to_lowercase();
@@ -353,17 +351,15 @@ fn from_domain(message: &[u8]) -> Option<String> {
 /// every instance of a listed name), and `From` once more. mail-auth adds a listed name
 /// that the message lacks once to `h=` (signing its absence), which is exactly the one
 /// extra `From`.
-fn headers_to_sign(message: &[u8]) -> Vec<&'static str> {
+fn headers_to_sign(parsed: &mail_parser::Message<'_>) -> Vec<&'static str> {
     let mut present = vec![false; SIGNED_HEADERS.len()];
-    if let Some(parsed) = mail_parser::MessageParser::new().parse_headers(message) {
-        for h in parsed.headers() {
-            let name = h.name();
-            if let Some(i) = SIGNED_HEADERS
-                .iter()
-                .position(|s| s.eq_ignore_ascii_case(name))
-            {
-                present[i] = true;
-            }
+    for h in parsed.headers() {
+        let name = h.name();
+        if let Some(i) = SIGNED_HEADERS
+            .iter()
+            .position(|s| s.eq_ignore_ascii_case(name))
+        {
+            present[i] = true;
         }
     }
     let mut list: Vec<&'static str> = SIGNED_HEADERS
