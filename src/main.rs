@@ -44,6 +44,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 use erlmail::actors::root::{self, RootExit, RootMsg};
+use erlmail::auth::sign::{self, Signers};
 use erlmail::config::Config;
 use erlmail::spool_lock::LockFile;
 use erlmail::store::{self, password, SharedStore};
@@ -111,6 +112,29 @@ enum Command {
     Queue {
         #[command(subcommand)]
         action: QueueCmd,
+    },
+    /// DKIM signing keys (`server_smtp_dkim_keys`).
+    Dkim {
+        #[command(subcommand)]
+        action: DkimCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DkimCmd {
+    /// Make a signing key for DOMAIN under SELECTOR (RSA 2048 unless --ed25519), write it
+    /// (mode 0600, never over an existing file) and print the DNS TXT record to publish.
+    Keygen {
+        /// The signing domain (`d=`): mail from it and its subdomains is signed.
+        domain: String,
+        /// The selector (`s=`): the record goes at SELECTOR._domainkey.DOMAIN.
+        selector: String,
+        /// An Ed25519 key (ed25519-sha256, RFC 8463) instead of RSA.
+        #[arg(long)]
+        ed25519: bool,
+        /// The private key file (default: <spool_dir>/dkim/DOMAIN.SELECTOR.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -374,6 +398,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ConfigCmd::Check { file } => {
                 let file = file.clone().or(path);
                 let config = load_config(file.as_deref(), &cli.set)?;
+                // The keys are part of the configuration: `serve` would refuse them too.
+                Signers::load(&config)?;
                 for key in &config.ignored_keys {
                     eprintln!("note: {key} is accepted and ignored (erlmail does not serve it)");
                 }
@@ -392,6 +418,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             log_file,
         } => {
             let config = load_config(path.as_deref(), &cli.set)?;
+            // An unusable key stops the start here, with one line naming its file.
+            let signers = Signers::load(&config)?;
             let log_file = log_file
                 .clone()
                 .or_else(|| daemon.then(|| config.spool_dir.join("erlmail.log")));
@@ -436,7 +464,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ))
                 .enable_all()
                 .build()?;
-            let code = runtime.block_on(serve(config, path, cli.set.clone()));
+            let code = runtime.block_on(serve(config, signers, path, cli.set.clone()));
             runtime.shutdown_timeout(Duration::from_secs(1));
             // Removes the pid file (ours: we hold its lock), then frees the spool.
             drop(pid_lock);
@@ -516,6 +544,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queue { action } => admin(path.as_deref(), &cli.set, |store| async move {
             queue_command(&*store, action).await
         }),
+        Command::Dkim {
+            action:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    ed25519,
+                    out,
+                },
+        } => {
+            dkim_keygen(
+                path.as_deref(),
+                &cli.set,
+                domain,
+                selector,
+                *ed25519,
+                out.clone(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mailbox { action } => admin(path.as_deref(), &cli.set, |store| async move {
             use std::io::Write;
             match action {
@@ -908,6 +955,7 @@ async fn status(addr: std::net::SocketAddr) -> anyhow::Result<()> {
                 || line.starts_with("erlmail_relay_denied")
                 || line.starts_with("erlmail_deliveries")
                 || line.starts_with("erlmail_dsn_sent")
+                || line.starts_with("erlmail_dkim_signed")
                 || line.starts_with("erlmail_actor_restarts")
                 || line.starts_with("erlmail_queue_messages"));
         if wanted {
@@ -917,7 +965,61 @@ async fn status(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) -> ExitCode {
+/// `erlmail dkim keygen`: the key written, the record and the configuration printed.
+fn dkim_keygen(
+    path: Option<&Path>,
+    overrides: &[String],
+    domain: &str,
+    selector: &str,
+    ed25519: bool,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use erlmail::auth::sign::{generate, write_private_key, KeyKind};
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let kind = if ed25519 {
+        KeyKind::Ed25519
+    } else {
+        KeyKind::Rsa
+    };
+    // Checked before the configuration is read or a directory made.
+    let key = generate(kind, &domain, selector)?;
+    let out = match out {
+        Some(p) => p,
+        None => {
+            let config = load_config(path, overrides)?;
+            let dir = config.spool_dir.join("dkim");
+            // 0700 like every directory erlmail makes (the umask set in main).
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            dir.join(format!("{domain}.{selector}.pem"))
+        }
+    };
+    write_private_key(&out, &key.pem)
+        .with_context(|| format!("cannot write the private key to {}", out.display()))?;
+    // Absolute, so that the configuration line works whatever directory serve runs in.
+    let out = std::fs::canonicalize(&out).unwrap_or(out);
+    println!("Private key written to {} (mode 0600).", out.display());
+    println!();
+    println!("Publish this TXT record in the DNS zone of {domain}:");
+    println!("{}", key.zone_line());
+    println!();
+    println!("Its text as one string (for DNS providers' web forms):");
+    println!("{}", key.record);
+    println!();
+    println!("Then add to the configuration and reload (SIGHUP):");
+    println!(
+        "server_smtp_dkim_keys: [{{domain: {domain}, selector: {selector}, private_key: {:?}}}]",
+        out.display().to_string()
+    );
+    Ok(())
+}
+
+async fn serve(
+    config: Config,
+    signers: Signers,
+    path: Option<PathBuf>,
+    overrides: Vec<String>,
+) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let shutdown_limit = config.server_smtp_shutdown_timeout + Duration::from_secs(8);
     let source = path
@@ -943,6 +1045,10 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
     };
     let admin_listen = config.admin_listen;
     let mut running = Arc::new(config);
+    if !signers.is_empty() {
+        info!(keys = ?signers.key_names(), "DKIM: relayed mail is signed with {} key(s)", signers.key_names().len());
+    }
+    sign::cache_for(&running, signers);
     let (root, handle, mut exit) = match root::start(running.clone()).await {
         Ok(r) => r,
         Err(e) => {
@@ -988,15 +1094,19 @@ async fn serve(config: Config, path: Option<PathBuf>, overrides: Vec<String>) ->
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = hup.recv() => {
+                // A key that cannot be read, or a listening address that cannot be
+                // bound, refuses the whole reload: the running configuration stays.
                 let loaded = load_config(path.as_deref(), &overrides)
-                    .and_then(|c| reload_applies(&running, &c).map(|()| c));
+                    .and_then(|c| reload_applies(&running, &c).map(|()| c))
+                    .and_then(|c| Ok((Signers::load(&c)?, c)));
                 match loaded {
-                    Ok(c) => {
+                    Ok((signers, c)) => {
                         info!("SIGHUP: configuration read from {source}; applying it");
                         for key in restart_only_changes(&running, &c) {
                             warn!(key, "SIGHUP: {key} changed; it takes effect at the next start");
                         }
                         running = Arc::new(c);
+                        sign::cache_for(&running, signers);
                         let _ = root.send_message(RootMsg::Reload(running.clone()));
                     }
                     Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: configuration not reloaded; keeping the running one"),

@@ -71,6 +71,9 @@ pub mod names {
     pub const RETRIES: &str = "erlmail_delivery_retries_total";
     /// Counter: notifications queued, by `kind` (failed, delayed, delivered).
     pub const DSNS: &str = "erlmail_dsn_sent_total";
+    /// Counter: DKIM signatures put on relayed mail at accept, by `algorithm`
+    /// (rsa-sha256, ed25519-sha256): one per message and signing key.
+    pub const DKIM_SIGNED: &str = "erlmail_dkim_signed_total";
     /// Counter: actor restarts by `path`.
     pub const RESTARTS: &str = "erlmail_actor_restarts_total";
     /// Histogram: seconds per group commit.
@@ -129,6 +132,10 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     describe_counter!(names::DELIVERIES, "Per-recipient delivery results");
     describe_counter!(names::RETRIES, "Delivery attempts of messages tried before");
     describe_counter!(names::DSNS, "Delivery status notifications queued, by kind");
+    describe_counter!(
+        names::DKIM_SIGNED,
+        "DKIM signatures put on relayed mail, by algorithm"
+    );
     describe_counter!(names::RESTARTS, "Actor restarts by path in the tree");
     describe_counter!(
         names::AUTH_RESULTS,
@@ -179,6 +186,9 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     }
     for r in ["sent", "deferred", "bounced"] {
         metrics::counter!(names::DELIVERIES, "result" => r).absolute(0);
+    }
+    for a in ["rsa-sha256", "ed25519-sha256"] {
+        metrics::counter!(names::DKIM_SIGNED, "algorithm" => a).absolute(0);
     }
     Ok(handle)
 }

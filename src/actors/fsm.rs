@@ -112,6 +112,9 @@ pub struct FsmState {
     /// SPF, DKIM and DMARC for mail to local users from untrusted clients; `None`: the
     /// resolver could not be set up (the mail is then stored unchecked).
     checker: Option<Arc<Checker>>,
+    /// The DKIM keys of the configuration the session began with (built once per
+    /// configuration, never per message).
+    signers: Arc<crate::auth::sign::Signers>,
 }
 
 impl FsmState {
@@ -146,6 +149,10 @@ impl Actor for Fsm {
                 None
             }
         };
+        let signers = crate::auth::sign::signers_for(&config).unwrap_or_else(|e| {
+            warn!(path = %args.path, error = %e, "DKIM keys unusable; relayed mail not signed");
+            Arc::default()
+        });
         let implicit_tls = args.implicit_tls;
         let ip = canonical_ip(args.peer.ip());
         let authorised = client_is_relay_authorised(ip, &config.server_smtp_relay_clients);
@@ -201,6 +208,7 @@ impl Actor for Fsm {
             ip,
             waited: false,
             checker,
+            signers,
         })
     }
 
@@ -365,7 +373,7 @@ async fn run(state: &mut FsmState, actions: Vec<Action>) {
             Action::Store(tx) => {
                 state.waited = true;
                 let outcome = match checked(state.checker.as_deref(), tx, &state.path).await {
-                    Ok((tx, junk)) => store(&state.path, tx, junk).await,
+                    Ok((tx, junk)) => store(&state.path, &state.signers, tx, junk).await,
                     Err(refused) => refused,
                 };
                 work.extend(state.session.stored(outcome, Utc::now()));
@@ -537,10 +545,22 @@ async fn checked(
 }
 
 /// Hand the transaction to the store actor and wait for its group commit; `junk` puts
-/// the local copies in the Junk mailbox.
-async fn store(path: &str, tx: Transaction, junk: bool) -> StoreOutcome {
+/// the local copies in the Junk mailbox. Relayed mail is DKIM-signed first when a key
+/// applies.
+async fn store(
+    path: &str,
+    signers: &Arc<crate::auth::sign::Signers>,
+    tx: Transaction,
+    junk: bool,
+) -> StoreOutcome {
     let mut message = to_incoming(tx);
     message.junk = junk;
+    if !message.remote_rcpts.is_empty() && !signers.is_empty() {
+        let Some(body) = dkim_sign(path, signers, message.body).await else {
+            return StoreOutcome::Failed;
+        };
+        message.body = body;
+    }
     let destination = match (
         message.local_rcpts.is_empty(),
         message.remote_rcpts.is_empty(),
@@ -582,6 +602,34 @@ async fn store(path: &str, tx: Transaction, junk: bool) -> StoreOutcome {
             StoreOutcome::Failed
         }
     }
+}
+
+/// The message with its DKIM signatures on top (or as it was when no key applies). The
+/// RSA operation takes a millisecond or more, so it runs on the blocking pool rather
+/// than hold up the sessions sharing this worker. `None`: the signing task panicked.
+async fn dkim_sign(
+    path: &str,
+    signers: &Arc<crate::auth::sign::Signers>,
+    mut body: Vec<u8>,
+) -> Option<Vec<u8>> {
+    let signers = signers.clone();
+    let (body, signed) = match tokio::task::spawn_blocking(move || {
+        let signed = signers.sign(&mut body);
+        (body, signed)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(path = %path, error = %e, "DKIM signing failed");
+            return None;
+        }
+    };
+    for s in signed.iter().flat_map(|s| &s.signatures) {
+        debug!(path = %path, d = %s.domain, s = %s.selector, a = s.algorithm, "DKIM-Signature added");
+        metrics::counter!(names::DKIM_SIGNED, "algorithm" => s.algorithm).increment(1);
+    }
+    Some(body)
 }
 
 /// Count each refusing reply among the (possibly pipelined) replies in `bytes`.
