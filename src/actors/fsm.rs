@@ -540,7 +540,7 @@ async fn checked(
 /// the local copies in the Junk mailbox.
 async fn store(path: &str, tx: Transaction, junk: bool) -> StoreOutcome {
     let mut message = to_incoming(tx);
-    message.junk = junk;
+    message.mailbox = junk.then(|| crate::store::JUNK.to_string());
     let destination = match (
         message.local_rcpts.is_empty(),
         message.remote_rcpts.is_empty(),
@@ -618,7 +618,8 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
         sender: tx.reverse_path.to_string(),
         local_rcpts,
         remote_rcpts,
-        junk: false,
+        mailbox: None,
+        flags: Vec::new(),
         ret: tx.ret,
         envid: tx.envid,
         smtputf8: tx.smtputf8,
