@@ -9,7 +9,10 @@
 %%
 %%   MNESIA_DIR   the directory ErlMail's Mnesia used (its `-mnesia dir` / the `dir` of
 %%                the `mnesia` application; it holds schema.DAT and *.DCD/*.DCL files).
-%%   OUT.json     where to write the export; standard output when absent or "-".
+%%   OUT.json     where to write the export; standard output when absent or "-". It
+%%                holds the users' plaintext passwords, so it is written with mode 0600
+%%                (a new file, made 0600 before any byte is written, renamed over
+%%                OUT.json); delete it once imported.
 %%
 %% Options (ErlMail let a site rename its tables with the mnesia_table_* keys of its
 %% application environment; give the same names here if you did):
@@ -375,9 +378,35 @@ write_out("-", Json) ->
     %% The io protocol reads a binary as UTF-8 characters; a unicode device writes them
     %% back as the same UTF-8 bytes (a latin1 one would narrow them).
     ok = io:setopts(standard_io, [binary, {encoding, unicode}]),
-    ok = io:put_chars(standard_io, iolist_to_binary(Json));
+    ok = io:put_chars(standard_io, iolist_to_binary(Json)),
+    io:format(standard_error,
+              "erlmail-export: standard output holds plaintext passwords: keep it where "
+              "only you can read it~n", []);
 write_out(Path, Json) ->
-    case file:write_file(Path, Json) of
-        ok -> ok;
-        {error, R} -> throw({fail, io_lib:format("cannot write ~ts: ~p", [Path, R])})
-    end.
+    %% The file holds ErlMail's plaintext passwords: it must never be readable by others,
+    %% not even for a moment. A new file next to Path is created empty (exclusive: never
+    %% one that exists, nor one a reader may hold open), made 0600, and only then written;
+    %% it replaces Path by a rename.
+    Tmp = lists:flatten(io_lib:format("~ts.tmp-~s", [Path, os:getpid()])),
+    Fail = fun(What, R) ->
+                   _ = file:delete(Tmp),
+                   throw({fail, io_lib:format("cannot ~s ~ts: ~p", [What, Path, R])})
+           end,
+    Fd = case file:open(Tmp, [write, exclusive, raw, binary]) of
+             {ok, F} -> F;
+             {error, R0} -> Fail("create", R0)
+         end,
+    Steps = [{"chmod 0600", fun() -> file:change_mode(Tmp, 8#600) end},
+             {"write", fun() -> file:write(Fd, Json) end},
+             {"sync", fun() -> file:sync(Fd) end},
+             {"close", fun() -> file:close(Fd) end},
+             {"rename into", fun() -> file:rename(Tmp, Path) end}],
+    lists:foreach(fun({What, Step}) ->
+                          case Step() of
+                              ok -> ok;
+                              {error, R} -> _ = file:close(Fd), Fail(What, R)
+                          end
+                  end, Steps),
+    io:format(standard_error,
+              "erlmail-export: ~ts holds plaintext passwords: written with mode 0600 "
+              "(owner only); delete it once imported~n", [Path]).

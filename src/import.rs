@@ -8,13 +8,22 @@
 //! users already present are left as they are, and messages already imported are
 //! recognised and skipped, so running it twice changes nothing.
 //!
-//! Mailboxes: the store's accept path writes only the INBOX, so a message that lived in
-//! another ErlMail mailbox (its `folder`, or a `mailbox_store` listing it) lands in the
-//! user's INBOX; `ImportReport::into_inbox` counts them and `warnings` names the folders.
+//! Mailboxes and flags: a message lands in the user's mailbox of the same name as its
+//! ErlMail mailbox (its `folder`, or the `mailbox_store` listing it; `INBOX` in any case
+//! is the INBOX), created on first use, with its flags as IMAP spells them: ErlMail kept
+//! the system flags as atoms (`seen`), which become `\Seen`; `recent` is no stored flag
+//! in IMAP and is dropped; other names are keywords, kept as they are.
 //!
-//! Recognising an imported message: a message counts as present when the user's INBOX
-//! holds a message with the same bytes (same length and 64-bit SipHash), counted with
-//! multiplicity, so two identical ErlMail messages arrive as two and stay two.
+//! Maildir: with `maildir_root` set, each message imported by this run is also written
+//! into the user's Maildir, its folder as a Maildir++ `.Folder` (ErlMail's hierarchy
+//! separator `/` becoming Maildir++'s `.`) and its flags as the Maildir info (`cur/`,
+//! `:2,S`), after the store has committed it. A message the store already had is not
+//! written again, so a second run writes nothing.
+//!
+//! Recognising an imported message: a message counts as present when the user's mailbox
+//! of that name holds a message with the same bytes (same length and 64-bit SipHash),
+//! counted with multiplicity, so two identical ErlMail messages arrive as two and stay
+//! two.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -24,7 +33,8 @@ use std::path::Path;
 use chrono::Utc;
 use serde::Deserialize;
 
-use crate::store::{IncomingMessage, MessageStore, StoreError};
+use crate::store::common::norm_mailbox;
+use crate::store::{maildir, IncomingMessage, MessageStore, StoreError};
 
 /// How many messages go into one store transaction.
 const BATCH: usize = 100;
@@ -41,10 +51,12 @@ pub struct ImportReport {
     /// Domains, users and messages that were already present (or could not be imported;
     /// see `warnings`) and were left alone.
     pub skipped: u64,
-    /// Of `messages`, how many came from an ErlMail mailbox other than INBOX.
-    pub into_inbox: u64,
+    /// Of `messages`, how many went to a mailbox other than INBOX (their ErlMail folder).
+    pub other_mailboxes: u64,
+    /// Maildir files written (with `maildir_root`): one per message imported by this run.
+    pub maildir_files: u64,
     /// Things an operator must know (hashed passwords that could not be carried over,
-    /// folders merged into INBOX, messages of unknown users). Never contains a password.
+    /// messages of unknown users, Maildir copies that failed). Never contains a password.
     pub warnings: Vec<String>,
 }
 
@@ -55,12 +67,15 @@ impl fmt::Display for ImportReport {
             "imported {} domains, {} users, {} messages; {} skipped (already present)",
             self.domains, self.users, self.messages, self.skipped
         )?;
-        if self.into_inbox > 0 {
+        if self.other_mailboxes > 0 {
             write!(
                 f,
-                "; {} messages from other mailboxes were put in INBOX",
-                self.into_inbox
+                "; {} messages kept in their mailbox other than INBOX",
+                self.other_mailboxes
             )?;
+        }
+        if self.maildir_files > 0 {
+            write!(f, "; {} written to the Maildir", self.maildir_files)?;
         }
         for w in &self.warnings {
             write!(f, "\nwarning: {w}")?;
@@ -127,15 +142,19 @@ struct ExMessage {
     user: String,
     domain: String,
     mailbox: String,
+    /// ErlMail's flag atoms as text (`seen`, `answered`, ...).
+    #[serde(default)]
+    flags: Vec<String>,
     body_base64: String,
 }
 
-/// Load the export at `path` into `store`, showing a progress bar on stderr when
-/// `progress` is true. Idempotent: a second run adds nothing and counts everything as
-/// skipped.
+/// Load the export at `path` into `store` (and the messages into the Maildirs under
+/// `maildir_root`, when given), showing a progress bar on stderr when `progress` is
+/// true. Idempotent: a second run adds nothing and counts everything as skipped.
 pub async fn import(
     store: &dyn MessageStore,
     path: &Path,
+    maildir_root: Option<&Path>,
     progress: bool,
 ) -> Result<ImportReport, ImportError> {
     let shown = path.display().to_string();
@@ -189,7 +208,12 @@ pub async fn import(
     }
 
     bar.set_message("messages");
-    import_messages(store, &shown, &export.messages, &bar, &mut report).await?;
+    let to = Target {
+        store,
+        maildir_root,
+        bar: &bar,
+    };
+    import_messages(&to, &shown, &export.messages, &mut report).await?;
 
     bar.finish_and_clear();
     Ok(report)
@@ -249,13 +273,20 @@ fn body_key(body: &[u8]) -> (usize, u64) {
     (body.len(), h.finish())
 }
 
+/// Where messages go: the store, the Maildirs (if any), and the progress bar.
+struct Target<'a> {
+    store: &'a dyn MessageStore,
+    maildir_root: Option<&'a Path>,
+    bar: &'a indicatif::ProgressBar,
+}
+
 async fn import_messages(
-    store: &dyn MessageStore,
+    to: &Target<'_>,
     path: &str,
     messages: &[ExMessage],
-    bar: &indicatif::ProgressBar,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
+    let store = to.store;
     // Per user, in file order (the escript sorts by mailbox and uid: oldest first).
     let mut by_user: BTreeMap<String, Vec<&ExMessage>> = BTreeMap::new();
     for m in messages {
@@ -264,7 +295,6 @@ async fn import_messages(
             .or_default()
             .push(m);
     }
-    let mut folders: BTreeMap<String, u64> = BTreeMap::new();
     let mut batch: Vec<IncomingMessage> = Vec::with_capacity(BATCH);
     for (address, msgs) in by_user {
         if !store.user_exists(&address).await? {
@@ -273,15 +303,13 @@ async fn import_messages(
                 "{} messages of {address} not imported: no such user",
                 msgs.len()
             ));
-            bar.inc(msgs.len() as u64);
+            to.bar.inc(msgs.len() as u64);
             continue;
         }
-        let mut present: HashMap<(usize, u64), usize> = HashMap::new();
-        for summary in store.list_mailbox(&address, "INBOX").await? {
-            if let Some(stored) = store.get_message(&address, summary.id).await? {
-                *present.entry(body_key(&stored.body)).or_default() += 1;
-            }
-        }
+        // Per mailbox, the bodies it holds. A mailbox is read the first time one of its
+        // messages comes up, before any of them is in `batch`: what it holds then is
+        // what earlier runs stored.
+        let mut present: HashMap<String, HashMap<(usize, u64), usize>> = HashMap::new();
         for m in msgs {
             // mail-parser's MIME decoder: the crate is here already, and the escript
             // writes plain unwrapped base64, which it decodes exactly.
@@ -290,53 +318,156 @@ async fn import_messages(
                     path: path.to_string(),
                     reason: format!("message {:?} of {address}: bad base64", m.name),
                 })?;
-            if let Some(n) = present.get_mut(&body_key(&body)).filter(|n| **n > 0) {
+            let mailbox = match m.mailbox.trim() {
+                "" => "INBOX",
+                name => norm_mailbox(name),
+            };
+            let held = match present.get_mut(mailbox) {
+                Some(held) => held,
+                None => present
+                    .entry(mailbox.to_string())
+                    .or_insert(stored_bodies(store, &address, mailbox).await?),
+            };
+            if let Some(n) = held.get_mut(&body_key(&body)).filter(|n| **n > 0) {
                 *n -= 1;
                 report.skipped += 1;
-                bar.inc(1);
+                to.bar.inc(1);
                 continue;
             }
-            if !m.mailbox.eq_ignore_ascii_case("INBOX") {
-                report.into_inbox += 1;
-                *folders
-                    .entry(format!("{address}: {}", m.mailbox))
-                    .or_default() += 1;
+            if mailbox != "INBOX" {
+                report.other_mailboxes += 1;
             }
-            batch.push(incoming(&address, body));
+            let flags = imap_flags(&m.flags, |f| {
+                report.warnings.push(format!(
+                    "flag {f:?} of message {:?} of {address} dropped: not an IMAP keyword",
+                    m.name
+                ))
+            });
+            batch.push(incoming(&address, body, mailbox, flags));
             if batch.len() >= BATCH {
-                flush(store, &mut batch, bar, report).await?;
+                flush(to, &mut batch, report).await?;
             }
         }
-        // Each user's messages are committed before the next user's INBOX is read.
-        flush(store, &mut batch, bar, report).await?;
-    }
-    for (folder, n) in folders {
-        report.warnings.push(format!(
-            "{n} messages of ErlMail mailbox {folder} were put in INBOX (only INBOX is kept)"
-        ));
+        flush(to, &mut batch, report).await?;
     }
     Ok(())
 }
 
-async fn flush(
+/// The bodies `address`'s mailbox holds, by `body_key`, with their counts.
+async fn stored_bodies(
     store: &dyn MessageStore,
+    address: &str,
+    mailbox: &str,
+) -> Result<HashMap<(usize, u64), usize>, StoreError> {
+    let mut held = HashMap::new();
+    for summary in store.list_mailbox(address, mailbox).await? {
+        if let Some(stored) = store.get_message(address, summary.id).await? {
+            *held.entry(body_key(&stored.body)).or_default() += 1;
+        }
+    }
+    Ok(held)
+}
+
+/// ErlMail's flags as IMAP flags: its atoms for the system flags (`seen`, or already
+/// `\Seen`) become `\Seen` and so on; `recent` is dropped (IMAP's `\Recent` belongs to a
+/// session, it is not stored); other names are keywords, kept as they are when they are
+/// IMAP atoms, else handed to `dropped`.
+fn imap_flags(flags: &[String], mut dropped: impl FnMut(&str)) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(flags.len());
+    for f in flags {
+        let system = match f.trim_start_matches('\\').to_ascii_lowercase().as_str() {
+            "seen" => Some("\\Seen"),
+            "answered" => Some("\\Answered"),
+            "flagged" => Some("\\Flagged"),
+            "deleted" => Some("\\Deleted"),
+            "draft" => Some("\\Draft"),
+            "recent" => continue,
+            _ => None,
+        };
+        let flag = match system {
+            Some(s) => s.to_string(),
+            // RFC 3501 atom: no controls, spaces or atom-specials.
+            None if !f.is_empty()
+                && f.chars().enumerate().all(|(i, c)| {
+                    (c == '\\' && i == 0) || (c.is_ascii_graphic() && !"(){%*\"\\]".contains(c))
+                }) =>
+            {
+                f.clone()
+            }
+            None => {
+                dropped(f);
+                continue;
+            }
+        };
+        if !out.contains(&flag) {
+            out.push(flag);
+        }
+    }
+    out
+}
+
+/// Commit `batch` in one store transaction, then write its Maildir copies (when the
+/// import has a `maildir_root`).
+async fn flush(
+    to: &Target<'_>,
     batch: &mut Vec<IncomingMessage>,
-    bar: &indicatif::ProgressBar,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let n = batch.len() as u64;
-    store.accept_batch(std::mem::take(batch)).await?;
+    let messages = std::mem::take(batch);
+    let n = messages.len() as u64;
+    let copies = to
+        .maildir_root
+        .map(|root| (root.to_path_buf(), messages.clone()));
+    to.store.accept_batch(messages).await?;
     report.messages += n;
-    bar.inc(n);
+    if let Some((root, copies)) = copies {
+        let (written, failed) = tokio::task::spawn_blocking(move || write_maildir(&root, &copies))
+            .await
+            .map_err(|e| StoreError::Backend(format!("maildir task: {e}")))?;
+        report.maildir_files += written;
+        report.warnings.extend(failed);
+    }
+    to.bar.inc(n);
     Ok(())
 }
 
-/// An INBOX delivery of an ErlMail message, its envelope rebuilt from its headers (ErlMail
-/// kept none): sender from Return-Path or From, internal date from Date (else now).
-fn incoming(address: &str, body: Vec<u8>) -> IncomingMessage {
+/// Write each message into its recipient's Maildir under `root`; returns how many files
+/// were written and a warning for each that failed (the store has those messages, so a
+/// second run will not write them either: the warning says so).
+fn write_maildir(root: &Path, messages: &[IncomingMessage]) -> (u64, Vec<String>) {
+    let mut written = 0;
+    let mut failed = Vec::new();
+    for m in messages {
+        // ErlMail's hierarchy separator is `/`; Maildir++ separates folders with `.`.
+        let folder = m.maildir_folder().map(|f| f.replace('/', "."));
+        for rcpt in &m.local_rcpts {
+            match maildir::deliver_with_flags(
+                root,
+                rcpt,
+                folder.as_deref(),
+                &m.body,
+                &m.flags,
+                m.received_at,
+            ) {
+                Ok(_) => written += 1,
+                Err(e) => failed.push(format!(
+                    "a message of {rcpt} in mailbox {} is in the store but not in the \
+                     Maildir: {e}",
+                    m.mailbox()
+                )),
+            }
+        }
+    }
+    (written, failed)
+}
+
+/// The delivery of an ErlMail message into `mailbox` with `flags`, its envelope rebuilt
+/// from its headers (ErlMail kept none): sender from Return-Path or From, internal date
+/// from Date (else now).
+fn incoming(address: &str, body: Vec<u8>, mailbox: &str, flags: Vec<String>) -> IncomingMessage {
     let parsed = mail_parser::MessageParser::new().parse_headers(&body[..]);
     let subject = parsed
         .as_ref()
@@ -370,7 +501,8 @@ fn incoming(address: &str, body: Vec<u8>) -> IncomingMessage {
         sender,
         local_rcpts: vec![address.to_string()],
         remote_rcpts: Vec::new(),
-        junk: false,
+        mailbox: Some(mailbox.to_string()),
+        flags,
         ret: None,
         envid: None,
         smtputf8: false,
@@ -391,13 +523,20 @@ mod tests {
         let body = b"Return-Path: <bounce@example.net>\r\nFrom: A <a@example.net>\r\n\
 Date: Thu, 01 Jan 2009 00:00:10 +0000\r\nSubject: hi\r\n\r\nx\r\n"
             .to_vec();
-        let m = incoming("u@example.com", body.clone());
+        let m = incoming("u@example.com", body.clone(), "Sent", vec!["\\Seen".into()]);
         assert_eq!(m.sender, "bounce@example.net");
         assert_eq!(m.subject.as_deref(), Some("hi"));
         assert_eq!(m.received_at.timestamp(), 1_230_768_010);
         assert_eq!(m.local_rcpts, vec!["u@example.com".to_string()]);
         assert_eq!(m.body, body);
-        let m = incoming("u@example.com", b"From: <f@example.org>\r\n\r\n".to_vec());
+        assert_eq!(m.mailbox(), "Sent");
+        assert_eq!(m.flags, vec!["\\Seen".to_string()]);
+        let m = incoming(
+            "u@example.com",
+            b"From: <f@example.org>\r\n\r\n".to_vec(),
+            "INBOX",
+            Vec::new(),
+        );
         assert_eq!(m.sender, "f@example.org");
         assert_eq!(m.subject, None);
     }
@@ -409,13 +548,48 @@ Date: Thu, 01 Jan 2009 00:00:10 +0000\r\nSubject: hi\r\n\r\nx\r\n"
             users: 3,
             messages: 6,
             skipped: 1,
-            into_inbox: 1,
+            other_mailboxes: 1,
+            maildir_files: 6,
             warnings: vec!["w".into()],
         };
         assert_eq!(
             r.to_string(),
             "imported 2 domains, 3 users, 6 messages; 1 skipped (already present); \
-             1 messages from other mailboxes were put in INBOX\nwarning: w"
+             1 messages kept in their mailbox other than INBOX; 6 written to the Maildir\n\
+             warning: w"
         );
+    }
+
+    #[test]
+    fn erlmail_flags_become_imap_flags() {
+        let given: Vec<String> = [
+            "seen",
+            "recent",
+            "answered",
+            "Flagged",
+            "\\Deleted",
+            "draft",
+            "$Work",
+            "seen",
+            "two words",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut dropped = Vec::new();
+        let flags = imap_flags(&given, |f| dropped.push(f.to_string()));
+        assert_eq!(
+            flags,
+            [
+                "\\Seen",
+                "\\Answered",
+                "\\Flagged",
+                "\\Deleted",
+                "\\Draft",
+                "$Work"
+            ]
+        );
+        assert_eq!(dropped, ["two words", ""]);
     }
 }

@@ -100,7 +100,8 @@ enum Command {
         action: MailboxCmd,
     },
     /// Load a file written by contrib/erlmail-export.escript (ErlMail's Mnesia domains,
-    /// users and messages). Importing twice changes nothing.
+    /// users and messages, each into its ErlMail folder with its flags, and into the
+    /// Maildirs too when `maildir_root` is set). Importing twice changes nothing.
     Import {
         /// The exported file.
         file: PathBuf,
@@ -523,13 +524,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(())
         }),
-        Command::Import { file } => admin(path.as_deref(), &cli.set, |store| async move {
-            use std::io::IsTerminal;
-            let report =
-                erlmail::import::import(&*store, file, std::io::stderr().is_terminal()).await?;
-            println!("{report}");
-            Ok(())
-        }),
+        Command::Import { file } => {
+            // The messages also go into the Maildirs when the configuration keeps them.
+            let maildir_root = load_config(path.as_deref(), &cli.set)?.maildir_root;
+            admin(path.as_deref(), &cli.set, |store| async move {
+                use std::io::IsTerminal;
+                let report = erlmail::import::import(
+                    &*store,
+                    file,
+                    maildir_root.as_deref(),
+                    std::io::stderr().is_terminal(),
+                )
+                .await?;
+                println!("{report}");
+                Ok(())
+            })
+        }
         Command::Status => {
             let config = load_config(path.as_deref(), &cli.set)?;
             let Some(addr) = config.admin_listen else {
@@ -587,6 +597,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let Some(m) = store.get_message(address, *id).await? else {
                         bail!("no message {id} for {address}");
                     };
+                    // Standard output is the message exactly; its flags go beside it.
+                    if !m.summary.flags.is_empty() {
+                        eprintln!("flags: {}", m.summary.flags.join(" "));
+                    }
                     std::io::stdout().write_all(&m.body)?;
                 }
             }

@@ -80,7 +80,8 @@ pub struct OutgoingRcpt {
 }
 
 /// A message the SMTP server has accepted, to be committed in one transaction: delivered
-/// into the INBOX of each local recipient and queued once for all remote recipients.
+/// into a mailbox (the INBOX unless `mailbox` says otherwise) of each local recipient and
+/// queued once for all remote recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingMessage {
     /// Reverse-path (`""` for the null sender `<>`).
@@ -89,9 +90,13 @@ pub struct IncomingMessage {
     pub local_rcpts: Vec<String>,
     /// Recipients for the outgoing queue.
     pub remote_rcpts: Vec<OutgoingRcpt>,
-    /// The local copies go to each recipient's `Junk` mailbox instead of the INBOX (mail
-    /// that failed DMARC under `p=quarantine`).
-    pub junk: bool,
+    /// The mailbox the local copies go to instead of the INBOX: `Some(JUNK)` for mail that
+    /// failed DMARC under `p=quarantine`, an ErlMail folder for an imported message.
+    /// `None` (or any spelling of `INBOX`) is the INBOX.
+    pub mailbox: Option<String>,
+    /// IMAP flags the local copies start with (`\Seen`, `\Answered`, keywords), as an
+    /// imported message had them; empty for new mail. Each an IMAP atom: no spaces.
+    pub flags: Vec<String>,
     /// MAIL FROM RET= (`FULL`/`HDRS`), if given.
     pub ret: Option<String>,
     /// MAIL FROM ENVID=, if given.
@@ -157,13 +162,22 @@ pub struct AcceptLease {
 }
 
 impl IncomingMessage {
-    /// The mailbox the local copies go to: `Junk` or `INBOX`.
-    pub fn mailbox(&self) -> &'static str {
-        if self.junk {
-            JUNK
-        } else {
-            "INBOX"
-        }
+    /// The mailbox the local copies go to, `INBOX` spelled as IMAP spells it.
+    pub fn mailbox(&self) -> &str {
+        self.mailbox
+            .as_deref()
+            .map_or("INBOX", common::norm_mailbox)
+    }
+
+    /// The Maildir++ folder of the local copies: `None` for the INBOX (the Maildir itself).
+    pub fn maildir_folder(&self) -> Option<&str> {
+        Some(self.mailbox()).filter(|m| *m != "INBOX")
+    }
+
+    /// Whether the local copies go anywhere but an INBOX without flags, which is all that
+    /// PostgreSQL's one-statement group commit writes.
+    pub fn needs_more_than_inbox(&self) -> bool {
+        self.maildir_folder().is_some() || !self.flags.is_empty()
     }
 }
 
@@ -227,7 +241,7 @@ impl QueuedMessage {
 pub struct MessageSummary {
     /// Id within the store.
     pub id: i64,
-    /// Mailbox name (`INBOX`).
+    /// Mailbox name (`INBOX`, `Junk`, an imported folder).
     pub mailbox: String,
     /// Envelope sender.
     pub sender: String,
@@ -237,6 +251,8 @@ pub struct MessageSummary {
     pub size: u64,
     /// Internal date.
     pub internal_date: DateTime<Utc>,
+    /// IMAP flags (`\Seen`, keywords), in the order they were stored; empty when none.
+    pub flags: Vec<String>,
 }
 
 /// A mailbox message with its bytes.

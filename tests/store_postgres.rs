@@ -161,14 +161,14 @@ async fn nodes_opening_a_fresh_database_at_once_migrate_it_once() {
     let stores = futures::future::join_all(opens).await;
     for s in &stores {
         let s = s.as_ref().unwrap();
-        assert_eq!(s.schema_version().await.unwrap(), 2);
+        assert_eq!(s.schema_version().await.unwrap(), 3);
     }
     let s = stores[0].as_ref().unwrap();
     let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM erlmail_schema")
         .fetch_one(s.pool())
         .await
         .unwrap();
-    assert_eq!(applied, 2, "each migration recorded exactly once");
+    assert_eq!(applied, 3, "each migration recorded exactly once");
     // Data written through one node is seen by another (domains are cluster-wide).
     assert!(s.add_domain("shared.test").await.unwrap());
     let other = stores[3].as_ref().unwrap();
@@ -178,7 +178,7 @@ async fn nodes_opening_a_fresh_database_at_once_migrate_it_once() {
     }
     // Re-opening applies nothing twice and keeps the data.
     let again = PostgresStore::open(&db.url).await.unwrap();
-    assert_eq!(again.schema_version().await.unwrap(), 2);
+    assert_eq!(again.schema_version().await.unwrap(), 3);
     assert_eq!(again.list_domains().await.unwrap(), vec!["shared.test"]);
     again.close().await;
 }
@@ -274,7 +274,8 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
             })
             .into_iter()
             .collect(),
-        junk: false,
+        mailbox: None,
+        flags: Vec::new(),
         ret: None,
         envid: None,
         smtputf8: false,

@@ -554,7 +554,7 @@ async fn store(
     junk: bool,
 ) -> StoreOutcome {
     let mut message = to_incoming(tx);
-    message.junk = junk;
+    message.mailbox = junk.then(|| crate::store::JUNK.to_string());
     if !message.remote_rcpts.is_empty() && !signers.is_empty() {
         let Some(body) = dkim_sign(path, signers, message.body).await else {
             return StoreOutcome::Failed;
@@ -666,7 +666,8 @@ fn to_incoming(tx: Transaction) -> IncomingMessage {
         sender: tx.reverse_path.to_string(),
         local_rcpts,
         remote_rcpts,
-        junk: false,
+        mailbox: None,
+        flags: Vec::new(),
         ret: tx.ret,
         envid: tx.envid,
         smtputf8: tx.smtputf8,

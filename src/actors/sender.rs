@@ -518,7 +518,8 @@ async fn notification(
         sender: String::new(),
         local_rcpts,
         remote_rcpts,
-        junk: false,
+        mailbox: None,
+        flags: Vec::new(),
         ret: None,
         envid: None,
         // A report to a UTF-8 address needs SMTPUTF8 on its way (RFC 6533).

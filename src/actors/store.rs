@@ -605,11 +605,10 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                         tokio::task::spawn_blocking(move || {
                             for m in &messages {
                                 for rcpt in &m.local_rcpts {
-                                    let folder = m.junk.then_some(store::JUNK);
                                     if let Err(e) = store::maildir::deliver(
                                         &root,
                                         rcpt,
-                                        folder,
+                                        m.maildir_folder(),
                                         &m.body,
                                         chrono::Utc::now(),
                                     ) {

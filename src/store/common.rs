@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 
-use super::{QueuedMessage, StoreError, StoreResult};
+use super::{IncomingMessage, QueuedMessage, StoreError, StoreResult};
 
 pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
@@ -60,6 +60,34 @@ pub(crate) fn norm_mailbox(name: &str) -> &str {
     } else {
         name
     }
+}
+
+/// Where the local copies of `m` go and their `messages.flags` column: the mailbox
+/// name, and the flags space-separated (`None` when there are none). Refuses an empty
+/// mailbox name, and a flag that is empty or holds white space or a parenthesis (an IMAP
+/// flag is an atom; the column separates flags by spaces).
+pub(crate) fn local_copy(m: &IncomingMessage) -> StoreResult<(&str, Option<String>)> {
+    let mailbox = m.mailbox();
+    if mailbox.trim().is_empty() {
+        return Err(StoreError::Invalid("empty mailbox name".into()));
+    }
+    for f in &m.flags {
+        if f.is_empty() || f.chars().any(|c| c.is_whitespace() || c == '(' || c == ')') {
+            return Err(StoreError::Invalid(format!("invalid IMAP flag {f:?}")));
+        }
+    }
+    let flags = (!m.flags.is_empty()).then(|| m.flags.join(" "));
+    Ok((mailbox, flags))
+}
+
+/// The flags of a `messages.flags` column, as `local_copy` wrote them.
+pub(crate) fn read_flags(column: Option<String>) -> Vec<String> {
+    column
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// A Postfix-like queue id: 16 upper-case hex digits, the milliseconds since 1970 (44

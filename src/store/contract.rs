@@ -46,7 +46,8 @@ fn incoming(
         sender: sender.to_string(),
         local_rcpts: local.iter().map(|s| s.to_string()).collect(),
         remote_rcpts: remote,
-        junk: false,
+        mailbox: None,
+        flags: Vec::new(),
         ret: None,
         envid: None,
         smtputf8: false,
@@ -130,10 +131,100 @@ pub async fn run_all(store: &dyn MessageStore) {
     commit_batch_mixes_accepts_and_records(store).await;
     commit_batch_isolates_each_message(store).await;
     junk_copies(store).await;
+    named_mailboxes_and_flags(store).await;
     queue_admin(store).await;
 }
 
-/// A message marked `junk` (DMARC quarantine) puts its local copies in each recipient's
+/// A message accepted into a named mailbox with IMAP flags (an imported ErlMail message)
+/// is listed there, and read back, with its flags in order; flags in the INBOX survive the
+/// group commit beside plain mail; `inbox` is the INBOX; a flag with a space is refused.
+pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
+    store.add_domain("folders.test").await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store
+        .add_user("f@folders.test", &h)
+        .await
+        .expect("add user");
+    let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut sent = incoming(
+        "f@folders.test",
+        &["f@folders.test"],
+        vec![],
+        t0(),
+        b"Subject: sent\r\n\r\nx\r\n",
+    );
+    sent.mailbox = Some("Sent".to_string());
+    sent.flags = flags(&["\\Seen", "\\Answered", "$Work"]);
+    let ids = store
+        .accept_batch(vec![sent])
+        .await
+        .expect("accept into Sent");
+    let listed = store
+        .list_mailbox("f@folders.test", "Sent")
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].mailbox, "Sent");
+    assert_eq!(listed[0].id, ids[0].message_ids[0]);
+    assert_eq!(listed[0].flags, flags(&["\\Seen", "\\Answered", "$Work"]));
+    let got = store
+        .get_message("f@folders.test", listed[0].id)
+        .await
+        .expect("get")
+        .expect("the message");
+    assert_eq!(got.summary, listed[0]);
+
+    // Through the group commit, flags in the INBOX (spelled `inbox`) beside plain mail.
+    let mut flagged = incoming(
+        "a@origin.test",
+        &["f@folders.test"],
+        vec![],
+        t0(),
+        b"Subject: flagged\r\n\r\ny\r\n",
+    );
+    flagged.mailbox = Some("inbox".to_string());
+    flagged.flags = flags(&["\\Flagged"]);
+    let plain = incoming(
+        "b@origin.test",
+        &["f@folders.test"],
+        vec![],
+        t0(),
+        b"Subject: plain\r\n\r\nz\r\n",
+    );
+    accept_leased(store, &[flagged, plain], None)
+        .await
+        .expect("group commit");
+    let inbox = store
+        .list_mailbox("f@folders.test", "INBOX")
+        .await
+        .expect("list");
+    let got: Vec<(&str, &str, Vec<String>)> = inbox
+        .iter()
+        .map(|m| (m.mailbox.as_str(), m.sender.as_str(), m.flags.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("INBOX", "a@origin.test", flags(&["\\Flagged"])),
+            ("INBOX", "b@origin.test", Vec::new()),
+        ]
+    );
+    assert_eq!(
+        store
+            .list_mailbox("f@folders.test", "Sent")
+            .await
+            .expect("list")
+            .len(),
+        1,
+        "INBOX mail stays out of Sent"
+    );
+
+    let mut bad = incoming("c@origin.test", &["f@folders.test"], vec![], t0(), b"x");
+    bad.flags = flags(&["two words"]);
+    assert!(is_invalid(store.accept_batch(vec![bad]).await));
+}
+
+/// A message for the `Junk` mailbox (DMARC quarantine) puts its local copies in each recipient's
 /// `Junk` mailbox, created on first use, in a group commit beside INBOX mail.
 pub async fn junk_copies(store: &dyn MessageStore) {
     store.add_domain("junk.test").await.expect("add domain");
@@ -146,7 +237,7 @@ pub async fn junk_copies(store: &dyn MessageStore) {
         t0(),
         b"Subject: spam\r\n\r\nx\r\n",
     );
-    spam.junk = true;
+    spam.mailbox = Some(JUNK.to_string());
     let ham = incoming(
         "s@good.test",
         &["j@junk.test"],
@@ -558,6 +649,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
                 subject: Some("all bytes".into()),
                 size: body.len() as u64,
                 internal_date: at,
+                flags: Vec::new(),
             },
             MessageSummary {
                 id: acc[1].message_ids[0],
@@ -566,6 +658,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
                 subject: Some("contract".into()),
                 size: 8,
                 internal_date: secs(1),
+                flags: Vec::new(),
             },
         ]
     );

@@ -85,6 +85,40 @@ pub fn deliver(
     bytes: &[u8],
     now: DateTime<Utc>,
 ) -> io::Result<PathBuf> {
+    deliver_with_flags(root, address, folder, bytes, &[], now)
+}
+
+/// The Maildir info of IMAP `flags`: `2,` and the letters of the flags Maildir knows, in
+/// ASCII order (D draft, F flagged, R answered, S seen, T deleted). Keywords and
+/// `\Recent` have no letter and are left out.
+pub fn info(flags: &[String]) -> String {
+    let mut letters: Vec<char> = flags
+        .iter()
+        .filter_map(|f| match f.to_ascii_lowercase().as_str() {
+            "\\draft" => Some('D'),
+            "\\flagged" => Some('F'),
+            "\\answered" => Some('R'),
+            "\\seen" => Some('S'),
+            "\\deleted" => Some('T'),
+            _ => None,
+        })
+        .collect();
+    letters.sort_unstable();
+    letters.dedup();
+    format!("2,{}", letters.into_iter().collect::<String>())
+}
+
+/// `deliver` for a message that already has IMAP `flags` (an imported one): without
+/// flags it lands in `new/` as `deliver` puts it; with flags it has been seen by a mail
+/// client, so it lands in `cur/` with its Maildir info (`<name>:2,FS`, see [`info`]).
+pub fn deliver_with_flags(
+    root: &Path,
+    address: &str,
+    folder: Option<&str>,
+    bytes: &[u8],
+    flags: &[String],
+    now: DateTime<Utc>,
+) -> io::Result<PathBuf> {
     let user = maildir_path(root, address)?;
     let dir = match folder {
         // Folder names keep their case (`.Junk`); the same characters are refused.
@@ -112,7 +146,14 @@ pub fn deliver(
     }
     let name = unique_name(now);
     let tmp = dir.join("tmp").join(&name);
-    let new = dir.join("new").join(&name);
+    let (sub, new) = if flags.is_empty() {
+        ("new", dir.join("new").join(&name))
+    } else {
+        (
+            "cur",
+            dir.join("cur").join(format!("{name}:{}", info(flags))),
+        )
+    };
     let written = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
@@ -124,7 +165,7 @@ pub fn deliver(
         return Err(e);
     }
     fs::rename(&tmp, &new)?;
-    sync_dir(&dir.join("new"))?;
+    sync_dir(&dir.join(sub))?;
     Ok(new)
 }
 
@@ -194,6 +235,38 @@ mod tests {
             "not the INBOX"
         );
         assert!(deliver(root.path(), "bob@example.com", Some("../x"), b"x", now()).is_err());
+    }
+
+    #[test]
+    fn flagged_messages_go_to_cur_with_their_info() {
+        let root = tempfile::tempdir().unwrap();
+        let flags: Vec<String> = ["\\Seen", "$Label", "\\Answered", "\\Flagged", "\\Recent"]
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        let p = deliver_with_flags(
+            root.path(),
+            "bob@example.com",
+            Some("Sent"),
+            b"sent",
+            &flags,
+            now(),
+        )
+        .unwrap();
+        let folder = root.path().join("example.com/bob/.Sent");
+        assert_eq!(p.parent().unwrap(), folder.join("cur"));
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.ends_with(":2,FRS"), "{name}");
+        assert_eq!(fs::read(&p).unwrap(), b"sent");
+        assert_eq!(fs::read_dir(folder.join("new")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(folder.join("tmp")).unwrap().count(), 0);
+        // No flags: an unseen message, in new/ without info.
+        let p = deliver_with_flags(root.path(), "bob@example.com", None, b"x", &[], now()).unwrap();
+        assert_eq!(p.parent().unwrap(), root.path().join("example.com/bob/new"));
+        assert!(!p.to_str().unwrap().contains(":2,"));
+        let all = ["\\Deleted", "\\draft", "\\Seen", "\\Flagged", "\\Answered"];
+        assert_eq!(info(&all.map(String::from)), "2,DFRST");
+        assert_eq!(info(&["kw".to_string()]), "2,");
     }
 
     #[test]

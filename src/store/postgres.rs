@@ -15,8 +15,8 @@
 //! (retry schedule, who is local): callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, new_queue_id, node_prefixes, norm_address, norm_domain, norm_mailbox,
-    read_queued, to_u64, Columns,
+    from_ms, lease_end, local_copy, ms, new_queue_id, node_prefixes, norm_address, norm_domain,
+    norm_mailbox, read_flags, read_queued, to_u64, Columns,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -67,6 +67,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "smtputf8",
         include_str!("../../migrations/postgres/0002_smtputf8.sql"),
+    ),
+    (
+        3,
+        "message_flags",
+        include_str!("../../migrations/postgres/0003_message_flags.sql"),
     ),
 ];
 
@@ -526,6 +531,7 @@ fn message_summary(r: &PgRow) -> StoreResult<MessageSummary> {
         subject: r.try_get("subject").map_err(g)?,
         size: to_u64(r.try_get("size").map_err(g)?),
         internal_date: from_ms(r.try_get("internal_date").map_err(g)?)?,
+        flags: read_flags(r.try_get::<Option<String>, _>("flags").map_err(g)?),
     })
 }
 
@@ -538,6 +544,7 @@ async fn accept_one(
     let received = ms(m.received_at);
     let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
     let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
+    let (mailbox, flags) = local_copy(m)?;
     for rcpt in &m.local_rcpts {
         let (address, _, _) = norm_address(rcpt)?;
         let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE address = $1")
@@ -552,21 +559,21 @@ async fn accept_one(
              ON CONFLICT (user_id, name) DO NOTHING",
         )
         .bind(user_id)
-        .bind(m.mailbox())
+        .bind(mailbox)
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
         let mailbox_id: i64 =
             sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = $2")
                 .bind(user_id)
-                .bind(m.mailbox())
+                .bind(mailbox)
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(db_err)?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO messages
-                 (mailbox_id, sender, recipients, subject, size, internal_date, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                 (mailbox_id, sender, recipients, subject, size, internal_date, body, flags)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(mailbox_id)
         .bind(&m.sender)
@@ -575,6 +582,7 @@ async fn accept_one(
         .bind(size)
         .bind(received)
         .bind(&m.body)
+        .bind(&flags)
         .fetch_one(&mut *conn)
         .await
         .map_err(db_err)?;
@@ -1332,10 +1340,10 @@ impl MessageStore for PostgresStore {
                 recorded,
             };
         }
-        // The one-statement commit files mail in the INBOX; the rare Junk copy goes the
-        // careful way below.
-        let fast = if messages.iter().any(|m| m.junk) {
-            Err(StoreError::Backend("a Junk copy".into()))
+        // The one-statement commit files mail in the INBOX without flags; the rare Junk
+        // copy (or imported message with a folder or flags) goes the careful way below.
+        let fast = if messages.iter().any(IncomingMessage::needs_more_than_inbox) {
+            Err(StoreError::Backend("a copy outside the plain INBOX".into()))
         } else {
             self.commit_fast(&messages, lease.as_ref(), &records).await
         };

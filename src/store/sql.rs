@@ -47,7 +47,7 @@ pub(super) const ALL_QUEUE_RCPTS: &str = "SELECT queue_id, address, orcpt, notif
 pub(super) const SET_PASSWORD: &str = "UPDATE users SET password_hash = $1 WHERE address = $2";
 
 /// A user's mailbox listing, oldest first.
-pub(super) const LIST_MAILBOX: &str = "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id JOIN users u ON b.user_id = u.id WHERE u.address = $1 AND b.name = $2 ORDER BY m.id";
+pub(super) const LIST_MAILBOX: &str = "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date, m.flags FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id JOIN users u ON b.user_id = u.id WHERE u.address = $1 AND b.name = $2 ORDER BY m.id";
 
 /// One message of a user, with its recipients and bytes.
-pub(super) const GET_MESSAGE: &str = "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date, m.recipients, m.body FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id JOIN users u ON b.user_id = u.id WHERE u.address = $1 AND m.id = $2";
+pub(super) const GET_MESSAGE: &str = "SELECT m.id, b.name AS mailbox, m.sender, m.subject, m.size, m.internal_date, m.flags, m.recipients, m.body FROM messages m JOIN mailboxes b ON m.mailbox_id = b.id JOIN users u ON b.user_id = u.id WHERE u.address = $1 AND m.id = $2";

@@ -16,8 +16,8 @@
 //! callers pass those in.
 
 use super::common::{
-    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, read_queued,
-    to_u64, Columns,
+    from_ms, lease_end, ms, node_prefixes, norm_address, norm_domain, norm_mailbox, read_flags,
+    read_queued, to_u64, Columns,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "smtputf8",
         include_str!("../../migrations/sqlite/0002_smtputf8.sql"),
+    ),
+    (
+        3,
+        "message_flags",
+        include_str!("../../migrations/sqlite/0003_message_flags.sql"),
     ),
 ];
 
@@ -413,6 +418,7 @@ fn message_summary(r: &Row<'_>) -> StoreResult<MessageSummary> {
         subject: r.get("subject").map_err(g)?,
         size: to_u64(r.get("size").map_err(g)?),
         internal_date: from_ms(r.get("internal_date").map_err(g)?)?,
+        flags: read_flags(r.get::<_, Option<String>>("flags").map_err(g)?),
     })
 }
 
@@ -1018,12 +1024,12 @@ mod tests {
         assert_eq!(sync, 2, "FULL");
         let fk: i64 = scalar(&store, "PRAGMA foreign_keys").await;
         assert_eq!(fk, 1);
-        assert_eq!(store.schema_version().await.unwrap(), 2);
+        assert_eq!(store.schema_version().await.unwrap(), 3);
         store.add_domain("keep.test").await.unwrap();
         store.close().await;
         // Re-opening applies nothing twice and keeps the data.
         let again = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(again.schema_version().await.unwrap(), 2);
+        assert_eq!(again.schema_version().await.unwrap(), 3);
         assert_eq!(
             again.list_domains().await.unwrap(),
             vec!["keep.test".to_string()]
@@ -1078,7 +1084,8 @@ mod tests {
                 orcpt: None,
                 notify: None,
             }],
-            junk: false,
+            mailbox: None,
+            flags: Vec::new(),
             ret: None,
             envid: None,
             smtputf8: false,

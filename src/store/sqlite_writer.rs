@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::common::{ms, new_queue_id, norm_address};
+use super::common::{local_copy, ms, new_queue_id, norm_address};
 use super::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, RcptState, StoreError, StoreResult,
     WriteBatch, WriteOutcome,
@@ -252,6 +252,7 @@ fn accept_one(
     let received = ms(m.received_at);
     let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
     let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
+    let (mailbox, flags) = local_copy(m)?;
     for rcpt in &m.local_rcpts {
         let (address, _, _) = norm_address(rcpt)?;
         let user_id: i64 = tx
@@ -259,7 +260,6 @@ fn accept_one(
             .and_then(|mut s| s.query_row([&address], |r| r.get(0)).optional())
             .map_err(sql_err)?
             .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
-        let mailbox = m.mailbox();
         tx.prepare_cached(
             "INSERT INTO mailboxes (user_id, name) VALUES (?1, ?2)
              ON CONFLICT (user_id, name) DO NOTHING",
@@ -273,12 +273,15 @@ fn accept_one(
         let id: i64 = tx
             .prepare_cached(
                 "INSERT INTO messages
-                     (mailbox_id, sender, recipients, subject, size, internal_date, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                     (mailbox_id, sender, recipients, subject, size, internal_date, body,
+                      flags)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
             )
             .and_then(|mut s| {
                 s.query_row(
-                    params![mailbox_id, m.sender, address, m.subject, size, received, m.body],
+                    params![
+                        mailbox_id, m.sender, address, m.subject, size, received, m.body, flags
+                    ],
                     |r| r.get(0),
                 )
             })
