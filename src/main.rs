@@ -324,8 +324,11 @@ fn reload_applies(running: &Config, new: &Config) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     };
     let now = listen(running);
+    // A running port of 0 was chosen by the kernel and is not known here; only a port
+    // given in the configuration can be compared (and only tests give 0).
+    let ephemeral = now.iter().any(|a| a.port() == 0);
     for addr in listen(new) {
-        if addr.port() != 0 && !now.contains(&addr) {
+        if addr.port() != 0 && !ephemeral && !now.contains(&addr) {
             erlmail::net::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
         }
     }

@@ -85,7 +85,10 @@ impl Actor for Listener {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Wait until the task (and the socket it owns) is gone: a successor binding the
+        // same address right after must find it free.
         state.accept_task.abort();
+        let _ = (&mut state.accept_task).await;
         info!(path = %state.path, "stopped");
         Ok(())
     }
