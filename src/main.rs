@@ -372,7 +372,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("erlmail: {e:#}");
-            ExitCode::from(2)
+            // sysexits.h: EX_CONFIG for a configuration that cannot be used, else 2.
+            if e.downcast_ref::<erlmail::config::ConfigError>().is_some() {
+                ExitCode::from(78)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

@@ -56,6 +56,7 @@ fn every_malformed_file_names_file_line_and_column_and_exits_non_zero() {
         seen += 1;
         let (status, out, err) = erlmail(&path, &["config", "check"], None);
         assert!(!status.success(), "{name} was accepted:\n{out}");
+        assert_eq!(status.code(), Some(78), "{name}: EX_CONFIG");
         // `FILE:LINE:COL: message`
         let at = err
             .find(&name)
