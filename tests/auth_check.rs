@@ -172,14 +172,7 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
          server_smtp_relay_clients: [\"127.0.0.2/32\"]\n",
         dns.addr()
     ));
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
-        .0
-        .success());
+    d.add_user("alice@example.test");
 
     let mut s = Smtp::connect_from(d.addr, CLIENT);
     assert!(s.cmd("EHLO client.test").starts_with("250"));
@@ -291,7 +284,7 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
     }
 
     assert!(d.log_text().contains("refused: DMARC p=reject"), "logged");
-    let metrics = scrape(d.admin_addr());
+    let metrics = daemon::http_get(d.admin_addr(), "/metrics");
     for line in [
         "erlmail_dmarc_actions_total{action=\"reject\"} 2",
         "erlmail_dmarc_actions_total{action=\"junk\"} 1",
@@ -301,17 +294,6 @@ async fn spf_dkim_and_dmarc_decide_what_local_users_get() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
-}
-
-/// The admin endpoint's `/metrics` text.
-fn scrape(admin: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,14 +308,7 @@ async fn report_mode_only_records_the_verdict() {
          server_smtp_dmarc_policy: report\n",
         dns.addr()
     ));
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
-        .0
-        .success());
+    d.add_user("alice@example.test");
     let mut s = Smtp::connect_from(d.addr, CLIENT);
     assert!(s.cmd("EHLO client.test").starts_with("250"));
     let r = send(

@@ -373,3 +373,28 @@ impl Smtp {
         self.cmd(".")
     }
 }
+
+/// `GET path` on the admin endpoint at `addr`; the body of its 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the admin endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    body.to_string()
+}
+
+impl Daemon {
+    /// `erlmail domain add` the domain of `address`, then `erlmail user add address`
+    /// with password `pw`.
+    pub fn add_user(&self, address: &str) {
+        let domain = address.rsplit_once('@').expect("an address").1;
+        let (ok, _, err) = self.admin(&["domain", "add", domain], None);
+        assert!(ok.success(), "domain add {domain}: {err}");
+        let (ok, _, err) = self.admin(&["user", "add", address], Some("pw\n"));
+        assert!(ok.success(), "user add {address}: {err}");
+    }
+}
