@@ -8,7 +8,6 @@ mod daemon;
 mod sink;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use daemon::{http_get, Daemon};
