@@ -8,9 +8,9 @@ mod daemon;
 mod sink;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use daemon::{http_get, Daemon};
+use daemon::{http_get, wait_until, Daemon};
 use sink::{Sink, SinkConfig, StartTls};
 
 /// Parse a scrape with prometheus_client's parser; samples as `name{labels}` -> value.
@@ -48,14 +48,6 @@ for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
 
 fn metric(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use daemon::Daemon;
+use daemon::{wait_until, Daemon};
 use sink::{Sink, SinkConfig};
 
 /// A key made by `erlmail dkim keygen`: its file and its DNS record.
@@ -182,14 +182,6 @@ fn received(sink: &Sink, subject: &str) -> Vec<u8> {
         .find(|m| String::from_utf8_lossy(&m.data).contains(&format!("Subject: {subject}\r\n")))
         .unwrap_or_else(|| panic!("no message {subject}"))
         .data
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,9 @@ mod daemon;
 mod sink;
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use daemon::{Daemon, Smtp};
+use daemon::{wait_until, Daemon, Smtp};
 use sink::{Sink, SinkConfig};
 
 const SYNC: &str = "554 5.5.0 Error: SMTP protocol synchronization";
@@ -30,14 +30,6 @@ fn queue_is_empty(d: &Daemon) -> bool {
     let (status, out, err) = d.admin(&["queue", "list"], None);
     assert!(status.success(), "{err}");
     out.contains("Mail queue is empty")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Everything the server still writes until it closes the connection (a read timeout

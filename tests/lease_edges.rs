@@ -17,7 +17,7 @@ mod sink;
 use std::time::{Duration, Instant};
 
 use chaos::{Fault, FaultRule, FaultSink};
-use daemon::Daemon;
+use daemon::{wait_until, Daemon};
 use sink::{Sink, SinkConfig, StartTls};
 
 fn relay_yaml(port: u16, extra: &str) -> String {
@@ -36,14 +36,6 @@ fn queue_json(d: &Daemon) -> Vec<serde_json::Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Relay one message per recipient in one session; returns after the last 250.

@@ -7,9 +7,9 @@ mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use daemon::{Daemon, Smtp};
+use daemon::{wait_until, Daemon, Smtp};
 use mail_parser::MimeHeaders;
 use sink::{Sink, SinkConfig, StartTls};
 
@@ -44,14 +44,6 @@ fn queue_list(d: &Daemon) -> String {
     let (status, out, err) = d.admin(&["queue", "list"], None);
     assert!(status.success(), "{err}");
     out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -398,3 +398,12 @@ impl Daemon {
         assert!(ok.success(), "user add {address}: {err}");
     }
 }
+
+/// Polls `f` every 50 ms until it holds; fails the test after `timeout`, naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
