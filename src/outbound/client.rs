@@ -352,11 +352,23 @@ fn failed_at(
             dsn: false,
         })
         .collect();
-    DeliveryReport {
-        results,
-        remote: Some(hop.clone()),
-        tls,
-        skipped,
+    DeliveryReport::decided_by(hop, results, tls, skipped)
+}
+
+impl DeliveryReport {
+    /// The report of a delivery that `hop`'s session decided.
+    fn decided_by(
+        hop: &Hop,
+        results: Vec<RcptResult>,
+        tls: bool,
+        skipped: Vec<(Hop, FailureCause)>,
+    ) -> Self {
+        DeliveryReport {
+            results,
+            remote: Some(hop.clone()),
+            tls,
+            skipped,
+        }
     }
 }
 
@@ -475,12 +487,7 @@ impl SessionResult {
                 dsn,
             })
             .collect();
-        DeliveryReport {
-            results,
-            remote: Some(hop.clone()),
-            tls,
-            skipped,
-        }
+        DeliveryReport::decided_by(hop, results, tls, skipped)
     }
 }
 
