@@ -966,19 +966,19 @@ impl QueueStore for PostgresStore {
         // commits they carry its unexpired lease, which the WHERE clause refuses.
         // MATERIALIZED keeps the locking sub-select from being inlined and re-run.
         let rows = sqlx::query(concat!(
+            // `due_id`, not `id`: the RETURNING list is `outgoing_cols!` unqualified.
             "WITH due AS MATERIALIZED (
-                 SELECT id FROM outgoing
+                 SELECT id AS due_id FROM outgoing
                  WHERE next_retry_at <= $3 AND NOT held
                    AND (lock_owner IS NULL OR lock_expires_at IS NULL OR lock_expires_at <= $3)
                  ORDER BY next_retry_at, id
                  LIMIT $4
                  FOR UPDATE SKIP LOCKED)
-             UPDATE outgoing o SET lock_owner = $1, lock_expires_at = $2
-             FROM due WHERE o.id = due.id
+             UPDATE outgoing SET lock_owner = $1, lock_expires_at = $2
+             FROM due WHERE id = due.due_id
              RETURNING ",
-            "o.id, o.sender, o.ret, o.envid, o.client_ip, o.helo, o.received_at, o.tries, \
-             o.last_try_at, o.last_error, o.next_retry_at, o.lock_owner, o.lock_expires_at, \
-             o.held, o.size, o.smtputf8, o.body"
+            outgoing_cols!(),
+            ", body"
         ))
         .bind(node)
         .bind(lease_end(now, lease))
