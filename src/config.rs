@@ -289,6 +289,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Where the SMTP listeners are: `server_smtp_address` with `server_smtp_port`, and
+    /// with `server_smtp_tls_port` when there is one (a port of 0 is the kernel's choice).
+    pub fn smtp_listen_addrs(&self) -> Vec<std::net::SocketAddr> {
+        std::iter::once(self.server_smtp_port)
+            .chain(self.server_smtp_tls_port)
+            .map(|port| std::net::SocketAddr::new(self.server_smtp_address, port))
+            .collect()
+    }
+
     /// The store URL in effect: `store_url`, or the SQLite file in `spool_dir`.
     pub fn effective_store_url(&self) -> String {
         match &self.store_url {

@@ -317,17 +317,11 @@ fn worker_threads(cores: usize, env: Option<&str>) -> usize {
 /// Whether `new` can be applied over `running` as a whole: every listening address that
 /// changes can be bound now (a taken port refuses the reload, never stops the daemon).
 fn reload_applies(running: &Config, new: &Config) -> anyhow::Result<()> {
-    let listen = |c: &Config| {
-        std::iter::once(c.server_smtp_port)
-            .chain(c.server_smtp_tls_port)
-            .map(|port| std::net::SocketAddr::new(c.server_smtp_address, port))
-            .collect::<Vec<_>>()
-    };
-    let now = listen(running);
+    let now = running.smtp_listen_addrs();
     // A running port of 0 was chosen by the kernel and is not known here; only a port
     // given in the configuration can be compared (and only tests give 0).
     let ephemeral = now.iter().any(|a| a.port() == 0);
-    for addr in listen(new) {
+    for addr in new.smtp_listen_addrs() {
         if addr.port() != 0 && !ephemeral && !now.contains(&addr) {
             erlmail::net::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
         }
@@ -534,8 +528,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Import { file } => {
             // The messages also go into the Maildirs when the configuration keeps them.
-            let maildir_root = load_config(path.as_deref(), &cli.set)?.maildir_root;
-            admin(path.as_deref(), &cli.set, |store| async move {
+            let config = load_config(path.as_deref(), &cli.set)?;
+            let maildir_root = config.maildir_root.clone();
+            admin_with(&config, |store| async move {
                 use std::io::IsTerminal;
                 let report = erlmail::import::import(
                     &*store,
@@ -949,7 +944,15 @@ where
     F: FnOnce(SharedStore) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let config = load_config(path, overrides)?;
+    admin_with(&load_config(path, overrides)?, f)
+}
+
+/// [`admin`] on a configuration already loaded.
+fn admin_with<F, Fut>(config: &Config, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(SharedStore) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -112,10 +112,10 @@ impl RouterConfig {
                 require_tls: config.server_smtp_tls_outbound == TlsOutbound::Require,
                 own_name: Some(config.server_smtp_name.clone()),
                 // Where this erlmail listens: a next hop there is a loop.
-                own_addrs: std::iter::once(config.server_smtp_port)
-                    .chain(config.server_smtp_tls_port)
-                    .filter(|port| *port != 0)
-                    .map(|port| SocketAddr::new(config.server_smtp_address, port))
+                own_addrs: config
+                    .smtp_listen_addrs()
+                    .into_iter()
+                    .filter(|a| a.port() != 0)
                     .collect(),
                 ..DeliveryOptions::with_timeout(config.server_smtp_timeout)
             },
