@@ -391,8 +391,7 @@ impl Message<'_> {
     /// The text to send to a hop offering `keywords`, and whether it goes as
     /// `BODY=8BITMIME`; or why it cannot go there at all (RFC 6531 §3.2, RFC 6152).
     fn text_for(&self, keywords: &[String], host: &str) -> Result<(&[u8], bool), FailureCause> {
-        let offers = |k: &str| keywords.iter().any(|x| x == k);
-        if self.needs_smtputf8 && !offers("SMTPUTF8") {
+        if self.needs_smtputf8 && !offers(keywords, "SMTPUTF8") {
             return Err(FailureCause::NotOffered {
                 extension: "SMTPUTF8",
                 host: host.to_string(),
@@ -401,7 +400,7 @@ impl Message<'_> {
         if !self.eight_bit {
             return Ok((self.body, false));
         }
-        if offers("8BITMIME") {
+        if offers(keywords, "8BITMIME") {
             return Ok((self.body, true));
         }
         // Postfix converts rather than bounce: every 8-bit MIME part quoted-printable.
@@ -835,7 +834,7 @@ async fn open(
     };
 
     let mut tls = false;
-    let connector = if use_tls && keywords.iter().any(|k| k == "STARTTLS") {
+    let connector = if use_tls && offers(&keywords, "STARTTLS") {
         tls_connector()
     } else {
         None
@@ -947,7 +946,7 @@ async fn transaction(
     // RFC 2920, as Postfix's client does: with PIPELINING, MAIL, every RCPT and DATA go
     // out in one write and their replies are read in order, two round trips a message
     // (this group, then the text) instead of three plus one per recipient.
-    let pipelined = s.keywords.iter().any(|k| k == "PIPELINING");
+    let pipelined = offers(&s.keywords, "PIPELINING");
     let (text, body_8bit) = match msg.text_for(&s.keywords, host) {
         Ok(t) => t,
         Err(cause) => {
@@ -955,7 +954,7 @@ async fn transaction(
             return Err(HostError::Fatal { cause, tls });
         }
     };
-    let dsn = s.keywords.iter().any(|k| k == "DSN");
+    let dsn = offers(&s.keywords, "DSN");
     let mail_line = mail_command(&s.keywords, msg.envelope, text.len(), body_8bit);
     let rcpt_lines: Vec<String> = msg
         .envelope
@@ -1113,23 +1112,27 @@ async fn transaction(
     ))
 }
 
+/// Whether a server's EHLO `keywords` (upper case) include `extension`.
+fn offers(keywords: &[String], extension: &str) -> bool {
+    keywords.iter().any(|k| k == extension)
+}
+
 /// `MAIL FROM` for `envelope` to a server offering `keywords`: `SIZE` of the text as
 /// sent, `BODY=8BITMIME` for 8-bit text, `SMTPUTF8` and the DSN parameters as the client
 /// gave them, each only where the server offers its extension (RFC 1870, 6152, 6531,
 /// 3461 §4).
 fn mail_command(keywords: &[String], envelope: &Envelope, size: usize, body_8bit: bool) -> String {
-    let offers = |k: &str| keywords.iter().any(|x| x == k);
     let mut line = format!("MAIL FROM:<{}>", envelope.sender);
-    if offers("SIZE") {
+    if offers(keywords, "SIZE") {
         line.push_str(&format!(" SIZE={size}"));
     }
     if body_8bit {
         line.push_str(" BODY=8BITMIME");
     }
-    if envelope.smtputf8 && offers("SMTPUTF8") {
+    if envelope.smtputf8 && offers(keywords, "SMTPUTF8") {
         line.push_str(" SMTPUTF8");
     }
-    if offers("DSN") {
+    if offers(keywords, "DSN") {
         if let Some(ret) = &envelope.ret {
             line.push_str(&format!(" RET={ret}"));
         }
