@@ -2,7 +2,8 @@
 //! detach, builds the tokio runtime (the only place that does), starts the actor tree and
 //! maps signals onto it: SIGTERM/SIGINT stop cleanly (exit 0), SIGHUP reloads the
 //! configuration (a bad file is reported and the running one kept), SIGUSR1 logs the live
-//! actor tree. It must not reach into the actors beyond the root's messages.
+//! actor tree. It does none of the actors' work: it starts the tree and sends its root
+//! messages.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
