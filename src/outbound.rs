@@ -10,16 +10,21 @@
 //! retries or notifications: it reports per-recipient `RcptStatus` values and leaves
 //! their meaning to the pure policy in `queue` and to the sender actor.
 
-pub mod client;
+pub mod cache;
+pub mod connection;
+pub mod dialogue;
+pub mod envelope;
 pub mod route;
 pub mod seven_bit;
 pub mod wire;
 
-pub use client::{
-    deliver, deliver_with, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Envelope,
-    EnvelopeRcpt, GoAhead, Hop, RcptResult, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
+pub use cache::{
+    CacheLimits, ConnectionCache, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
     CONNECTION_REUSE_COUNT_LIMIT, CONNECTION_REUSE_TIME_LIMIT,
 };
+pub use connection::{DeliveryOptions, Hop};
+pub use dialogue::{deliver, deliver_with, DeliveryReport, GoAhead, RcptResult};
+pub use envelope::{Envelope, EnvelopeRcpt};
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
 
 use crate::queue::outcome::RcptStatus;

@@ -21,7 +21,8 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
 
-use super::client::{ConnectionCache, DeliveryOptions, Hop};
+use super::cache::ConnectionCache;
+use super::connection::{DeliveryOptions, Hop};
 use crate::config::{Config, TlsOutbound};
 use crate::queue::outcome::FailureCause;
 

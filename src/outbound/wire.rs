@@ -1,6 +1,6 @@
 //! Byte-level pieces of the SMTP client: parsing reply lines and preparing a message
 //! body for DATA (dot-stuffing, CRLF only, the terminating dot). Pure functions, unit
-//! tested here; `client` does the reading and writing.
+//! tested here; `connection` does the reading and writing.
 //!
 //! Nothing unsafe leaves erlmail (REFERENCE, "Facing the internet"): the body as sent
 //! never holds a NUL byte nor a line longer than [`MAX_LINE`] (998) octets before its
@@ -125,6 +125,11 @@ pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_ascii_uppercase)
         .collect()
+}
+
+/// Whether a server's EHLO `keywords` (upper case) include `extension`.
+pub fn offers(keywords: &[String], extension: &str) -> bool {
+    keywords.iter().any(|k| k == extension)
 }
 
 /// The longest line sent in DATA, in octets before the CRLF (RFC 5321 §4.5.3.1.6;
