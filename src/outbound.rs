@@ -1,10 +1,14 @@
-//! Outbound delivery: where a recipient's mail goes (`route`: `server_smtp_routes`,
-//! then `server_smtp_relay_host`, then DNS MX with A/AAAA fallback, null MX refused)
-//! and the SMTP client dialogue that hands it over (`client`: EHLO as
-//! `server_smtp_name`, opportunistic STARTTLS, one result per recipient, connections
-//! reused through the router's `ConnectionCache` as Postfix's connection cache does).
-//! `wire` holds the byte-level pieces (reply parsing, dot-stuffing), `seven_bit` the
-//! conversion of 8-bit text for hops without 8BITMIME.
+//! Outbound delivery: where a recipient's mail goes, and the SMTP client that hands it
+//! over. In the order a delivery uses them:
+//!
+//! - `route`: the next hop (`server_smtp_routes`, then `server_smtp_relay_host`, then
+//!   DNS MX with A/AAAA fallback; a null MX is refused).
+//! - `dialogue`: one message to one next hop, trying its hosts in order, with one result
+//!   per recipient.
+//! - `cache`: idle connections kept for the next message, as Postfix's connection cache.
+//! - `connection`: connect, greeting, EHLO, opportunistic STARTTLS, replies, QUIT.
+//! - `envelope`, `wire`, `seven_bit`: the pure pieces (MAIL/RCPT parameters, reply
+//!   parsing and dot-stuffing, 8-bit text made 7-bit for hops without 8BITMIME).
 //!
 //! This is the only folder that does outbound network I/O. It decides nothing about
 //! retries or notifications: it reports per-recipient `RcptStatus` values and leaves

@@ -16,7 +16,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::wire::{ehlo_keywords, offers, Fed, ReplyBuilder, MAX_REPLY_LINE};
-use crate::queue::outcome::{FailureCause, Outcome, SmtpReply};
+use crate::protocol::Reply;
+use crate::queue::outcome::FailureCause;
 
 /// One host to try: its name (for `Remote-MTA` and TLS SNI) and address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -178,7 +179,7 @@ impl Conn {
         &mut self,
         limit: Duration,
         stage: &'static str,
-    ) -> Result<SmtpReply, ConnError> {
+    ) -> Result<Reply, ConnError> {
         tokio::time::timeout(limit, async {
             let mut builder = ReplyBuilder::default();
             let mut line = Vec::new();
@@ -209,7 +210,7 @@ impl Conn {
         .map_err(|_| ConnError::Timeout(stage))?
     }
 
-    pub(super) async fn read_reply(&mut self, stage: &'static str) -> Result<SmtpReply, ConnError> {
+    pub(super) async fn read_reply(&mut self, stage: &'static str) -> Result<Reply, ConnError> {
         self.read_reply_within(self.timeout, stage).await
     }
 
@@ -231,7 +232,7 @@ impl Conn {
         &mut self,
         line: &str,
         stage: &'static str,
-    ) -> Result<SmtpReply, ConnError> {
+    ) -> Result<Reply, ConnError> {
         self.write(format!("{line}\r\n").as_bytes(), stage).await?;
         self.read_reply(stage).await
     }
@@ -242,7 +243,7 @@ impl Conn {
         sent: bool,
         line: &str,
         stage: &'static str,
-    ) -> Result<SmtpReply, ConnError> {
+    ) -> Result<Reply, ConnError> {
         if sent {
             self.read_reply(stage).await
         } else {
@@ -306,7 +307,7 @@ enum Greeted {
     /// Ready for a transaction: the keywords offered (none after HELO).
     Ready(Vec<String>),
     /// EHLO and HELO both refused: the HELO reply.
-    Refused(SmtpReply),
+    Refused(Reply),
     /// The EHLO reply names this host (see [`names_me`]).
     Me,
 }
@@ -314,14 +315,14 @@ enum Greeted {
 /// EHLO, falling back to HELO when EHLO is refused.
 async fn greet(conn: &mut Conn, helo: &str, me: &str) -> Result<Greeted, ConnError> {
     let ehlo = conn.command(&format!("EHLO {helo}"), "to EHLO").await?;
-    if ehlo.outcome() == Outcome::Delivered {
+    if ehlo.is_positive() {
         if names_me(&ehlo, me) {
             return Ok(Greeted::Me);
         }
         return Ok(Greeted::Ready(ehlo_keywords(&ehlo)));
     }
     let helo_reply = conn.command(&format!("HELO {helo}"), "to HELO").await?;
-    if helo_reply.outcome() == Outcome::Delivered {
+    if helo_reply.is_positive() {
         Ok(Greeted::Ready(Vec::new()))
     } else {
         Ok(Greeted::Refused(helo_reply))
@@ -330,7 +331,7 @@ async fn greet(conn: &mut Conn, helo: &str, me: &str) -> Result<Greeted, ConnErr
 
 /// Whether a server's greeting or EHLO reply begins with our own name `me`
 /// (`server_smtp_name`): the next hop is this host, and the mail would loop.
-fn names_me(reply: &SmtpReply, me: &str) -> bool {
+fn names_me(reply: &Reply, me: &str) -> bool {
     let me = me.trim_end_matches('.');
     reply
         .lines
@@ -401,7 +402,7 @@ pub(super) async fn open(
     let mut conn = Conn::new(Box::new(tcp), opts.command_timeout);
 
     let greeting = conn.read_reply("to the greeting").await.map_err(skip)?;
-    if greeting.outcome() != Outcome::Delivered {
+    if !greeting.is_positive() {
         spawn_quit(conn);
         return Err(HostError::Skip {
             cause: FailureCause::Reply(greeting),

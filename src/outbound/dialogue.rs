@@ -21,7 +21,8 @@ use super::connection::{open, spawn_quit, ConnError, DeliveryOptions, Hop, HostE
 use super::envelope::{mail_command, rcpt_command, Envelope};
 use super::seven_bit;
 use super::wire::{data_payload, offers};
-use crate::queue::outcome::{FailureCause, Outcome, RcptStatus, SmtpReply};
+use crate::protocol::Reply;
+use crate::queue::outcome::{classify_reply, FailureCause, Outcome, RcptStatus};
 
 /// One recipient's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,7 +418,7 @@ async fn transaction(
     if reused && mail.code == 421 {
         return Err(HostError::Stale(FailureCause::Reply(mail)));
     }
-    match mail.outcome() {
+    match classify_reply(mail.code) {
         Outcome::Delivered => {}
         Outcome::Permanent => {
             spawn_quit(s.conn);
@@ -456,9 +457,10 @@ async fn transaction(
             }
             closing = true;
         }
-        statuses.push(match reply.outcome() {
-            Outcome::Delivered => None,
-            _ => Some(RcptStatus::failed(FailureCause::Reply(reply))),
+        statuses.push(if reply.is_positive() {
+            None
+        } else {
+            Some(RcptStatus::failed(FailureCause::Reply(reply)))
         });
     }
     let keep = !closing && limits.is_some_and(|l| l.reusable(&s, 1));
@@ -477,7 +479,7 @@ async fn transaction(
             Some(Err(_)) => Err(()),
             // No transaction was completed: RSET so the connection is clean for the next.
             _ if keep => match s.conn.command("RSET", "to RSET").await {
-                Ok(r) => Ok(r.outcome() == Outcome::Delivered),
+                Ok(r) => Ok(r.is_positive()),
                 Err(_) => Err(()),
             },
             _ => Ok(false),
@@ -496,7 +498,7 @@ async fn transaction(
     // From here on the server may have the message: a failure no longer moves to the
     // next host but leaves the accepted recipients temporarily failed. The flag says
     // whether the reply is the one to the final dot.
-    let verdict: Result<(SmtpReply, bool), ConnError> = async {
+    let verdict: Result<(Reply, bool), ConnError> = async {
         let go = s.conn.answer(pipelined, "DATA", "to DATA").await?;
         if go.code != 354 {
             return Ok((go, false));
@@ -519,11 +521,9 @@ async fn transaction(
     }
     .await;
     let accepted_status = match &verdict {
-        Ok((reply, _)) if reply.outcome() == Outcome::Delivered && reply.code != 354 => {
-            RcptStatus::Delivered {
-                reply: reply.clone(),
-            }
-        }
+        Ok((reply, _)) if reply.is_positive() => RcptStatus::Delivered {
+            reply: reply.clone(),
+        },
         Ok((reply, _)) if reply.code == 354 => {
             RcptStatus::failed(FailureCause::Protocol(format!("{host}: unexpected 354")))
         }
@@ -531,7 +531,7 @@ async fn transaction(
         Err(e) => RcptStatus::failed(e.cause(host)),
     };
     let kept = s.settle(match &verdict {
-        Ok((reply, after_dot)) => Ok(keep && *after_dot && reply.outcome() == Outcome::Delivered),
+        Ok((reply, after_dot)) => Ok(keep && *after_dot && reply.is_positive()),
         Err(_) => Err(()),
     });
     Ok((

@@ -15,7 +15,7 @@
 //! it can never need a dot doubled. Only outbound SMTP does this: local deliveries are
 //! stored as received.
 
-use crate::queue::outcome::SmtpReply;
+use crate::protocol::Reply;
 
 /// The longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 pub const MAX_REPLY_LINE: usize = 4096;
@@ -72,7 +72,7 @@ pub enum Fed {
     /// More lines follow.
     More,
     /// The reply is complete.
-    Done(SmtpReply),
+    Done(Reply),
 }
 
 /// Why a reply could not be read.
@@ -103,7 +103,7 @@ impl ReplyBuilder {
         self.code = Some(line.code);
         self.lines.push(line.text);
         if line.last {
-            return Ok(Fed::Done(SmtpReply {
+            return Ok(Fed::Done(Reply {
                 code: line.code,
                 lines: std::mem::take(&mut self.lines),
             }));
@@ -117,7 +117,7 @@ impl ReplyBuilder {
 
 /// The EHLO keywords a server offered (upper-cased first word of each line after the
 /// first), e.g. `["PIPELINING", "SIZE", "STARTTLS"]`.
-pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
+pub fn ehlo_keywords(reply: &Reply) -> Vec<String> {
     reply
         .lines
         .iter()

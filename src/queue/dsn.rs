@@ -461,7 +461,8 @@ fn boundary_for(input: &DsnInput) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::outcome::{FailureCause, SmtpReply};
+    use crate::protocol::Reply;
+    use crate::queue::outcome::FailureCause;
     use chrono::TimeZone;
     use mail_parser::{MessageParser, MimeHeaders};
 
@@ -469,7 +470,7 @@ mod tests {
 
     fn input(kind: DsnKind, ret: Option<Ret>) -> DsnInput {
         let at = Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 0).unwrap();
-        let status = RcptStatus::failed(FailureCause::Reply(SmtpReply::new(
+        let status = RcptStatus::failed(FailureCause::Reply(Reply::new(
             550,
             "5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
         )));
@@ -630,7 +631,7 @@ mod tests {
 
         let mut i = input(DsnKind::Success, None);
         let ok = RcptStatus::Delivered {
-            reply: SmtpReply::new(250, "2.0.0 Ok: queued as 123"),
+            reply: Reply::new(250, "2.0.0 Ok: queued as 123"),
         };
         i.recipients = vec![DsnRecipient::from_status(
             "bob@remote.test",
