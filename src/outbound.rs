@@ -31,8 +31,6 @@ pub use dialogue::{deliver, deliver_with, DeliveryReport, GoAhead, RcptResult};
 pub use envelope::{Envelope, EnvelopeRcpt};
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
 
-use crate::queue::outcome::RcptStatus;
-
 /// Delivers one message to all its recipients: groups them by next hop (recipients of
 /// one domain, or of domains sharing a route, travel in one SMTP transaction), resolves
 /// each hop and delivers each group, the groups concurrently, over the router's cached
@@ -94,14 +92,7 @@ pub async fn deliver_message_with(
                 group
                     .rcpts
                     .iter()
-                    .map(|r| RcptResult {
-                        rcpt: r.address.clone(),
-                        status: RcptStatus::failed(cause.clone()),
-                        remote_mta: None,
-                        remote_addr: None,
-                        tls: false,
-                        dsn: false,
-                    })
+                    .map(|r| RcptResult::failed(&r.address, cause.clone(), None))
                     .collect()
             }
         };

@@ -101,10 +101,7 @@ impl Default for DeliveryOptions {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
-            starttls: true,
-            require_tls: false,
-            own_addrs: Vec::new(),
-            own_name: None,
+            ..Self::with_timeout(Duration::ZERO)
         }
     }
 }
@@ -302,30 +299,52 @@ fn server_name(hop: &Hop) -> rustls::pki_types::ServerName<'static> {
         .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(hop.addr.ip().into()))
 }
 
-/// What [`greet`] found.
-enum Greeted {
-    /// Ready for a transaction: the keywords offered (none after HELO).
-    Ready(Vec<String>),
-    /// EHLO and HELO both refused: the HELO reply.
-    Refused(Reply),
-    /// The EHLO reply names this host (see [`names_me`]).
-    Me,
-}
-
-/// EHLO, falling back to HELO when EHLO is refused.
-async fn greet(conn: &mut Conn, helo: &str, me: &str) -> Result<Greeted, ConnError> {
-    let ehlo = conn.command(&format!("EHLO {helo}"), "to EHLO").await?;
+/// EHLO, falling back to HELO when EHLO is refused: the connection back with the
+/// keywords offered (none after HELO), or why this host is not to be used.
+async fn greet(
+    mut conn: Conn,
+    helo: &str,
+    me: &str,
+    host: &str,
+) -> Result<(Conn, Vec<String>), HostError> {
+    let skip = |e: ConnError| HostError::Skip {
+        cause: e.cause(host),
+    };
+    let ehlo = conn
+        .command(&format!("EHLO {helo}"), "to EHLO")
+        .await
+        .map_err(skip)?;
     if ehlo.is_positive() {
         if names_me(&ehlo, me) {
-            return Ok(Greeted::Me);
+            return Err(looping(conn, host));
         }
-        return Ok(Greeted::Ready(ehlo_keywords(&ehlo)));
+        let keywords = ehlo_keywords(&ehlo);
+        return Ok((conn, keywords));
     }
-    let helo_reply = conn.command(&format!("HELO {helo}"), "to HELO").await?;
+    let helo_reply = conn
+        .command(&format!("HELO {helo}"), "to HELO")
+        .await
+        .map_err(skip)?;
     if helo_reply.is_positive() {
-        Ok(Greeted::Ready(Vec::new()))
+        Ok((conn, Vec::new()))
     } else {
-        Ok(Greeted::Refused(helo_reply))
+        Err(give_up(conn, FailureCause::Reply(helo_reply)))
+    }
+}
+
+/// Move on to the next host for `cause`, QUITting this one in the background.
+fn give_up(conn: Conn, cause: FailureCause) -> HostError {
+    spawn_quit(conn);
+    HostError::Skip { cause }
+}
+
+/// A next hop that is this host (a stale MX, a route or relay host pointing back here)
+/// fails the mail at once rather than pass it round until the hop limit.
+fn looping(conn: Conn, host: &str) -> HostError {
+    spawn_quit(conn);
+    HostError::Fatal {
+        cause: FailureCause::Loop(host.to_string()),
+        tls: false,
     }
 }
 
@@ -403,35 +422,14 @@ pub(super) async fn open(
 
     let greeting = conn.read_reply("to the greeting").await.map_err(skip)?;
     if !greeting.is_positive() {
-        spawn_quit(conn);
-        return Err(HostError::Skip {
-            cause: FailureCause::Reply(greeting),
-        });
+        return Err(give_up(conn, FailureCause::Reply(greeting)));
     }
-    // A next hop that is this host (a stale MX, a route or relay host pointing back
-    // here) fails the mail at once rather than pass it round until the hop limit.
-    let looping = |conn: Conn| -> Result<Session, HostError> {
-        spawn_quit(conn);
-        Err(HostError::Fatal {
-            cause: FailureCause::Loop(host.to_string()),
-            tls: false,
-        })
-    };
     // This host's name: `server_smtp_name`, which the EHLO name may differ from.
     let me = opts.own_name.as_deref().unwrap_or(helo);
     if names_me(&greeting, me) {
-        return looping(conn);
+        return Err(looping(conn, host));
     }
-    let mut keywords = match greet(&mut conn, helo, me).await.map_err(skip)? {
-        Greeted::Ready(k) => k,
-        Greeted::Me => return looping(conn),
-        Greeted::Refused(reply) => {
-            spawn_quit(conn);
-            return Err(HostError::Skip {
-                cause: FailureCause::Reply(reply),
-            });
-        }
-    };
+    let (mut conn, mut keywords) = greet(conn, helo, me, host).await?;
 
     let mut tls = false;
     let connector = if use_tls && offers(&keywords, "STARTTLS") {
@@ -440,12 +438,8 @@ pub(super) async fn open(
         None
     };
     if opts.require_tls && connector.is_none() {
-        spawn_quit(conn);
-        return Err(HostError::Skip {
-            cause: FailureCause::Connection(format!(
-                "{host}: TLS required but STARTTLS not offered"
-            )),
-        });
+        let cause = format!("{host}: TLS required but STARTTLS not offered");
+        return Err(give_up(conn, FailureCause::Connection(cause)));
     }
     if let Some(connector) = connector {
         let reply = conn
@@ -479,29 +473,18 @@ pub(super) async fn open(
                     ))))
                 }
             };
-            conn = Conn::new(Box::new(stream), opts.command_timeout);
+            let secured = Conn::new(Box::new(stream), opts.command_timeout);
+            (conn, keywords) = greet(secured, helo, me, host).await?;
             tls = true;
-            keywords = match greet(&mut conn, helo, me).await.map_err(skip)? {
-                Greeted::Ready(k) => k,
-                Greeted::Me => return looping(conn),
-                Greeted::Refused(reply) => {
-                    spawn_quit(conn);
-                    return Err(HostError::Skip {
-                        cause: FailureCause::Reply(reply),
-                    });
-                }
-            };
         }
         // Otherwise STARTTLS was refused: carry on in plain text, as Postfix's `may`
         // does, unless TLS is required.
         if !tls && opts.require_tls {
-            spawn_quit(conn);
-            return Err(HostError::Skip {
-                cause: FailureCause::Connection(format!(
-                    "{host}: TLS required but STARTTLS refused: {}",
-                    reply.one_line()
-                )),
-            });
+            let cause = format!(
+                "{host}: TLS required but STARTTLS refused: {}",
+                reply.one_line()
+            );
+            return Err(give_up(conn, FailureCause::Connection(cause)));
         }
     }
     Ok(Session {

@@ -42,6 +42,21 @@ pub struct RcptResult {
     pub dsn: bool,
 }
 
+impl RcptResult {
+    /// `rcpt` failed for `cause` before any session decided it; `answered_by` is the
+    /// host whose reply the cause is, if it is one.
+    pub(crate) fn failed(rcpt: &str, cause: FailureCause, answered_by: Option<&Hop>) -> Self {
+        RcptResult {
+            rcpt: rcpt.to_string(),
+            status: RcptStatus::failed(cause),
+            remote_mta: answered_by.map(|h| h.host.clone()),
+            remote_addr: answered_by.map(|h| h.addr),
+            tls: false,
+            dsn: false,
+        }
+    }
+}
+
 /// The outcome of one `deliver` call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryReport {
@@ -141,16 +156,10 @@ pub async fn deliver_with(
         None => (None, FailureCause::Local("no host to deliver to".into())),
     };
     let answered = matches!(cause, FailureCause::Reply(_));
+    let answered_by = remote.as_ref().filter(|_| answered);
     let results = rcpts
         .iter()
-        .map(|r| RcptResult {
-            rcpt: r.clone(),
-            status: RcptStatus::failed(cause.clone()),
-            remote_mta: remote.as_ref().filter(|_| answered).map(|h| h.host.clone()),
-            remote_addr: remote.as_ref().filter(|_| answered).map(|h| h.addr),
-            tls: false,
-            dsn: false,
-        })
+        .map(|r| RcptResult::failed(r, cause.clone(), answered_by))
         .collect();
     DeliveryReport {
         results,
@@ -168,35 +177,12 @@ fn failed_at(
     tls: bool,
     skipped: Vec<(Hop, FailureCause)>,
 ) -> DeliveryReport {
-    let results = rcpts
-        .iter()
-        .map(|r| RcptResult {
-            rcpt: r.clone(),
-            status: RcptStatus::failed(cause.clone()),
-            remote_mta: Some(hop.host.clone()),
-            remote_addr: Some(hop.addr),
-            tls,
-            dsn: false,
-        })
-        .collect();
-    DeliveryReport::decided_by(hop, results, tls, skipped)
-}
-
-impl DeliveryReport {
-    /// The report of a delivery that `hop`'s session decided.
-    fn decided_by(
-        hop: &Hop,
-        results: Vec<RcptResult>,
-        tls: bool,
-        skipped: Vec<(Hop, FailureCause)>,
-    ) -> Self {
-        DeliveryReport {
-            results,
-            remote: Some(hop.clone()),
-            tls,
-            skipped,
-        }
+    SessionResult {
+        statuses: vec![RcptStatus::failed(cause); rcpts.len()],
+        tls,
+        dsn: false,
     }
+    .into_report(hop, rcpts, skipped)
 }
 
 /// What one `deliver` call hands over: the same for every host tried.
@@ -280,6 +266,7 @@ struct SessionResult {
 }
 
 impl SessionResult {
+    /// The report of a delivery that `hop`'s session decided.
     fn into_report(
         self,
         hop: &Hop,
@@ -299,7 +286,12 @@ impl SessionResult {
                 dsn,
             })
             .collect();
-        DeliveryReport::decided_by(hop, results, tls, skipped)
+        DeliveryReport {
+            results,
+            remote: Some(hop.clone()),
+            tls,
+            skipped,
+        }
     }
 }
 
