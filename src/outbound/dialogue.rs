@@ -1,6 +1,7 @@
 //! The SMTP client dialogue for one message and one next hop: try each host in order
 //! (refused connections, 4xx/5xx greetings and session-level 4xx move on to the next
-//! host), then `MAIL FROM`, one `RCPT TO` per recipient with its own result, and DATA
+//! host; a failed TLS handshake retries that host in plain text unless TLS is
+//! required), then `MAIL FROM`, one `RCPT TO` per recipient with its own result, and DATA
 //! only when some recipient was accepted, all in one pipelined write where the host
 //! offers PIPELINING. A host's session comes from the connection cache when it holds a
 //! live one, else from `connection::open`; a transaction that ends cleanly leaves the
