@@ -1,7 +1,7 @@
 //! One SMTP connection to one host: connect, read the greeting, EHLO (HELO if EHLO is
 //! refused), opportunistic STARTTLS (certificates not verified, as Postfix's `may`
 //! level, through mail-send's TLS connector), reading replies within their timeouts,
-//! and QUIT. [`open`] hands back a [`Session`] ready for `MAIL FROM`; what is said in
+//! and QUIT. `open` hands back a `Session` ready for `MAIL FROM`; what is said in
 //! a transaction is the dialogue's business, and whether a connection is kept the
 //! cache's.
 
