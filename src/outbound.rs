@@ -1,28 +1,35 @@
-//! Outbound delivery: where a recipient's mail goes (`route`: `server_smtp_routes`,
-//! then `server_smtp_relay_host`, then DNS MX with A/AAAA fallback, null MX refused)
-//! and the SMTP client dialogue that hands it over (`client`: EHLO as
-//! `server_smtp_name`, opportunistic STARTTLS, one result per recipient, connections
-//! reused through the router's `ConnectionCache` as Postfix's connection cache does).
-//! `wire` holds the byte-level pieces (reply parsing, dot-stuffing), `seven_bit` the
-//! conversion of 8-bit text for hops without 8BITMIME.
+//! Outbound delivery: where a recipient's mail goes, and the SMTP client that hands it
+//! over. In the order a delivery uses them:
+//!
+//! - `route`: the next hop (`server_smtp_routes`, then `server_smtp_relay_host`, then
+//!   DNS MX with A/AAAA fallback; a null MX is refused).
+//! - `dialogue`: one message to one next hop, trying its hosts in order, with one result
+//!   per recipient.
+//! - `cache`: idle connections kept for the next message, as Postfix's connection cache.
+//! - `connection`: connect, greeting, EHLO, opportunistic STARTTLS, replies, QUIT.
+//! - `envelope`, `wire`, `seven_bit`: the pure pieces (MAIL/RCPT parameters, reply
+//!   parsing and dot-stuffing, 8-bit text made 7-bit for hops without 8BITMIME).
 //!
 //! This is the only folder that does outbound network I/O. It decides nothing about
 //! retries or notifications: it reports per-recipient `RcptStatus` values and leaves
 //! their meaning to the pure policy in `queue` and to the sender actor.
 
-pub mod client;
+pub mod cache;
+pub mod connection;
+pub mod dialogue;
+pub mod envelope;
 pub mod route;
 pub mod seven_bit;
 pub mod wire;
 
-pub use client::{
-    deliver, deliver_with, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Envelope,
-    EnvelopeRcpt, GoAhead, Hop, RcptResult, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
+pub use cache::{
+    CacheLimits, ConnectionCache, CONNECTION_CACHE_PER_HOP, CONNECTION_CACHE_TIME_LIMIT,
     CONNECTION_REUSE_COUNT_LIMIT, CONNECTION_REUSE_TIME_LIMIT,
 };
+pub use connection::{DeliveryOptions, Hop};
+pub use dialogue::{deliver, deliver_with, DeliveryReport, GoAhead, RcptResult};
+pub use envelope::{Envelope, EnvelopeRcpt};
 pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
-
-use crate::queue::outcome::RcptStatus;
 
 /// Delivers one message to all its recipients: groups them by next hop (recipients of
 /// one domain, or of domains sharing a route, travel in one SMTP transaction), resolves
@@ -85,14 +92,7 @@ pub async fn deliver_message_with(
                 group
                     .rcpts
                     .iter()
-                    .map(|r| RcptResult {
-                        rcpt: r.address.clone(),
-                        status: RcptStatus::failed(cause.clone()),
-                        remote_mta: None,
-                        remote_addr: None,
-                        tls: false,
-                        dsn: false,
-                    })
+                    .map(|r| RcptResult::failed(&r.address, cause.clone(), None))
                     .collect()
             }
         };

@@ -1,4 +1,4 @@
-//! Sans-I/O SMTP server grammar: command lines, commands, addresses, DATA and replies.
+//! Sans-I/O SMTP grammar: command lines, commands, addresses, DATA and replies.
 //!
 //! Bytes go in, values come out; nothing here reads a socket, a clock or the store, and
 //! nothing here knows what state a session is in (that is `session`). Each step is its
@@ -8,7 +8,8 @@
 //! - [`command`]: a line becomes a [`Command`] with its ESMTP parameters.
 //! - [`address`]: RFC 5321 paths, [`Mailbox`], [`ReversePath`], [`ForwardPath`].
 //! - [`data`]: the DATA section becomes a message (dot-unstuffing, smuggling defence).
-//! - [`reply`]: the exact reply bytes.
+//! - [`reply`]: the one [`Reply`] type, the server's exact reply bytes and what the
+//!   client reads from a next hop.
 //! - [`auth`]: SMTP AUTH's base64 and the PLAIN and LOGIN mechanisms.
 
 pub mod address;

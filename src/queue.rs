@@ -15,5 +15,5 @@ pub mod outcome;
 pub mod retry;
 
 pub use dsn::{build_dsn, should_notify, DsnInput, DsnKind, DsnRecipient, Ret};
-pub use outcome::{classify_reply, FailureCause, Outcome, RcptStatus, SmtpReply};
+pub use outcome::{classify_reply, FailureCause, Outcome, RcptStatus};
 pub use retry::{next_retry, schedule_total};

@@ -19,8 +19,9 @@ use erlmail::outbound::{
     deliver, deliver_message, CacheLimits, ConnectionCache, DeliveryOptions, Hop, NextHop,
     RouteError, Router, RouterConfig, CONNECTION_CACHE_TIME_LIMIT,
 };
+use erlmail::protocol::Reply;
 use erlmail::queue::dsn::{build_dsn, DsnInput, DsnKind, DsnRecipient, Ret};
-use erlmail::queue::outcome::{FailureCause, Outcome, RcptStatus, SmtpReply};
+use erlmail::queue::outcome::{FailureCause, Outcome, RcptStatus};
 use sink::{Sink, SinkConfig, StartTls};
 
 const V4: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -743,7 +744,7 @@ async fn working_tls_is_used() {
 #[test]
 fn dsn_parsed_by_python_email() {
     let at = chrono::Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 0).unwrap();
-    let status = RcptStatus::failed(FailureCause::Reply(SmtpReply::new(
+    let status = RcptStatus::failed(FailureCause::Reply(Reply::new(
         550,
         "5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
     )));

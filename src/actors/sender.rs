@@ -605,7 +605,8 @@ pub(crate) async fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{FailureCause, SmtpReply};
+    use crate::protocol::Reply;
+    use crate::queue::FailureCause;
 
     fn message(tries: u32, sender: &str, rcpts: &[(&str, Option<&str>)]) -> QueuedMessage {
         QueuedMessage {
@@ -650,19 +651,19 @@ mod tests {
 
     fn temp() -> RcptStatus {
         RcptStatus::Temporary {
-            cause: FailureCause::Reply(SmtpReply::new(451, "4.3.0 try later")),
+            cause: FailureCause::Reply(Reply::new(451, "4.3.0 try later")),
         }
     }
 
     fn perm() -> RcptStatus {
         RcptStatus::Permanent {
-            cause: FailureCause::Reply(SmtpReply::new(550, "5.1.1 no such user")),
+            cause: FailureCause::Reply(Reply::new(550, "5.1.1 no such user")),
         }
     }
 
     fn ok() -> RcptStatus {
         RcptStatus::Delivered {
-            reply: SmtpReply::new(250, "2.0.0 ok"),
+            reply: Reply::new(250, "2.0.0 ok"),
         }
     }
 

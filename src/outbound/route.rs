@@ -21,7 +21,8 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData};
 use hickory_resolver::TokioResolver;
 
-use super::client::{ConnectionCache, DeliveryOptions, Hop};
+use super::cache::ConnectionCache;
+use super::connection::{DeliveryOptions, Hop};
 use crate::config::{Config, TlsOutbound};
 use crate::queue::outcome::FailureCause;
 
@@ -467,27 +468,17 @@ mod tests {
 
     #[test]
     fn route_parsing() {
-        assert_eq!(
-            parse_route("relay.test:2525", 25),
-            NextHop::Route("relay.test".into(), 2525)
-        );
-        assert_eq!(
-            parse_route("127.0.0.1:2525", 25),
-            NextHop::Route("127.0.0.1".into(), 2525)
-        );
-        assert_eq!(
-            parse_route("[::1]:26", 25),
-            NextHop::Route("::1".into(), 26)
-        );
-        assert_eq!(
-            parse_route("relay.test", 25),
-            NextHop::Route("relay.test".into(), 25)
-        );
-        assert_eq!(parse_route("::1", 25), NextHop::Route("::1".into(), 25));
-        assert_eq!(
-            parse_route("relay:x", 25),
-            NextHop::Route("relay".into(), 0)
-        );
+        for (route, host, port) in [
+            ("relay.test:2525", "relay.test", 2525),
+            ("127.0.0.1:2525", "127.0.0.1", 2525),
+            ("[::1]:26", "::1", 26),
+            ("relay.test", "relay.test", 25),
+            ("::1", "::1", 25),
+            ("relay:x", "relay", 0),
+        ] {
+            let want = NextHop::Route(host.into(), port);
+            assert_eq!(parse_route(route, 25), want, "{route}");
+        }
     }
 
     #[test]

@@ -1,21 +1,7 @@
-//! Downgrade of 8-bit message bodies to 7-bit MIME for next hops that did not
-//! announce 8BITMIME (RFC 6152). Like Postfix's smtp client (and unlike a
-//! bounce), we convert rather than refuse: every MIME leaf part whose body
-//! holds octets >= 0x80 is re-encoded as quoted-printable (RFC 2045 §6.7) and
-//! its Content-Transfer-Encoding set accordingly; multipart/* and
-//! message/rfc822 are recursed into, never encoded themselves (RFC 2045 §6.4),
-//! and relabelled `7bit` when they said `8bit`/`binary` and now hold only 7-bit
-//! data. Header lines are copied unchanged (8-bit octets in them stay: the
-//! caller decides), except for the Content-Transfer-Encoding field we replace
-//! or add and a `MIME-Version: 1.0` added to a (top-level or enclosed) message
-//! that lacks one once its body was converted. Output lines end in CRLF (bare
-//! LF input lines are normalised); a part without 8-bit octets is otherwise
-//! copied byte for byte. Preamble and epilogue of a multipart are copied as
-//! they are, even if they hold 8-bit octets: MIME has no way to encode them.
-//! message/global (RFC 6532) and its relatives are leaves, since they may be
-//! quoted-printable encoded. 8-bit octets below more than 20 nested composite
-//! levels are refused, which bounds recursion; the work is linear in the size
-//! of the message times that depth.
+//! Downgrade of 8-bit message text to 7-bit MIME for next hops that do not offer
+//! 8BITMIME (RFC 6152). Like Postfix's smtp client we convert rather than bounce: every
+//! MIME leaf part whose body holds octets >= 0x80 is re-encoded as quoted-printable
+//! (RFC 2045 §6.7). Only what cannot be encoded is refused ([`Unconvertible`]). Pure.
 
 use std::fmt;
 
@@ -59,10 +45,24 @@ impl fmt::Display for Unconvertible {
 impl std::error::Error for Unconvertible {}
 
 /// The message with every 8-bit leaf part re-encoded as quoted-printable and
-/// its Content-Transfer-Encoding header set to match (see the module doc);
+/// its Content-Transfer-Encoding header set to match;
 /// `Ok(None)` when there is nothing to convert (no 8-bit octet anywhere in the
 /// body). The result may still hold 8-bit octets in header fields (also those
 /// of enclosed messages and parts) and in multipart preambles and epilogues.
+///
+/// multipart/* and message/rfc822 are recursed into, never encoded themselves
+/// (RFC 2045 §6.4), and relabelled `7bit` when they said `8bit`/`binary` and now
+/// hold only 7-bit data. Header lines are copied unchanged (8-bit octets in them
+/// stay: the caller decides), except for the Content-Transfer-Encoding field
+/// replaced or added and a `MIME-Version: 1.0` added to a (top-level or
+/// enclosed) message that lacks one once its body was converted. Output lines
+/// end in CRLF (bare LF input lines are normalised); a part without 8-bit octets
+/// is otherwise copied byte for byte. Preamble and epilogue of a multipart are
+/// copied as they are, even if they hold 8-bit octets: MIME has no way to encode
+/// them. message/global (RFC 6532) and its relatives are leaves, since they may
+/// be quoted-printable encoded. 8-bit octets below more than 20 nested composite
+/// levels are refused, which bounds recursion; the work is linear in the size of
+/// the message times that depth.
 pub fn to_seven_bit(message: &[u8]) -> Result<Option<Vec<u8>>, Unconvertible> {
     let mut out = Vec::with_capacity(message.len() + message.len() / 4 + 64);
     let converted = entity(message, 0, false, true, &mut out)?;

@@ -1,21 +1,12 @@
-//! Byte-level pieces of the SMTP client: parsing reply lines and preparing a message
-//! body for DATA (dot-stuffing, CRLF only, the terminating dot). Pure functions, unit
-//! tested here; `client` does the reading and writing.
+//! Byte-level pieces of the SMTP client: reading reply lines into a `Reply`, EHLO
+//! keywords, and the message text as sent in DATA. Pure functions, unit tested here;
+//! `connection` does the reading and writing.
 //!
-//! Nothing unsafe leaves erlmail (REFERENCE, "Facing the internet"): the body as sent
-//! never holds a NUL byte nor a line longer than [`MAX_LINE`] (998) octets before its
-//! CRLF (RFC 5321 §4.5.3.1.6). The SMTP server already refuses NUL at the final dot; the
-//! payload drops any NUL that reached the queue another way (an import), so the promise
-//! holds whatever the source. A longer line is broken as Postfix does with
-//! `smtp_line_length_limit = 998`: after 998 octets a CRLF and a single space are
-//! inserted, and the continuation (space included) is held to the same limit, so a long
-//! header becomes a folded header (RFC 5322 §2.2.3) rather than a broken one, and a
-//! receiver that unfolds it sees only an added space. The limit counts octets on the
-//! wire, so a stuffed leading dot counts too. A continuation starts with the space, so
-//! it can never need a dot doubled. Only outbound SMTP does this: local deliveries are
-//! stored as received.
+//! Nothing unsafe leaves erlmail (REFERENCE, "Facing the internet"): the text as sent
+//! never holds a NUL byte nor a line longer than [`MAX_LINE`] octets (see
+//! [`data_payload`]).
 
-use crate::queue::outcome::SmtpReply;
+use crate::protocol::Reply;
 
 /// The longest reply line accepted from a server (RFC 5321 says 512; be lenient).
 pub const MAX_REPLY_LINE: usize = 4096;
@@ -72,7 +63,7 @@ pub enum Fed {
     /// More lines follow.
     More,
     /// The reply is complete.
-    Done(SmtpReply),
+    Done(Reply),
 }
 
 /// Why a reply could not be read.
@@ -103,7 +94,7 @@ impl ReplyBuilder {
         self.code = Some(line.code);
         self.lines.push(line.text);
         if line.last {
-            return Ok(Fed::Done(SmtpReply {
+            return Ok(Fed::Done(Reply {
                 code: line.code,
                 lines: std::mem::take(&mut self.lines),
             }));
@@ -117,7 +108,7 @@ impl ReplyBuilder {
 
 /// The EHLO keywords a server offered (upper-cased first word of each line after the
 /// first), e.g. `["PIPELINING", "SIZE", "STARTTLS"]`.
-pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
+pub fn ehlo_keywords(reply: &Reply) -> Vec<String> {
     reply
         .lines
         .iter()
@@ -127,15 +118,28 @@ pub fn ehlo_keywords(reply: &SmtpReply) -> Vec<String> {
         .collect()
 }
 
+/// Whether a server's EHLO `keywords` (upper case) include `extension`.
+pub fn offers(keywords: &[String], extension: &str) -> bool {
+    keywords.iter().any(|k| k == extension)
+}
+
 /// The longest line sent in DATA, in octets before the CRLF (RFC 5321 §4.5.3.1.6;
 /// Postfix's `smtp_line_length_limit`).
 pub const MAX_LINE: usize = 998;
 
 /// The DATA payload for `body`: line ends made CRLF (bare CR or LF become CRLF, since
 /// erlmail only ever emits CRLF), NUL bytes dropped, lines over [`MAX_LINE`] octets
-/// broken with CRLF SP (see the module documentation), a `.` doubled at the start of
-/// every line (RFC 5321 §4.5.2, including the first line), a final CRLF added if
-/// missing, and the `.CRLF` terminator appended.
+/// broken with CRLF SP, a `.` doubled at the start of every line (RFC 5321 §4.5.2,
+/// including the first line), a final CRLF added if missing, and the `.CRLF`
+/// terminator appended.
+///
+/// The SMTP server already refuses NUL at the final dot; dropping it here covers what
+/// reached the queue another way (an import). A long line is broken as Postfix does
+/// with `smtp_line_length_limit = 998`: after 998 octets on the wire (a stuffed dot
+/// included) a CRLF and a single space are inserted, and the continuation is held to
+/// the same limit, so a long header becomes a folded header (RFC 5322 §2.2.3) that a
+/// receiver unfolds with only an added space. A continuation starts with the space, so
+/// it never needs a dot doubled. Local deliveries are stored as received.
 pub fn data_payload(body: &[u8]) -> Vec<u8> {
     payload_with_limit(body, MAX_LINE)
 }

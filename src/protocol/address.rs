@@ -378,13 +378,17 @@ mod tests {
 
     #[test]
     fn bad_syntax() {
-        assert_eq!(parse_path("<a b@c>"), Err(AddressError::BadLocalPart));
-        assert_eq!(parse_path("<a@>"), Err(AddressError::BadDomain));
-        assert_eq!(parse_path("<a@b..c>"), Err(AddressError::BadDomain));
-        assert_eq!(parse_path("<a@b c>"), Err(AddressError::BadDomain));
-        assert_eq!(parse_path("<@b>"), Err(AddressError::BadSourceRoute));
-        assert_eq!(parse_path("<a@b"), Err(AddressError::Unterminated));
-        assert_eq!(parse_path("<\u{1}@b>"), Err(AddressError::BadLocalPart));
+        for (path, error) in [
+            ("<a b@c>", AddressError::BadLocalPart),
+            ("<a@>", AddressError::BadDomain),
+            ("<a@b..c>", AddressError::BadDomain),
+            ("<a@b c>", AddressError::BadDomain),
+            ("<@b>", AddressError::BadSourceRoute),
+            ("<a@b", AddressError::Unterminated),
+            ("<\u{1}@b>", AddressError::BadLocalPart),
+        ] {
+            assert_eq!(parse_path(path), Err(error), "{path:?}");
+        }
     }
 
     #[test]

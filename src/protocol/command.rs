@@ -418,19 +418,20 @@ mod tests {
 
     #[test]
     fn verb_errors() {
-        assert_eq!(p(""), Err(CommandError::Unrecognized));
-        assert_eq!(p("FOO"), Err(CommandError::Unrecognized));
-        assert_eq!(p("MAILFROM:<a@b>"), Err(CommandError::Unrecognized));
-        assert_eq!(p("HELO"), Err(CommandError::Syntax("HELO hostname")));
-        assert_eq!(p("EHLO"), Err(CommandError::Syntax("EHLO hostname")));
-        assert_eq!(
-            p("EHLO a\u{7}b"),
-            Err(CommandError::Syntax("EHLO hostname"))
-        );
-        assert_eq!(p("DATA x"), Err(CommandError::Syntax("DATA")));
-        assert_eq!(p("RSET x"), Err(CommandError::Syntax("RSET")));
-        assert_eq!(p("VRFY"), Err(CommandError::Syntax("VRFY address")));
-        assert_eq!(p("EXPN"), Err(CommandError::Syntax("EXPN mailing-list")));
+        for (line, error) in [
+            ("", CommandError::Unrecognized),
+            ("FOO", CommandError::Unrecognized),
+            ("MAILFROM:<a@b>", CommandError::Unrecognized),
+            ("HELO", CommandError::Syntax("HELO hostname")),
+            ("EHLO", CommandError::Syntax("EHLO hostname")),
+            ("EHLO a\u{7}b", CommandError::Syntax("EHLO hostname")),
+            ("DATA x", CommandError::Syntax("DATA")),
+            ("RSET x", CommandError::Syntax("RSET")),
+            ("VRFY", CommandError::Syntax("VRFY address")),
+            ("EXPN", CommandError::Syntax("EXPN mailing-list")),
+        ] {
+            assert_eq!(p(line), Err(error), "{line:?}");
+        }
         assert_eq!(parse_command(b"NOOP \xff"), Err(CommandError::NotUtf8));
     }
 
@@ -611,34 +612,34 @@ mod tests {
 
     #[test]
     fn error_replies() {
-        let r = |e: CommandError| e.reply().to_string();
-        assert_eq!(
-            r(CommandError::Unrecognized),
-            "500 5.5.2 Error: command not recognized\r\n"
-        );
-        assert_eq!(
-            r(CommandError::NotUtf8),
-            "500 5.5.2 Error: bad UTF-8 syntax\r\n"
-        );
-        assert_eq!(
-            r(CommandError::Syntax("DATA")),
-            "501 5.5.4 Syntax: DATA\r\n"
-        );
-        assert_eq!(
-            r(CommandError::BadSender),
-            "501 5.1.7 Bad sender address syntax\r\n"
-        );
-        assert_eq!(
-            r(CommandError::BadRecipient),
-            "501 5.1.3 Bad recipient address syntax\r\n"
-        );
-        assert_eq!(
-            r(CommandError::UnknownParameter("X".into())),
-            "555 5.5.4 Unsupported option: X\r\n"
-        );
-        assert_eq!(
-            r(CommandError::BadParameter("RET parameter")),
-            "501 5.5.4 Bad RET parameter syntax\r\n"
-        );
+        for (error, wire) in [
+            (
+                CommandError::Unrecognized,
+                "500 5.5.2 Error: command not recognized\r\n",
+            ),
+            (
+                CommandError::NotUtf8,
+                "500 5.5.2 Error: bad UTF-8 syntax\r\n",
+            ),
+            (CommandError::Syntax("DATA"), "501 5.5.4 Syntax: DATA\r\n"),
+            (
+                CommandError::BadSender,
+                "501 5.1.7 Bad sender address syntax\r\n",
+            ),
+            (
+                CommandError::BadRecipient,
+                "501 5.1.3 Bad recipient address syntax\r\n",
+            ),
+            (
+                CommandError::UnknownParameter("X".into()),
+                "555 5.5.4 Unsupported option: X\r\n",
+            ),
+            (
+                CommandError::BadParameter("RET parameter"),
+                "501 5.5.4 Bad RET parameter syntax\r\n",
+            ),
+        ] {
+            assert_eq!(error.reply().to_string(), wire);
+        }
     }
 }

@@ -1,17 +1,10 @@
 //! The DATA decoder: message text in, unstuffed message (or a refusal) out.
 //!
-//! Only `<CR><LF>.<CR><LF>` ends DATA (the first CRLF may be the one that ended the
-//! `DATA` command itself). A bare CR or LF anywhere taints the message: the decoder keeps
-//! looking for the real end, so the bytes after a fake end such as `\n.\n` are never read
-//! as commands, and the whole message is refused (REFERENCE, "SMTP smuggling"). Lines
-//! starting with a dot lose that dot (RFC 5321 §4.5.2). Line length inside DATA is not
-//! limited (Postfix accepts long lines too); the message size is, and an over-size
-//! message is read to its end and then refused. A NUL byte anywhere also taints the
-//! message (it is refused at the final dot, REFERENCE "Facing the internet": no NUL ever
-//! leaves erlmail, and many next hops mishandle one). When several faults meet, the
-//! verdict is the first of: bare line end, NUL, size; a bare line end is the smuggling
-//! signal and must be reported as such whatever else the message holds. The decoder is a
-//! byte-level state machine, so its verdict cannot depend on how the input was split.
+//! Only `<CR><LF>.<CR><LF>` ends DATA. A bare CR or LF anywhere taints the message: the
+//! decoder keeps looking for the real end, so the bytes after a fake end such as
+//! `\n.\n` are never read as commands, and the whole message is refused (REFERENCE,
+//! "SMTP smuggling"). A byte-level state machine, so its verdict cannot depend on how
+//! the input was split; see [`DataDecoder`] for the other refusals.
 
 /// A bare line end, for the `550 5.5.2 Error: bare <..> received` reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +43,15 @@ enum State {
 }
 
 /// Decodes one message's DATA section.
+///
+/// The first CRLF before the ending dot may be the one that ended the `DATA` command
+/// itself. Lines starting with a dot lose that dot (RFC 5321 §4.5.2). Line length is
+/// not limited (Postfix accepts long lines too); the message size is, and an over-size
+/// message is read to its end and then refused. A NUL byte anywhere also taints the
+/// message (it is refused at the final dot, REFERENCE "Facing the internet": no NUL
+/// ever leaves erlmail, and many next hops mishandle one). When several faults meet,
+/// the verdict is the first of: bare line end, NUL, size; a bare line end is the
+/// smuggling signal and must be reported as such whatever else the message holds.
 #[derive(Debug, Clone)]
 pub struct DataDecoder {
     state: State,

@@ -1,22 +1,25 @@
-//! SMTP replies (RFC 5321 §4.2) and their exact wire form.
-//!
-//! A [`Reply`] is a code plus one or more text lines; the text already carries the
-//! enhanced status code (RFC 3463) where one applies, so every reply string the server
-//! sends is spelled out in exactly one place in the code that builds it. This module only
-//! formats: it knows nothing of sessions or policy.
+//! SMTP replies (RFC 5321 §4.2): the one reply type, for both directions. The server
+//! builds a [`Reply`] and sends its exact wire form; the client's reader
+//! (`outbound::wire`) builds one from what a next hop sent, and the queue keeps it as
+//! what decided a recipient (the enhanced status and the one-line form for DSNs and
+//! logs). The server's text already carries its enhanced status code (RFC 3463), so
+//! every reply string it sends is spelled out in one place. Formats and reads only:
+//! what a reply means for delivery is `queue::outcome`'s business.
 
 use std::fmt;
 
 /// One SMTP reply: a three-digit code and one or more lines of text.
 ///
 /// Each line of a multi-line reply repeats the code (`250-...` then `250 ...`). The text
-/// never contains CR or LF; callers only echo data that the line reader has already
-/// checked for bare line ends.
+/// holds neither the code nor CR or LF: the server echoes only data its line reader has
+/// checked for bare line ends, and the client's reader strips them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    /// The basic reply code, 200..=599.
+    /// The basic reply code, 200..=599 from this server; whatever three digits a next
+    /// hop sent.
     pub code: u16,
-    /// The text lines, at least one (an empty text is sent as `250 ` + CRLF).
+    /// The text of each line, code and separator removed; at least one, maybe empty
+    /// (an empty text is sent as `250 ` + CRLF).
     pub lines: Vec<String>,
 }
 
@@ -39,9 +42,47 @@ impl Reply {
         self.code >= 400
     }
 
+    /// True for 2xx replies: the command succeeded.
+    pub fn is_positive(&self) -> bool {
+        (200..=299).contains(&self.code)
+    }
+
     /// The exact bytes sent on the wire, CRLF-terminated.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.to_string().into_bytes()
+    }
+
+    /// The RFC 3463 enhanced status code at the start of the first line (`5.1.1`), if
+    /// there is one whose class agrees with the reply code.
+    pub fn enhanced_status(&self) -> Option<String> {
+        let first = self.lines.first()?;
+        let token = first.split_whitespace().next()?;
+        let mut parts = token.split('.');
+        let (class, subject, detail) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let class_ok = matches!(class, "2" | "4" | "5")
+            && class.as_bytes().first().copied() == Some(b'0' + (self.code / 100) as u8);
+        let num = |s: &str| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit());
+        (class_ok && num(subject) && num(detail)).then(|| token.to_string())
+    }
+
+    /// The whole reply on one line, `550 5.1.1 text more text`: what a DSN's
+    /// Diagnostic-Code and the queue's last error show. Control characters from the
+    /// remote server are replaced so the text can never break a header.
+    pub fn one_line(&self) -> String {
+        let text = self.lines.join(" ");
+        let text: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let text = text.trim();
+        if text.is_empty() {
+            self.code.to_string()
+        } else {
+            format!("{} {}", self.code, text)
+        }
     }
 }
 
@@ -88,5 +129,29 @@ mod tests {
         assert!(Reply::new(550, "x").is_error());
         assert!(!Reply::new(354, "x").is_error());
         assert!(!Reply::new(250, "x").is_error());
+        assert!(Reply::new(250, "x").is_positive());
+        assert!(!Reply::new(354, "x").is_positive());
+        assert!(!Reply::new(550, "x").is_positive());
+    }
+
+    #[test]
+    fn enhanced_status() {
+        assert_eq!(
+            Reply::new(550, "5.1.1 <a@b>: User unknown").enhanced_status(),
+            Some("5.1.1".to_string())
+        );
+        assert_eq!(Reply::new(451, "try later").enhanced_status(), None);
+        // a class that contradicts the reply code is no enhanced status
+        assert_eq!(Reply::new(450, "5.1.1 odd").enhanced_status(), None);
+    }
+
+    #[test]
+    fn one_line_strips_controls() {
+        let r = Reply {
+            code: 550,
+            lines: vec!["5.7.1 no\r\nInjected: yes".into(), "second".into()],
+        };
+        assert_eq!(r.one_line(), "550 5.7.1 no  Injected: yes second");
+        assert_eq!(Reply::new(250, "").one_line(), "250");
     }
 }

@@ -461,15 +461,16 @@ fn boundary_for(input: &DsnInput) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::outcome::{FailureCause, SmtpReply};
+    use crate::protocol::Reply;
+    use crate::queue::outcome::FailureCause;
     use chrono::TimeZone;
-    use mail_parser::{MessageParser, MimeHeaders};
+    use mail_parser::{Message, MessageParser, MimeHeaders};
 
     const ORIGINAL: &[u8] = b"From: alice@example.org\r\nTo: bob@remote.test\r\nSubject: hello\r\nMessage-ID: <orig@example.org>\r\n\r\nBody line\r\n.leading dot\r\n";
 
     fn input(kind: DsnKind, ret: Option<Ret>) -> DsnInput {
         let at = Utc.with_ymd_and_hms(2024, 3, 1, 12, 0, 0).unwrap();
-        let status = RcptStatus::failed(FailureCause::Reply(SmtpReply::new(
+        let status = RcptStatus::failed(FailureCause::Reply(Reply::new(
             550,
             "5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
         )));
@@ -493,15 +494,19 @@ mod tests {
         }
     }
 
-    /// The `message/delivery-status` body split into its field groups.
-    fn status_groups(bytes: &[u8]) -> Vec<Vec<(String, String)>> {
-        let msg = MessageParser::default().parse(bytes).unwrap();
+    /// The text of `msg`'s first part of type `kind`/`subtype`, if it has one.
+    fn part_text(msg: &Message, kind: &str, subtype: &str) -> Option<String> {
         let part = msg
             .parts
             .iter()
-            .find(|p| p.is_content_type("message", "delivery-status"))
-            .expect("a delivery-status part");
-        let text = String::from_utf8(part.contents().to_vec()).unwrap();
+            .find(|p| p.is_content_type(kind, subtype))?;
+        Some(String::from_utf8(part.contents().to_vec()).unwrap())
+    }
+
+    /// The `message/delivery-status` body split into its field groups.
+    fn status_groups(bytes: &[u8]) -> Vec<Vec<(String, String)>> {
+        let msg = MessageParser::default().parse(bytes).unwrap();
+        let text = part_text(&msg, "message", "delivery-status").expect("a delivery-status part");
         text.split("\r\n\r\n")
             .filter(|g| !g.trim().is_empty())
             .map(|g| {
@@ -606,19 +611,11 @@ mod tests {
     fn ret_hdrs_returns_headers_only() {
         let bytes = build_dsn(&input(DsnKind::Failure, Some(Ret::Hdrs)));
         let msg = MessageParser::default().parse(&bytes).unwrap();
-        let part = msg
-            .parts
-            .iter()
-            .find(|p| p.is_content_type("text", "rfc822-headers"))
-            .expect("headers part");
-        let text = String::from_utf8(part.contents().to_vec()).unwrap();
+        let text = part_text(&msg, "text", "rfc822-headers").expect("headers part");
         assert!(text.starts_with("From: alice@example.org\r\n"));
         assert!(text.contains("Subject: hello\r\n"));
         assert!(!text.contains("Body line"));
-        assert!(!msg
-            .parts
-            .iter()
-            .any(|p| p.is_content_type("message", "rfc822")));
+        assert!(part_text(&msg, "message", "rfc822").is_none());
     }
 
     #[test]
@@ -630,7 +627,7 @@ mod tests {
 
         let mut i = input(DsnKind::Success, None);
         let ok = RcptStatus::Delivered {
-            reply: SmtpReply::new(250, "2.0.0 Ok: queued as 123"),
+            reply: Reply::new(250, "2.0.0 Ok: queued as 123"),
         };
         i.recipients = vec![DsnRecipient::from_status(
             "bob@remote.test",

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::protocol::Reply;
+
 /// The three fates of a recipient after one try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -29,74 +31,11 @@ pub fn classify_reply(code: u16) -> Outcome {
     }
 }
 
-/// One SMTP reply as received: the code and each line's text (without the code).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    /// The three-digit reply code.
-    pub code: u16,
-    /// The text of each line, code and separator removed; at least one (maybe empty).
-    pub lines: Vec<String>,
-}
-
-impl SmtpReply {
-    /// A one-line reply.
-    pub fn new(code: u16, text: impl Into<String>) -> Self {
-        SmtpReply {
-            code,
-            lines: vec![text.into()],
-        }
-    }
-
-    /// What this reply means for the command it answers.
-    pub fn outcome(&self) -> Outcome {
-        classify_reply(self.code)
-    }
-
-    /// The RFC 3463 enhanced status code at the start of the first line (`5.1.1`), if
-    /// the server sent one whose class agrees with the reply code.
-    pub fn enhanced_status(&self) -> Option<String> {
-        let first = self.lines.first()?;
-        let token = first.split_whitespace().next()?;
-        let mut parts = token.split('.');
-        let (class, subject, detail) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let class_ok = matches!(class, "2" | "4" | "5")
-            && class.as_bytes().first().copied() == Some(b'0' + (self.code / 100) as u8);
-        let num = |s: &str| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit());
-        (class_ok && num(subject) && num(detail)).then(|| token.to_string())
-    }
-
-    /// The whole reply on one line, `550 5.1.1 text more text`: what a DSN's
-    /// Diagnostic-Code and the queue's last error show. Control characters from the
-    /// remote server are replaced so the text can never break a header.
-    pub fn one_line(&self) -> String {
-        let text = self.lines.join(" ");
-        let text: String = text
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        let text = text.trim();
-        if text.is_empty() {
-            self.code.to_string()
-        } else {
-            format!("{} {}", self.code, text)
-        }
-    }
-}
-
-impl fmt::Display for SmtpReply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.one_line())
-    }
-}
-
 /// Why a recipient was not delivered on this try.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailureCause {
     /// The remote server answered this (4xx temporary, 5xx permanent).
-    Reply(SmtpReply),
+    Reply(Reply),
     /// The connection could not be made or broke (refused, reset, TLS trouble).
     Connection(String),
     /// The remote server did not answer in time.
@@ -134,7 +73,7 @@ impl FailureCause {
     /// Temporary or permanent (never `Delivered`).
     pub fn outcome(&self) -> Outcome {
         match self {
-            FailureCause::Reply(r) => match r.outcome() {
+            FailureCause::Reply(r) => match classify_reply(r.code) {
                 Outcome::Permanent => Outcome::Permanent,
                 _ => Outcome::Temporary,
             },
@@ -156,7 +95,7 @@ impl FailureCause {
     pub fn status(&self) -> String {
         match self {
             FailureCause::Reply(r) => r.enhanced_status().unwrap_or_else(|| {
-                if r.outcome() == Outcome::Permanent {
+                if classify_reply(r.code) == Outcome::Permanent {
                     "5.0.0".into()
                 } else {
                     "4.0.0".into()
@@ -179,7 +118,7 @@ impl FailureCause {
     }
 
     /// The remote server's reply, when the failure is one (for Diagnostic-Code).
-    pub fn reply(&self) -> Option<&SmtpReply> {
+    pub fn reply(&self) -> Option<&Reply> {
         match self {
             FailureCause::Reply(r) => Some(r),
             _ => None,
@@ -190,7 +129,7 @@ impl FailureCause {
 impl fmt::Display for FailureCause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            FailureCause::Reply(r) => write!(f, "{r}"),
+            FailureCause::Reply(r) => f.write_str(&r.one_line()),
             FailureCause::Connection(s) => write!(f, "connection failed: {s}"),
             FailureCause::Timeout(s) => write!(f, "timeout: {s}"),
             FailureCause::DnsTemporary(s) => write!(f, "DNS look-up failed: {s}"),
@@ -221,7 +160,7 @@ pub enum RcptStatus {
     /// Accepted by the remote server; the reply to the end of DATA.
     Delivered {
         /// The remote server's final reply.
-        reply: SmtpReply,
+        reply: Reply,
     },
     /// Try again later.
     Temporary {
@@ -264,7 +203,7 @@ impl RcptStatus {
     }
 
     /// The remote server's reply, if one decided this status (for Diagnostic-Code).
-    pub fn reply(&self) -> Option<&SmtpReply> {
+    pub fn reply(&self) -> Option<&Reply> {
         match self {
             RcptStatus::Delivered { reply } => Some(reply),
             RcptStatus::Temporary { cause } | RcptStatus::Permanent { cause } => cause.reply(),
@@ -299,19 +238,19 @@ mod tests {
     fn causes() {
         let c = |x: FailureCause| (x.outcome(), x.status());
         assert_eq!(
-            c(FailureCause::Reply(SmtpReply::new(
+            c(FailureCause::Reply(Reply::new(
                 550,
                 "5.1.1 <a@b>: User unknown"
             ))),
             (Outcome::Permanent, "5.1.1".to_string())
         );
         assert_eq!(
-            c(FailureCause::Reply(SmtpReply::new(451, "try later"))),
+            c(FailureCause::Reply(Reply::new(451, "try later"))),
             (Outcome::Temporary, "4.0.0".to_string())
         );
         // an enhanced code whose class contradicts the reply code is ignored
         assert_eq!(
-            c(FailureCause::Reply(SmtpReply::new(450, "5.1.1 odd"))),
+            c(FailureCause::Reply(Reply::new(450, "5.1.1 odd"))),
             (Outcome::Temporary, "4.0.0".to_string())
         );
         assert_eq!(
@@ -335,24 +274,14 @@ mod tests {
 
     #[test]
     fn status_from_cause() {
-        let s = RcptStatus::failed(FailureCause::Reply(SmtpReply::new(552, "5.3.4 too big")));
+        let s = RcptStatus::failed(FailureCause::Reply(Reply::new(552, "5.3.4 too big")));
         assert_eq!(s.outcome(), Outcome::Permanent);
-        let s = RcptStatus::failed(FailureCause::Reply(SmtpReply::new(452, "4.5.3 too many")));
+        let s = RcptStatus::failed(FailureCause::Reply(Reply::new(452, "4.5.3 too many")));
         assert_eq!(s.outcome(), Outcome::Temporary);
         assert_eq!(s.status(), "4.5.3");
         let d = RcptStatus::Delivered {
-            reply: SmtpReply::new(250, "ok queued"),
+            reply: Reply::new(250, "ok queued"),
         };
         assert_eq!(d.status(), "2.0.0");
-    }
-
-    #[test]
-    fn one_line_strips_controls() {
-        let r = SmtpReply {
-            code: 550,
-            lines: vec!["5.7.1 no\r\nInjected: yes".into(), "second".into()],
-        };
-        assert_eq!(r.one_line(), "550 5.7.1 no  Injected: yes second");
-        assert_eq!(SmtpReply::new(250, "").one_line(), "250");
     }
 }
