@@ -14,7 +14,6 @@ pub mod password;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
-mod sqlite_writer;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -15,7 +15,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
 use super::{db_err, QUEUE_CHANNEL};
-use crate::store::common::{ms, new_queue_id, norm_address};
+use crate::store::common::{ms, new_queue_id, norm_address, size_of};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
 };
@@ -324,7 +324,7 @@ impl<'a> AcceptArgs<'a> {
             a.ip.push(&m.client_ip);
             a.helo.push(&m.helo);
             a.received.push(ms(m.received_at));
-            a.size.push(i64::try_from(m.body.len()).unwrap_or(i64::MAX));
+            a.size.push(size_of(&m.body));
             a.body.push(&m.body);
             a.subject.push(m.subject.as_deref());
             a.smtputf8.push(m.smtputf8);
