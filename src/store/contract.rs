@@ -26,9 +26,10 @@ pub use self::mailboxes::{
     accept_and_read_back, batch_atomicity, junk_copies, named_mailboxes_and_flags,
 };
 pub use self::queue::{queue_claims_and_leases, queue_record_attempt};
+use super::password::hash_password;
 use super::{
-    AcceptLease, Accepted, AttemptRecord, IncomingMessage, MessageStore, OutgoingRcpt,
-    QueuedMessage, StoreError, StoreResult, WriteBatch,
+    AcceptLease, Accepted, AttemptRecord, IncomingMessage, MessageStore, MessageSummary,
+    OutgoingRcpt, QueuedMessage, StoreError, StoreResult, WriteBatch,
 };
 
 /// The fixed start time of every check.
@@ -89,6 +90,32 @@ async fn enqueue(store: &dyn MessageStore, at: DateTime<Utc>, rcpts: &[&str]) ->
     acc.pop()
         .and_then(|a| a.queue_id)
         .expect("a remote recipient makes a queue id")
+}
+
+/// Claim what is due at `at` for `node`, up to `limit`.
+async fn due(
+    store: &dyn MessageStore,
+    node: &str,
+    at: DateTime<Utc>,
+    limit: usize,
+) -> Vec<QueuedMessage> {
+    store
+        .claim_due(node, at, LEASE, limit)
+        .await
+        .expect("claim")
+}
+
+/// The listing of a user's mailbox.
+async fn mailbox(store: &dyn MessageStore, user: &str, mailbox: &str) -> Vec<MessageSummary> {
+    store.list_mailbox(user, mailbox).await.expect("list")
+}
+
+/// A new local domain with one user (password `pw`); returns the user's hash.
+async fn user_of_new_domain(store: &dyn MessageStore, domain: &str, user: &str) -> String {
+    store.add_domain(domain).await.expect("add domain");
+    let h = hash_password("pw").expect("hash");
+    store.add_user(user, &h).await.expect("add user");
+    h
 }
 
 fn ids(msgs: &[QueuedMessage]) -> Vec<String> {

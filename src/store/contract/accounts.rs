@@ -151,14 +151,7 @@ pub async fn users(store: &dyn MessageStore) {
         .await
         .expect("deliver to carol");
     let carol_msg = acc[0].message_ids[0];
-    assert_eq!(
-        store
-            .list_mailbox("carol@users.test", "INBOX")
-            .await
-            .expect("list")
-            .len(),
-        1
-    );
+    assert_eq!(mailbox(store, "carol@users.test", "INBOX").await.len(), 1);
     assert!(store.remove_user("Carol@users.test").await.expect("remove"));
     assert!(!store.remove_user("carol@users.test").await.expect("remove"));
     assert!(!store.user_exists("carol@users.test").await.expect("exists"));
@@ -174,11 +167,7 @@ pub async fn users(store: &dyn MessageStore) {
         .await
         .expect("re-add carol");
     assert!(
-        store
-            .list_mailbox("carol@users.test", "INBOX")
-            .await
-            .expect("list")
-            .is_empty(),
+        mailbox(store, "carol@users.test", "INBOX").await.is_empty(),
         "a re-created user does not inherit the old mailbox"
     );
 
@@ -202,12 +191,7 @@ pub async fn users(store: &dyn MessageStore) {
 /// what `is_local_domain` and `user_exists` give, for the same spellings; and it sees a
 /// user added a moment ago.
 pub async fn recipient_look_ups(store: &dyn MessageStore) {
-    store.add_domain("lookup.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store
-        .add_user("dora@lookup.test", &h)
-        .await
-        .expect("add dora");
+    let h = user_of_new_domain(store, "lookup.test", "dora@lookup.test").await;
     let cases = [
         "dora@lookup.test",
         "Dora@LOOKUP.TEST",

@@ -12,36 +12,16 @@ pub async fn queue_admin(store: &dyn MessageStore) {
     store.delete_all_queued().await.expect("clear queue");
     let x = enqueue(store, secs(3600), &["x@far.test"]).await;
     let y = enqueue(store, secs(7200), &["y@far.test"]).await;
-    assert!(store
-        .claim_due("n1", t0(), LEASE, 10)
-        .await
-        .expect("claim")
-        .is_empty());
+    assert!(due(store, "n1", t0(), 10).await.is_empty());
     assert_eq!(store.flush(Some(&x), t0()).await.expect("flush"), 1);
-    assert_eq!(
-        store
-            .get_queued(&x)
-            .await
-            .expect("get")
-            .expect("x")
-            .next_retry_at,
-        t0()
-    );
+    assert_eq!(due_at(store, &x).await, t0());
     assert_eq!(store.flush(Some(&x), secs(99_999)).await.expect("flush"), 1);
     assert_eq!(
-        store
-            .get_queued(&x)
-            .await
-            .expect("get")
-            .expect("x")
-            .next_retry_at,
+        due_at(store, &x).await,
         t0(),
         "flush never delays a message"
     );
-    assert_eq!(
-        ids(&store.claim_due("n1", t0(), LEASE, 10).await.expect("claim")),
-        vec![x.clone()]
-    );
+    assert_eq!(ids(&due(store, "n1", t0(), 10).await), vec![x.clone()]);
 
     assert!(store.hold(&y).await.expect("hold"));
     assert_eq!(
@@ -50,15 +30,7 @@ pub async fn queue_admin(store: &dyn MessageStore) {
         "held y skipped"
     );
     assert_eq!(store.flush(Some(&y), t0()).await.expect("flush y"), 0);
-    assert_eq!(
-        store
-            .get_queued(&y)
-            .await
-            .expect("get")
-            .expect("y")
-            .next_retry_at,
-        secs(7200)
-    );
+    assert_eq!(due_at(store, &y).await, secs(7200));
     assert_eq!(
         store
             .flush(Some("0000000000000000"), t0())
@@ -92,6 +64,12 @@ pub async fn queue_admin(store: &dyn MessageStore) {
     assert_eq!(store.delete_all_queued().await.expect("delete all"), 0);
 }
 
+/// When the queued message `id` is due.
+async fn due_at(store: &dyn MessageStore, id: &str) -> DateTime<Utc> {
+    let m = store.get_queued(id).await.expect("get").expect("queued");
+    m.next_retry_at
+}
+
 /// Two handles on the same database (as two processes would have) claim the same queue
 /// at once in batches of 10, recording each message as delivered: no message is handed
 /// out twice and every one is handed out once. `a` and `b` must share one database.
@@ -120,10 +98,7 @@ pub async fn concurrent_claims(a: &dyn MessageStore, b: &dyn MessageStore, messa
     async fn worker(store: &dyn MessageStore, node: &str) -> Vec<String> {
         let mut got = Vec::new();
         loop {
-            let batch = store
-                .claim_due(node, secs(1), LEASE, 10)
-                .await
-                .expect("claim");
+            let batch = due(store, node, secs(1), 10).await;
             if batch.is_empty() {
                 return got;
             }

@@ -2,7 +2,6 @@
 //! batched with accepts, and each message isolated from its neighbours.
 
 use super::*;
-use crate::store::password::hash_password;
 use crate::store::*;
 
 /// accept_leased: rows inserted already claimed, due only when the lease lapses, the
@@ -52,11 +51,7 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
         );
     }
     assert!(
-        store
-            .claim_due("n2", secs(30), LEASE, 10)
-            .await
-            .expect("claim")
-            .is_empty(),
+        due(store, "n2", secs(30), 10).await.is_empty(),
         "a leased message is not due for others"
     );
     assert!(store
@@ -106,10 +101,7 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
     let kept = store.get_queued(&ids[1]).await.expect("get").expect("kept");
     assert_eq!(kept.tries, 0, "a refused record changes nothing");
     assert_eq!(kept.lock_owner.as_deref(), Some("n1"));
-    let lapsed = store
-        .claim_due("n2", secs(61), LEASE, 10)
-        .await
-        .expect("claim");
+    let lapsed = due(store, "n2", secs(61), 10).await;
     assert_eq!(
         lapsed.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
         vec![ids[1].clone()],
@@ -138,13 +130,9 @@ pub async fn queue_claim_at_accept(store: &dyn MessageStore) {
     .expect("accept leased");
     let id = acc[0].queue_id.clone().expect("queued");
     let soon = now + chrono::Duration::seconds(5);
-    assert!(store
-        .claim_due("n2", soon, LEASE, 10)
-        .await
-        .expect("claim")
-        .is_empty());
+    assert!(due(store, "n2", soon, 10).await.is_empty());
     store.release(&id, "n1").await.expect("release");
-    let taken = store.claim_due("n2", soon, LEASE, 10).await.expect("claim");
+    let taken = due(store, "n2", soon, 10).await;
     assert_eq!(taken.len(), 1, "released: due now");
     store.delete_all_queued().await.expect("clean up");
 }
@@ -221,15 +209,9 @@ pub async fn commit_batch_mixes_accepts_and_records(store: &dyn MessageStore) {
 /// other 19, and the failed one alone gets its error; a lease and its leased rows stay
 /// right for the rest.
 pub async fn commit_batch_isolates_each_message(store: &dyn MessageStore) {
-    store.add_domain("iso.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store.add_user("u@iso.test", &h).await.expect("add user");
+    user_of_new_domain(store, "iso.test", "u@iso.test").await;
     store.delete_all_queued().await.expect("clear queue");
-    let before = store
-        .list_mailbox("u@iso.test", "INBOX")
-        .await
-        .expect("list")
-        .len();
+    let before = mailbox(store, "u@iso.test", "INBOX").await.len();
     let messages: Vec<IncomingMessage> = (0..20)
         .map(|i| {
             let local = if i == 7 {
@@ -268,10 +250,7 @@ pub async fn commit_batch_isolates_each_message(store: &dyn MessageStore) {
             assert!(a.queue_id.is_some(), "{i}");
         }
     }
-    let inbox = store
-        .list_mailbox("u@iso.test", "INBOX")
-        .await
-        .expect("list");
+    let inbox = mailbox(store, "u@iso.test", "INBOX").await;
     assert_eq!(inbox.len() - before, 19, "19 local copies");
     let queue = store.list_queue().await.expect("list");
     assert_eq!(queue.len(), 19, "19 queued, none for the failed one");

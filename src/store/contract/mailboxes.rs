@@ -3,15 +3,12 @@
 //! batches.
 
 use super::*;
-use crate::store::password::hash_password;
 use crate::store::*;
 
 /// accept_batch: local and remote recipients of one message, byte-exact read-back from
 /// the mailbox and the queue, results in input order, the null sender.
 pub async fn accept_and_read_back(store: &dyn MessageStore) {
-    store.add_domain("mail.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store.add_user("u1@mail.test", &h).await.expect("add u1");
+    let h = user_of_new_domain(store, "mail.test", "u1@mail.test").await;
     store.add_user("u2@mail.test", &h).await.expect("add u2");
 
     assert!(store
@@ -67,10 +64,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
     assert_eq!(acc[1].queue_id, None);
     assert_eq!(acc[1].message_ids.len(), 1);
 
-    let inbox = store
-        .list_mailbox("U1@mail.test", "inbox")
-        .await
-        .expect("list");
+    let inbox = mailbox(store, "U1@mail.test", "inbox").await;
     assert_eq!(
         inbox,
         vec![
@@ -110,16 +104,8 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
         None,
         "u1's copy is not u2's"
     );
-    assert!(store
-        .list_mailbox("u1@mail.test", "Archive")
-        .await
-        .expect("list")
-        .is_empty());
-    assert!(store
-        .list_mailbox("ghost@mail.test", "INBOX")
-        .await
-        .expect("list")
-        .is_empty());
+    assert!(mailbox(store, "u1@mail.test", "Archive").await.is_empty());
+    assert!(mailbox(store, "ghost@mail.test", "INBOX").await.is_empty());
 
     let q = store
         .get_queued(&qid)
@@ -179,9 +165,7 @@ pub async fn accept_and_read_back(store: &dyn MessageStore) {
 
 /// A batch with one bad message stores none of its messages.
 pub async fn batch_atomicity(store: &dyn MessageStore) {
-    store.add_domain("atomic.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store.add_user("a@atomic.test", &h).await.expect("add user");
+    user_of_new_domain(store, "atomic.test", "a@atomic.test").await;
     store.delete_all_queued().await.expect("clear queue");
     let good = incoming(
         "s@x.test",
@@ -194,11 +178,7 @@ pub async fn batch_atomicity(store: &dyn MessageStore) {
     let r = store.accept_batch(vec![good.clone(), bad]).await;
     assert!(is_invalid(r), "unknown local recipient fails the batch");
     assert!(
-        store
-            .list_mailbox("a@atomic.test", "INBOX")
-            .await
-            .expect("list")
-            .is_empty(),
+        mailbox(store, "a@atomic.test", "INBOX").await.is_empty(),
         "the good message of a failed batch is not stored"
     );
     assert!(
@@ -215,12 +195,7 @@ pub async fn batch_atomicity(store: &dyn MessageStore) {
 /// is listed there, and read back, with its flags in order; flags in the INBOX survive the
 /// group commit beside plain mail; `inbox` is the INBOX; a flag with a space is refused.
 pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
-    store.add_domain("folders.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store
-        .add_user("f@folders.test", &h)
-        .await
-        .expect("add user");
+    user_of_new_domain(store, "folders.test", "f@folders.test").await;
     let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let mut sent = incoming(
         "f@folders.test",
@@ -235,10 +210,7 @@ pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
         .accept_batch(vec![sent])
         .await
         .expect("accept into Sent");
-    let listed = store
-        .list_mailbox("f@folders.test", "Sent")
-        .await
-        .expect("list");
+    let listed = mailbox(store, "f@folders.test", "Sent").await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].mailbox, "Sent");
     assert_eq!(listed[0].id, ids[0].message_ids[0]);
@@ -270,10 +242,7 @@ pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
     accept_leased(store, &[flagged, plain], None)
         .await
         .expect("group commit");
-    let inbox = store
-        .list_mailbox("f@folders.test", "INBOX")
-        .await
-        .expect("list");
+    let inbox = mailbox(store, "f@folders.test", "INBOX").await;
     let got: Vec<(&str, &str, Vec<String>)> = inbox
         .iter()
         .map(|m| (m.mailbox.as_str(), m.sender.as_str(), m.flags.clone()))
@@ -286,11 +255,7 @@ pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
         ]
     );
     assert_eq!(
-        store
-            .list_mailbox("f@folders.test", "Sent")
-            .await
-            .expect("list")
-            .len(),
+        mailbox(store, "f@folders.test", "Sent").await.len(),
         1,
         "INBOX mail stays out of Sent"
     );
@@ -303,9 +268,7 @@ pub async fn named_mailboxes_and_flags(store: &dyn MessageStore) {
 /// A message for the `Junk` mailbox (DMARC quarantine) puts its local copies in each recipient's
 /// `Junk` mailbox, created on first use, in a group commit beside INBOX mail.
 pub async fn junk_copies(store: &dyn MessageStore) {
-    store.add_domain("junk.test").await.expect("add domain");
-    let h = hash_password("pw").expect("hash");
-    store.add_user("j@junk.test", &h).await.expect("add user");
+    user_of_new_domain(store, "junk.test", "j@junk.test").await;
     let mut spam = incoming(
         "s@forged.test",
         &["j@junk.test"],
@@ -331,17 +294,11 @@ pub async fn junk_copies(store: &dyn MessageStore) {
         .await;
     let accepted = out.accepted.expect("the batch committed");
     assert!(accepted.iter().all(|a| a.is_ok()), "{accepted:?}");
-    let junk = store
-        .list_mailbox("j@junk.test", "Junk")
-        .await
-        .expect("list");
+    let junk = mailbox(store, "j@junk.test", "Junk").await;
     assert_eq!(junk.len(), 1);
     assert_eq!(junk[0].sender, "s@forged.test");
     assert_eq!(junk[0].mailbox, "Junk");
-    let inbox = store
-        .list_mailbox("j@junk.test", "INBOX")
-        .await
-        .expect("list");
+    let inbox = mailbox(store, "j@junk.test", "INBOX").await;
     assert_eq!(inbox.len(), 1);
     assert_eq!(inbox[0].sender, "s@good.test");
 }

@@ -14,21 +14,11 @@ pub async fn queue_claims_and_leases(store: &dyn MessageStore) {
     assert!(store.hold(&d).await.expect("hold"));
     assert!(!store.hold("0000000000000000").await.expect("hold unknown"));
 
-    let early = store
-        .claim_due("n1", secs(-1), LEASE, 10)
-        .await
-        .expect("claim");
+    let early = due(store, "n1", secs(-1), 10).await;
     assert!(early.is_empty(), "nothing is due before it was received");
-    assert!(store
-        .claim_due("n1", secs(10), LEASE, 0)
-        .await
-        .expect("claim")
-        .is_empty());
+    assert!(due(store, "n1", secs(10), 0).await.is_empty());
 
-    let first = store
-        .claim_due("n1", secs(10), LEASE, 2)
-        .await
-        .expect("claim");
+    let first = due(store, "n1", secs(10), 2).await;
     assert_eq!(
         ids(&first),
         vec![a.clone(), b.clone()],
@@ -38,20 +28,13 @@ pub async fn queue_claims_and_leases(store: &dyn MessageStore) {
     assert_eq!(first[0].lock_expires_at, Some(secs(70)));
     assert_eq!(first[0].rcpts, vec![rcpt("a@far.test")]);
 
-    let second = store
-        .claim_due("n2", secs(15), LEASE, 10)
-        .await
-        .expect("claim");
+    let second = due(store, "n2", secs(15), 10).await;
     assert_eq!(
         ids(&second),
         vec![c.clone()],
         "locked and held messages are skipped"
     );
-    assert!(store
-        .claim_due("n1", secs(15), LEASE, 10)
-        .await
-        .expect("claim")
-        .is_empty());
+    assert!(due(store, "n1", secs(15), 10).await.is_empty());
     assert_eq!(
         store.claim(&a, "n2", secs(20), LEASE).await.expect("claim"),
         None
@@ -74,10 +57,7 @@ pub async fn queue_claims_and_leases(store: &dyn MessageStore) {
     );
 
     // At 70 s the leases of a and b (taken at 10 s) have expired; c's (15 s) has not.
-    let taken = store
-        .claim_due("n2", secs(70), LEASE, 10)
-        .await
-        .expect("claim");
+    let taken = due(store, "n2", secs(70), 10).await;
     assert_eq!(
         ids(&taken),
         vec![a.clone(), b.clone()],
@@ -234,15 +214,8 @@ pub async fn queue_record_attempt(store: &dyn MessageStore) {
         is_invalid(store.record_attempt(&m, "n1", outcome.clone()).await),
         "recording needs the lock"
     );
-    assert!(store
-        .claim_due("n1", secs(899), LEASE, 10)
-        .await
-        .expect("claim")
-        .is_empty());
-    let due = store
-        .claim_due("n1", secs(900), LEASE, 10)
-        .await
-        .expect("claim");
+    assert!(due(store, "n1", secs(899), 10).await.is_empty());
+    let due = due(store, "n1", secs(900), 10).await;
     assert_eq!(ids(&due), vec![m.clone()]);
 
     // The last pending recipient delivered: the message leaves the queue.
