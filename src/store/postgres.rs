@@ -36,6 +36,8 @@ use super::common::{column_err, Columns};
 use super::sql;
 use super::{StoreError, StoreResult};
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// Connections per node unless the URL says `pool_size=N`. Each sender, session commit
 /// and admin command holds one only for a statement or a short transaction.
 pub const DEFAULT_POOL_SIZE: u32 = 10;
@@ -126,6 +128,31 @@ impl PostgresStore {
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Run `q` on the pool; the rows it changed.
+    async fn changed(&self, q: PgQuery<'_>) -> StoreResult<u64> {
+        let done = q.execute(&self.pool).await.map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether `sql` finds a row for `key`.
+    async fn exists(&self, sql: &'static str, key: &str) -> StoreResult<bool> {
+        let found: Option<i32> = sqlx::query_scalar(sql)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
+    /// A read-only transaction whose statements all see one snapshot (READ COMMITTED,
+    /// the default, takes a new snapshot per statement).
+    async fn read_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(db_err)
     }
 
     /// The schema version of the database (the last migration applied).

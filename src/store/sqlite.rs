@@ -155,46 +155,54 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
+    /// Run `f` on the writer's connection under this process's writer lock: the writes
+    /// that read then write.
+    async fn locked<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let _writer = self.writer.lock().await;
+        self.writes.run(f).await
+    }
+
     /// Apply the missing migrations in one write transaction, so that two processes
     /// opening a fresh file at once apply them exactly once.
     async fn migrate(&self) -> StoreResult<()> {
-        let _writer = self.writer.lock().await;
         let path = self.path.clone();
-        self.writes
-            .run(move |conn| {
-                let tx = write_tx(conn)?;
-                tx.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS erlmail_schema (
+        self.locked(move |conn| {
+            let tx = write_tx(conn)?;
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS erlmail_schema (
                          version     INTEGER PRIMARY KEY,
                          name        TEXT NOT NULL,
                          applied_at  INTEGER NOT NULL
                      )",
-                )
-                .map_err(sql_err)?;
-                let current: Option<i64> =
-                    one(&tx, sql::SCHEMA_VERSION, [], col0)?.flatten();
-                let current = current.unwrap_or(0);
-                let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-                if current > latest {
-                    return Err(StoreError::Invalid(format!(
-                        "store schema version {current} is newer than this erlmail knows \
+            )
+            .map_err(sql_err)?;
+            let current: Option<i64> = one(&tx, sql::SCHEMA_VERSION, [], col0)?.flatten();
+            let current = current.unwrap_or(0);
+            let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+            if current > latest {
+                return Err(StoreError::Invalid(format!(
+                    "store schema version {current} is newer than this erlmail knows \
                          ({latest}); upgrade erlmail"
-                    )));
-                }
-                for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-                    tx.execute_batch(sql).map_err(|e| {
-                        StoreError::Backend(format!("migration {version} ({name}): {e}"))
-                    })?;
-                    execute(
-                        &tx,
-                        sql::RECORD_MIGRATION,
-                        params![version, name, Utc::now().timestamp_millis()],
-                    )?;
-                    tracing::info!(version, name, path = %path.display(), "store migration applied");
-                }
-                tx.commit().map_err(sql_err)
-            })
-            .await
+                )));
+            }
+            for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+                tx.execute_batch(sql).map_err(|e| {
+                    StoreError::Backend(format!("migration {version} ({name}): {e}"))
+                })?;
+                execute(
+                    &tx,
+                    sql::RECORD_MIGRATION,
+                    params![version, name, Utc::now().timestamp_millis()],
+                )?;
+                tracing::info!(version, name, path = %path.display(), "store migration applied");
+            }
+            tx.commit().map_err(sql_err)
+        })
+        .await
     }
 }
 

@@ -58,12 +58,7 @@ impl AccountStore for PostgresStore {
         let Ok(name) = norm_domain(name) else {
             return Ok(false);
         };
-        let found: Option<i32> = sqlx::query_scalar(sql::DOMAIN_EXISTS)
-            .bind(&name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(found.is_some())
+        self.exists(sql::DOMAIN_EXISTS, &name).await
     }
 
     async fn add_user(&self, address: &str, password_hash: &str) -> StoreResult<()> {
@@ -100,23 +95,22 @@ impl AccountStore for PostgresStore {
     async fn set_password(&self, address: &str, password_hash: &str) -> StoreResult<bool> {
         let (address, _, _) = norm_address(address)?;
         check_hash(password_hash)?;
-        let done = sqlx::query(sql::SET_PASSWORD)
-            .bind(password_hash)
-            .bind(&address)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .changed(
+                sqlx::query(sql::SET_PASSWORD)
+                    .bind(password_hash)
+                    .bind(&address),
+            )
+            .await?;
+        Ok(done == 1)
     }
 
     async fn remove_user(&self, address: &str) -> StoreResult<bool> {
         let (address, _, _) = norm_address(address)?;
-        let done = sqlx::query(sql::DELETE_USER)
-            .bind(&address)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .changed(sqlx::query(sql::DELETE_USER).bind(&address))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn list_users(&self, domain: Option<&str>) -> StoreResult<Vec<String>> {
@@ -154,12 +148,7 @@ impl AccountStore for PostgresStore {
         let Ok((address, _, _)) = norm_address(address) else {
             return Ok(false);
         };
-        let found: Option<i32> = sqlx::query_scalar(sql::USER_EXISTS)
-            .bind(&address)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(found.is_some())
+        self.exists(sql::USER_EXISTS, &address).await
     }
 
     fn recipient_now(&self, address: &str) -> Option<StoreResult<(bool, bool)>> {

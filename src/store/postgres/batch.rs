@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
-use super::{db_err, QUEUE_CHANNEL};
+use super::{db_err, PgQuery, QUEUE_CHANNEL};
 use crate::store::common::{ms, new_queue_id, norm_address, size_of};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
@@ -284,8 +284,6 @@ pub(super) async fn commit_all(
         .collect();
     Ok((accepted, recorded))
 }
-
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// The parameters of [`ACCEPT_CTES`], as parallel arrays.
 #[derive(Default)]

@@ -137,17 +137,18 @@ impl QueueStore for PostgresStore {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE outgoing SET lock_expires_at = $1
+        let done = self
+            .changed(
+                sqlx::query(
+                    "UPDATE outgoing SET lock_expires_at = $1
              WHERE id = $2 AND lock_owner = $3 AND NOT held",
-        )
-        .bind(lease_end(now, lease))
-        .bind(id)
-        .bind(node)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+                )
+                .bind(lease_end(now, lease))
+                .bind(id)
+                .bind(node),
+            )
+            .await?;
+        Ok(done == 1)
     }
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
@@ -171,21 +172,22 @@ impl QueueStore for PostgresStore {
 
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
         let (len, booted, legacy) = node_prefixes(node);
-        let done = sqlx::query(concat!(
-            "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+        let done = self
+            .changed(
+                sqlx::query(concat!(
+                    "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
                  next_retry_at = LEAST(next_retry_at, ",
-            db_now!(),
-            ") WHERE lock_owner IS NOT NULL AND lock_owner <> $1
+                    db_now!(),
+                    ") WHERE lock_owner IS NOT NULL AND lock_owner <> $1
                AND (substr(lock_owner, 1, $2) = $3 OR substr(lock_owner, 1, $2) = $4)"
-        ))
-        .bind(current)
-        .bind(len as i32)
-        .bind(booted)
-        .bind(legacy)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected())
+                ))
+                .bind(current)
+                .bind(len as i32)
+                .bind(booted)
+                .bind(legacy),
+            )
+            .await?;
+        Ok(done)
     }
 
     fn wake_ups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
@@ -237,13 +239,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn list_queue(&self) -> StoreResult<Vec<QueueSummary>> {
-        // REPEATABLE READ: rows and recipients from one snapshot (READ COMMITTED, the
-        // default, takes a new snapshot per statement).
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(db_err)?;
+        let mut tx = self.read_tx().await?;
         let rows = sqlx::query(concat!(
             "SELECT ",
             outgoing_cols!(),
@@ -266,11 +262,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn get_queued(&self, id: &str) -> StoreResult<Option<QueuedMessage>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(db_err)?;
+        let mut tx = self.read_tx().await?;
         let row = sqlx::query(concat!(
             "SELECT ",
             outgoing_cols!(),
@@ -289,38 +281,29 @@ impl QueueStore for PostgresStore {
     }
 
     async fn delete_queued(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query(sql::DELETE_QUEUED)
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .changed(sqlx::query(sql::DELETE_QUEUED).bind(id))
+            .await?;
+        Ok(done == 1)
     }
 
     async fn delete_all_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query(sql::DELETE_ALL_QUEUED)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected())
+        let done = self.changed(sqlx::query(sql::DELETE_ALL_QUEUED)).await?;
+        Ok(done)
     }
 
     async fn hold(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE outgoing SET held = TRUE WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(self
+            .changed(sqlx::query(sql::SET_HELD).bind(true).bind(id))
+            .await?
+            == 1)
     }
 
     async fn release_hold(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE outgoing SET held = FALSE WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        Ok(self
+            .changed(sqlx::query(sql::SET_HELD).bind(false).bind(id))
+            .await?
+            == 1)
     }
 
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {

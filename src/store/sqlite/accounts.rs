@@ -66,33 +66,31 @@ impl AccountStore for SqliteStore {
         let (address, local, domain) = norm_address(address)?;
         check_hash(password_hash)?;
         let password_hash = password_hash.to_string();
-        let _writer = self.writer.lock().await;
-        self.writes
-            .run(move |conn| {
-                let tx = write_tx(conn)?;
-                let known: Option<i64> = one(&tx, sql::DOMAIN_EXISTS, [&domain], col0)?;
-                if known.is_none() {
-                    return Err(StoreError::Invalid(format!("unknown domain {domain}")));
-                }
-                let done = execute(
-                    &tx,
-                    sql::INSERT_USER,
-                    params![
-                        address,
-                        local,
-                        domain,
-                        password_hash,
-                        Utc::now().timestamp_millis()
-                    ],
-                )?;
-                if done != 1 {
-                    return Err(StoreError::Invalid(format!(
-                        "user {address} already exists"
-                    )));
-                }
-                tx.commit().map_err(sql_err)
-            })
-            .await
+        self.locked(move |conn| {
+            let tx = write_tx(conn)?;
+            let known: Option<i64> = one(&tx, sql::DOMAIN_EXISTS, [&domain], col0)?;
+            if known.is_none() {
+                return Err(StoreError::Invalid(format!("unknown domain {domain}")));
+            }
+            let done = execute(
+                &tx,
+                sql::INSERT_USER,
+                params![
+                    address,
+                    local,
+                    domain,
+                    password_hash,
+                    Utc::now().timestamp_millis()
+                ],
+            )?;
+            if done != 1 {
+                return Err(StoreError::Invalid(format!(
+                    "user {address} already exists"
+                )));
+            }
+            tx.commit().map_err(sql_err)
+        })
+        .await
     }
 
     async fn set_password(&self, address: &str, password_hash: &str) -> StoreResult<bool> {

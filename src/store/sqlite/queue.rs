@@ -38,6 +38,17 @@ fn load_queued(conn: &Connection, id: &str) -> StoreResult<Option<QueuedMessage>
     Ok(Some(QueuedMessage { rcpts, ..o }))
 }
 
+impl SqliteStore {
+    async fn set_held(&self, id: &str, held: bool) -> StoreResult<bool> {
+        let id = id.to_string();
+        let done = self
+            .pool
+            .run(move |c| execute(c, sql::SET_HELD, params![held, id]))
+            .await?;
+        Ok(done == 1)
+    }
+}
+
 #[async_trait::async_trait]
 impl QueueStore for SqliteStore {
     async fn claim_due(
@@ -51,10 +62,8 @@ impl QueueStore for SqliteStore {
             return Ok(Vec::new());
         }
         let node = node.to_string();
-        let _writer = self.writer.lock().await;
         let mut claimed = self
-            .writes
-            .run(move |conn| {
+            .locked(move |conn| {
                 let tx = write_tx(conn)?;
                 // The claim itself is this one statement; the write lock taken by BEGIN
                 // IMMEDIATE keeps any other process out until we commit. (PostgreSQL:
@@ -100,26 +109,24 @@ impl QueueStore for SqliteStore {
         lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>> {
         let (id, node) = (id.to_string(), node.to_string());
-        let _writer = self.writer.lock().await;
-        self.writes
-            .run(move |conn| {
-                let tx = write_tx(conn)?;
-                let done = execute(
-                    &tx,
-                    "UPDATE outgoing SET lock_owner = ?1, lock_expires_at = ?2
+        self.locked(move |conn| {
+            let tx = write_tx(conn)?;
+            let done = execute(
+                &tx,
+                "UPDATE outgoing SET lock_owner = ?1, lock_expires_at = ?2
                      WHERE id = ?3 AND next_retry_at <= ?4 AND held = 0
                        AND (lock_owner IS NULL OR lock_expires_at IS NULL
                             OR lock_expires_at <= ?4)",
-                    params![node, lease_end(now, lease), id, ms(now)],
-                )?;
-                if done != 1 {
-                    return Ok(None);
-                }
-                let m = load_queued(&tx, &id)?;
-                tx.commit().map_err(sql_err)?;
-                Ok(m)
-            })
-            .await
+                params![node, lease_end(now, lease), id, ms(now)],
+            )?;
+            if done != 1 {
+                return Ok(None);
+            }
+            let m = load_queued(&tx, &id)?;
+            tx.commit().map_err(sql_err)?;
+            Ok(m)
+        })
+        .await
     }
 
     async fn renew_lease(
@@ -130,10 +137,8 @@ impl QueueStore for SqliteStore {
         lease: Duration,
     ) -> StoreResult<bool> {
         let (id, node) = (id.to_string(), node.to_string());
-        let _writer = self.writer.lock().await;
         let done = self
-            .writes
-            .run(move |c| {
+            .locked(move |c| {
                 execute(
                     c,
                     "UPDATE outgoing SET lock_expires_at = ?1
@@ -147,37 +152,33 @@ impl QueueStore for SqliteStore {
 
     async fn release(&self, id: &str, node: &str) -> StoreResult<()> {
         let (id, node) = (id.to_string(), node.to_string());
-        let _writer = self.writer.lock().await;
-        self.writes
-            .run(move |c| {
-                execute(
-                    c,
-                    "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+        self.locked(move |c| {
+            execute(
+                c,
+                "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
                          next_retry_at = MIN(next_retry_at, ?3)
                      WHERE id = ?1 AND lock_owner = ?2",
-                    params![id, node, ms(Utc::now())],
-                )
-            })
-            .await?;
+                params![id, node, ms(Utc::now())],
+            )
+        })
+        .await?;
         Ok(())
     }
 
     async fn release_node(&self, node: &str, current: &str) -> StoreResult<u64> {
         let (len, booted, legacy) = node_prefixes(node);
         let current = current.to_string();
-        let _writer = self.writer.lock().await;
-        self.writes
-            .run(move |c| {
-                execute(
-                    c,
-                    "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
+        self.locked(move |c| {
+            execute(
+                c,
+                "UPDATE outgoing SET lock_owner = NULL, lock_expires_at = NULL,
                          next_retry_at = MIN(next_retry_at, ?1)
                      WHERE lock_owner IS NOT NULL AND lock_owner <> ?2
                        AND (substr(lock_owner, 1, ?3) = ?4 OR substr(lock_owner, 1, ?3) = ?5)",
-                    params![ms(Utc::now()), current, len, booted, legacy],
-                )
-            })
-            .await
+                params![ms(Utc::now()), current, len, booted, legacy],
+            )
+        })
+        .await
     }
 
     async fn still_leased(&self, id: &str, node: &str, now: DateTime<Utc>) -> StoreResult<bool> {
@@ -249,21 +250,11 @@ impl QueueStore for SqliteStore {
     }
 
     async fn hold(&self, id: &str) -> StoreResult<bool> {
-        let id = id.to_string();
-        let done = self
-            .pool
-            .run(move |c| execute(c, "UPDATE outgoing SET held = 1 WHERE id = ?1", [id]))
-            .await?;
-        Ok(done == 1)
+        self.set_held(id, true).await
     }
 
     async fn release_hold(&self, id: &str) -> StoreResult<bool> {
-        let id = id.to_string();
-        let done = self
-            .pool
-            .run(move |c| execute(c, "UPDATE outgoing SET held = 0 WHERE id = ?1", [id]))
-            .await?;
-        Ok(done == 1)
+        self.set_held(id, false).await
     }
 
     async fn flush(&self, id: Option<&str>, now: DateTime<Utc>) -> StoreResult<u64> {
