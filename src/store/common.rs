@@ -200,6 +200,15 @@ fn null(col: &str) -> StoreError {
     StoreError::Backend(format!("column {col} is NULL"))
 }
 
+/// A `Backend` error (the driver's catch-all) as `wrap` puts it, with what the caller was
+/// doing; the other kinds stay as they are.
+pub(crate) fn recast(e: StoreError, wrap: impl FnOnce(String) -> StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(m) => wrap(m),
+        other => other,
+    }
+}
+
 /// The error of a driver reading column `col`.
 pub(crate) fn column_err(col: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("column {col}: {e}"))

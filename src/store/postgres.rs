@@ -28,11 +28,11 @@ mod settings;
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 
 pub use self::settings::PgSettings;
-use super::common::{column_err, Columns};
+use super::common::{column_err, recast, Columns};
 use super::sql;
 use super::{StoreError, StoreResult};
 
@@ -114,11 +114,10 @@ impl PostgresStore {
             .acquire_timeout(settings.connect_timeout)
             .connect_with(options.clone())
             .await
-            .map_err(|e| match db_err(e) {
-                StoreError::Backend(m) => {
+            .map_err(|e| {
+                recast(db_err(e), |m| {
                     StoreError::Unavailable(format!("cannot open PostgreSQL store: {m}"))
-                }
-                other => other,
+                })
             })?;
         let store = PostgresStore {
             pool,
@@ -214,15 +213,11 @@ impl PostgresStore {
             )));
         }
         for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match db_err(e) {
-                    StoreError::Backend(m) => {
-                        StoreError::Backend(format!("migration {version} ({name}): {m}"))
-                    }
-                    other => other,
-                })?;
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|e| {
+                recast(db_err(e), |m| {
+                    StoreError::Backend(format!("migration {version} ({name}): {m}"))
+                })
+            })?;
             sqlx::query(sql::RECORD_MIGRATION)
                 .bind(version)
                 .bind(name)
@@ -237,6 +232,30 @@ impl PostgresStore {
 }
 
 // ----- helpers -----
+
+impl Columns for PgRow {
+    fn text(&self, col: &str) -> StoreResult<Option<String>> {
+        self.try_get(col).map_err(|e| column_err(col, e))
+    }
+
+    fn int(&self, col: &str) -> StoreResult<Option<i64>> {
+        self.try_get(col).map_err(|e| column_err(col, e))
+    }
+
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        self.try_get(col).map_err(|e| column_err(col, e))
+    }
+
+    fn bytes(&self, col: &str) -> StoreResult<Vec<u8>> {
+        self.try_get(col).map_err(|e| column_err(col, e))
+    }
+}
+
+/// Run `q` on `conn`; the rows it changed.
+async fn exec(conn: &mut PgConnection, q: PgQuery<'_>) -> StoreResult<u64> {
+    let done = q.execute(conn).await.map_err(db_err)?;
+    Ok(done.rows_affected())
+}
 
 /// Map a sqlx error to a `StoreError` by SQLSTATE: a full disk is `Full`; a lost or
 /// refused connection, a server shutting down, too many connections, a deadlock or
@@ -267,24 +286,6 @@ fn db_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
         other => StoreError::Backend(other.to_string()),
-    }
-}
-
-impl Columns for PgRow {
-    fn text(&self, col: &str) -> StoreResult<Option<String>> {
-        self.try_get(col).map_err(|e| column_err(col, e))
-    }
-
-    fn int(&self, col: &str) -> StoreResult<Option<i64>> {
-        self.try_get(col).map_err(|e| column_err(col, e))
-    }
-
-    fn flag(&self, col: &str) -> StoreResult<bool> {
-        self.try_get(col).map_err(|e| column_err(col, e))
-    }
-
-    fn bytes(&self, col: &str) -> StoreResult<Vec<u8>> {
-        self.try_get(col).map_err(|e| column_err(col, e))
     }
 }
 

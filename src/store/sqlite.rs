@@ -27,6 +27,7 @@ use rusqlite::{params, Connection};
 use self::conn::{col0, execute, one, sql_err, write_tx};
 use self::pool::{open_reader, Pool};
 use self::writer::Writer;
+use super::common::recast;
 use super::sql;
 use super::{MessageStore, StoreError, StoreResult, WriteBatch, WriteOutcome};
 
@@ -101,11 +102,10 @@ impl SqliteStore {
                 })?;
             }
         }
-        let opened = |e| match e {
-            StoreError::Backend(m) => {
+        let opened = |e| {
+            recast(e, |m| {
                 StoreError::Unavailable(format!("cannot open SQLite store {}: {m}", path.display()))
-            }
-            other => other,
+            })
         };
         let pool = Arc::new(Pool::new(path, pragmas));
         // One connection at once (it creates the file), so that a file that cannot be

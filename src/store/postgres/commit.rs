@@ -4,7 +4,7 @@
 
 use super::careful::{accept_one, record_one};
 use super::notify::notify;
-use super::{batch, db_err, PostgresStore};
+use super::{batch, db_err, exec, PostgresStore};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, MessageStore, StoreError, StoreResult,
     WriteBatch, WriteOutcome,
@@ -102,37 +102,22 @@ impl PostgresStore {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
-            sqlx::query("SAVEPOINT accept_one")
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            exec(&mut tx, sqlx::query("SAVEPOINT accept_one")).await?;
             match accept_one(&mut tx, m, lease).await {
                 Ok(a) => {
-                    sqlx::query("RELEASE SAVEPOINT accept_one")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
+                    exec(&mut tx, sqlx::query("RELEASE SAVEPOINT accept_one")).await?;
                     out.push(Ok(a));
                 }
                 Err(e) => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT accept_one")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
+                    exec(&mut tx, sqlx::query("ROLLBACK TO SAVEPOINT accept_one")).await?;
                     out.push(Err(e));
                 }
             }
         }
-        // Other nodes need waking only for mail nobody holds (a front node's): a leased
-        // row is being tried by its node already.
-        let queued: Vec<&str> = out
+        let queued = out
             .iter()
-            .filter_map(|a| a.as_ref().ok().and_then(|a| a.queue_id.as_deref()))
-            .collect();
-        if !queued.is_empty() && lease.is_none() {
-            notify(&mut tx, &queued).await?;
-        }
-        tx.commit().await.map_err(db_err)?;
+            .filter_map(|a| a.as_ref().ok().and_then(|a| a.queue_id.as_deref()));
+        commit_queued(tx, queued, lease).await?;
         Ok(out)
     }
 
@@ -189,11 +174,8 @@ impl PostgresStore {
             // An error drops `tx`, which rolls the whole batch back.
             out.push(accept_one(&mut tx, m, lease).await?);
         }
-        let queued: Vec<&str> = out.iter().filter_map(|a| a.queue_id.as_deref()).collect();
-        if !queued.is_empty() && lease.is_none() {
-            notify(&mut tx, &queued).await?;
-        }
-        tx.commit().await.map_err(db_err)?;
+        let queued = out.iter().filter_map(|a| a.queue_id.as_deref());
+        commit_queued(tx, queued, lease).await?;
         Ok(out)
     }
 
@@ -221,4 +203,19 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(db_err)
     }
+}
+
+/// Commit `tx`, which queued the messages `queued`. Other nodes need waking only for mail
+/// nobody holds (a front node's, without `lease`): a leased row is being tried by its node
+/// already.
+async fn commit_queued<'a>(
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    queued: impl Iterator<Item = &'a str>,
+    lease: Option<&AcceptLease>,
+) -> StoreResult<()> {
+    let queued: Vec<&str> = queued.collect();
+    if !queued.is_empty() && lease.is_none() {
+        notify(&mut tx, &queued).await?;
+    }
+    tx.commit().await.map_err(db_err)
 }

@@ -6,7 +6,7 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::conn::sql_err;
-use crate::store::common::{ms, new_queue_id, norm_address, refused_record, stored};
+use crate::store::common::{ms, new_queue_id, norm_address, refused_record, stored, Stored};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, RcptState, StoreError, StoreResult,
     WriteBatch,
@@ -56,56 +56,80 @@ fn accept_one(
     lease: Option<&AcceptLease>,
 ) -> StoreResult<Accepted> {
     let stored = stored(m)?;
+    let message_ids = m
+        .local_rcpts
+        .iter()
+        .map(|rcpt| local_copy(tx, m, &stored, rcpt))
+        .collect::<StoreResult<Vec<i64>>>()?;
+    let queue_id = if m.remote_rcpts.is_empty() {
+        None
+    } else {
+        Some(queue_row(tx, m, &stored, lease)?)
+    };
+    Ok(Accepted {
+        queue_id,
+        message_ids,
+    })
+}
+
+/// The copy of `m` in the mailbox of local recipient `rcpt`; its message id.
+fn local_copy(
+    tx: &rusqlite::Connection,
+    m: &IncomingMessage,
+    stored: &Stored<'_>,
+    rcpt: &str,
+) -> StoreResult<i64> {
     let (received, mailbox) = (stored.received, stored.mailbox);
-    let mut message_ids = Vec::with_capacity(m.local_rcpts.len());
-    for rcpt in &m.local_rcpts {
-        let (address, _, _) = norm_address(rcpt)?;
-        let user_id: i64 = tx
-            .prepare_cached("SELECT id FROM users WHERE address = ?1")
-            .and_then(|mut s| s.query_row([&address], |r| r.get(0)).optional())
-            .map_err(sql_err)?
-            .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
-        tx.prepare_cached(
-            "INSERT INTO mailboxes (user_id, name) VALUES (?1, ?2)
-             ON CONFLICT (user_id, name) DO NOTHING",
-        )
-        .and_then(|mut s| s.execute(params![user_id, mailbox]))
+    let (address, _, _) = norm_address(rcpt)?;
+    let user_id: i64 = tx
+        .prepare_cached("SELECT id FROM users WHERE address = ?1")
+        .and_then(|mut s| s.query_row([&address], |r| r.get(0)).optional())
+        .map_err(sql_err)?
+        .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
+    tx.prepare_cached(
+        "INSERT INTO mailboxes (user_id, name) VALUES (?1, ?2)
+         ON CONFLICT (user_id, name) DO NOTHING",
+    )
+    .and_then(|mut s| s.execute(params![user_id, mailbox]))
+    .map_err(sql_err)?;
+    let mailbox_id: i64 = tx
+        .prepare_cached("SELECT id FROM mailboxes WHERE user_id = ?1 AND name = ?2")
+        .and_then(|mut s| s.query_row(params![user_id, mailbox], |r| r.get(0)))
         .map_err(sql_err)?;
-        let mailbox_id: i64 = tx
-            .prepare_cached("SELECT id FROM mailboxes WHERE user_id = ?1 AND name = ?2")
-            .and_then(|mut s| s.query_row(params![user_id, mailbox], |r| r.get(0)))
-            .map_err(sql_err)?;
-        let id: i64 = tx
-            .prepare_cached(
-                "INSERT INTO messages
-                     (mailbox_id, sender, recipients, subject, size, internal_date, body,
-                      flags)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO messages
+                 (mailbox_id, sender, recipients, subject, size, internal_date, body,
+                  flags)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    mailbox_id,
+                    m.sender,
+                    address,
+                    m.subject,
+                    stored.size,
+                    received,
+                    m.body,
+                    stored.flags
+                ],
+                |r| r.get(0),
             )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![
-                        mailbox_id,
-                        m.sender,
-                        address,
-                        m.subject,
-                        stored.size,
-                        received,
-                        m.body,
-                        stored.flags
-                    ],
-                    |r| r.get(0),
-                )
-            })
-            .map_err(sql_err)?;
-        message_ids.push(id);
-    }
-    if m.remote_rcpts.is_empty() {
-        return Ok(Accepted {
-            queue_id: None,
-            message_ids,
-        });
-    }
+        })
+        .map_err(sql_err)?;
+    Ok(id)
+}
+
+/// The queued row of `m` and its recipients, under `lease` if given; its queue id.
+fn queue_row(
+    tx: &rusqlite::Connection,
+    m: &IncomingMessage,
+    stored: &Stored<'_>,
+    lease: Option<&AcceptLease>,
+) -> StoreResult<String> {
+    let received = stored.received;
     let (owner, expires) = match lease {
         Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
         None => (None, None),
@@ -166,10 +190,7 @@ fn accept_one(
             ])
             .map_err(sql_err)?;
     }
-    Ok(Accepted {
-        queue_id: Some(id),
-        message_ids,
-    })
+    Ok(id)
 }
 
 /// Record attempts (see `MessageStore::record_attempts`): the outer error aborts the
