@@ -11,8 +11,8 @@ use rand::RngCore;
 
 use super::password::is_phc_hash;
 use super::{
-    IncomingMessage, MessageSummary, OutgoingRcpt, QueueRcpt, QueueSummary, QueuedMessage,
-    RcptState, StoreError, StoreResult, StoredMessage,
+    AcceptLease, IncomingMessage, MessageSummary, OutgoingRcpt, QueueRcpt, QueueSummary,
+    QueuedMessage, RcptState, StoreError, StoreResult, StoredMessage,
 };
 
 pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
@@ -97,6 +97,14 @@ pub(crate) fn stored(m: &IncomingMessage) -> StoreResult<Stored<'_>> {
     })
 }
 
+/// The `lock_owner` and `lock_expires_at` of a row queued under `lease`, if any.
+pub(crate) fn lease_cols(lease: Option<&AcceptLease>) -> (Option<&str>, Option<i64>) {
+    match lease {
+        Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
+        None => (None, None),
+    }
+}
+
 /// A body's size as stored.
 pub(crate) fn size_of(body: &[u8]) -> i64 {
     i64::try_from(body.len()).unwrap_or(i64::MAX)
@@ -142,10 +150,8 @@ fn read_flags(column: Option<String>) -> Vec<String> {
 
 /// A Postfix-like queue id: 16 upper-case hex digits, the milliseconds since 1970 (44
 /// bits, 11 digits) then 20 random bits. Like Postfix's long queue ids they grow with
-/// time, so new rows go to the end of the id indexes: with random ids every insert and
-/// delete landed on a different index page, and accepts ran a quarter slower with a
-/// million messages queued than with none. A clash (same millisecond and the same 20
-/// bits) is drawn again by the callers.
+/// time, so new rows go to the end of the id indexes rather than to a random page. A
+/// clash (same millisecond and the same 20 bits) is drawn again by the callers.
 pub(crate) fn new_queue_id() -> String {
     let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
     queue_id_at(now, rand::rng().next_u64())

@@ -45,7 +45,8 @@ fn secs(s: i64) -> DateTime<Utc> {
 
 const LEASE: Duration = Duration::from_secs(60);
 
-fn rcpt(address: &str) -> OutgoingRcpt {
+/// A recipient without ORCPT or NOTIFY.
+pub(crate) fn rcpt(address: &str) -> OutgoingRcpt {
     OutgoingRcpt {
         address: address.to_string(),
         orcpt: None,
@@ -53,7 +54,8 @@ fn rcpt(address: &str) -> OutgoingRcpt {
     }
 }
 
-fn incoming(
+/// A message as a session hands it over, received at `at`.
+pub(crate) fn incoming(
     sender: &str,
     local: &[&str],
     remote: Vec<OutgoingRcpt>,

@@ -221,7 +221,7 @@ impl MessageStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AccountStore, IncomingMessage, OutgoingRcpt, QueueStore};
+    use crate::store::{contract, AccountStore, QueueStore};
 
     async fn fresh() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -247,7 +247,7 @@ mod tests {
     #[tokio::test]
     async fn contract_suite() {
         let (_dir, store) = fresh().await;
-        super::super::contract::run_all(&store).await;
+        contract::run_all(&store).await;
     }
 
     #[tokio::test]
@@ -281,7 +281,7 @@ mod tests {
         let b = SqliteStore::open(&dir.path().join("spool/sub/erlmail.db"))
             .await
             .unwrap();
-        super::super::contract::concurrent_claims(&a, &b, 200).await;
+        contract::concurrent_claims(&a, &b, 200).await;
     }
 
     #[tokio::test]
@@ -347,25 +347,13 @@ mod tests {
             SqliteStore::open_with_pragmas(&path, &[("max_page_count", (pages + 2).to_string())])
                 .await
                 .unwrap();
-        let msg = IncomingMessage {
-            sender: "s@x.test".into(),
-            local_rcpts: vec![],
-            remote_rcpts: vec![OutgoingRcpt {
-                address: "r@far.test".into(),
-                orcpt: None,
-                notify: None,
-            }],
-            mailbox: None,
-            flags: Vec::new(),
-            ret: None,
-            envid: None,
-            smtputf8: false,
-            client_ip: "127.0.0.1".into(),
-            helo: "h".into(),
-            received_at: Utc::now(),
-            subject: None,
-            body: vec![b'x'; 1 << 20],
-        };
+        let msg = contract::incoming(
+            "s@x.test",
+            &[],
+            vec![contract::rcpt("r@far.test")],
+            Utc::now(),
+            &vec![b'x'; 1 << 20],
+        );
         let err = store.accept_batch(vec![msg]).await.unwrap_err();
         assert!(matches!(err, StoreError::Full(_)), "{err:?}");
         assert!(

@@ -15,7 +15,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
 use super::{db_err, PgQuery, QUEUE_CHANNEL};
-use crate::store::common::{ms, new_queue_id, norm_address, size_of};
+use crate::store::common::{lease_cols, ms, new_queue_id, norm_address, size_of};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
 };
@@ -343,6 +343,7 @@ impl<'a> AcceptArgs<'a> {
 
     /// Bind $1 to $22.
     fn bind<'q>(&'q self, q: PgQuery<'q>, lease: Option<&'q AcceptLease>) -> PgQuery<'q> {
+        let (owner, expires) = lease_cols(lease);
         q.bind(&self.qid)
             .bind(&self.sender)
             .bind(&self.ret)
@@ -355,8 +356,8 @@ impl<'a> AcceptArgs<'a> {
             .bind(&self.subject)
             .bind(&self.l_mi)
             .bind(&self.l_addr)
-            .bind(lease.map(|l| l.node.as_str()))
-            .bind(lease.map(|l| ms(l.expires_at)))
+            .bind(owner)
+            .bind(expires)
             .bind(&self.r_mi)
             .bind(&self.r_seq)
             .bind(&self.r_addr)

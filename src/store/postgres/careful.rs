@@ -5,8 +5,8 @@
 
 use sqlx::postgres::PgConnection;
 
-use super::{batch, db_err};
-use crate::store::common::{ms, new_queue_id, norm_address, refused_record, stored};
+use super::{batch, db_err, exec};
+use crate::store::common::{lease_cols, ms, new_queue_id, norm_address, refused_record, stored};
 use crate::store::sql;
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
@@ -30,15 +30,16 @@ pub(super) async fn accept_one(
             .map_err(db_err)?;
         let user_id = user_id
             .ok_or_else(|| StoreError::Invalid(format!("unknown local recipient {rcpt:?}")))?;
-        sqlx::query(
-            "INSERT INTO mailboxes (user_id, name) VALUES ($1, $2)
+        exec(
+            conn,
+            sqlx::query(
+                "INSERT INTO mailboxes (user_id, name) VALUES ($1, $2)
              ON CONFLICT (user_id, name) DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(mailbox),
         )
-        .bind(user_id)
-        .bind(mailbox)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        .await?;
         let mailbox_id: i64 =
             sqlx::query_scalar("SELECT id FROM mailboxes WHERE user_id = $1 AND name = $2")
                 .bind(user_id)
@@ -68,33 +69,35 @@ pub(super) async fn accept_one(
     if !m.remote_rcpts.is_empty() {
         // A clash of ids is unlikely (see `new_queue_id`); ON CONFLICT lets us draw again
         // without aborting the transaction (a unique violation would abort it on PostgreSQL).
+        let (owner, expires) = lease_cols(lease);
         let mut inserted = None;
         for _ in 0..8 {
             let id = new_queue_id();
-            let done = sqlx::query(
-                "INSERT INTO outgoing
+            let done = exec(
+                conn,
+                sqlx::query(
+                    "INSERT INTO outgoing
                      (id, sender, ret, envid, client_ip, helo, received_at, tries,
                       next_retry_at, held, size, body, lock_owner, lock_expires_at, smtputf8)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, 0, COALESCE($11, $7), FALSE, $8, $9, $10, $11,
                          $12)
                  ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&m.sender)
+                .bind(&m.ret)
+                .bind(&m.envid)
+                .bind(&m.client_ip)
+                .bind(&m.helo)
+                .bind(received)
+                .bind(stored.size)
+                .bind(&m.body)
+                .bind(owner)
+                .bind(expires)
+                .bind(m.smtputf8),
             )
-            .bind(&id)
-            .bind(&m.sender)
-            .bind(&m.ret)
-            .bind(&m.envid)
-            .bind(&m.client_ip)
-            .bind(&m.helo)
-            .bind(received)
-            .bind(stored.size)
-            .bind(&m.body)
-            .bind(lease.map(|l| l.node.as_str()))
-            .bind(lease.map(|l| ms(l.expires_at)))
-            .bind(m.smtputf8)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
-            if done.rows_affected() == 1 {
+            .await?;
+            if done == 1 {
                 inserted = Some(id);
                 break;
             }
@@ -109,22 +112,23 @@ pub(super) async fn accept_one(
         let orcpts: Vec<Option<&str>> = m.remote_rcpts.iter().map(|r| r.orcpt.as_deref()).collect();
         let notifies: Vec<Option<&str>> =
             m.remote_rcpts.iter().map(|r| r.notify.as_deref()).collect();
-        sqlx::query(
-            "INSERT INTO outgoing_rcpts
+        exec(
+            conn,
+            sqlx::query(
+                "INSERT INTO outgoing_rcpts
                  (queue_id, seq, address, orcpt, notify, state, updated_at)
              SELECT $1, r.seq, r.address, r.orcpt, r.notify, 'pending', $2
              FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[])
                   AS r (seq, address, orcpt, notify)",
+            )
+            .bind(&id)
+            .bind(received)
+            .bind(&seqs)
+            .bind(&addresses)
+            .bind(&orcpts)
+            .bind(&notifies),
         )
-        .bind(&id)
-        .bind(received)
-        .bind(&seqs)
-        .bind(&addresses)
-        .bind(&orcpts)
-        .bind(&notifies)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        .await?;
         queue_id = Some(id);
     }
     Ok(Accepted {
@@ -155,18 +159,19 @@ pub(super) async fn record_one(
     }
     let at = ms(outcome.at);
     for (address, state, response) in &outcome.rcpt_results {
-        sqlx::query(
-            "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
+        exec(
+            conn,
+            sqlx::query(
+                "UPDATE outgoing_rcpts SET state = $1, last_response = $2, updated_at = $3
              WHERE queue_id = $4 AND address = $5 AND state = 'pending'",
+            )
+            .bind(state.as_str())
+            .bind(response)
+            .bind(at)
+            .bind(id)
+            .bind(address),
         )
-        .bind(state.as_str())
-        .bind(response)
-        .bind(at)
-        .bind(id)
-        .bind(address)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     let pending: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM outgoing_rcpts WHERE queue_id = $1 AND state = 'pending'",
@@ -176,25 +181,22 @@ pub(super) async fn record_one(
     .await
     .map_err(db_err)?;
     if pending == 0 {
-        sqlx::query(sql::DELETE_QUEUED)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
+        exec(conn, sqlx::query(sql::DELETE_QUEUED).bind(id)).await?;
     } else {
-        sqlx::query(
-            "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
+        exec(
+            conn,
+            sqlx::query(
+                "UPDATE outgoing SET tries = tries + 1, last_try_at = $1, last_error = $2,
                  next_retry_at = COALESCE($3, next_retry_at),
                  lock_owner = NULL, lock_expires_at = NULL
              WHERE id = $4",
+            )
+            .bind(at)
+            .bind(&outcome.error)
+            .bind(outcome.next_retry_at.map(ms))
+            .bind(id),
         )
-        .bind(at)
-        .bind(&outcome.error)
-        .bind(outcome.next_retry_at.map(ms))
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        .await?;
     }
     // The notifications this attempt owes commit with its record, or not at all (they
     // are queued unleased, and wake the other nodes).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
 
-use super::{db_err, ACCOUNTS_CHANNEL, QUEUE_CHANNEL};
+use super::{db_err, exec, ACCOUNTS_CHANNEL, QUEUE_CHANNEL};
 use crate::store::StoreResult;
 
 /// The local domains as last read, or `None` while they may be stale.
@@ -17,12 +17,8 @@ pub(super) type Domains = Arc<RwLock<Option<HashSet<String>>>>;
 /// Queue `NOTIFY`s on `QUEUE_CHANNEL` inside the caller's transaction, one per payload;
 /// PostgreSQL delivers them when (and only if) it commits.
 pub(super) async fn notify(conn: &mut PgConnection, payloads: &[&str]) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::TEXT[]) AS p")
-        .bind(QUEUE_CHANNEL)
-        .bind(payloads)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+    let q = sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::TEXT[]) AS p");
+    exec(conn, q.bind(QUEUE_CHANNEL).bind(payloads)).await?;
     Ok(())
 }
 

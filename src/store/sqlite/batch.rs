@@ -6,7 +6,9 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::conn::sql_err;
-use crate::store::common::{ms, new_queue_id, norm_address, refused_record, stored, Stored};
+use crate::store::common::{
+    lease_cols, ms, new_queue_id, norm_address, refused_record, stored, Stored,
+};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, RcptState, StoreError, StoreResult,
     WriteBatch,
@@ -130,10 +132,7 @@ fn queue_row(
     lease: Option<&AcceptLease>,
 ) -> StoreResult<String> {
     let received = stored.received;
-    let (owner, expires) = match lease {
-        Some(l) => (Some(l.node.as_str()), Some(ms(l.expires_at))),
-        None => (None, None),
-    };
+    let (owner, expires) = lease_cols(lease);
     // A clash (same millisecond, same 20 random bits) is unlikely; ON CONFLICT draws again.
     let mut queue_id = None;
     for _ in 0..8 {
