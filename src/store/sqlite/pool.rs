@@ -96,7 +96,7 @@ impl Pool {
     }
 }
 
-/// The read-only connection behind [`MessageStore::recipient_now`], or `None` (logged)
+/// The read-only connection behind `AccountStore::recipient_now`, or `None` (logged)
 /// when it cannot be opened. It never waits on a lock: a busy read falls back to the pool.
 pub(super) fn open_reader(path: &Path) -> Option<Connection> {
     use rusqlite::OpenFlags;
