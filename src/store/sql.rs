@@ -18,6 +18,9 @@ pub(super) const DELETE_ALL_QUEUED: &str = "DELETE FROM outgoing";
 /// One queued message by id (recipients by cascade).
 pub(super) const DELETE_QUEUED: &str = "DELETE FROM outgoing WHERE id = $1";
 
+/// Hold a queued message ($1 true) or take it off hold.
+pub(super) const SET_HELD: &str = "UPDATE outgoing SET held = $1 WHERE id = $2";
+
 /// A user by address (mailboxes and messages by cascade).
 pub(super) const DELETE_USER: &str = "DELETE FROM users WHERE address = $1";
 

@@ -14,8 +14,8 @@ use std::sync::LazyLock;
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
-use super::{db_err, QUEUE_CHANNEL};
-use crate::store::common::{ms, new_queue_id, norm_address};
+use super::{db_err, PgQuery, QUEUE_CHANNEL};
+use crate::store::common::{lease_cols, ms, new_queue_id, norm_address, size_of};
 use crate::store::{
     AcceptLease, Accepted, AttemptRecord, IncomingMessage, StoreError, StoreResult,
 };
@@ -285,8 +285,6 @@ pub(super) async fn commit_all(
     Ok((accepted, recorded))
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
 /// The parameters of [`ACCEPT_CTES`], as parallel arrays.
 #[derive(Default)]
 struct AcceptArgs<'a> {
@@ -324,7 +322,7 @@ impl<'a> AcceptArgs<'a> {
             a.ip.push(&m.client_ip);
             a.helo.push(&m.helo);
             a.received.push(ms(m.received_at));
-            a.size.push(i64::try_from(m.body.len()).unwrap_or(i64::MAX));
+            a.size.push(size_of(&m.body));
             a.body.push(&m.body);
             a.subject.push(m.subject.as_deref());
             a.smtputf8.push(m.smtputf8);
@@ -345,6 +343,7 @@ impl<'a> AcceptArgs<'a> {
 
     /// Bind $1 to $22.
     fn bind<'q>(&'q self, q: PgQuery<'q>, lease: Option<&'q AcceptLease>) -> PgQuery<'q> {
+        let (owner, expires) = lease_cols(lease);
         q.bind(&self.qid)
             .bind(&self.sender)
             .bind(&self.ret)
@@ -357,8 +356,8 @@ impl<'a> AcceptArgs<'a> {
             .bind(&self.subject)
             .bind(&self.l_mi)
             .bind(&self.l_addr)
-            .bind(lease.map(|l| l.node.as_str()))
-            .bind(lease.map(|l| ms(l.expires_at)))
+            .bind(owner)
+            .bind(expires)
             .bind(&self.r_mi)
             .bind(&self.r_seq)
             .bind(&self.r_addr)
