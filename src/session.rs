@@ -420,13 +420,10 @@ impl Session {
                 | Mode::AwaitTls
                 | Mode::AwaitAuth(_) => break,
                 Mode::AuthPlain | Mode::AuthLoginUser | Mode::AuthLoginPassword(_) => {
-                    let start = self.pos;
-                    let (n, event) = self.lines.next(&self.input[start..]);
-                    self.pos += n;
-                    match event {
+                    match self.next_line() {
                         None => break,
                         Some(LineEvent::Line(range)) => {
-                            let line = self.input[start + range.start..start + range.end].to_vec();
+                            let line = self.input[range].to_vec();
                             self.auth_response(&line, out);
                         }
                         Some(_) => {
@@ -447,15 +444,10 @@ impl Session {
                     }
                 }
                 Mode::Command => {
-                    let start = self.pos;
-                    let (n, event) = self.lines.next(&self.input[start..]);
-                    self.pos += n;
-                    match event {
+                    match self.next_line() {
                         None => break,
                         Some(LineEvent::Line(range)) => {
-                            let parsed = crate::protocol::parse_command(
-                                &self.input[start + range.start..start + range.end],
-                            );
+                            let parsed = crate::protocol::parse_command(&self.input[range]);
                             // Bytes already here behind the line were sent before its
                             // reply: pipelined.
                             let pipelined = self.pos < self.input.len();
@@ -475,6 +467,18 @@ impl Session {
             }
         }
         self.compact();
+    }
+
+    /// Takes the next line from the buffer, its range counted in `input`: `None` while no
+    /// whole line is buffered.
+    fn next_line(&mut self) -> Option<LineEvent> {
+        let start = self.pos;
+        let (n, event) = self.lines.next(&self.input[start..]);
+        self.pos += n;
+        event.map(|event| match event {
+            LineEvent::Line(range) => LineEvent::Line(start + range.start..start + range.end),
+            other => other,
+        })
     }
 
     /// Drops processed input, without shifting large buffers on every command.

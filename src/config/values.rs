@@ -244,11 +244,7 @@ impl Scalar for Minutes {
         parse_duration(s).map(Minutes)
     }
     fn from_int(n: i128) -> Result<Self, String> {
-        u64::try_from(n)
-            .ok()
-            .and_then(|m| m.checked_mul(60))
-            .map(|s| Minutes(Duration::from_secs(s)))
-            .ok_or_else(|| format!("bad duration {n}: expected a non-negative number of minutes"))
+        whole_units(n, 60, "minutes").map(Minutes)
     }
 }
 
@@ -262,10 +258,17 @@ impl Scalar for Seconds {
         parse_duration(s).map(Seconds)
     }
     fn from_int(n: i128) -> Result<Self, String> {
-        u64::try_from(n)
-            .map(|s| Seconds(Duration::from_secs(s)))
-            .map_err(|_| format!("bad duration {n}: expected a non-negative number of seconds"))
+        whole_units(n, 1, "seconds").map(Seconds)
     }
+}
+
+/// A bare integer duration: `n` units of `unit_secs` seconds each.
+fn whole_units(n: i128, unit_secs: u64, unit: &str) -> Result<Duration, String> {
+    u64::try_from(n)
+        .ok()
+        .and_then(|units| units.checked_mul(unit_secs))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("bad duration {n}: expected a non-negative number of {unit}"))
 }
 
 /// Serde adapter for a required [`Scalar`].
