@@ -10,10 +10,14 @@ fn err(src: &str) -> TermError {
     parse_document(src).unwrap_err()
 }
 
+fn at(line: usize, column: usize) -> Pos {
+    Pos { line, column }
+}
+
 fn atom(a: &str, line: usize, column: usize) -> Term {
     Term {
         kind: TermKind::Atom(a.into()),
-        pos: Pos { line, column },
+        pos: at(line, column),
     }
 }
 
@@ -37,17 +41,11 @@ fn parses_scalars_and_nesting() {
             TermKind::List(vec![
                 Term {
                     kind: TermKind::Int(1),
-                    pos: Pos {
-                        line: 1,
-                        column: 48
-                    }
+                    pos: at(1, 48)
                 },
                 Term {
                     kind: TermKind::Int(2),
-                    pos: Pos {
-                        line: 1,
-                        column: 51
-                    }
+                    pos: at(1, 51)
                 },
             ]),
             TermKind::Tuple(vec![]),
@@ -63,17 +61,14 @@ fn comments_and_tabs_keep_positions() {
     let TermKind::List(items) = t.kind else {
         panic!("not a list")
     };
-    assert_eq!(items[0].pos, Pos { line: 2, column: 3 });
+    assert_eq!(items[0].pos, at(2, 3));
 }
 
 #[test]
 fn lexical_errors_point_at_the_token() {
     assert_eq!(
         err("{a, \"abc}.\n"),
-        TermError::new(
-            Pos { line: 1, column: 5 },
-            "unterminated string: no closing `\"`"
-        )
+        TermError::new(at(1, 5), "unterminated string: no closing `\"`")
     );
     assert_eq!(
         err("{a, 'abc}.").message,
@@ -86,24 +81,21 @@ fn structural_errors() {
     let e = err("{a, b}");
     assert_eq!(
         (e.pos, e.message.as_str()),
-        (
-            Pos { line: 1, column: 7 },
-            "missing the final `.` after the term"
-        )
+        (at(1, 7), "missing the final `.` after the term")
     );
     let e = err("{a, b.");
-    assert_eq!(e.pos, Pos { line: 1, column: 6 });
+    assert_eq!(e.pos, at(1, 6));
     assert!(e.message.contains("unbalanced `{`"), "{}", e.message);
     let e = err("{a, b}}.");
-    assert_eq!(e.pos, Pos { line: 1, column: 7 });
+    assert_eq!(e.pos, at(1, 7));
     assert!(e.message.contains("unbalanced `}`"));
     let e = err("{a, b]).");
-    assert_eq!(e.pos, Pos { line: 1, column: 6 });
+    assert_eq!(e.pos, at(1, 6));
     let e = err("{a, b}. c");
-    assert_eq!(e.pos, Pos { line: 1, column: 9 });
+    assert_eq!(e.pos, at(1, 9));
     assert!(e.message.contains("after the final `.`"));
     let e = err("{a, B}.");
-    assert_eq!(e.pos, Pos { line: 1, column: 5 });
+    assert_eq!(e.pos, at(1, 5));
     assert!(e.message.starts_with("bad atom `B`"));
     let e = err("{a, end}.");
     assert!(e.message.contains("reserved word"));
@@ -115,7 +107,7 @@ fn structural_errors() {
         err("").message,
         "empty file: expected an ErlMail term such as [{erlmail, [...]}]."
     );
-    assert_eq!(err("% only a comment\n").pos, Pos { line: 1, column: 1 });
+    assert_eq!(err("% only a comment\n").pos, at(1, 1));
     assert!(err("{a, #{}}.").message.contains("unexpected `#`"));
     assert!(err("{a, [").message.contains("expected a term"));
     let deep = "[".repeat(200) + &"]".repeat(200) + ".";
@@ -125,21 +117,9 @@ fn structural_errors() {
 #[test]
 fn finds_env_in_both_shapes() {
     let app = parse("{application, erlmail, [{vsn, \"1\"}, {env, [{a, 1}]}]}.");
-    assert_eq!(
-        erlmail_env(&app).unwrap().unwrap().pos,
-        Pos {
-            line: 1,
-            column: 43
-        }
-    );
+    assert_eq!(erlmail_env(&app).unwrap().unwrap().pos, at(1, 43));
     let sys = parse("[{kernel, []}, {erlmail, [{a, 1}]}].");
-    assert_eq!(
-        erlmail_env(&sys).unwrap().unwrap().pos,
-        Pos {
-            line: 1,
-            column: 26
-        }
-    );
+    assert_eq!(erlmail_env(&sys).unwrap().unwrap().pos, at(1, 26));
     let none = parse("[{kernel, []}].");
     assert_eq!(erlmail_env(&none).unwrap(), None);
     let other = parse("{application, other, []}.");
@@ -148,13 +128,7 @@ fn finds_env_in_both_shapes() {
         .message
         .contains("not erlmail"));
     let twice = parse("[{erlmail, []}, {erlmail, []}].");
-    assert_eq!(
-        erlmail_env(&twice).unwrap_err().pos,
-        Pos {
-            line: 1,
-            column: 18
-        }
-    );
+    assert_eq!(erlmail_env(&twice).unwrap_err().pos, at(1, 18));
     let include = parse("[\"other.config\"].");
     assert!(erlmail_env(&include)
         .unwrap_err()
