@@ -51,6 +51,7 @@ pub use types::{
     AcceptedRecipient, Action, PeerInfo, RecipientInfo, SessionPolicy, StoreOutcome, Transaction,
 };
 
+/// What the session is reading, or which answer from outside it waits for.
 #[derive(Debug)]
 enum Mode {
     /// Reading command lines.
@@ -75,12 +76,14 @@ enum Mode {
     Closed,
 }
 
+/// A RCPT waiting for the store's verdict.
 #[derive(Debug)]
 struct PendingRcpt {
     path: ForwardPath,
     params: RcptParams,
 }
 
+/// What the client said in HELO or EHLO.
 #[derive(Debug)]
 struct Helo {
     name: String,
