@@ -373,18 +373,21 @@ impl<'de> Deserialize<'de> for IpTuple {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an address tuple {A,B,C,D} or {A,B,C,D,E,F,G,H}")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IpTuple, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element::<u32>()? {
-                    parts.push(p);
-                }
-                ip_from_parts(&parts)
-                    .map(IpTuple)
-                    .map_err(de::Error::custom)
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<IpTuple, A::Error> {
+                ip_from_seq(seq).map(IpTuple)
             }
         }
         d.deserialize_seq(V)
     }
+}
+
+/// An address written as a sequence of 4 octets or 8 groups.
+fn ip_from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<IpAddr, A::Error> {
+    let mut parts = Vec::new();
+    while let Some(p) = seq.next_element::<u32>()? {
+        parts.push(p);
+    }
+    ip_from_parts(&parts).map_err(de::Error::custom)
 }
 
 fn ip_from_parts(parts: &[u32]) -> Result<IpAddr, String> {
@@ -441,12 +444,8 @@ impl<'de> Deserialize<'de> for MaskSpec {
                     .map_err(|_| E::custom(format!("bad CIDR: negative prefix length {v}")))
                     .and_then(|v| self.visit_u64(v))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MaskSpec, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element::<u32>()? {
-                    parts.push(p);
-                }
-                let mask = ip_from_parts(&parts).map_err(de::Error::custom)?;
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MaskSpec, A::Error> {
+                let mask = ip_from_seq(seq)?;
                 // Checked here so the error points at the mask tuple itself.
                 mask_to_bits(mask).map_err(de::Error::custom)?;
                 Ok(MaskSpec::Mask(mask))
