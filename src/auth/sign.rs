@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use mail_auth::common::crypto::{Algorithm, CryptoError, Ed25519Key, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
@@ -27,7 +27,7 @@ use rsa::RsaPrivateKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
 
-use crate::config::{Config, DkimKeyConfig};
+use crate::config::{Config, DkimKeyConfig, PerConfig};
 use crate::outbound::seven_bit;
 
 /// The header fields a signature covers when the message has them, all their instances
@@ -467,41 +467,26 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
-/// The [`Signers`] of each live configuration; entries of configurations nobody holds
-/// any more are dropped on the next look-up. Several may be live at once: sessions of
+/// The [`Signers`] of each live configuration. Several may be live at once: sessions of
 /// the configuration before a reload finish with its keys.
-type Cached = Vec<(Weak<Config>, Result<Arc<Signers>, String>)>;
-
-static CACHE: Mutex<Cached> = Mutex::new(Vec::new());
+static CACHE: PerConfig<Result<Arc<Signers>, String>> = PerConfig::new();
 
 /// Remembers `signers` (built by the caller from `config`'s keys, e.g. to refuse a bad
 /// key before starting or reloading) as those of `config`, and returns them shared.
 pub fn cache_for(config: &Arc<Config>, signers: Signers) -> Arc<Signers> {
     let signers = Arc::new(signers);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.retain(|(weak, _)| weak.strong_count() > 0 && !std::ptr::eq(weak.as_ptr(), &**config));
-    cache.push((Arc::downgrade(config), Ok(signers.clone())));
+    CACHE.insert(config, Ok(signers.clone()));
     signers
 }
 
 /// The signers of `config`: those given to [`cache_for`], else built from its keys now
 /// (once per configuration `Arc`); the error, as text, when a key is unusable.
 pub fn signers_for(config: &Arc<Config>) -> Result<Arc<Signers>, String> {
-    // A poisoned lock only means another session panicked mid-build; the cache is still
-    // a valid value, so keep using it.
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.retain(|(weak, _)| weak.strong_count() > 0);
-    if let Some((_, result)) = cache
-        .iter()
-        .find(|(weak, _)| std::ptr::eq(weak.as_ptr(), &**config))
-    {
-        return result.clone();
-    }
-    let result = Signers::load(config)
-        .map(Arc::new)
-        .map_err(|e| e.to_string());
-    cache.push((Arc::downgrade(config), result.clone()));
-    result
+    CACHE.get_or_build(config, || {
+        Signers::load(config)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// The kind of key `erlmail dkim keygen` makes.
