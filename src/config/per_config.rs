@@ -11,6 +11,12 @@ use super::Config;
 /// dropped on the next use.
 pub struct PerConfig<T>(Mutex<Vec<(Weak<Config>, T)>>);
 
+impl<T: Clone> Default for PerConfig<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T: Clone> PerConfig<T> {
     /// An empty cache (for a `static`).
     pub const fn new() -> Self {
