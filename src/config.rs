@@ -8,16 +8,19 @@
 //!
 //! Layout: `values.rs` (typed values: durations, CIDRs, next hops), `apply.rs` (the key
 //! table, applied through serde so every format shares it), `yaml.rs` (YAML in and out),
-//! `erlang.rs` (ErlMail's Erlang term files).
+//! `erlang.rs` (ErlMail's Erlang term files), `per_config.rs` (what is built once per
+//! configuration).
 
 mod apply;
 pub mod erlang;
+mod per_config;
 #[cfg(test)]
 mod tests;
 pub mod values;
 mod yaml;
 
 pub use apply::{is_ignored_key, IGNORED_PREFIXES, SERVED_KEYS};
+pub use per_config::PerConfig;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -3,27 +3,14 @@
 //! This module owns the reading of the JSON file that `contrib/erlmail-export.escript`
 //! writes from ErlMail's Mnesia tables, and its loading through the `MessageStore` trait:
 //! domains, users (ErlMail's plain-text passwords become argon2 hashes here; no clear-text
-//! password is stored, logged or printed) and messages. It must not touch the database
-//! other than through the trait, and it never changes what already exists: domains and
-//! users already present are left as they are, and messages already imported are
-//! recognised and skipped, so running it twice changes nothing.
+//! password is stored, logged or printed) and messages, each into the user's mailbox of
+//! the same name as its ErlMail mailbox (`INBOX` in any case is the INBOX) and, with
+//! `maildir_root` set, also into the user's Maildir once the store has committed it.
 //!
-//! Mailboxes and flags: a message lands in the user's mailbox of the same name as its
-//! ErlMail mailbox (its `folder`, or the `mailbox_store` listing it; `INBOX` in any case
-//! is the INBOX), created on first use, with its flags as IMAP spells them: ErlMail kept
-//! the system flags as atoms (`seen`), which become `\Seen`; `recent` is no stored flag
-//! in IMAP and is dropped; other names are keywords, kept as they are.
-//!
-//! Maildir: with `maildir_root` set, each message imported by this run is also written
-//! into the user's Maildir, its folder as a Maildir++ `.Folder` (ErlMail's hierarchy
-//! separator `/` becoming Maildir++'s `.`) and its flags as the Maildir info (`cur/`,
-//! `:2,S`), after the store has committed it. A message the store already had is not
-//! written again, so a second run writes nothing.
-//!
-//! Recognising an imported message: a message counts as present when the user's mailbox
-//! of that name holds a message with the same bytes (same length and 64-bit SipHash),
-//! counted with multiplicity, so two identical ErlMail messages arrive as two and stay
-//! two.
+//! It must not touch the database other than through the trait, and it never changes
+//! what already exists: domains and users already present are left as they are, and
+//! messages already imported are recognised (see `stored_bodies`) and skipped, so running
+//! it twice changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -141,6 +128,8 @@ struct ExMessage {
     name: String,
     user: String,
     domain: String,
+    /// The ErlMail mailbox holding it (its `folder`, or the `mailbox_store` listing it),
+    /// created on first use.
     mailbox: String,
     /// ErlMail's flag atoms as text (`seen`, `answered`, ...).
     #[serde(default)]
@@ -353,7 +342,9 @@ async fn import_messages(
     Ok(())
 }
 
-/// The bodies `address`'s mailbox holds, by `body_key`, with their counts.
+/// The bodies `address`'s mailbox holds, by `body_key`, with their counts. A message
+/// counts as present when its mailbox holds one with the same bytes, with multiplicity,
+/// so two identical ErlMail messages arrive as two and stay two.
 async fn stored_bodies(
     store: &dyn MessageStore,
     address: &str,
@@ -434,9 +425,10 @@ async fn flush(
     Ok(())
 }
 
-/// Write each message into its recipient's Maildir under `root`; returns how many files
-/// were written and a warning for each that failed (the store has those messages, so a
-/// second run will not write them either: the warning says so).
+/// Write each message into its recipient's Maildir under `root` (its folder as a
+/// Maildir++ `.Folder`, its flags as the Maildir info: `cur/`, `:2,S`); returns how many
+/// files were written and a warning for each that failed (the store has those messages,
+/// so a second run will not write them either: the warning says so).
 fn write_maildir(root: &Path, messages: &[IncomingMessage]) -> (u64, Vec<String>) {
     let mut written = 0;
     let mut failed = Vec::new();

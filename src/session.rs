@@ -11,223 +11,47 @@
 //! command needs an answer from outside, the batch ends with that request and the rest of
 //! the input waits in the buffer (further `receive` calls only buffer) until the answer
 //! resumes processing. Replies therefore always come out in command order, and for a
-//! client that keeps to the pipelining rules below the output is the same however its
-//! input is split (tested by `tests::split_invariance`).
+//! client that keeps to the pipelining rules (see [`commands`]) the output is the same
+//! however its input is split (tested by `tests::split_invariance`).
 //!
-//! Pipelining discipline (RFC 2920 §3.1, Postfix 3.9 `smtpd_forbid_unauth_pipelining`):
-//! when a command line is taken from the buffer and more input is already waiting behind
-//! it, the client sent that input without waiting for the reply. That is refused, with
-//! `554 5.5.0 Error: SMTP protocol synchronization` in place of the command's reply and
-//! then [`Action::Close`], when the client has not yet been answered an EHLO (so never
-//! got PIPELINING: before any HELO, after HELO, after STARTTLS), and for EHLO, HELO and
-//! DATA from anyone: text sent behind DATA before the `354` is never taken as a message.
-//! An EHLO client may still pipeline MAIL, RCPT, RSET, NOOP... and DATA as the last of
-//! its group, and commands behind the final dot. The check sees only what is buffered,
-//! so a violation split across reads may go unnoticed; that is the price of having no
-//! clock (the actor may still read greedily before feeding). Detection therefore depends
-//! on the split for violating input, never for conforming input.
-//!
-//! Decisions documented here rather than scattered:
-//! - `RCPT TO:<postmaster>` (no domain, RFC 5321 §4.5.1) is looked up as
-//!   `postmaster@<hostname>` and then judged like any recipient: the operator must have
-//!   that user (or alias) for it to be accepted.
-//! - Relay tricks (see [`relay`]) from an unauthorised client are refused with 554 5.7.1
-//!   without asking the store. Authorised clients may use source routes (the route is
-//!   ignored, RFC 5321 §3.6.1) and address literals (the recipient is remote).
+//! Decisions kept in one place:
 //! - Errors counted toward `hard_error_limit`: every 4xx/5xx reply to a client command
 //!   except `452 4.5.3 too many recipients` (as Postfix, so a legitimate client with a
 //!   long list is not cut off) and store failures (not the client's fault).
 //! - HELO/EHLO replies carry no enhanced status code (RFC 2034 §3); all other replies
 //!   after the greeting do, except `354`, which is not 2xx/4xx/5xx.
-//! - The end of DATA refuses, in this order: a bare CR or LF (`550 5.5.2 Error: bare
-//!   <LF> received` or `<CR>`), then a NUL byte (`550 5.6.0 Error: message contains NUL
-//!   character`), then the size (`552 5.3.4`); each counts as an error and nothing is
-//!   stored. A bare line end comes first because it is the smuggling signal.
 //! - A limit of `0` in [`SessionPolicy`] for size, recipients or errors means "none".
 //! - STARTTLS (RFC 3207): the reply `220` is followed by [`Action::StartTls`], and every
 //!   byte the client sent after the command line is discarded, never executed (the
 //!   CVE-2011-0411 class of command injection); the actor must not feed bytes again until
 //!   it calls [`Session::tls_started`], which resets the session to just after the
 //!   greeting (EHLO again; STARTTLS no longer offered; AUTH offered).
-//! - AUTH PLAIN and LOGIN (RFC 4954) are offered and accepted only over TLS (`530 5.7.0`
-//!   before); the credentials go out in [`Action::Authenticate`] with the password as a
-//!   [`Secret`] (never printed by `Debug`), and [`Session::authenticated`] answers. A
-//!   failure is `535 5.7.8` and counts toward `hard_error_limit`; slowing failures down
-//!   is the actor's business (it owns time). An authenticated client may relay when
-//!   `SessionPolicy::auth_relay` says so.
+//! - AUTH (see [`sasl`]): a failure is `535 5.7.8` and counts toward `hard_error_limit`.
+//!   An authenticated client may relay when `SessionPolicy::auth_relay` says so.
+//!
+//! Layout: `types.rs` (policy, actions, answers), `commands.rs` (the SMTP commands),
+//! `sasl.rs` (AUTH), `received.rs` (the `Received:` header), `relay.rs` (who may relay),
+//! `driver.rs` (a synchronous loop for tests and fuzzing).
 //!
 //! No tokio, no sockets, no clock (time comes in as `now`), no store access.
 
+mod commands;
 pub mod driver;
 pub mod received;
 pub mod relay;
-
-use std::net::IpAddr;
+mod sasl;
+mod types;
 
 use chrono::{DateTime, Utc};
 
-use crate::protocol::address::parse_domain;
-use crate::protocol::{
-    auth, parse_command, BareNewline, Body, Command, CommandError, DataDecoder, DataOutcome,
-    LineEvent, LineReader, MailParams, Path, RcptParams, Reply,
-};
+use crate::protocol::{DataDecoder, LineEvent, LineReader, MailParams, RcptParams, Reply};
 pub use crate::protocol::{ForwardPath, Mailbox, ReversePath, Secret};
 pub use relay::{client_is_relay_authorised, relay_trick, RelayTrick};
+pub use types::{
+    AcceptedRecipient, Action, PeerInfo, RecipientInfo, SessionPolicy, StoreOutcome, Transaction,
+};
 
-/// What the session needs to know about the server's configuration (built by the actor
-/// from `Config`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionPolicy {
-    /// `server_smtp_name`: in the greeting, EHLO, `Received:` and 421 replies.
-    pub hostname: String,
-    /// `server_smtp_greeting`: the greeting is `220 <hostname> ESMTP <greeting>`.
-    pub greeting: String,
-    /// Largest message accepted, octets after dot-unstuffing (`SIZE` advertised; 552
-    /// 5.3.4 at `MAIL SIZE=` and after the dot). 0: no limit.
-    pub max_message_size: u64,
-    /// Recipients per message; more get 452 4.5.3. 0: no limit.
-    pub max_recipients: usize,
-    /// Errors before `421 4.7.0 <host> Error: too many errors` and close. 0: no limit.
-    pub hard_error_limit: u32,
-    /// A message with more `Received:` headers than this gets 554 5.4.0.
-    pub max_hops: u32,
-    /// Whether this client may relay (from [`client_is_relay_authorised`]).
-    pub relay_authorised: bool,
-    /// Longest command line accepted, octets including CRLF (at least 512, RFC 5321
-    /// §4.5.3.1.4; Postfix reads 2048).
-    pub max_line_length: usize,
-    /// STARTTLS can be offered: a certificate is configured and loaded.
-    pub tls_available: bool,
-    /// A client that authenticated with SMTP AUTH may relay (`server_smtp_relay_auth`).
-    pub auth_relay: bool,
-}
-
-impl SessionPolicy {
-    /// REFERENCE's defaults (ErlMail's and Postfix's) for `hostname`, not authorised.
-    pub fn with_defaults(hostname: impl Into<String>) -> Self {
-        SessionPolicy {
-            hostname: hostname.into(),
-            greeting: "erlmail".to_string(),
-            max_message_size: 10_240_000,
-            max_recipients: 100,
-            hard_error_limit: 20,
-            max_hops: 50,
-            relay_authorised: false,
-            max_line_length: 2048,
-            tls_available: false,
-            auth_relay: true,
-        }
-    }
-}
-
-/// The client end of the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Client address as the socket reports it (may be IPv4-mapped IPv6).
-    pub ip: IpAddr,
-    /// Client port.
-    pub port: u16,
-}
-
-/// What the actor must do, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Write these reply bytes (CRLF-terminated, possibly several replies).
-    Send(Vec<u8>),
-    /// Ask the store about this recipient, then call [`Session::recipient_info`].
-    /// Always the last action of its batch.
-    LookupRecipient(ForwardPath),
-    /// Commit this message durably, then call [`Session::stored`].
-    /// Always the last action of its batch.
-    Store(Transaction),
-    /// Close the connection once everything before has been written.
-    Close,
-    /// Write what came before (the `220` to STARTTLS), discard any input not yet fed,
-    /// perform the TLS handshake, then call [`Session::tls_started`] (or close the
-    /// connection if the handshake fails). Always the last action of its batch.
-    StartTls,
-    /// Check these credentials against the store's users, then call
-    /// [`Session::authenticated`]. Always the last action of its batch. Never log it
-    /// beyond the user name; the password's `Debug` is redacted.
-    Authenticate {
-        /// The user name given (an address such as `alice@example.com`).
-        user: String,
-        /// The password given.
-        password: Secret,
-    },
-}
-
-/// The store's answer to [`Action::LookupRecipient`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecipientInfo {
-    /// The domain is one of ours.
-    pub local_domain: bool,
-    /// The user exists in that domain (meaningless when the domain is not local).
-    pub user_exists: bool,
-    /// The look-up itself failed (store unreachable): answer 451, never a permanent
-    /// verdict, so the client tries again later.
-    pub temporary_failure: bool,
-}
-
-/// The store's answer to [`Action::Store`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreOutcome {
-    /// Committed durably: `250 2.0.0 Ok: queued as <id>`.
-    Stored {
-        /// The name shown to the client, if the store has one.
-        queue_id: Option<String>,
-    },
-    /// Nothing was stored: `451 4.3.0 Error: queue file write error`.
-    Failed,
-    /// Nothing was stored, out of space: `452 4.3.1 Insufficient system storage`.
-    DiskFull,
-    /// Refused by policy (a DMARC `p=reject` failure): `550` with this text.
-    Refused(String),
-}
-
-/// One accepted recipient of a transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcceptedRecipient {
-    /// Where to deliver.
-    pub path: ForwardPath,
-    /// Local user (INBOX) rather than remote (outgoing queue).
-    pub local: bool,
-    /// Raw `NOTIFY=` value, upper-cased.
-    pub notify: Option<String>,
-    /// Raw `ORCPT=` value.
-    pub orcpt: Option<String>,
-}
-
-/// Everything the store needs to keep an accepted message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transaction {
-    /// Envelope sender; `ReversePath::Null` for `<>`.
-    pub reverse_path: ReversePath,
-    /// Accepted recipients, in RCPT order, without duplicates.
-    pub recipients: Vec<AcceptedRecipient>,
-    /// `RET=FULL|HDRS`.
-    pub ret: Option<String>,
-    /// `ENVID=` xtext.
-    pub envid: Option<String>,
-    /// `BODY=8BITMIME` was given.
-    pub body_8bit: bool,
-    /// `SMTPUTF8` was given.
-    pub smtputf8: bool,
-    /// The HELO/EHLO argument.
-    pub helo: String,
-    /// The client address, as the socket reported it.
-    pub client_ip: IpAddr,
-    /// The client may relay (listed in `server_smtp_relay_clients` or authenticated):
-    /// its mail is not put through the SPF/DKIM/DMARC checks.
-    pub trusted: bool,
-    /// Decoded `Subject:` header, for mailbox listings; `None` when no recipient is
-    /// local (relayed mail keeps no subject of its own).
-    pub subject: Option<String>,
-    /// The message: our `Received:` header, then the client's text, dots unstuffed,
-    /// CRLF line ends.
-    pub data: Vec<u8>,
-}
-
+/// What the session is reading, or which answer from outside it waits for.
 #[derive(Debug)]
 enum Mode {
     /// Reading command lines.
@@ -252,12 +76,14 @@ enum Mode {
     Closed,
 }
 
+/// A RCPT waiting for the store's verdict.
 #[derive(Debug)]
 struct PendingRcpt {
     path: ForwardPath,
     params: RcptParams,
 }
 
+/// What the client said in HELO or EHLO.
 #[derive(Debug)]
 struct Helo {
     name: String,
@@ -296,24 +122,6 @@ pub struct Session {
     user: Option<String>,
     /// Stress mode: the error limit is 1 (see [`Session::set_stress`]).
     stress: bool,
-}
-
-/// Whether two recipients reach one mailbox, compared as their store compares them:
-/// the domain case-insensitively, and the local part too for a local user (users are
-/// kept lower-case), exactly for a remote one (RFC 5321 §2.4 leaves that to its host).
-/// A repeated recipient gets its 250 but one copy.
-fn same_mailbox(a: &str, b: &str, local: bool) -> bool {
-    match (a.rsplit_once('@'), b.rsplit_once('@')) {
-        (Some((la, da)), Some((lb, db))) => {
-            da.eq_ignore_ascii_case(db)
-                && if local {
-                    la.to_lowercase() == lb.to_lowercase()
-                } else {
-                    la == lb
-                }
-        }
-        _ => a == b,
-    }
 }
 
 /// Appends reply bytes, merging with a preceding `Send` so a pipelined batch is written
@@ -386,85 +194,34 @@ impl Session {
     /// The answer to [`Action::LookupRecipient`]; replies to that RCPT and resumes
     /// buffered input. Ignored (empty) if no lookup is pending.
     pub fn recipient_info(&mut self, info: RecipientInfo, now: DateTime<Utc>) -> Vec<Action> {
-        let pending = match std::mem::replace(&mut self.mode, Mode::Command) {
-            Mode::AwaitRecipient(p) => p,
-            other => {
-                self.mode = other;
-                return Vec::new();
-            }
+        let take = |mode| match mode {
+            Mode::AwaitRecipient(pending) => Ok(pending),
+            other => Err(other),
         };
-        let mut out = Vec::new();
-        let raw = &pending.path.raw;
-        if info.temporary_failure {
-            let r = Reply::new(451, format!("4.3.0 <{raw}>: Temporary lookup failure"));
-            self.error(&mut out, r);
-            self.run(&mut out, now);
-            return out;
-        }
-        let local = match (info.local_domain, info.user_exists) {
-            (true, true) => Some(true),
-            (true, false) => None,
-            (false, _) if self.may_relay() => Some(false),
-            (false, _) => {
-                let r = Reply::new(554, format!("5.7.1 <{raw}>: Relay access denied"));
-                self.error(&mut out, r);
-                self.run(&mut out, now);
-                return out;
-            }
-        };
-        match (local, self.envelope.as_mut()) {
-            (Some(local), Some(env)) => {
-                let new = pending.path.mailbox.to_string();
-                let duplicate = env.recipients.iter().any(|r| {
-                    r.local == local && same_mailbox(&r.path.mailbox.to_string(), &new, local)
-                });
-                if !duplicate {
-                    env.recipients.push(AcceptedRecipient {
-                        path: pending.path,
-                        local,
-                        notify: pending.params.notify,
-                        orcpt: pending.params.orcpt,
-                    });
-                }
-                self.reply(&mut out, Reply::new(250, "2.1.5 Ok"));
-            }
-            (None, _) => {
-                let r = Reply::new(
-                    550,
-                    format!("5.1.1 <{raw}>: Recipient address rejected: User unknown"),
-                );
-                self.error(&mut out, r);
-            }
-            // Cannot happen: a lookup is only asked inside a transaction, and nothing
-            // ends the transaction while it is pending.
-            (Some(_), None) => {
-                self.error(&mut out, Reply::new(503, "5.5.1 Error: need MAIL command"))
-            }
-        }
-        self.run(&mut out, now);
-        out
+        self.answer(now, take, |s, pending, out| {
+            s.rcpt_verdict(pending, info, out)
+        })
     }
 
     /// The answer to [`Action::Store`]; replies to the end of DATA and resumes buffered
     /// input. Ignored (empty) if no store is pending.
     pub fn stored(&mut self, result: StoreOutcome, now: DateTime<Utc>) -> Vec<Action> {
-        if !matches!(self.mode, Mode::AwaitStore) {
-            return Vec::new();
-        }
-        self.mode = Mode::Command;
-        let mut out = Vec::new();
-        let reply = match result {
-            StoreOutcome::Stored { queue_id: Some(id) } => {
-                Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
-            }
-            StoreOutcome::Stored { queue_id: None } => Reply::new(250, "2.0.0 Ok: queued"),
-            StoreOutcome::Failed => Reply::new(451, "4.3.0 Error: queue file write error"),
-            StoreOutcome::DiskFull => Reply::new(452, "4.3.1 Insufficient system storage"),
-            StoreOutcome::Refused(text) => Reply::new(550, text),
+        let take = |mode| match mode {
+            Mode::AwaitStore => Ok(()),
+            other => Err(other),
         };
-        self.reply(&mut out, reply);
-        self.run(&mut out, now);
-        out
+        self.answer(now, take, |s, (), out| {
+            let reply = match result {
+                StoreOutcome::Stored { queue_id: Some(id) } => {
+                    Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
+                }
+                StoreOutcome::Stored { queue_id: None } => Reply::new(250, "2.0.0 Ok: queued"),
+                StoreOutcome::Failed => Reply::new(451, "4.3.0 Error: queue file write error"),
+                StoreOutcome::DiskFull => Reply::new(452, "4.3.1 Insufficient system storage"),
+                StoreOutcome::Refused(text) => Reply::new(550, text),
+            };
+            s.reply(out, reply);
+        })
     }
 
     /// The TLS handshake after [`Action::StartTls`] succeeded: the session starts over as
@@ -490,22 +247,18 @@ impl Session {
     /// or `535 5.7.8` (counted as an error). Resumes buffered input. Ignored (empty) if
     /// no check is pending.
     pub fn authenticated(&mut self, ok: bool, now: DateTime<Utc>) -> Vec<Action> {
-        let user = match std::mem::replace(&mut self.mode, Mode::Command) {
-            Mode::AwaitAuth(user) => user,
-            other => {
-                self.mode = other;
-                return Vec::new();
-            }
+        let take = |mode| match mode {
+            Mode::AwaitAuth(user) => Ok(user),
+            other => Err(other),
         };
-        let mut out = Vec::new();
-        if ok {
-            self.user = Some(user);
-            self.reply(&mut out, Reply::new(235, "2.7.0 Authentication successful"));
-        } else {
-            self.error(&mut out, auth_failed());
-        }
-        self.run(&mut out, now);
-        out
+        self.answer(now, take, |s, user, out| {
+            if ok {
+                s.user = Some(user);
+                s.reply(out, Reply::new(235, "2.7.0 Authentication successful"));
+            } else {
+                s.error(out, sasl::auth_failed());
+            }
+        })
     }
 
     /// Whether the connection is encrypted.
@@ -579,18 +332,17 @@ impl Session {
     /// as an error; no password was checked. Resumes buffered input. Ignored (empty) if no
     /// check is pending.
     pub fn auth_throttled(&mut self, now: DateTime<Utc>) -> Vec<Action> {
-        if !matches!(self.mode, Mode::AwaitAuth(_)) {
-            return Vec::new();
-        }
-        self.mode = Mode::Command;
-        let mut out = Vec::new();
-        let text = format!(
-            "4.7.0 Error: too many failed authentications from {}; try again later",
-            self.peer.ip
-        );
-        self.error(&mut out, Reply::new(454, text));
-        self.run(&mut out, now);
-        out
+        let take = |mode| match mode {
+            Mode::AwaitAuth(_) => Ok(()),
+            other => Err(other),
+        };
+        self.answer(now, take, |s, (), out| {
+            let text = format!(
+                "4.7.0 Error: too many failed authentications from {}; try again later",
+                s.peer.ip
+            );
+            s.error(out, Reply::new(454, text));
+        })
     }
 
     /// The client this session serves.
@@ -601,6 +353,28 @@ impl Session {
     /// The policy this session runs under.
     pub fn policy(&self) -> &SessionPolicy {
         &self.policy
+    }
+
+    /// An answer from outside: leaves the waiting mode `take` accepts (taking what it
+    /// held), lets `act` reply, then resumes buffered input. Empty, with the mode left as
+    /// it was, when the session is not waiting for this answer.
+    fn answer<T>(
+        &mut self,
+        now: DateTime<Utc>,
+        take: impl FnOnce(Mode) -> Result<T, Mode>,
+        act: impl FnOnce(&mut Self, T, &mut Vec<Action>),
+    ) -> Vec<Action> {
+        let held = match take(std::mem::replace(&mut self.mode, Mode::Command)) {
+            Ok(held) => held,
+            Err(mode) => {
+                self.mode = mode;
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        act(self, held, &mut out);
+        self.run(&mut out, now);
+        out
     }
 
     fn close_now(&mut self, reply: Reply) -> Vec<Action> {
@@ -649,13 +423,10 @@ impl Session {
                 | Mode::AwaitTls
                 | Mode::AwaitAuth(_) => break,
                 Mode::AuthPlain | Mode::AuthLoginUser | Mode::AuthLoginPassword(_) => {
-                    let start = self.pos;
-                    let (n, event) = self.lines.next(&self.input[start..]);
-                    self.pos += n;
-                    match event {
+                    match self.next_line() {
                         None => break,
                         Some(LineEvent::Line(range)) => {
-                            let line = self.input[start + range.start..start + range.end].to_vec();
+                            let line = self.input[range].to_vec();
                             self.auth_response(&line, out);
                         }
                         Some(_) => {
@@ -676,14 +447,10 @@ impl Session {
                     }
                 }
                 Mode::Command => {
-                    let start = self.pos;
-                    let (n, event) = self.lines.next(&self.input[start..]);
-                    self.pos += n;
-                    match event {
+                    match self.next_line() {
                         None => break,
                         Some(LineEvent::Line(range)) => {
-                            let parsed =
-                                parse_command(&self.input[start + range.start..start + range.end]);
+                            let parsed = crate::protocol::parse_command(&self.input[range]);
                             // Bytes already here behind the line were sent before its
                             // reply: pipelined.
                             let pipelined = self.pos < self.input.len();
@@ -705,6 +472,18 @@ impl Session {
         self.compact();
     }
 
+    /// Takes the next line from the buffer, its range counted in `input`: `None` while no
+    /// whole line is buffered.
+    fn next_line(&mut self) -> Option<LineEvent> {
+        let start = self.pos;
+        let (n, event) = self.lines.next(&self.input[start..]);
+        self.pos += n;
+        event.map(|event| match event {
+            LineEvent::Line(range) => LineEvent::Line(start + range.start..start + range.end),
+            other => other,
+        })
+    }
+
     /// Drops processed input, without shifting large buffers on every command.
     fn compact(&mut self) {
         if self.pos == self.input.len() {
@@ -715,364 +494,6 @@ impl Session {
             self.pos = 0;
         }
     }
-
-    /// Runs one command line; `pipelined` says more input was already buffered behind it.
-    fn command(
-        &mut self,
-        parsed: Result<Command, CommandError>,
-        pipelined: bool,
-        out: &mut Vec<Action>,
-    ) {
-        if pipelined && self.must_wait_for_reply(parsed.as_ref().ok()) {
-            // The 554 replaces the command's own reply: the command is not run (Postfix
-            // `smtpd_forbid_unauth_pipelining`).
-            let r = Reply::new(554, "5.5.0 Error: SMTP protocol synchronization");
-            return self.close_with(out, r);
-        }
-        let command = match parsed {
-            Ok(c) => c,
-            Err(e) => return self.error(out, e.reply()),
-        };
-        match command {
-            Command::Helo(name) => {
-                self.envelope = None;
-                self.helo = Some(Helo { name, esmtp: false });
-                let host = self.policy.hostname.clone();
-                self.reply(out, Reply::new(250, host));
-            }
-            Command::Ehlo(name) => {
-                // RFC 5321 §4.1.4: EHLO resets the transaction like RSET.
-                self.envelope = None;
-                self.helo = Some(Helo { name, esmtp: true });
-                let reply = Reply::multi(250, self.ehlo_lines());
-                self.reply(out, reply);
-            }
-            Command::Mail { from, params } => self.mail(from, params, out),
-            Command::Rcpt { to, params } => self.rcpt(to, params, out),
-            Command::Data => self.data(out),
-            Command::Rset => {
-                self.envelope = None;
-                self.reply(out, Reply::new(250, "2.0.0 Ok"));
-            }
-            Command::Noop => self.reply(out, Reply::new(250, "2.0.0 Ok")),
-            Command::Quit => self.close_with(out, Reply::new(221, "2.0.0 Bye")),
-            Command::Vrfy(_) => self.reply(
-                out,
-                Reply::new(
-                    252,
-                    "2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
-                ),
-            ),
-            Command::Expn(_) => {
-                self.error(out, Reply::new(502, "5.5.1 Error: command not implemented"))
-            }
-            Command::Help => self.reply(
-                out,
-                Reply::new(
-                    214,
-                    "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
-                ),
-            ),
-            Command::StartTls => self.starttls(out),
-            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial, out),
-        }
-    }
-
-    /// Whether the client had to wait for this command's reply before sending more
-    /// (RFC 2920 §3.1). Only EHLO grants PIPELINING, so until an EHLO has been answered
-    /// every command (or unparseable line) stands alone. After EHLO, HELO and EHLO still
-    /// end a group (they change what the client may send next), and so does DATA: text
-    /// sent before the 354 was sent blind, and taking it as the message is exactly what
-    /// a smuggling or spam-cannon client wants. STARTTLS is not listed: its trailing
-    /// input is discarded, never run (see [`Session::starttls`]). NOOP, QUIT, VRFY and
-    /// AUTH are not enforced either, to spare sloppy but harmless clients (AUTH with an
-    /// initial response may legally be followed by MAIL, RFC 4954 §4).
-    fn must_wait_for_reply(&self, command: Option<&Command>) -> bool {
-        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
-        !esmtp
-            || matches!(
-                command,
-                Some(Command::Helo(_) | Command::Ehlo(_) | Command::Data)
-            )
-    }
-
-    fn starttls(&mut self, out: &mut Vec<Action>) {
-        if self.tls {
-            return self.error(out, Reply::new(554, "5.5.1 Error: TLS already active"));
-        }
-        if !self.policy.tls_available {
-            return self.error(out, Reply::new(502, "5.5.1 Error: command not implemented"));
-        }
-        self.reply(out, Reply::new(220, "2.0.0 Ready to start TLS"));
-        // Whatever the client pipelined after STARTTLS was sent in plain text: discard
-        // it so it can never run as if it came over TLS.
-        self.input = Vec::new();
-        self.pos = 0;
-        out.push(Action::StartTls);
-        self.mode = Mode::AwaitTls;
-    }
-
-    fn auth(&mut self, mechanism: &str, initial: Option<Secret>, out: &mut Vec<Action>) {
-        if !self.tls {
-            let r = Reply::new(530, "5.7.0 Must issue a STARTTLS command first");
-            return self.error(out, r);
-        }
-        if self.helo.is_none() {
-            return self.error(out, Reply::new(503, "5.5.1 Error: send HELO/EHLO first"));
-        }
-        if self.user.is_some() {
-            return self.error(out, Reply::new(503, "5.5.1 Error: already authenticated"));
-        }
-        if self.envelope.is_some() {
-            let r = Reply::new(503, "5.5.1 Error: MAIL transaction in progress");
-            return self.error(out, r);
-        }
-        match (mechanism, initial) {
-            ("PLAIN", Some(response)) => self.auth_plain(response.expose(), out),
-            ("PLAIN", None) => {
-                self.mode = Mode::AuthPlain;
-                self.reply(out, Reply::new(334, ""));
-            }
-            ("LOGIN", Some(user)) => self.auth_login_user(user.expose(), out),
-            ("LOGIN", None) => {
-                self.mode = Mode::AuthLoginUser;
-                self.reply(out, Reply::new(334, auth::LOGIN_USERNAME_PROMPT));
-            }
-            _ => self.error(
-                out,
-                Reply::new(504, "5.5.4 Unrecognized authentication type"),
-            ),
-        }
-    }
-
-    /// One line of a SASL exchange, in an `Auth*` mode.
-    fn auth_response(&mut self, line: &[u8], out: &mut Vec<Action>) {
-        let mode = std::mem::replace(&mut self.mode, Mode::Command);
-        if auth::is_cancel(line) {
-            return self.error(out, Reply::new(501, "5.7.0 Authentication aborted"));
-        }
-        let Ok(text) = std::str::from_utf8(line) else {
-            return self.error(out, Reply::new(501, "5.5.2 Cannot decode response"));
-        };
-        match mode {
-            Mode::AuthPlain => self.auth_plain(text, out),
-            Mode::AuthLoginUser => self.auth_login_user(text, out),
-            Mode::AuthLoginPassword(user) => match auth::decode_text(text) {
-                Some(password) => self.request_auth(user, Secret(password), out),
-                None => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
-            },
-            other => self.mode = other,
-        }
-    }
-
-    fn auth_plain(&mut self, response: &str, out: &mut Vec<Action>) {
-        // `=` is an empty initial response (RFC 4954 §4), which PLAIN cannot use.
-        match auth::decode_plain(response) {
-            Some((user, password)) => self.request_auth(user, password, out),
-            None => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
-        }
-    }
-
-    fn auth_login_user(&mut self, response: &str, out: &mut Vec<Action>) {
-        match auth::decode_text(response) {
-            Some(user) if !user.is_empty() => {
-                self.mode = Mode::AuthLoginPassword(user);
-                self.reply(out, Reply::new(334, auth::LOGIN_PASSWORD_PROMPT));
-            }
-            _ => self.error(out, Reply::new(501, "5.5.2 Cannot decode response")),
-        }
-    }
-
-    fn request_auth(&mut self, user: String, password: Secret, out: &mut Vec<Action>) {
-        out.push(Action::Authenticate {
-            user: user.clone(),
-            password,
-        });
-        self.mode = Mode::AwaitAuth(user);
-    }
-
-    /// EHLO keywords: STARTTLS when a certificate is configured and the connection is
-    /// not yet encrypted, AUTH only once it is (RFC 4954 §4: no plain-text passwords).
-    fn ehlo_lines(&self) -> Vec<String> {
-        let mut lines = vec![
-            self.policy.hostname.clone(),
-            "PIPELINING".to_string(),
-            format!("SIZE {}", self.policy.max_message_size),
-            "8BITMIME".to_string(),
-            "ENHANCEDSTATUSCODES".to_string(),
-            "SMTPUTF8".to_string(),
-            "DSN".to_string(),
-        ];
-        if self.tls {
-            lines.push(format!("AUTH {}", auth::MECHANISMS));
-        } else if self.policy.tls_available {
-            lines.push("STARTTLS".to_string());
-        }
-        lines
-    }
-
-    fn mail(&mut self, from: Option<Path>, params: MailParams, out: &mut Vec<Action>) {
-        if self.helo.is_none() {
-            return self.error(out, Reply::new(503, "5.5.1 Error: send HELO/EHLO first"));
-        }
-        if self.envelope.is_some() {
-            return self.error(out, Reply::new(503, "5.5.1 Error: nested MAIL command"));
-        }
-        let max = self.policy.max_message_size;
-        if max > 0 && params.size.is_some_and(|s| s > max) {
-            return self.error(out, too_big());
-        }
-        if !params.smtputf8 && from.as_ref().is_some_and(|p| !p.raw.is_ascii()) {
-            return self.error(out, unicode_without_smtputf8());
-        }
-        let reverse_path = match from {
-            None => ReversePath::Null,
-            Some(path) => match path.mailbox() {
-                Some(m) => ReversePath::Mailbox(m),
-                None => return self.error(out, CommandError::BadSender.reply()),
-            },
-        };
-        self.envelope = Some(Envelope {
-            reverse_path,
-            params,
-            recipients: Vec::new(),
-            rcpt_seen: false,
-        });
-        self.reply(out, Reply::new(250, "2.1.0 Ok"));
-    }
-
-    fn rcpt(&mut self, to: Path, params: RcptParams, out: &mut Vec<Action>) {
-        let Some(env) = self.envelope.as_mut() else {
-            return self.error(out, Reply::new(503, "5.5.1 Error: need MAIL command"));
-        };
-        env.rcpt_seen = true;
-        if !env.params.smtputf8 && !to.raw.is_ascii() {
-            return self.error(out, unicode_without_smtputf8());
-        }
-        let max = self.policy.max_recipients;
-        if max > 0 && env.recipients.len() >= max {
-            // Not counted as an error: see the module documentation.
-            return self.reply(out, Reply::new(452, "4.5.3 Error: too many recipients"));
-        }
-        if !self.may_relay() && relay_trick(&to).is_some() {
-            let r = Reply::new(554, format!("5.7.1 <{}>: Relay access denied", to.raw));
-            return self.error(out, r);
-        }
-        let mailbox = match to.mailbox() {
-            Some(m) => m,
-            None if !to.quoted && to.local_part.eq_ignore_ascii_case("postmaster") => Mailbox {
-                local_part: "postmaster".to_string(),
-                domain: parse_domain(&self.policy.hostname)
-                    .unwrap_or_else(|_| self.policy.hostname.to_lowercase()),
-            },
-            None => return self.error(out, CommandError::BadRecipient.reply()),
-        };
-        let path = ForwardPath {
-            mailbox,
-            raw: to.raw,
-        };
-        out.push(Action::LookupRecipient(path.clone()));
-        self.mode = Mode::AwaitRecipient(PendingRcpt { path, params });
-    }
-
-    fn data(&mut self, out: &mut Vec<Action>) {
-        let reply = match &self.envelope {
-            None => Reply::new(503, "5.5.1 Error: need MAIL command"),
-            Some(env) if !env.rcpt_seen => Reply::new(503, "5.5.1 Error: need RCPT command"),
-            Some(env) if env.recipients.is_empty() => {
-                Reply::new(554, "5.5.1 Error: no valid recipients")
-            }
-            Some(_) => {
-                self.mode = Mode::Data(DataDecoder::new(self.policy.max_message_size));
-                return self.reply(out, Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
-            }
-        };
-        self.error(out, reply);
-    }
-
-    fn end_of_data(&mut self, outcome: DataOutcome, out: &mut Vec<Action>, now: DateTime<Utc>) {
-        // The transaction ends here whatever the outcome; HELO is kept.
-        let (Some(env), Some(helo)) = (self.envelope.take(), self.helo.as_ref()) else {
-            return self.error(out, Reply::new(503, "5.5.1 Error: need MAIL command"));
-        };
-        let body = match outcome {
-            DataOutcome::Bare(BareNewline::Lf) => {
-                return self.error(out, Reply::new(550, "5.5.2 Error: bare <LF> received"))
-            }
-            DataOutcome::Bare(BareNewline::Cr) => {
-                return self.error(out, Reply::new(550, "5.5.2 Error: bare <CR> received"))
-            }
-            // Refused rather than stripped: the client learns its message was not sent as
-            // written, and no next hop ever sees a NUL (REFERENCE, unsafe bytes onward).
-            DataOutcome::Nul => {
-                let r = Reply::new(550, "5.6.0 Error: message contains NUL character");
-                return self.error(out, r);
-            }
-            DataOutcome::TooBig => return self.error(out, too_big()),
-            DataOutcome::Message(body) => body,
-        };
-        if received::hop_count(&body) > self.policy.max_hops as usize {
-            return self.error(out, Reply::new(554, "5.4.0 Error: too many hops"));
-        }
-        let single = match env.recipients.as_slice() {
-            [only] => Some(only.path.mailbox.to_string()),
-            _ => None,
-        };
-        let protocol = received::Protocol {
-            esmtp: helo.esmtp,
-            utf8: env.params.smtputf8,
-            tls: self.tls,
-            auth: self.user.is_some(),
-        };
-        let header = received::received_header(
-            &helo.name,
-            self.peer.ip,
-            &self.policy.hostname,
-            protocol,
-            self.tls_summary.as_deref(),
-            single.as_deref(),
-            now,
-        );
-        let mut data = Vec::with_capacity(header.len() + body.len());
-        data.extend_from_slice(header.as_bytes());
-        data.extend_from_slice(&body);
-        // Only a local copy keeps its subject (for mailbox listings): relayed mail need
-        // not have its header parsed.
-        let subject = if env.recipients.iter().any(|r| r.local) {
-            received::subject(&body)
-        } else {
-            None
-        };
-        let transaction = Transaction {
-            reverse_path: env.reverse_path,
-            recipients: env.recipients,
-            ret: env.params.ret,
-            envid: env.params.envid,
-            body_8bit: env.params.body == Some(Body::EightBitMime),
-            smtputf8: env.params.smtputf8,
-            helo: helo.name.clone(),
-            client_ip: self.peer.ip,
-            trusted: self.policy.relay_authorised || self.user.is_some(),
-            subject,
-            data,
-        };
-        out.push(Action::Store(transaction));
-        self.mode = Mode::AwaitStore;
-    }
-}
-
-fn auth_failed() -> Reply {
-    Reply::new(535, "5.7.8 Error: authentication failed")
-}
-
-/// A UTF-8 address in a transaction that did not declare SMTPUTF8 (RFC 6531 §3.4),
-/// in Postfix's words.
-fn unicode_without_smtputf8() -> Reply {
-    Reply::new(553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
-}
-
-fn too_big() -> Reply {
-    Reply::new(552, "5.3.4 Message size exceeds fixed limit")
 }
 
 #[cfg(test)]

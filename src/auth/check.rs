@@ -14,7 +14,7 @@
 //! touches the store or a socket other than the resolver's.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -25,7 +25,7 @@ use mail_auth::{
     SpfResult,
 };
 
-use crate::config::{Config, DmarcPolicy};
+use crate::config::{Config, DmarcPolicy, PerConfig};
 
 /// What becomes of a checked message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,27 +64,21 @@ pub struct Checker {
 }
 
 /// The checker of the configuration last asked for, kept while that configuration is.
-static CACHE: Mutex<Option<(Weak<Config>, Arc<Checker>)>> = Mutex::new(None);
+static CACHE: PerConfig<Arc<Checker>> = PerConfig::new();
 
 impl Checker {
     /// The checker for `config` (built once per configuration `Arc`: one resolver, not
     /// one per message). An error when the resolver cannot be set up.
     pub fn for_config(config: &Arc<Config>) -> Result<Arc<Checker>, String> {
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((weak, checker)) = cache.as_ref() {
-            if weak.upgrade().is_some_and(|c| Arc::ptr_eq(&c, config)) {
-                return Ok(checker.clone());
-            }
-        }
-        let resolver = crate::outbound::route::resolver_for(&config.dns_nameservers)
-            .map_err(|e| format!("DNS resolver: {e}"))?;
-        let checker = Arc::new(Checker {
-            authenticator: MessageAuthenticator(resolver),
-            authserv_id: config.server_smtp_name.clone(),
-            policy: config.server_smtp_dmarc_policy,
-        });
-        *cache = Some((Arc::downgrade(config), checker.clone()));
-        Ok(checker)
+        CACHE.get_or_try_build(config, || {
+            let resolver = crate::outbound::route::resolver_for(&config.dns_nameservers)
+                .map_err(|e| format!("DNS resolver: {e}"))?;
+            Ok(Arc::new(Checker {
+                authenticator: MessageAuthenticator(resolver),
+                authserv_id: config.server_smtp_name.clone(),
+                policy: config.server_smtp_dmarc_policy,
+            }))
+        })
     }
 
     /// Checks `message` (as it will be stored: our `Received:` on top) sent by `ip`

@@ -2,36 +2,19 @@
 //! read and checked, the key that applies to a message chosen, the `DKIM-Signature:`
 //! header computed, and `erlmail dkim keygen`'s new keys with the DNS record to publish.
 //!
-//! Keys are PEM files: RSA (PKCS#1 `RSA PRIVATE KEY` or PKCS#8 `PRIVATE KEY`, at least
-//! [`MIN_RSA_BITS`] bits, RFC 8301) or Ed25519 (PKCS#8). A key that cannot be used is an
-//! error naming its file, so that `serve` refuses to start and a `SIGHUP` reload is
-//! refused (the running keys stay). [`Signers`] holds every key of one configuration and
-//! is built once per configuration `Arc` ([`signers_for`], the caching pattern of
-//! `net::tls::acceptor_for`): `main` builds it when it reads the file and hands it over
-//! with [`cache_for`], so the sessions never read a key file. mail-auth canonicalizes and
-//! hashes; the RSA operation itself is ring's (several times faster than mail-auth's
-//! pure-Rust RSA), Ed25519 is mail-auth's.
-//!
-//! A message is signed by the keys of its `From:` domain, or failing that of the nearest
-//! parent domain that has keys (every key of that domain: an RSA and an Ed25519 key under
-//! two selectors give two signatures, as RFC 8463 suggests). The signature is relaxed/
-//! relaxed, covers those of [`SIGNED_HEADERS`] that the message has (all their instances)
-//! and `From` once more than it occurs, so that no second `From:` can be added; absent
-//! headers are not signed, so a list or a forwarder may still add `Reply-To:` or
-//! `Sender:`. A message without a `From:` domain is not signed.
-//!
-//! 8-bit bodies: erlmail converts an 8-bit body to quoted-printable for a next hop
-//! without 8BITMIME (`outbound::seven_bit`), which would break a signature made over the
-//! 8-bit text. So a message to be signed whose body has 8-bit octets is made 7-bit first
-//! (the text every hop then gets) and signed as converted; if it cannot be converted it
-//! is signed as it is (such a message can only go to hops offering 8BITMIME anyway).
+//! Keys are PEM files: RSA (PKCS#1 or PKCS#8, at least [`MIN_RSA_BITS`] bits, RFC 8301)
+//! or Ed25519 (PKCS#8). A key that cannot be used is an error naming its file, so `serve`
+//! refuses to start and a `SIGHUP` reload is refused (the running keys stay). [`Signers`]
+//! holds every key of one configuration and is built once per configuration `Arc`
+//! ([`signers_for`], [`cache_for`]), so the sessions never read a key file. mail-auth
+//! canonicalizes and hashes; the RSA operation is ring's, Ed25519 is mail-auth's.
 //!
 //! This module computes; it holds no socket and keeps no state but the cache. The session
 //! actor decides which messages to sign (relayed ones) and puts the header on top.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use mail_auth::common::crypto::{Algorithm, CryptoError, Ed25519Key, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
@@ -44,11 +27,13 @@ use rsa::RsaPrivateKey;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
 
-use crate::config::{Config, DkimKeyConfig};
+use crate::config::{Config, DkimKeyConfig, PerConfig};
 use crate::outbound::seven_bit;
 
-/// The header fields a signature covers when the message has them (`From` is always
-/// there and is listed once more than it occurs).
+/// The header fields a signature covers when the message has them, all their instances
+/// (`From` is always there and is listed once more than it occurs, so that no second
+/// `From:` can be added). Absent ones are not signed, so a list or a forwarder may still
+/// add `Reply-To:` or `Sender:`.
 pub const SIGNED_HEADERS: &[&str] = &[
     "From",
     "Sender",
@@ -246,7 +231,9 @@ impl Signers {
     }
 
     /// The keys for mail from `domain`: those of the domain itself, else of its nearest
-    /// parent domain that has keys; empty when none has.
+    /// parent domain that has keys; empty when none has. Every key of that domain signs
+    /// (an RSA and an Ed25519 key under two selectors give two signatures, as RFC 8463
+    /// suggests).
     fn keys_for(&self, domain: &str) -> &[Key] {
         let mut d = domain;
         loop {
@@ -269,8 +256,8 @@ impl Signers {
     }
 
     /// The `DKIM-Signature:` fields for `message` exactly as it is (CRLF line ends), or
-    /// `None` when it has no `From:` domain with a key. See [`Signers::sign`] for the
-    /// message as relayed.
+    /// `None` when it has no `From:` domain with a key. Relaxed/relaxed, over the headers
+    /// `headers_to_sign` lists. See [`Signers::sign`] for the message as relayed.
     pub fn signature(&self, message: &[u8]) -> Option<Signed> {
         let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
         let keys = self.keys_for(&from_domain(&parsed)?);
@@ -310,8 +297,13 @@ impl Signers {
     }
 
     /// Signs a message to be relayed: when a key applies, an 8-bit body is first made
-    /// 7-bit (see the module doc) and the signature fields are put on top of `message`.
-    /// `None` (and `message` untouched) when no key applies.
+    /// 7-bit and the signature fields are put on top of `message`. `None` (and `message`
+    /// untouched) when no key applies.
+    ///
+    /// Why 7-bit first: erlmail converts an 8-bit body to quoted-printable for a next hop
+    /// without 8BITMIME (`outbound::seven_bit`), which would break a signature made over
+    /// the 8-bit text, so the message is signed as every hop will get it. One that cannot
+    /// be converted is signed as it is (it can only go to hops offering 8BITMIME anyway).
     pub fn sign(&self, message: &mut Vec<u8>) -> Option<Signed> {
         self.signing_domain(message)?;
         let mut converted = false;
@@ -475,41 +467,26 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
-/// The [`Signers`] of each live configuration; entries of configurations nobody holds
-/// any more are dropped on the next look-up. Several may be live at once: sessions of
+/// The [`Signers`] of each live configuration. Several may be live at once: sessions of
 /// the configuration before a reload finish with its keys.
-type Cached = Vec<(Weak<Config>, Result<Arc<Signers>, String>)>;
-
-static CACHE: Mutex<Cached> = Mutex::new(Vec::new());
+static CACHE: PerConfig<Result<Arc<Signers>, String>> = PerConfig::new();
 
 /// Remembers `signers` (built by the caller from `config`'s keys, e.g. to refuse a bad
 /// key before starting or reloading) as those of `config`, and returns them shared.
 pub fn cache_for(config: &Arc<Config>, signers: Signers) -> Arc<Signers> {
     let signers = Arc::new(signers);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.retain(|(weak, _)| weak.strong_count() > 0 && !std::ptr::eq(weak.as_ptr(), &**config));
-    cache.push((Arc::downgrade(config), Ok(signers.clone())));
+    CACHE.insert(config, Ok(signers.clone()));
     signers
 }
 
 /// The signers of `config`: those given to [`cache_for`], else built from its keys now
 /// (once per configuration `Arc`); the error, as text, when a key is unusable.
 pub fn signers_for(config: &Arc<Config>) -> Result<Arc<Signers>, String> {
-    // A poisoned lock only means another session panicked mid-build; the cache is still
-    // a valid value, so keep using it.
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.retain(|(weak, _)| weak.strong_count() > 0);
-    if let Some((_, result)) = cache
-        .iter()
-        .find(|(weak, _)| std::ptr::eq(weak.as_ptr(), &**config))
-    {
-        return result.clone();
-    }
-    let result = Signers::load(config)
-        .map(Arc::new)
-        .map_err(|e| e.to_string());
-    cache.push((Arc::downgrade(config), result.clone()));
-    result
+    CACHE.get_or_build(config, || {
+        Signers::load(config)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// The kind of key `erlmail dkim keygen` makes.

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::values::{
     DkimKey, HostPort, Listen, Minutes, NameServer, Net, Opt, Seconds, SmartHost, S,
@@ -220,38 +220,30 @@ impl<'de> Visitor<'de> for &mut Apply<'_> {
 }
 
 /// Reads the value of served key `key` from `map` into `c`.
+/// The next value, a list, each item read as `W` and unwrapped by `f`.
+fn next_list<'de, A: MapAccess<'de>, W: Deserialize<'de>, T>(
+    map: &mut A,
+    f: impl FnMut(W) -> T,
+) -> Result<Vec<T>, A::Error> {
+    Ok(map.next_value::<Vec<W>>()?.into_iter().map(f).collect())
+}
+
 fn apply_value<'de, A: MapAccess<'de>>(
     c: &mut Config,
     key: &'static str,
     map: &mut A,
 ) -> Result<(), A::Error> {
     match key {
-        "server_list" => {
-            c.server_list = map
-                .next_value::<Vec<S<String>>>()?
-                .into_iter()
-                .map(|s| s.0)
-                .collect()
-        }
+        "server_list" => c.server_list = next_list(map, |s: S<String>| s.0)?,
         "server_smtp_start" => c.server_smtp_start = map.next_value()?,
         "server_smtp_name" => c.server_smtp_name = map.next_value::<S<String>>()?.0,
         "server_smtp_port" => c.server_smtp_port = map.next_value()?,
         "server_smtp_max_connection" => c.server_smtp_max_connection = map.next_value()?,
         "server_smtp_greeting" => c.server_smtp_greeting = map.next_value::<S<String>>()?.0,
-        "server_smtp_relay_clients" => {
-            c.server_smtp_relay_clients = map
-                .next_value::<Vec<Net>>()?
-                .into_iter()
-                .map(|n| n.0)
-                .collect()
-        }
+        "server_smtp_relay_clients" => c.server_smtp_relay_clients = next_list(map, |n: Net| n.0)?,
         "server_smtp_retries" => c.server_smtp_retries = map.next_value()?,
         "server_smtp_retry_interval" => {
-            c.server_smtp_retry_interval = map
-                .next_value::<Vec<S<Minutes>>>()?
-                .into_iter()
-                .map(|m| m.0 .0)
-                .collect()
+            c.server_smtp_retry_interval = next_list(map, |m: S<Minutes>| m.0 .0)?
         }
         "server_stmp_failure_notification" => {
             c.server_stmp_failure_notification = map.next_value()?
@@ -299,21 +291,9 @@ fn apply_value<'de, A: MapAccess<'de>>(
         "server_smtp_relay_auth" => c.server_smtp_relay_auth = map.next_value()?,
         "server_smtp_tls_outbound" => c.server_smtp_tls_outbound = map.next_value::<S<_>>()?.0,
         "server_smtp_ehlo_name" => c.server_smtp_ehlo_name = map.next_value::<Opt<String>>()?.0,
-        "server_smtp_dkim_keys" => {
-            c.server_smtp_dkim_keys = map
-                .next_value::<Vec<DkimKey>>()?
-                .into_iter()
-                .map(DkimKey::into_config)
-                .collect()
-        }
+        "server_smtp_dkim_keys" => c.server_smtp_dkim_keys = next_list(map, DkimKey::into_config)?,
         "server_smtp_dmarc_policy" => c.server_smtp_dmarc_policy = map.next_value::<S<_>>()?.0,
-        "dns_nameservers" => {
-            c.dns_nameservers = map
-                .next_value::<Vec<S<NameServer>>>()?
-                .into_iter()
-                .map(|n| n.0 .0)
-                .collect()
-        }
+        "dns_nameservers" => c.dns_nameservers = next_list(map, |n: S<NameServer>| n.0 .0)?,
         "node_name" => c.node_name = map.next_value::<S<String>>()?.0,
         "admin_listen" => c.admin_listen = map.next_value::<Opt<Listen>>()?.0.map(|l| l.0),
         "log_format" => c.log_format = map.next_value::<S<_>>()?.0,

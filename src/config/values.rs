@@ -244,11 +244,7 @@ impl Scalar for Minutes {
         parse_duration(s).map(Minutes)
     }
     fn from_int(n: i128) -> Result<Self, String> {
-        u64::try_from(n)
-            .ok()
-            .and_then(|m| m.checked_mul(60))
-            .map(|s| Minutes(Duration::from_secs(s)))
-            .ok_or_else(|| format!("bad duration {n}: expected a non-negative number of minutes"))
+        whole_units(n, 60, "minutes").map(Minutes)
     }
 }
 
@@ -262,10 +258,17 @@ impl Scalar for Seconds {
         parse_duration(s).map(Seconds)
     }
     fn from_int(n: i128) -> Result<Self, String> {
-        u64::try_from(n)
-            .map(|s| Seconds(Duration::from_secs(s)))
-            .map_err(|_| format!("bad duration {n}: expected a non-negative number of seconds"))
+        whole_units(n, 1, "seconds").map(Seconds)
     }
+}
+
+/// A bare integer duration: `n` units of `unit_secs` seconds each.
+fn whole_units(n: i128, unit_secs: u64, unit: &str) -> Result<Duration, String> {
+    u64::try_from(n)
+        .ok()
+        .and_then(|units| units.checked_mul(unit_secs))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("bad duration {n}: expected a non-negative number of {unit}"))
 }
 
 /// Serde adapter for a required [`Scalar`].
@@ -370,18 +373,21 @@ impl<'de> Deserialize<'de> for IpTuple {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an address tuple {A,B,C,D} or {A,B,C,D,E,F,G,H}")
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IpTuple, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element::<u32>()? {
-                    parts.push(p);
-                }
-                ip_from_parts(&parts)
-                    .map(IpTuple)
-                    .map_err(de::Error::custom)
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<IpTuple, A::Error> {
+                ip_from_seq(seq).map(IpTuple)
             }
         }
         d.deserialize_seq(V)
     }
+}
+
+/// An address written as a sequence of 4 octets or 8 groups.
+fn ip_from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<IpAddr, A::Error> {
+    let mut parts = Vec::new();
+    while let Some(p) = seq.next_element::<u32>()? {
+        parts.push(p);
+    }
+    ip_from_parts(&parts).map_err(de::Error::custom)
 }
 
 fn ip_from_parts(parts: &[u32]) -> Result<IpAddr, String> {
@@ -438,12 +444,8 @@ impl<'de> Deserialize<'de> for MaskSpec {
                     .map_err(|_| E::custom(format!("bad CIDR: negative prefix length {v}")))
                     .and_then(|v| self.visit_u64(v))
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MaskSpec, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element::<u32>()? {
-                    parts.push(p);
-                }
-                let mask = ip_from_parts(&parts).map_err(de::Error::custom)?;
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MaskSpec, A::Error> {
+                let mask = ip_from_seq(seq)?;
                 // Checked here so the error points at the mask tuple itself.
                 mask_to_bits(mask).map_err(de::Error::custom)?;
                 Ok(MaskSpec::Mask(mask))

@@ -283,22 +283,22 @@ impl Connection {
         Ok(())
     }
 
-    fn channels(&mut self) -> (mpsc::Receiver<Next>, watch::Receiver<Instant>) {
+    /// Starts the reader task on `read_half`, with a fresh permission channel and the
+    /// current deadline.
+    fn spawn_reader<R>(&mut self, read_half: R) -> JoinHandle<Option<R>>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
         let (more_tx, more_rx) = mpsc::channel(1);
         self.more = more_tx;
-        (more_rx, self.deadline.subscribe())
+        let deadline = self.deadline.subscribe();
+        tokio::spawn(read_loop(read_half, self.sink.clone(), more_rx, deadline))
     }
 
     fn start_plain(&mut self, stream: TcpStream) {
         let (read_half, write_half) = tokio::io::split(stream);
-        let (more, deadline) = self.channels();
         self.writer = Some(Writer::Plain(write_half));
-        self.reader = Reader::Plain(tokio::spawn(read_loop(
-            read_half,
-            self.sink.clone(),
-            more,
-            deadline,
-        )));
+        self.reader = Reader::Plain(self.spawn_reader(read_half));
     }
 
     /// What TLS negotiated, as Postfix's `Received:` header says it: `TLSv1.3 with
@@ -310,14 +310,8 @@ impl Connection {
     fn start_tls_io(&mut self, stream: TlsIo) {
         self.tls_summary = Some(tls_summary(stream.get_ref().1));
         let (read_half, write_half) = tokio::io::split(stream);
-        let (more, deadline) = self.channels();
         self.writer = Some(Writer::Tls(write_half));
-        self.reader = Reader::Tls(tokio::spawn(read_loop(
-            read_half,
-            self.sink.clone(),
-            more,
-            deadline,
-        )));
+        self.reader = Reader::Tls(self.spawn_reader(read_half));
     }
 }
 

@@ -7,13 +7,13 @@
 //! SMTP or logs key material.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Config;
+use crate::config::{Config, PerConfig};
 
 /// Why no acceptor could be built.
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +65,7 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The last acceptor built, and the configuration it was built for.
-type Cached = Option<(Weak<Config>, Result<TlsAcceptor, String>)>;
-
-static CACHE: Mutex<Cached> = Mutex::new(None);
+static CACHE: PerConfig<Result<TlsAcceptor, String>> = PerConfig::new();
 
 /// The acceptor for `config`: `Ok(None)` when no certificate is configured, an error
 /// (as text, so it can be cached and repeated) when the files are unusable. Built once
@@ -78,17 +75,11 @@ pub fn acceptor_for(config: &Arc<Config>) -> Result<Option<TlsAcceptor>, String>
     else {
         return Ok(None);
     };
-    // A poisoned lock only means another session panicked mid-build; the cache is still
-    // a valid value (or empty), so keep using it.
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((weak, result)) = cache.as_ref() {
-        if weak.upgrade().is_some_and(|c| Arc::ptr_eq(&c, config)) {
-            return result.clone().map(Some);
-        }
-    }
-    let result = load_acceptor(cert, key).map_err(|e| e.to_string());
-    *cache = Some((Arc::downgrade(config), result.clone()));
-    result.map(Some)
+    CACHE
+        .get_or_build(config, || {
+            load_acceptor(cert, key).map_err(|e| e.to_string())
+        })
+        .map(Some)
 }
 
 #[cfg(test)]

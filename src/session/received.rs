@@ -112,6 +112,18 @@ mod tests {
         Utc.with_ymd_and_hms(2024, 3, 5, 14, 7, 9).unwrap()
     }
 
+    /// The header for a client at `ip`, received now.
+    fn header(
+        helo: &str,
+        ip: &str,
+        host: &str,
+        protocol: Protocol,
+        tls: Option<&str>,
+        rcpt: Option<&str>,
+    ) -> String {
+        received_header(helo, ip.parse().unwrap(), host, protocol, tls, rcpt, now())
+    }
+
     fn esmtp() -> Protocol {
         Protocol {
             esmtp: true,
@@ -143,9 +155,9 @@ mod tests {
 
     #[test]
     fn tls_is_described_in_a_comment() {
-        let h = received_header(
+        let h = header(
             "c",
-            "192.0.2.1".parse().unwrap(),
+            "192.0.2.1",
             "mx",
             Protocol {
                 esmtp: true,
@@ -155,7 +167,6 @@ mod tests {
             },
             Some("TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"),
             None,
-            now(),
         );
         assert_eq!(
             h,
@@ -165,14 +176,13 @@ mod tests {
 
     #[test]
     fn header_for_one_recipient() {
-        let h = received_header(
+        let h = header(
             "client.example",
-            "192.0.2.1".parse().unwrap(),
+            "192.0.2.1",
             "mx.local.example",
             esmtp(),
             None,
             Some("bob@local.example"),
-            now(),
         );
         assert_eq!(
             h,
@@ -182,28 +192,12 @@ mod tests {
 
     #[test]
     fn header_for_many_and_ipv6_and_mapped() {
-        let h = received_header(
-            "c",
-            "2001:db8::1".parse().unwrap(),
-            "mx",
-            Protocol::default(),
-            None,
-            None,
-            now(),
-        );
+        let h = header("c", "2001:db8::1", "mx", Protocol::default(), None, None);
         assert_eq!(
             h,
             "Received: from c ([IPv6:2001:db8::1])\r\n\tby mx with SMTP; Tue, 5 Mar 2024 14:07:09 +0000\r\n"
         );
-        let h = received_header(
-            "c d",
-            "::ffff:10.0.0.1".parse().unwrap(),
-            "mx",
-            esmtp(),
-            None,
-            None,
-            now(),
-        );
+        let h = header("c d", "::ffff:10.0.0.1", "mx", esmtp(), None, None);
         assert!(h.starts_with("Received: from c?d ([10.0.0.1])\r\n"), "{h}");
     }
 

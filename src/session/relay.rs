@@ -67,54 +67,66 @@ mod tests {
     use super::*;
     use crate::protocol::address::parse_path;
 
-    fn nets(list: &[&str]) -> Vec<IpNet> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
-
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
+    /// Asserts that the networks `list` let each of `allowed` relay and none of `refused`.
+    fn check(list: &[&str], allowed: &[&str], refused: &[&str]) {
+        let nets: Vec<IpNet> = list.iter().map(|s| s.parse().unwrap()).collect();
+        for c in allowed {
+            assert!(client_is_relay_authorised(ip(c), &nets), "{c} in {list:?}");
+        }
+        for c in refused {
+            assert!(
+                !client_is_relay_authorised(ip(c), &nets),
+                "{c} not in {list:?}"
+            );
+        }
+    }
+
     #[test]
     fn ipv4_networks() {
-        let n = nets(&["192.0.2.0/24"]);
-        assert!(client_is_relay_authorised(ip("192.0.2.77"), &n));
-        assert!(!client_is_relay_authorised(ip("192.0.3.1"), &n));
-        assert!(!client_is_relay_authorised(ip("2001:db8::1"), &n));
+        check(
+            &["192.0.2.0/24"],
+            &["192.0.2.77"],
+            &["192.0.3.1", "2001:db8::1"],
+        );
     }
 
     #[test]
     fn host_entries_match() {
-        let n = nets(&["198.51.100.7/32", "2001:db8::7/128"]);
-        assert!(client_is_relay_authorised(ip("198.51.100.7"), &n));
-        assert!(!client_is_relay_authorised(ip("198.51.100.8"), &n));
-        assert!(client_is_relay_authorised(ip("2001:db8::7"), &n));
-        assert!(!client_is_relay_authorised(ip("2001:db8::8"), &n));
+        check(
+            &["198.51.100.7/32", "2001:db8::7/128"],
+            &["198.51.100.7", "2001:db8::7"],
+            &["198.51.100.8", "2001:db8::8"],
+        );
         // /31 (ErlMail never matched it either).
-        let n = nets(&["198.51.100.6/31"]);
-        assert!(client_is_relay_authorised(ip("198.51.100.7"), &n));
-        assert!(!client_is_relay_authorised(ip("198.51.100.8"), &n));
+        check(&["198.51.100.6/31"], &["198.51.100.7"], &["198.51.100.8"]);
     }
 
     #[test]
     fn ipv6_networks() {
-        let n = nets(&["2001:db8:1::/48"]);
-        assert!(client_is_relay_authorised(ip("2001:db8:1:2::3"), &n));
-        assert!(!client_is_relay_authorised(ip("2001:db8:2::1"), &n));
-        assert!(!client_is_relay_authorised(ip("192.0.2.1"), &n));
+        check(
+            &["2001:db8:1::/48"],
+            &["2001:db8:1:2::3"],
+            &["2001:db8:2::1", "192.0.2.1"],
+        );
     }
 
     #[test]
     fn ipv4_mapped_clients_match_ipv4_networks() {
-        let n = nets(&["127.0.0.0/8", "203.0.113.5/32"]);
-        assert!(client_is_relay_authorised(ip("::ffff:127.0.0.1"), &n));
-        assert!(client_is_relay_authorised(ip("::ffff:203.0.113.5"), &n));
-        assert!(!client_is_relay_authorised(ip("::ffff:203.0.113.6"), &n));
+        check(
+            &["127.0.0.0/8", "203.0.113.5/32"],
+            &["::ffff:127.0.0.1", "::ffff:203.0.113.5"],
+            &["::ffff:203.0.113.6"],
+        );
         // A mapped network written in IPv6 form matches the plain IPv4 client too.
-        let n = nets(&["::ffff:10.0.0.0/104"]);
-        assert!(client_is_relay_authorised(ip("10.1.2.3"), &n));
-        assert!(client_is_relay_authorised(ip("::ffff:10.1.2.3"), &n));
-        assert!(!client_is_relay_authorised(ip("11.1.2.3"), &n));
+        check(
+            &["::ffff:10.0.0.0/104"],
+            &["10.1.2.3", "::ffff:10.1.2.3"],
+            &["11.1.2.3"],
+        );
     }
 
     #[test]

@@ -52,6 +52,14 @@ fn tag(header: &[u8], name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name}= in {text}"))
 }
 
+/// Signers with an RSA key for `example.org` (selector `r`) and an Ed25519 key for
+/// `ed_domain` (selector `e`), their files in `dir`.
+fn rsa_and_ed25519(dir: &Path, ed_domain: &str) -> Signers {
+    let rsa = new_key_file(dir, "rsa.pem", KeyKind::Rsa);
+    let ed = new_key_file(dir, "ed.pem", KeyKind::Ed25519);
+    Signers::from_keys(&[entry("example.org", "r", &rsa), entry(ed_domain, "e", &ed)]).unwrap()
+}
+
 #[test]
 fn unusable_keys_are_errors_that_name_the_file_and_say_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,13 +157,7 @@ fn rsa_pkcs1_and_pkcs8_and_ed25519_keys_load() {
 #[test]
 fn the_from_domain_or_its_nearest_parent_with_a_key_signs() {
     let dir = tempfile::tempdir().unwrap();
-    let rsa = new_key_file(dir.path(), "rsa.pem", KeyKind::Rsa);
-    let ed = new_key_file(dir.path(), "ed.pem", KeyKind::Ed25519);
-    let signers = Signers::from_keys(&[
-        entry("example.org", "r", &rsa),
-        entry("mail.example.org", "e", &ed),
-    ])
-    .unwrap();
+    let signers = rsa_and_ed25519(dir.path(), "mail.example.org");
     for (from, expect) in [
         ("a@example.org", Some(("example.org", "r"))),
         ("\"A B\" <a@EXAMPLE.Org.>", Some(("example.org", "r"))),
@@ -286,13 +288,7 @@ fn an_eight_bit_body_is_made_seven_bit_before_it_is_signed() {
 #[test]
 fn two_keys_of_one_domain_give_two_signatures() {
     let dir = tempfile::tempdir().unwrap();
-    let rsa = new_key_file(dir.path(), "rsa.pem", KeyKind::Rsa);
-    let ed = new_key_file(dir.path(), "ed.pem", KeyKind::Ed25519);
-    let signers = Signers::from_keys(&[
-        entry("example.org", "r", &rsa),
-        entry("example.org", "e", &ed),
-    ])
-    .unwrap();
+    let signers = rsa_and_ed25519(dir.path(), "example.org");
     let signed = signers
         .signature(&message("a@example.org", "hi\r\n"))
         .unwrap();
