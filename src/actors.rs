@@ -20,6 +20,7 @@ pub mod admin;
 pub mod anvil;
 pub mod fsm;
 pub mod listener;
+pub mod msg;
 pub mod queue;
 pub mod root;
 pub mod sender;
@@ -30,6 +31,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ractor::ActorCell;
+
+use crate::config::Config;
 
 /// Registry name of the root supervisor.
 pub const ROOT: &str = "erlmail_sup";
@@ -81,6 +84,16 @@ pub fn store_now() -> chrono::DateTime<chrono::Utc> {
 /// Record a new measurement of the store's clock minus this host's.
 pub(crate) fn set_store_clock_offset(millis: i64) {
     STORE_CLOCK_OFFSET_MS.store(millis, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The lock owner this process stamps on claimed messages: the node name plus a boot
+/// number (this run's start, in milliseconds), `node#boot`. One process holds a node
+/// name at a time (the spool lock, or a PostgreSQL advisory lock), so at start a node
+/// takes back every lease an earlier run of it left, instead of waiting them out.
+pub fn lock_owner(config: &Config) -> String {
+    static BOOT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let boot = BOOT.get_or_init(|| chrono::Utc::now().timestamp_millis());
+    format!("{}#{boot}", config.node_name)
 }
 
 /// OTP's restart intensity: at most `max_restarts` within `period`, else the supervisor

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ractor::{ActorRef, RpcReplyPort};
 
-use super::store::{QueueOp, StoreMsg};
+use super::msg::{QueueOp, StoreMsg};
 use crate::net::admin::{Handler, Response};
 use crate::store::{QueueCounts, QueueSummary, RcptState, StoreResult};
 use crate::telemetry::names;

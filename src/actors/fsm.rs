@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::anvil::AnvilMsg;
-use super::store::{RecipientFacts, StoreMsg};
+use super::msg::{RecipientFacts, StoreMsg};
 use crate::auth::check::{Checker, Disposition};
 use crate::config::Config;
 use crate::net::connection::{Connection, Deadlines, Input, InputSink, Phase};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
-use super::smtpd_sup::SmtpdSupMsg;
+use super::msg::SmtpdSupMsg;
 
 /// The listener actor.
 pub struct Listener;

@@ -18,12 +18,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, error, info, warn};
 
+use super::msg::{QueueMsg, QueueOp, StoreMsg};
 use super::sender::{self, Sender, SenderArgs};
-use super::store::{QueueOp, StoreMsg};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
 use crate::store::{AttemptRecord, QueuedMessage, RcptState};
@@ -52,25 +51,6 @@ pub struct QueueArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
-}
-
-/// Requests the queue serves.
-pub enum QueueMsg {
-    /// Messages committed already leased to this process (claim at accept): try them
-    /// now, or keep them in the active queue until a sender is free.
-    Leased(Vec<QueuedMessage>),
-    /// Periodic scan for due messages.
-    Tick,
-    /// A new configuration.
-    Reload(Arc<Config>),
-    /// Number of senders at work (for status and tests).
-    Active(RpcReplyPort<usize>),
-    /// A graceful stop: claim nothing more, give back what waits in memory, and answer
-    /// once the senders on the wire have finished.
-    Drain(RpcReplyPort<()>),
-    /// Test-only fault injection.
-    #[cfg(debug_assertions)]
-    InjectPanic,
 }
 
 struct Running {
@@ -137,16 +117,6 @@ fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::Jo
 
 fn build_router(config: &Config) -> Result<Arc<Router>, ActorProcessingErr> {
     Ok(Arc::new(Router::new(RouterConfig::from_config(config))?))
-}
-
-/// The lock owner this process stamps on claimed messages: the node name plus a boot
-/// number (this run's start, in milliseconds), `node#boot`. One process holds a node
-/// name at a time (the spool lock, or a PostgreSQL advisory lock), so at start a node
-/// takes back every lease an earlier run of it left, instead of waiting them out.
-pub fn lock_owner(config: &Config) -> String {
-    static BOOT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let boot = BOOT.get_or_init(|| Utc::now().timestamp_millis());
-    format!("{}#{boot}", config.node_name)
 }
 
 async fn store_call<T: Send + 'static>(
@@ -394,7 +364,7 @@ impl Actor for QueueActor {
         args: QueueArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let router = build_router(&args.config)?;
-        let owner = lock_owner(&args.config);
+        let owner = super::lock_owner(&args.config);
         info!(path = %args.path, owner = %owner, "started");
         if args.config.server_smtp_max_senders == 0 {
             info!(path = %args.path, "server_smtp_max_senders is 0: a front node; mail is accepted and queued here and delivered by the other nodes");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{error, info, warn};
 
+use super::msg::{QueueMsg, SmtpdSupMsg, StoreMsg};
 use super::{child_path, queue, smtpd_sup, store, RestartIntensity, TreeNode};
 use crate::config::Config;
 
@@ -202,10 +203,10 @@ impl Actor for Root {
                 state.config = config.clone();
                 if let Some(c) = &state.smtpd_sup {
                     // Logged as reloaded once new sessions get the new configuration.
-                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                    let sup: ActorRef<SmtpdSupMsg> = c.clone().into();
                     let applied = sup
                         .call(
-                            |reply| smtpd_sup::SmtpdSupMsg::Reload(config.clone(), Some(reply)),
+                            |reply| SmtpdSupMsg::Reload(config.clone(), Some(reply)),
                             Some(Duration::from_secs(10)),
                         )
                         .await;
@@ -217,10 +218,10 @@ impl Actor for Root {
                     }
                 }
                 if let Some(c) = &state.queue {
-                    let _ = c.send_message(queue::QueueMsg::Reload(config.clone()));
+                    let _ = c.send_message(QueueMsg::Reload(config.clone()));
                 }
                 if let Some(c) = &state.store {
-                    let _ = c.send_message(store::StoreMsg::Reload(config));
+                    let _ = c.send_message(StoreMsg::Reload(config));
                 }
                 info!(path = super::ROOT, "configuration reloaded");
             }
@@ -233,12 +234,9 @@ impl Actor for Root {
                 state.shutting_down = true;
                 // Sessions first: each finishes its commit or gets a 421.
                 if let Some(c) = state.smtpd_sup.take() {
-                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                    let sup: ActorRef<SmtpdSupMsg> = c.clone().into();
                     let _ = sup
-                        .call(
-                            smtpd_sup::SmtpdSupMsg::Shutdown,
-                            Some(Duration::from_secs(4)),
-                        )
+                        .call(SmtpdSupMsg::Shutdown, Some(Duration::from_secs(4)))
                         .await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_millis(500)))
                         .await
@@ -246,9 +244,9 @@ impl Actor for Root {
                 }
                 if let Some(c) = state.queue.take() {
                     // Deliveries on the wire finish (bounded); what waits is given back.
-                    let queue: ActorRef<super::queue::QueueMsg> = c.clone().into();
+                    let queue: ActorRef<QueueMsg> = c.clone().into();
                     let limit = state.config.server_smtp_shutdown_timeout;
-                    let _ = queue.call(super::queue::QueueMsg::Drain, Some(limit)).await;
+                    let _ = queue.call(QueueMsg::Drain, Some(limit)).await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(1)))
                         .await
                         .ok();
@@ -268,12 +266,12 @@ impl Actor for Root {
                 match target.as_str() {
                     super::STORE => {
                         if let Some(c) = &state.store {
-                            let _ = c.send_message(store::StoreMsg::InjectPanic);
+                            let _ = c.send_message(StoreMsg::InjectPanic);
                         }
                     }
                     super::QUEUE => {
                         if let Some(c) = &state.queue {
-                            let _ = c.send_message(queue::QueueMsg::InjectPanic);
+                            let _ = c.send_message(QueueMsg::InjectPanic);
                         }
                     }
                     other => warn!(path = super::ROOT, "test hook: no such target {other}"),

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{info, warn};
 
-use super::store::{QueueOp, StoreMsg};
+use super::msg::{QueueOp, StoreMsg};
 use crate::config::Config;
 use crate::outbound::{self, RcptResult, Router};
 use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};

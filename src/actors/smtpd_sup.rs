@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
 use super::anvil::{self, AnvilMsg, ClientKey, Limits};
+use super::msg::SmtpdSupMsg;
 use super::{child_path, fsm, listener, RestartIntensity};
 use crate::config::Config;
 use crate::net::connection::refuse;
@@ -44,19 +45,6 @@ pub struct SmtpdSupArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
-}
-
-/// Requests the SMTP supervisor serves.
-pub enum SmtpdSupMsg {
-    /// A connection a listener accepted (the flag: on the implicit-TLS port).
-    Accepted(TcpStream, SocketAddr, bool),
-    /// A new configuration: new sessions use it; the listener rebinds if its address
-    /// changed. The reply, if asked for, comes once it applies.
-    Reload(Arc<Config>, Option<RpcReplyPort<()>>),
-    /// Stop accepting, drain the sessions, then reply.
-    Shutdown(RpcReplyPort<()>),
-    /// The drain deadline passed: end the sessions that remain.
-    DrainDeadline,
 }
 
 /// The supervisor's state.

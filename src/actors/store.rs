@@ -18,6 +18,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
+use super::msg::{QueueMsg, QueueOp, RecipientFacts, StoreMsg};
 use crate::config::Config;
 use crate::store::{
     self, AcceptLease, Accepted, IncomingMessage, QueuedMessage, SharedStore, StoreError,
@@ -42,131 +43,6 @@ pub struct StoreArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
-}
-
-/// What a recipient look-up found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecipientFacts {
-    /// The domain is one of ours.
-    pub local_domain: bool,
-    /// The user exists.
-    pub user_exists: bool,
-}
-
-/// Requests the store actor serves.
-pub enum StoreMsg {
-    /// Measure the store's clock against this host's (timer).
-    SyncClock,
-    /// Commit an accepted message (joins the next group commit).
-    Accept(IncomingMessage, RpcReplyPort<StoreResult<Accepted>>),
-    /// Is `domain` local, and does `local@domain` exist?
-    LookupRecipient {
-        /// `local@domain`, domain normalised.
-        address: String,
-        /// Where the answer goes.
-        reply: RpcReplyPort<StoreResult<RecipientFacts>>,
-    },
-    /// The argon2 PHC hash of a user's password (`None`: no such user), for SMTP AUTH.
-    PasswordHash {
-        /// `local@domain`.
-        address: String,
-        /// Where the answer goes.
-        reply: RpcReplyPort<StoreResult<Option<String>>>,
-    },
-    /// An outgoing-queue operation for `smtpd_queue` or a sender.
-    Queue(QueueOp),
-    /// A new configuration.
-    Reload(Arc<Config>),
-    /// The commit in flight ended; start the next one if anything waits.
-    CommitDone,
-    /// [`RECORD_WAIT`] has passed since records began waiting: commit them now.
-    FlushRecords,
-    /// Test-only fault injection.
-    #[cfg(debug_assertions)]
-    InjectPanic,
-}
-
-/// Operations on the outgoing queue. Each runs beside the group commits (the backend
-/// serialises them with its own locking) and answers on its port.
-pub enum QueueOp {
-    /// Claim up to `limit` due messages for `node`.
-    ClaimDue {
-        /// Lock owner to stamp.
-        node: String,
-        /// Lease length.
-        lease: std::time::Duration,
-        /// Most messages to claim.
-        limit: usize,
-        /// The claimed messages.
-        reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
-    },
-    /// Extend a lease we hold.
-    Renew {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// Lease length from now.
-        lease: std::time::Duration,
-        /// Whether the lease is still ours.
-        reply: RpcReplyPort<StoreResult<bool>>,
-    },
-    /// Record a try and clear our lock.
-    Record {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// What happened.
-        record: store::AttemptRecord,
-        /// Done, or why not.
-        reply: RpcReplyPort<StoreResult<()>>,
-    },
-    /// Every queued message, for the admin endpoint.
-    List {
-        /// The listing.
-        reply: RpcReplyPort<StoreResult<Vec<store::QueueSummary>>>,
-    },
-    /// Queued messages by state, for metrics.
-    Counts {
-        /// The counts.
-        reply: RpcReplyPort<StoreResult<store::QueueCounts>>,
-    },
-    /// Clear our lock without recording a try.
-    Release {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-    },
-    /// Clear our locks on these messages and answer once done (a stopping queue gives
-    /// back what waits in memory before the store itself stops).
-    ReleaseAll {
-        /// Queue ids.
-        ids: Vec<String>,
-        /// Our lock owner name.
-        node: String,
-        /// Done.
-        reply: RpcReplyPort<()>,
-    },
-    /// Free every lease an earlier run of this node left (`release_node`).
-    ReleaseNode {
-        /// `node_name`.
-        node: String,
-        /// This run's lock owner, kept.
-        current: String,
-        /// How many messages were freed.
-        reply: RpcReplyPort<StoreResult<u64>>,
-    },
-    /// Whether a message that waited in memory is still ours to try (`still_leased`).
-    StillLeased {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// The answer.
-        reply: RpcReplyPort<StoreResult<bool>>,
-    },
 }
 
 type PendingRecord = (
@@ -235,7 +111,7 @@ impl Actor for StoreActor {
             tokio::spawn(async move {
                 while rx.recv().await.is_some() {
                     if let Some(q) = ractor::registry::where_is(super::QUEUE) {
-                        let _ = q.send_message(super::queue::QueueMsg::Tick);
+                        let _ = q.send_message(QueueMsg::Tick);
                     }
                 }
             })
@@ -559,7 +435,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     // nodes that deliver.
     let delivers = state.config.server_smtp_max_senders > 0;
     let lease = queue.as_ref().filter(|_| delivers).map(|_| AcceptLease {
-        node: super::queue::lock_owner(&state.config),
+        node: super::lock_owner(&state.config),
         expires_at: super::store_now()
             + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
                 .unwrap_or(chrono::Duration::minutes(5)),
@@ -586,7 +462,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         answer_records(recorded, record_replies);
         if notified && recorded_some {
             if let Some(q) = &queue {
-                let _ = q.send_message(super::queue::QueueMsg::Tick);
+                let _ = q.send_message(QueueMsg::Tick);
             }
         }
         match accepted {
@@ -646,7 +522,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                     }
                 }
                 if let (false, Some(q)) = (leased.is_empty(), &queue) {
-                    let _ = q.send_message(super::queue::QueueMsg::Leased(leased));
+                    let _ = q.send_message(QueueMsg::Leased(leased));
                 }
             }
             Err(e) => {
