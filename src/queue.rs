@@ -12,7 +12,9 @@
 pub mod crash;
 pub mod dsn;
 pub mod outcome;
+pub mod plan;
 pub mod retry;
+pub mod scheduler;
 
 pub use dsn::{build_dsn, should_notify, DsnInput, DsnKind, DsnRecipient, Ret};
 pub use outcome::{classify_reply, FailureCause, Outcome, RcptStatus, SmtpReply};

@@ -14,7 +14,7 @@
 //! message waits for its next retry, unlocked. Durable queue state lives only in the
 //! store: this actor can die and be re-created, and unfinished leases simply lapse.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,20 +25,12 @@ use super::msg::{QueueMsg, QueueOp, StoreMsg};
 use super::sender::{self, Sender, SenderArgs};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
+use crate::queue::crash::{after_crash, AfterCrash, CrashCount};
+use crate::queue::scheduler::{Scheduler, Waiting};
 use crate::store::{AttemptRecord, QueuedMessage, RcptState};
 
-/// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
-pub const MAX_SENDER_RESPAWNS: u32 = 3;
-/// Most senders at once for one next hop (Postfix's `default_destination_concurrency_limit`),
-/// so one slow destination cannot take every sender.
-pub const DESTINATION_CONCURRENCY: usize = 20;
 /// Most messages claimed by one tick.
 const CLAIM_BATCH: usize = 100;
-/// Most leased messages waiting in memory for a sender (Postfix's
-/// `qmgr_message_active_limit` is 20,000; ours hold their bodies, hence also a byte bound).
-const ACTIVE_LIMIT: usize = 10_000;
-/// Most body bytes waiting in memory for a sender.
-const ACTIVE_BYTES_LIMIT: usize = 128 << 20;
 /// How long the queue waits for a claim from the store.
 const STORE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,17 +73,8 @@ pub struct QueueState {
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
-    /// The active queue: leased messages waiting for a sender, per next hop (never an
-    /// empty line), each with the `generation` it arrived in.
-    waiting: HashMap<String, VecDeque<(QueuedMessage, u64)>>,
-    /// Counts the queue's handled requests: a message started in a later generation than
-    /// it arrived in waited in memory, and is checked against the store first (`queue
-    /// delete` or `hold` may have reached it meanwhile).
-    generation: u64,
-    /// Next hops with waiting messages, served in turn.
-    turns: VecDeque<String>,
-    /// Body bytes in `waiting`.
-    waiting_bytes: usize,
+    /// The active queue: leased messages waiting for a sender, per next hop.
+    waiting: Scheduler<QueuedMessage>,
     /// A graceful stop is under way: answered once no sender is left.
     draining: Option<RpcReplyPort<()>>,
     /// Set once draining began (the reply may already be sent).
@@ -174,79 +157,35 @@ impl QueueState {
 
     /// Empty the active queue; the ids of what waited.
     fn take_waiting(&mut self) -> Vec<String> {
-        self.turns.clear();
-        self.waiting_bytes = 0;
-        self.waiting
-            .drain()
-            .flat_map(|(_, line)| line.into_iter().map(|(m, _)| m.id))
-            .collect()
-    }
-
-    /// Messages in the active queue.
-    fn waiting_count(&self) -> usize {
-        self.waiting.values().map(VecDeque::len).sum()
-    }
-
-    /// Senders at work for next hop `dest`.
-    fn busy(&self, dest: &str) -> usize {
-        self.senders
-            .values()
-            .filter(|r| r.destination == dest)
-            .count()
+        self.waiting.take_all().into_iter().map(|m| m.id).collect()
     }
 
     /// Put a leased message in the active queue, or release it when the queue is full.
     fn enqueue(&mut self, message: QueuedMessage) {
-        if self.waiting_count() >= ACTIVE_LIMIT
-            || self.waiting_bytes + message.body.len() > ACTIVE_BYTES_LIMIT
-        {
+        let dest = self.destination(&message);
+        if let Err(message) = self.waiting.push(message, dest) {
             debug!(path = %self.path, queue_id = %message.id, "active queue full; releasing the message");
             self.backlog = true;
             self.release(message.id);
-            return;
         }
-        let dest = self.destination(&message);
-        self.waiting_bytes += message.body.len();
-        let generation = self.generation;
-        let line = self.waiting.entry(dest.clone()).or_default();
-        if line.is_empty() {
-            self.turns.push_back(dest);
-        }
-        line.push_back((message, generation));
     }
 
-    /// Start senders for waiting messages while senders are free, one destination after
-    /// the other, each up to `DESTINATION_CONCURRENCY`.
+    /// Start senders for waiting messages while senders are free, as the scheduler
+    /// picks them.
     async fn pump(&mut self, myself: &ActorRef<QueueMsg>) {
-        let mut idle_turns = 0;
-        while self.free_slots() > 0 && idle_turns < self.turns.len() {
-            let Some(dest) = self.turns.pop_front() else {
+        while self.free_slots() > 0 {
+            let senders = &self.senders;
+            let busy = |dest: &str| senders.values().filter(|r| r.destination == dest).count();
+            let Some(ready) = self.waiting.next(busy) else {
                 break;
             };
-            if self.busy(&dest) >= DESTINATION_CONCURRENCY {
-                self.turns.push_back(dest);
-                idle_turns += 1;
-                continue;
-            }
-            idle_turns = 0;
-            let Some(line) = self.waiting.get_mut(&dest) else {
-                continue;
-            };
-            let Some((m, arrived)) = line.pop_front() else {
-                continue;
-            };
-            if line.is_empty() {
-                self.waiting.remove(&dest);
-            } else {
-                self.turns.push_back(dest);
-            }
-            self.waiting_bytes -= m.body.len();
             let start = Start {
                 crashes: 0,
-                check_first: arrived != self.generation,
+                check_first: ready.check_first,
                 give_up: None,
             };
-            self.spawn_sender(myself, Arc::new(m), start).await;
+            self.spawn_sender(myself, Arc::new(ready.message), start)
+                .await;
         }
     }
 
@@ -255,24 +194,9 @@ impl QueueState {
     fn release_stale(&mut self) {
         let margin = chrono::Duration::from_std(self.config.server_smtp_lock_lease / 2)
             .unwrap_or(chrono::Duration::seconds(60));
-        let limit = super::store_now() + margin;
-        let mut stale = Vec::new();
-        for line in self.waiting.values_mut() {
-            line.retain(|(m, _)| {
-                let keep = m.lock_expires_at.is_some_and(|t| t > limit);
-                if !keep {
-                    stale.push((m.id.clone(), m.body.len()));
-                }
-                keep
-            });
-        }
-        self.waiting.retain(|_, l| !l.is_empty());
-        let waiting = &self.waiting;
-        self.turns.retain(|d| waiting.contains_key(d));
-        for (id, bytes) in stale {
-            self.waiting_bytes -= bytes;
+        for m in self.waiting.take_stale(super::store_now() + margin) {
             self.backlog = true;
-            self.release(id);
+            self.release(m.id);
         }
     }
 
@@ -378,10 +302,7 @@ impl Actor for QueueActor {
             ticker,
             senders: HashMap::new(),
             backlog: true,
-            waiting: HashMap::new(),
-            generation: 0,
-            turns: VecDeque::new(),
-            waiting_bytes: 0,
+            waiting: Scheduler::default(),
             draining: None,
             stopping: false,
         })
@@ -445,7 +366,7 @@ impl Actor for QueueActor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.generation += 1;
+        state.waiting.next_generation();
         match msg {
             QueueMsg::Leased(messages) if state.stopping => {
                 for m in messages {
@@ -510,77 +431,64 @@ impl Actor for QueueActor {
         let name = format!("smtpc_sender#{}", running.message.id);
         let path = super::child_path(&state.path, &name);
         if let Some(err) = failure {
-            let crashes = running.crashes + 1;
             let m = running.message.clone();
-            let total = crate::queue::crash::crashes_so_far(m.last_error.as_deref()) + crashes;
+            let count = CrashCount::after(running.crashes, m.last_error.as_deref());
+            let crashes = count.this_attempt;
+            let total = count.in_a_row;
             error!(path = %path, error = %err, crashes, in_a_row = total, "sender failed");
-            if crate::queue::crash::budget_spent(total) && !running.giving_up && !state.stopping {
-                // A message that kills every sender it meets is given up: bounced (5.3.0)
-                // by one more sender that does not deliver, only reports.
-                error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
-                let start = Start {
-                    crashes,
-                    check_first: false,
-                    give_up: Some(format!(
-                        "the delivery agent crashed {total} times in a row on this message; \
-                         it was given up ({err})"
-                    )),
-                };
-                state.spawn_sender(&myself, m, start).await;
-                return Ok(());
-            }
-            if crashes <= MAX_SENDER_RESPAWNS && !running.giving_up && !state.stopping {
-                warn!(path = %path, "restarting");
-                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
-                    .increment(1);
-                let start = Start {
-                    crashes,
-                    check_first: false,
-                    give_up: None,
-                };
-                state.spawn_sender(&myself, m, start).await;
-                return Ok(());
-            }
-            error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
+            let settling = running.giving_up || state.stopping;
             let now = super::store_now();
-            let next = crate::queue::next_retry(
-                m.tries + 1,
-                state.config.server_smtp_retries,
-                &state.config.server_smtp_retry_interval,
-                now,
-            )
-            // A crash is our fault, not the recipient's: never bounce for the retry
-            // schedule (the crash budget above decides that).
-            .unwrap_or(
-                now + chrono::Duration::from_std(
-                    state
-                        .config
-                        .server_smtp_retry_interval
-                        .last()
-                        .copied()
-                        .unwrap_or(Duration::from_secs(900)),
-                )
-                .unwrap_or(chrono::Duration::minutes(15)),
-            );
-            let record = AttemptRecord {
-                at: now,
-                rcpt_results: m
-                    .rcpts
-                    .iter()
-                    .map(|r| (r.address.clone(), RcptState::Pending, None))
-                    .collect(),
-                error: Some(crate::queue::crash::crash_error(total, &err)),
-                next_retry_at: Some(next),
-                notifications: Vec::new(),
-            };
-            sender::record(
-                &m.id,
-                &state.owner,
-                record,
-                &path,
-                state.config.server_smtp_lock_lease,
-            )
-            .await;
+            match after_crash(count, &err, settling, m.tries, &state.config, now) {
+                AfterCrash::GiveUp(why) => {
+                    // A message that kills every sender it meets is given up: bounced
+                    // (5.3.0) by one more sender that does not deliver, only reports.
+                    error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
+                    let start = Start {
+                        crashes,
+                        check_first: false,
+                        give_up: Some(why),
+                    };
+                    state.spawn_sender(&myself, m, start).await;
+                    return Ok(());
+                }
+                AfterCrash::Respawn => {
+                    warn!(path = %path, "restarting");
+                    metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
+                        .increment(1);
+                    let start = Start {
+                        crashes,
+                        check_first: false,
+                        give_up: None,
+                    };
+                    state.spawn_sender(&myself, m, start).await;
+                    return Ok(());
+                }
+                AfterCrash::Defer {
+                    error,
+                    next_retry_at,
+                } => {
+                    error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
+                    let record = AttemptRecord {
+                        at: now,
+                        rcpt_results: m
+                            .rcpts
+                            .iter()
+                            .map(|r| (r.address.clone(), RcptState::Pending, None))
+                            .collect(),
+                        error: Some(error),
+                        next_retry_at: Some(next_retry_at),
+                        notifications: Vec::new(),
+                    };
+                    sender::record(
+                        &m.id,
+                        &state.owner,
+                        record,
+                        &path,
+                        state.config.server_smtp_lock_lease,
+                    )
+                    .await;
+                }
+            }
         }
         if state.stopping {
             if state.senders.is_empty() {
@@ -595,5 +503,15 @@ impl Actor for QueueActor {
             let _ = myself.send_message(QueueMsg::Tick);
         }
         Ok(())
+    }
+}
+
+impl Waiting for QueuedMessage {
+    fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    fn lease_expires_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.lock_expires_at
     }
 }
