@@ -26,9 +26,8 @@ pub mod root;
 pub mod sender;
 pub mod smtpd_sup;
 pub mod store;
-
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+pub mod store_client;
+pub mod supervision;
 
 use ractor::ActorCell;
 
@@ -96,41 +95,24 @@ pub fn lock_owner(config: &Config) -> String {
     format!("{}#{boot}", config.node_name)
 }
 
-/// OTP's restart intensity: at most `max_restarts` within `period`, else the supervisor
-/// gives up and stops itself (and so, at the root, the daemon exits non-zero).
-#[derive(Debug, Clone)]
-pub struct RestartIntensity {
-    max_restarts: usize,
-    period: Duration,
-    recent: VecDeque<Instant>,
-}
+/// The tasks an actor runs beside its mailbox (queries, commits), kept so that they end
+/// with it: its `post_stop` calls [`Tasks::finish`].
+#[derive(Default)]
+pub(crate) struct Tasks(tokio::task::JoinSet<()>);
 
-impl RestartIntensity {
-    /// ErlMail's root supervisor: 5 restarts in 60 s.
-    pub fn otp_default() -> Self {
-        Self::new(5, Duration::from_secs(60))
+impl Tasks {
+    /// Run `task` beside the actor.
+    pub(crate) fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        // Forget the ones already done, so the set holds only what still runs.
+        while self.0.try_join_next().is_some() {}
+        self.0.spawn(task);
     }
 
-    /// An intensity of `max_restarts` within `period`.
-    pub fn new(max_restarts: usize, period: Duration) -> Self {
-        RestartIntensity {
-            max_restarts,
-            period,
-            recent: VecDeque::new(),
-        }
-    }
-
-    /// Record a restart at `now`; `false` when this one exceeds the intensity.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        while let Some(first) = self.recent.front() {
-            if now.duration_since(*first) > self.period {
-                self.recent.pop_front();
-            } else {
-                break;
-            }
-        }
-        self.recent.push_back(now);
-        self.recent.len() <= self.max_restarts
+    /// Let the running tasks finish, for at most `limit`; abort the rest.
+    pub(crate) async fn finish(&mut self, limit: std::time::Duration) {
+        let all_done = async { while self.0.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(limit, all_done).await;
+        self.0.abort_all();
     }
 }
 
@@ -215,17 +197,6 @@ fn natural_key(name: &str) -> (bool, String, u64) {
     }
 }
 
-/// A stopped actor's name leaves the registry as it finishes; wait for that (up to 2 s)
-/// before a successor takes the name.
-pub(crate) async fn wait_unregistered(name: &str) {
-    for _ in 0..200 {
-        if ractor::registry::where_is(name).is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The live tree of a running daemon, when its root is registered in this process.
 pub fn live_tree() -> Option<TreeNode> {
     ractor::registry::where_is(ROOT).map(|cell| TreeNode::of(&cell))
@@ -234,31 +205,6 @@ pub fn live_tree() -> Option<TreeNode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn intensity_allows_five_in_a_minute_then_refuses() {
-        let mut i = RestartIntensity::otp_default();
-        let t0 = Instant::now();
-        for k in 0..5 {
-            assert!(i.allow(t0 + Duration::from_secs(k)), "restart {k}");
-        }
-        assert!(!i.allow(t0 + Duration::from_secs(10)));
-    }
-
-    #[test]
-    fn intensity_forgets_restarts_older_than_the_period() {
-        let mut i = RestartIntensity::new(2, Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert!(i.allow(t0));
-        assert!(i.allow(t0 + Duration::from_secs(1)));
-        // Both earlier restarts are over a minute old by now.
-        assert!(i.allow(t0 + Duration::from_secs(62)));
-        assert!(i.allow(t0 + Duration::from_secs(63)));
-        assert!(
-            !i.allow(t0 + Duration::from_secs(64)),
-            "three within a minute"
-        );
-    }
 
     #[test]
     fn tree_renders_with_box_characters_and_paths() {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::anvil::AnvilMsg;
 use super::msg::{RecipientFacts, StoreMsg};
+use super::store_client::{StoreClient, Unanswered};
 use crate::auth::check::{Checker, Disposition};
 use crate::config::Config;
 use crate::net::connection::{Connection, Deadlines, Input, InputSink, Phase};
@@ -43,8 +44,8 @@ use crate::session::{
 use crate::store::{IncomingMessage, OutgoingRcpt, StoreError};
 use crate::telemetry::{self, names};
 
-/// How long a session waits for the store before answering 451.
-const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The store, asked with a session's patience (then 451).
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(60));
 /// Longest TLS handshake (further capped by `server_smtp_timeout`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a failed AUTH waits before its 535, to slow password guessing.
@@ -458,20 +459,14 @@ fn auth_end(ip: IpAddr, ok: bool) {
 /// `Err` when the store could not be asked (not the client's fault: not counted as a
 /// failure by anvil, answered 535 all the same).
 async fn check_password(user: &str, password: Secret) -> Result<bool, ()> {
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        return Err(());
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     let address = user.to_string();
-    let hash = match store
-        .call(
-            |reply| StoreMsg::PasswordHash { address, reply },
-            Some(STORE_TIMEOUT),
-        )
+    let hash = match STORE
+        .ask(|reply| StoreMsg::PasswordHash { address, reply })
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(hash))) => hash,
-        _ => {
+        Ok(hash) => hash,
+        Err(Unanswered::NotRunning) => return Err(()),
+        Err(_) => {
             warn!("password look-up failed");
             return Err(());
         }
@@ -485,22 +480,11 @@ async fn check_password(user: &str, password: Secret) -> Result<bool, ()> {
 }
 
 async fn lookup(address: &str) -> Result<RecipientFacts, String> {
-    let store: ActorRef<StoreMsg> = ractor::registry::where_is(super::STORE)
-        .ok_or("store not running")?
-        .into();
     let address = address.to_string();
-    match store
-        .call(
-            |reply: RpcReplyPort<_>| StoreMsg::LookupRecipient { address, reply },
-            Some(STORE_TIMEOUT),
-        )
+    STORE
+        .ask(|reply| StoreMsg::LookupRecipient { address, reply })
         .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(f))) => Ok(f),
-        Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e.to_string()),
-        Ok(_) => Err("store did not answer".into()),
-        Err(e) => Err(e.to_string()),
-    }
+        .map_err(|e| e.to_string())
 }
 
 /// Mail for local users from a client that may not relay goes through SPF, DKIM and
@@ -569,19 +553,8 @@ async fn store(
         (true, false) => "relay",
         _ => "both",
     };
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        warn!(path = %path, "store not running");
-        return StoreOutcome::Failed;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
-    match store
-        .call(
-            |reply| StoreMsg::Accept(message, reply),
-            Some(STORE_TIMEOUT),
-        )
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(accepted))) => {
+    match STORE.ask(|reply| StoreMsg::Accept(message, reply)).await {
+        Ok(accepted) => {
             metrics::counter!(names::ACCEPTED, "destination" => destination).increment(1);
             StoreOutcome::Stored {
                 queue_id: accepted
@@ -589,11 +562,15 @@ async fn store(
                     .or_else(|| accepted.message_ids.first().map(|id| format!("L{id}"))),
             }
         }
-        Ok(ractor::rpc::CallResult::Success(Err(StoreError::Full(e)))) => {
+        Err(Unanswered::NotRunning) => {
+            warn!(path = %path, "store not running");
+            StoreOutcome::Failed
+        }
+        Err(Unanswered::Store(StoreError::Full(e))) => {
             warn!(path = %path, error = %e, "store full");
             StoreOutcome::DiskFull
         }
-        Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+        Err(Unanswered::Store(e)) => {
             warn!(path = %path, error = %e, "store failed");
             StoreOutcome::Failed
         }

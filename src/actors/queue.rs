@@ -18,11 +18,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, error, info, warn};
 
 use super::msg::{QueueMsg, QueueOp, StoreMsg};
 use super::sender::{self, Sender, SenderArgs};
+use super::store_client::{StoreClient, Unanswered};
+use super::supervision::{restarting, spawn_child, Ended};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
 use crate::queue::crash::{after_crash, AfterCrash, CrashCount};
@@ -31,8 +34,8 @@ use crate::store::{AttemptRecord, QueuedMessage, RcptState};
 
 /// Most messages claimed by one tick.
 const CLAIM_BATCH: usize = 100;
-/// How long the queue waits for a claim from the store.
-const STORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The store, asked with the patience the queue has for a claim.
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(30));
 
 /// The queue actor.
 pub struct QueueActor;
@@ -69,7 +72,7 @@ pub struct QueueState {
     path: String,
     owner: String,
     router: Arc<Router>,
-    ticker: tokio::task::JoinHandle<()>,
+    ticker: JoinHandle<()>,
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
@@ -81,39 +84,17 @@ pub struct QueueState {
     stopping: bool,
 }
 
-fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
-    let me = myself.clone();
+/// Tick now and every `server_smtp_queue_interval` (a ractor timer: it ends with us).
+fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> JoinHandle<()> {
     let every = config
         .server_smtp_queue_interval
         .max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            if me.send_message(QueueMsg::Tick).is_err() {
-                break;
-            }
-        }
-    })
+    let _ = myself.send_message(QueueMsg::Tick);
+    myself.send_interval(every, || QueueMsg::Tick)
 }
 
 fn build_router(config: &Config) -> Result<Arc<Router>, ActorProcessingErr> {
     Ok(Arc::new(Router::new(RouterConfig::from_config(config))?))
-}
-
-async fn store_call<T: Send + 'static>(
-    build: impl FnOnce(RpcReplyPort<T>) -> QueueOp,
-) -> Option<T> {
-    let cell = ractor::registry::where_is(super::STORE)?;
-    let store: ActorRef<StoreMsg> = cell.into();
-    match store
-        .call(|reply| StoreMsg::Queue(build(reply)), Some(STORE_TIMEOUT))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(v)) => Some(v),
-        _ => None,
-    }
 }
 
 impl QueueState {
@@ -147,10 +128,9 @@ impl QueueState {
             return;
         }
         let node = self.owner.clone();
-        if store_call(|reply| QueueOp::ReleaseAll { ids, node, reply })
-            .await
-            .is_none()
-        {
+        let released =
+            STORE.call(|reply| StoreMsg::Queue(QueueOp::ReleaseAll { ids, node, reply }));
+        if released.await.is_err() {
             warn!(path = %self.path, "the store did not confirm giving back waiting messages; their leases will lapse");
         }
     }
@@ -212,7 +192,6 @@ impl QueueState {
             give_up,
         } = start;
         let name = format!("smtpc_sender#{}", message.id);
-        super::wait_unregistered(&name).await;
         let destination = self.destination(&message);
         let args = SenderArgs {
             message: message.clone(),
@@ -224,8 +203,8 @@ impl QueueState {
             check_first,
             give_up: give_up.clone(),
         };
-        match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
-            Ok((r, _)) => {
+        match spawn_child(&myself.get_cell(), &name, Sender, args).await {
+            Ok(r) => {
                 debug!(path = %super::child_path(&self.path, &name), "started");
                 self.senders.insert(
                     r.get_id(),
@@ -256,23 +235,24 @@ impl QueueState {
             return;
         }
         let (node, lease) = (self.owner.clone(), self.config.server_smtp_lock_lease);
-        let claimed = store_call(|reply| QueueOp::ClaimDue {
+        let claimed = STORE.queue(|reply| QueueOp::ClaimDue {
             node,
             lease,
             limit,
             reply,
-        })
-        .await;
-        match claimed {
-            Some(Ok(messages)) => {
+        });
+        match claimed.await {
+            Ok(messages) => {
                 self.backlog = messages.len() == limit;
                 for m in messages {
                     self.enqueue(m);
                 }
                 self.pump(myself).await;
             }
-            Some(Err(e)) => warn!(path = %self.path, error = %e, "claiming due messages failed"),
-            None => warn!(path = %self.path, "store did not answer a claim"),
+            Err(Unanswered::Store(e)) => {
+                warn!(path = %self.path, error = %e, "claiming due messages failed")
+            }
+            Err(_) => warn!(path = %self.path, "store did not answer a claim"),
         }
     }
 }
@@ -317,21 +297,20 @@ impl Actor for QueueActor {
         // (crash, kill -9, power cut): this process holds the node name, so nobody is
         // using those leases, and the mail goes out now rather than a lease later.
         let (node, current) = (state.config.node_name.clone(), state.owner.clone());
-        match store_call(|reply| QueueOp::ReleaseNode {
+        let released = STORE.queue(|reply| QueueOp::ReleaseNode {
             node,
             current,
             reply,
-        })
-        .await
-        {
-            Some(Ok(0)) => {}
-            Some(Ok(n)) => {
+        });
+        match released.await {
+            Ok(0) => {}
+            Ok(n) => {
                 info!(path = %state.path, messages = n, "took back {n} messages leased by an earlier run of this node")
             }
-            Some(Err(e)) => {
+            Err(Unanswered::Store(e)) => {
                 warn!(path = %state.path, error = %e, "could not take back an earlier run's leases; they will lapse")
             }
-            None => {
+            Err(_) => {
                 warn!(path = %state.path, "store did not answer; an earlier run's leases will lapse")
             }
         }
@@ -420,10 +399,8 @@ impl Actor for QueueActor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            _ => return Ok(()),
+        let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
+            return Ok(());
         };
         let Some(running) = state.senders.remove(&cell.get_id()) else {
             return Ok(());
@@ -452,9 +429,7 @@ impl Actor for QueueActor {
                     return Ok(());
                 }
                 AfterCrash::Respawn => {
-                    warn!(path = %path, "restarting");
-                    metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
-                        .increment(1);
+                    restarting(&path, "smtpd_queue/smtpc_sender");
                     let start = Start {
                         crashes,
                         check_first: false,

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{info, warn};
 
 use super::msg::{QueueOp, StoreMsg};
+use super::store_client::{self, StoreClient, Unanswered};
 use crate::config::Config;
 use crate::outbound::{self, RcptResult, Router};
 use crate::queue::plan::{plan_attempt, AttemptPlan, History, Tried, Verdict};
@@ -23,8 +24,8 @@ use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};
 use crate::store::{AttemptRecord, IncomingMessage, OutgoingRcpt, QueuedMessage, RcptState};
 use crate::telemetry::names;
 
-/// How long a sender waits for the store to record its result.
-const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The store, asked with the patience a sender has for recording its result.
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(60));
 
 /// The sender actor.
 pub struct Sender;
@@ -133,28 +134,15 @@ impl Actor for Sender {
 
 /// Whether the message is still leased to us and not held (a read).
 async fn still_ours(args: &SenderArgs) -> bool {
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        return false;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     let (id, node) = (args.message.id.clone(), args.owner.clone());
-    matches!(
-        store
-            .call(
-                |reply| StoreMsg::Queue(QueueOp::StillLeased { id, node, reply }),
-                Some(STORE_TIMEOUT),
-            )
-            .await,
-        Ok(ractor::rpc::CallResult::Success(Ok(true)))
-    )
+    let answer = STORE.queue(|reply| QueueOp::StillLeased { id, node, reply });
+    matches!(answer.await, Ok(true))
 }
 
 /// Give the lease on message `id` back without recording a try (nothing happens if it
 /// is not `node`'s); the message falls due at once.
 pub(crate) fn release_lease(id: String, node: String) {
-    if let Some(cell) = ractor::registry::where_is(super::STORE) {
-        let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release { id, node }));
-    }
+    store_client::cast(StoreMsg::Queue(QueueOp::Release { id, node }));
 }
 
 /// Test hook (debug builds only): `ERLMAIL_TEST_SENDER_PANICS=N` makes the first N
@@ -195,29 +183,18 @@ fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task:
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
-            let Some(cell) = ractor::registry::where_is(super::STORE) else {
-                continue;
-            };
-            let store: ActorRef<StoreMsg> = cell.into();
             let (id, node) = (id.clone(), owner.clone());
-            let r = store
-                .call(
-                    |reply: RpcReplyPort<_>| {
-                        StoreMsg::Queue(QueueOp::Renew {
-                            id,
-                            node,
-                            lease,
-                            reply,
-                        })
-                    },
-                    Some(STORE_TIMEOUT),
-                )
-                .await;
-            match r {
-                Ok(ractor::rpc::CallResult::Success(Ok(true))) => {
-                    last_ok = tokio::time::Instant::now();
-                }
-                Ok(ractor::rpc::CallResult::Success(Ok(false))) => {
+            let renewed = STORE.queue(|reply| QueueOp::Renew {
+                id,
+                node,
+                lease,
+                reply,
+            });
+            match renewed.await {
+                // No store registered (restarting): try again at the next turn.
+                Err(Unanswered::NotRunning) => continue,
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
                     warn!(path = %path, "lease lost (deleted, held or taken over); stopping before the text");
                     go_ahead.withdraw();
                     return;
@@ -420,24 +397,18 @@ async fn notification(
         original: msg.body.clone(),
     };
     let body = queue::build_dsn(&input);
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        warn!(path = %args.path, "store not running; notification not queued");
-        return None;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     // A sender whose own domain is local gets the report in its mailbox.
     let address = msg.sender.clone();
-    let facts = store
-        .call(
-            |reply: RpcReplyPort<_>| StoreMsg::LookupRecipient {
-                address: address.clone(),
-                reply,
-            },
-            Some(STORE_TIMEOUT),
-        )
-        .await;
-    let (local_rcpts, remote_rcpts) = match facts {
-        Ok(ractor::rpc::CallResult::Success(Ok(f))) if f.local_domain => {
+    let facts = STORE.ask(|reply| StoreMsg::LookupRecipient {
+        address: address.clone(),
+        reply,
+    });
+    let (local_rcpts, remote_rcpts) = match facts.await {
+        Err(Unanswered::NotRunning) => {
+            warn!(path = %args.path, "store not running; notification not queued");
+            return None;
+        }
+        Ok(f) if f.local_domain => {
             if f.user_exists {
                 (vec![address.clone()], vec![])
             } else {
@@ -496,40 +467,23 @@ pub(crate) async fn record(
     let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(200);
     loop {
-        let result = match ractor::registry::where_is(super::STORE) {
-            None => None,
-            Some(cell) => {
-                let store: ActorRef<StoreMsg> = cell.into();
-                let (id, node, record) = (id.to_string(), owner.to_string(), outcome.clone());
-                match store
-                    .call(
-                        |reply: RpcReplyPort<_>| {
-                            StoreMsg::Queue(QueueOp::Record {
-                                id,
-                                node,
-                                record,
-                                reply,
-                            })
-                        },
-                        Some(STORE_TIMEOUT),
-                    )
-                    .await
-                {
-                    Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
-                    _ => None,
-                }
-            }
-        };
-        match result {
-            Some(Ok(())) => return true,
-            Some(Err(crate::store::StoreError::Invalid(why))) => {
+        let (queue_id, node, record) = (id.to_string(), owner.to_string(), outcome.clone());
+        let recorded = STORE.queue(|reply| QueueOp::Record {
+            id: queue_id,
+            node,
+            record,
+            reply,
+        });
+        match recorded.await {
+            Ok(()) => return true,
+            Err(Unanswered::Store(crate::store::StoreError::Invalid(why))) => {
                 warn!(path = %path, queue_id = %id, reason = %why, "attempt not recorded; another node owns the message now");
                 return false;
             }
-            Some(Err(e)) => {
+            Err(Unanswered::Store(e)) => {
                 warn!(path = %path, queue_id = %id, error = %e, "attempt not recorded yet; will offer it again");
             }
-            None => {
+            Err(_) => {
                 warn!(path = %path, queue_id = %id, "store not answering; will offer the result again");
             }
         }

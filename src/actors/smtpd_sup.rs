@@ -30,7 +30,8 @@ use tracing::{error, info, warn};
 
 use super::anvil::{self, AnvilMsg, ClientKey, Limits};
 use super::msg::SmtpdSupMsg;
-use super::{child_path, fsm, listener, RestartIntensity};
+use super::supervision::{spawn_child, Ended, RestartIntensity};
+use super::{child_path, fsm, listener};
 use crate::config::Config;
 use crate::net::connection::refuse;
 use crate::session::client_is_relay_authorised;
@@ -105,14 +106,8 @@ async fn spawn_listener(
         sup: myself.clone(),
         implicit_tls,
     };
-    let (r, _) = Actor::spawn_linked(
-        Some(name.into()),
-        listener::Listener,
-        args,
-        myself.get_cell(),
-    )
-    .await?;
-    Ok(r.get_cell())
+    let listener = spawn_child(&myself.get_cell(), name, listener::Listener, args).await?;
+    Ok(listener.get_cell())
 }
 
 /// Start `smtpd_anvil`.
@@ -125,14 +120,7 @@ async fn spawn_anvil(
         limits: Limits::of(config),
         path: child_path(path, super::ANVIL),
     };
-    let (r, _) = Actor::spawn_linked(
-        Some(super::ANVIL.into()),
-        anvil::Anvil,
-        args,
-        myself.get_cell(),
-    )
-    .await?;
-    Ok(r)
+    spawn_child(&myself.get_cell(), super::ANVIL, anvil::Anvil, args).await
 }
 
 /// Whether `sessions` open of at most `max` put the server under stress: on at 80%, off
@@ -221,11 +209,11 @@ impl Actor for SmtpdSup {
                 if new_addr != state.listener_addr && state.draining.is_none() {
                     info!(path = %state.path, "listening address changed; restarting the listeners");
                     state.listener_addr = new_addr;
-                    for (tls, old) in state.listeners.drain(..) {
+                    // Stopped means unregistered too: the successors can take the names.
+                    for (_, old) in state.listeners.drain(..) {
                         old.stop_and_wait(Some("rebinding".into()), Some(Duration::from_secs(2)))
                             .await
                             .ok();
-                        super::wait_unregistered(listener_name(tls)).await;
                     }
                     state.listeners = match spawn_listeners(&myself, &state.config, &state.path)
                         .await
@@ -255,11 +243,7 @@ impl Actor for SmtpdSup {
                     let _ = reply.send(());
                 } else {
                     state.draining = Some(reply);
-                    let me = myself.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                        let _ = me.send_message(SmtpdSupMsg::DrainDeadline);
-                    });
+                    myself.send_after(Duration::from_secs(3), || SmtpdSupMsg::DrainDeadline);
                 }
             }
             SmtpdSupMsg::DrainDeadline => {
@@ -281,10 +265,8 @@ impl Actor for SmtpdSup {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match &event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell.clone(), None),
-            _ => return Ok(()),
+        let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
+            return Ok(());
         };
         if let Some((name, _, counted)) = state.sessions.remove(&cell.get_id()) {
             // Temporary children: logged, never restarted.
@@ -340,8 +322,8 @@ impl Actor for SmtpdSup {
 }
 
 /// A permanent child `name` ended: log it, and either escalate (restart intensity spent:
-/// our own failure lets the root decide) or make way for its successor (its registry
-/// name freed, the restart logged and counted). Returns the child's path.
+/// our own failure lets the root decide) or log and count the restart. Returns the
+/// child's path.
 async fn before_restart(
     state: &mut SmtpdSupState,
     name: &str,
@@ -349,12 +331,9 @@ async fn before_restart(
 ) -> Result<String, ActorProcessingErr> {
     let path = child_path(&state.path, name);
     error!(path = %path, reason = failure.unwrap_or("terminated"), "child failed");
-    if !state.intensity.allow(Instant::now()) {
+    if !state.intensity.restart(&path) {
         return Err(format!("{path}: restart intensity exceeded").into());
     }
-    super::wait_unregistered(name).await;
-    warn!(path = %path, "restarting");
-    metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
     Ok(path)
 }
 

@@ -19,6 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
 use super::msg::{QueueMsg, QueueOp, RecipientFacts, StoreMsg};
+use super::Tasks;
 use crate::config::Config;
 use crate::store::{
     self, AcceptLease, Accepted, IncomingMessage, QueuedMessage, SharedStore, StoreError,
@@ -68,6 +69,8 @@ pub struct StoreState {
     /// Forwards the store's wake-ups (other nodes' new, flushed or released mail) to
     /// the queue as ticks; ends with this actor.
     wake_ups: Option<tokio::task::JoinHandle<()>>,
+    /// Commits, reads and queue operations running beside the mailbox.
+    tasks: Tasks,
 }
 
 impl Actor for StoreActor {
@@ -126,6 +129,7 @@ impl Actor for StoreActor {
             in_flight: false,
             flush_armed: false,
             wake_ups,
+            tasks: Tasks::default(),
         })
     }
 
@@ -141,6 +145,8 @@ impl Actor for StoreActor {
         for (_, reply) in state.pending.drain(..) {
             let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));
         }
+        // The commit in flight (and any read) ends before we do, its replies sent.
+        state.tasks.finish(SHUTDOWN_RECORD_LIMIT).await;
         // Records waiting for company are finished deliveries: commit them on the way
         // out, or they would be delivered again once their leases lapse. Bounded: a
         // store that cannot be reached must not hold up the shutdown.
@@ -193,13 +199,13 @@ impl Actor for StoreActor {
                     return Ok(());
                 }
                 let store = state.store.clone();
-                tokio::spawn(async move {
+                state.tasks.spawn(async move {
                     let _ = reply.send(lookup(&*store, &address).await);
                 });
             }
             StoreMsg::PasswordHash { address, reply } => {
                 let store = state.store.clone();
-                tokio::spawn(async move {
+                state.tasks.spawn(async move {
                     let _ = reply.send(store.password_hash(&address).await);
                 });
             }
@@ -220,13 +226,15 @@ impl Actor for StoreActor {
             }
             StoreMsg::Queue(op) => {
                 let store = state.store.clone();
-                tokio::spawn(run_queue_op(store, op));
+                state.tasks.spawn(run_queue_op(store, op));
             }
             StoreMsg::Reload(config) => state.config = config,
             StoreMsg::SyncClock => {
                 let store = state.store.clone();
                 let path = state.path.clone();
-                tokio::spawn(async move { sync_clock(store.as_ref(), &path).await });
+                state
+                    .tasks
+                    .spawn(async move { sync_clock(store.as_ref(), &path).await });
             }
             #[cfg(debug_assertions)]
             StoreMsg::InjectPanic => {
@@ -442,7 +450,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     });
     // Notifications committed with their records are due at once: wake the queue.
     let notified = records.iter().any(|(_, _, r)| !r.notifications.is_empty());
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = messages.len();
         let started = std::time::Instant::now();
