@@ -29,7 +29,7 @@ pub mod store;
 pub mod store_client;
 pub mod supervision;
 
-use ractor::ActorCell;
+use ractor::{ActorCell, ActorProcessingErr};
 
 use crate::config::Config;
 
@@ -45,6 +45,13 @@ pub const ANVIL: &str = "smtpd_anvil";
 pub const LISTENER: &str = "smtpd_listener";
 /// Registry name of the queue actor.
 pub const QUEUE: &str = "smtpd_queue";
+
+/// What an actor's `pre_start` returns: its state, or why it could not start.
+pub type Started<S> = Result<S, ActorProcessingErr>;
+
+/// What an actor's other callbacks return: `Err` is a broken invariant, for its
+/// supervisor to deal with.
+pub type Handled = Result<(), ActorProcessingErr>;
 
 /// The store's clock minus this host's, in milliseconds, as `erlmail_store` last
 /// measured it (see [`store_now`]).

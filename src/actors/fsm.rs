@@ -24,8 +24,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use chrono::Utc;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorRef};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -137,11 +138,7 @@ impl Actor for Fsm {
     type State = FsmState;
     type Arguments = FsmArgs;
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: FsmArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _myself: ActorRef<FsmMsg>, args: FsmArgs) -> Started<FsmState> {
         let config = args.config;
         let acceptor = match crate::net::tls::acceptor_for(&config) {
             Ok(a) => a,
@@ -213,11 +210,7 @@ impl Actor for Fsm {
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         // The handshake happens here rather than in `pre_start` so that a slow client
         // never holds up `smtpd_sup`, which waits for `pre_start` of each session.
         let Some(stream) = state.stream.take() else {
@@ -255,11 +248,7 @@ impl Actor for Fsm {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         metrics::gauge!(names::SESSIONS_OPEN).decrement(1.0);
         if let Some(mut c) = state.conn.take() {
             c.close().await;
@@ -273,7 +262,7 @@ impl Actor for Fsm {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             FsmMsg::Input(Input::Bytes(bytes)) => {
                 let was_in_data = state.session.in_data();

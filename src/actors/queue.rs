@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, error, info, warn};
@@ -262,11 +263,7 @@ impl Actor for QueueActor {
     type State = QueueState;
     type Arguments = QueueArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: QueueArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<QueueMsg>, args: QueueArgs) -> Started<QueueState> {
         let router = build_router(&args.config)?;
         let owner = super::lock_owner(&args.config);
         info!(path = %args.path, owner = %owner, "started");
@@ -288,11 +285,7 @@ impl Actor for QueueActor {
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         // Take back what an earlier run of this node was delivering when it stopped
         // (crash, kill -9, power cut): this process holds the node name, so nobody is
         // using those leases, and the mail goes out now rather than a lease later.
@@ -318,11 +311,7 @@ impl Actor for QueueActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         state.ticker.abort();
         myself.stop_children(Some("smtpd_queue stopping".into()));
         // Messages waiting in memory go back to the store for anyone to claim. Messages
@@ -344,7 +333,7 @@ impl Actor for QueueActor {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         state.waiting.next_generation();
         match msg {
             QueueMsg::Leased(messages) if state.stopping => {
@@ -398,7 +387,7 @@ impl Actor for QueueActor {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
             return Ok(());
         };

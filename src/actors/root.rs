@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{error, info, warn};
 
@@ -135,11 +136,7 @@ impl Actor for Root {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: RootArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<RootMsg>, args: RootArgs) -> Started<RootState> {
         info!(path = super::ROOT, "starting");
         let mut state = RootState {
             config: args.config,
@@ -155,20 +152,12 @@ impl Actor for Root {
         Ok(state)
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         log_tree(&state.config, "started; actor tree", &myself);
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         info!(path = super::ROOT, "stopped");
         state.exit.send_if_modified(|e| {
             if *e == RootExit::Running {
@@ -186,7 +175,7 @@ impl Actor for Root {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             RootMsg::Reload(config) => {
                 state.config = config.clone();
@@ -275,7 +264,7 @@ impl Actor for Root {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let Some(ended) = Ended::of(&event) else {
             return Ok(());
         };

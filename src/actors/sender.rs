@@ -11,8 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use chrono::{DateTime, Utc};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorRef};
 use tracing::{info, warn};
 
 use super::msg::{QueueOp, StoreMsg};
@@ -72,9 +73,9 @@ impl Actor for Sender {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        myself: ActorRef<SenderMsg>,
         args: SenderArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    ) -> Started<SenderState> {
         myself.send_message(SenderMsg::Run)?;
         Ok(SenderState {
             args,
@@ -82,11 +83,7 @@ impl Actor for Sender {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         if let Some(r) = state.renewer.take() {
             r.abort();
         }
@@ -98,7 +95,7 @@ impl Actor for Sender {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let SenderMsg::Run = msg;
         if state.args.check_first && !still_ours(&state.args).await {
             info!(path = %state.args.path, queue_id = %state.args.message.id,

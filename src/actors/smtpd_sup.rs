@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 use super::anvil::{self, AnvilMsg, ClientKey, Limits};
 use super::msg::SmtpdSupMsg;
 use super::supervision::{spawn_child, Ended, RestartIntensity};
-use super::{child_path, fsm, listener};
+use super::{child_path, fsm, listener, Handled, Started};
 use crate::config::Config;
 use crate::net::connection::refuse;
 use crate::session::client_is_relay_authorised;
@@ -157,9 +157,9 @@ impl Actor for SmtpdSup {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        myself: ActorRef<SmtpdSupMsg>,
         args: SmtpdSupArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    ) -> Started<SmtpdSupState> {
         info!(path = %args.path, "started");
         let anvil = spawn_anvil(&myself, &args.config, &args.path).await?;
         let listeners = spawn_listeners(&myself, &args.config, &args.path).await?;
@@ -178,11 +178,7 @@ impl Actor for SmtpdSup {
         })
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         myself.stop_children(Some("smtpd_sup stopping".into()));
         info!(path = %state.path, "stopped");
         Ok(())
@@ -193,7 +189,7 @@ impl Actor for SmtpdSup {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             SmtpdSupMsg::Accepted(stream, peer, implicit_tls) => {
                 accept(&myself, state, stream, peer, implicit_tls).await;
@@ -264,7 +260,7 @@ impl Actor for SmtpdSup {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
             return Ok(());
         };

@@ -15,7 +15,8 @@
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use super::{Handled, Started};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
 use super::msg::{QueueMsg, QueueOp, RecipientFacts, StoreMsg};
@@ -78,11 +79,7 @@ impl Actor for StoreActor {
     type State = StoreState;
     type Arguments = StoreArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: StoreArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<StoreMsg>, args: StoreArgs) -> Started<StoreState> {
         let url = args.config.effective_store_url();
         let store = store::open(&url).await?;
         // One process per node name: its leases are its own, and a restart takes back
@@ -133,11 +130,7 @@ impl Actor for StoreActor {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         if let Some(task) = state.wake_ups.take() {
             task.abort();
         }
@@ -174,7 +167,7 @@ impl Actor for StoreActor {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             StoreMsg::Accept(message, reply) => {
                 state.pending.push((message, reply));

@@ -14,12 +14,6 @@ use tracing::warn;
 
 use crate::telemetry::names;
 
-/// What a supervisor's handler returns (its `pre_start` returns a [`Started`]).
-pub type Handled = Result<(), ActorProcessingErr>;
-
-/// What an actor's `pre_start` returns: its state, or why it could not start.
-pub type Started<S> = Result<S, ActorProcessingErr>;
-
 /// A child that ended, as its supervisor hears of it.
 pub struct Ended {
     /// The child.
