@@ -3,16 +3,18 @@
 //! ```text
 //! erlmail_sup                      root supervisor, one_for_one, at most 5 restarts in 60 s
 //! ├── erlmail_store                owns the store backend; group commit
-//! ├── smtpd_sup                    one_for_one
-//! │   ├── smtpd_anvil              per-client counts and rates (Postfix's anvil)
-//! │   ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
-//! │   └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
-//! └── smtpd_queue                  Leased casts + periodic Tick
-//!     └── smtpc_sender#<queue-id>  delivers one message
+//! ├── smtpd_queue                  Leased casts + periodic Tick
+//! │   └── smtpc_sender#<queue-id>  delivers one message
+//! └── smtpd_sup                    one_for_one
+//!     ├── smtpd_anvil              per-client counts and rates (Postfix's anvil)
+//!     ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
+//!     └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
 //! ```
 //!
-//! This module holds what the actors share: the registry names of the singletons, the
-//! OTP-style restart intensity, actor paths for logs, and the live tree for display. Only
+//! One file per actor. The messages they exchange live in `msg`, below all of them;
+//! restarts are handled through `supervision`, and requests to the store go through
+//! `store_client`. This module holds what the rest share: the singletons' registry names,
+//! the store's clock, the lock owner, actor paths for logs and the live tree. Only
 //! `actors` imports ractor; durable state lives in the store, so any actor can die and be
 //! re-created from it.
 

@@ -1,24 +1,15 @@
 //! `smtpd_fsm#<n>`: one SMTP session, driving the pure session machine with real I/O.
 //!
-//! The socket belongs to a [`Connection`] (`net::connection`): its reader task hands each
-//! chunk here as an [`FsmMsg::Input`] and reads the next only when this actor says so, so
-//! a client that floods us while a commit is in flight cannot grow our memory. This actor
-//! holds the session logic only: it feeds the machine, answers its look-up, store and
-//! AUTH requests by asking `erlmail_store` (and `smtpd_anvil` for AUTH), writes replies
-//! in order, and sets the deadline of each read from where the machine stands
-//! ([`Deadlines`]): a whole command line must arrive within `server_smtp_timeout`
-//! however its bytes trickle in, and DATA must keep up `server_smtp_min_data_rate`.
-//! Under stress (`smtpd_sup` says so) the timeout drops to [`STRESS_TIMEOUT`] and the
-//! error limit to 1, for sessions already open too. A session is a temporary child: when
-//! it ends or fails it is gone, and the client may reconnect.
+//! The socket belongs to a [`Connection`] (`net::connection`), which reads the next chunk
+//! only when this actor says so, so a client that floods us cannot grow our memory. This
+//! actor feeds the machine, answers its look-up, store and AUTH requests by asking
+//! `erlmail_store` (and `smtpd_anvil` for AUTH), writes replies in order, and sets each
+//! read's deadline from where the machine stands ([`Deadlines`]); under stress the
+//! timeout drops to [`STRESS_TIMEOUT`]. A session is a temporary child: never restarted.
 //!
-//! TLS: on the machine's `StartTls` the connection swaps its plain socket for a TLS one;
-//! a connection to `server_smtp_tls_port` (implicit TLS, told by the listener that
-//! accepted it) does the handshake before the greeting. AUTH passwords are checked
-//! against the store's argon2 hashes on the blocking pool (an unknown user costs the same
-//! as a known one); a failure is answered only after [`AUTH_FAILURE_DELAY`], and
-//! `smtpd_anvil` refuses further checks from an address with too many failures. Nothing
-//! here logs a command line, so credentials never reach a log.
+//! A failed AUTH is answered only after [`AUTH_FAILURE_DELAY`] (an unknown user costs the
+//! same as a known one). Nothing here logs a command line, so credentials never reach a
+//! log.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

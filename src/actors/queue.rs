@@ -1,18 +1,12 @@
-//! `smtpd_queue`: receives every message this process queued already leased to it
-//! (claim at accept) and tries it at once; every `server_smtp_queue_interval` it claims
-//! what is due in the store, in bounded batches, up to `server_smtp_max_senders` senders
-//! at once and `DESTINATION_CONCURRENCY` per next hop.
+//! `smtpd_queue`: tries at once every message this process queued (claimed at accept, it
+//! arrives already leased) and, every `server_smtp_queue_interval`, claims what is due in
+//! the store, up to `server_smtp_max_senders` senders at once, each an
+//! `smtpc_sender#<queue-id>` child.
 //!
-//! Claiming stamps the message with this process's lock owner and a lease in the store,
-//! so several erlmail processes sharing a store never try the same message at once.
-//! Leased messages that find no free sender wait in memory (the active queue, as in
-//! Postfix's qmgr), per destination, bounded in count and bytes; beyond that, or when a
-//! lease would lapse while waiting, they are released to the store and claimed again
-//! later. Each message being tried gets an `smtpc_sender#<queue-id>` child. A sender
-//! that panics is re-spawned for the same message (its lease still held) up to
-//! `MAX_SENDER_RESPAWNS` times; after that the try counts as a temporary failure and the
-//! message waits for its next retry, unlocked. Durable queue state lives only in the
-//! store: this actor can die and be re-created, and unfinished leases simply lapse.
+//! The policy is pure and lives in `queue`: which waiting message goes next
+//! (`queue::scheduler`, Postfix's active queue) and what follows a sender's crash
+//! (`queue::crash`). This actor claims, releases and spawns. Durable queue state lives
+//! only in the store: this actor can die and be re-created, and unfinished leases lapse.
 
 use std::collections::HashMap;
 use std::sync::Arc;

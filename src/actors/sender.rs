@@ -1,12 +1,10 @@
 //! `smtpc_sender#<queue-id>`: makes one delivery attempt of one queued message.
 //!
-//! The sender holds the message's lease (renewing it while it works), routes and
-//! delivers each recipient through `outbound`, applies the pure retry and DSN policy of
-//! `queue` to the per-recipient results, queues any notification (from `<>`, through
-//! the store actor like any message) and finally records the attempt, which clears the
-//! lease. Notifications are queued before the attempt is recorded: a crash between the
-//! two can repeat a notification, never lose one. A sender that panics is re-spawned by
-//! `smtpd_queue` for the same message a bounded number of times.
+//! The sender holds the message's lease (renewing it while it works), delivers through
+//! `outbound`, asks `queue::plan` what the results mean, builds the notifications owed
+//! and records the attempt with them, which clears the lease (notifications commit with
+//! the record: never lost, never sent twice for one outcome). A sender that panics is
+//! re-spawned by `smtpd_queue` for the same message a bounded number of times.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,21 +1,12 @@
-//! `smtpd_sup`: supervises `smtpd_anvil` and the listener (permanent) and one `smtpd_fsm`
+//! `smtpd_sup`: supervises `smtpd_anvil` and the listeners (permanent) and one `smtpd_fsm`
 //! per session (temporary: a session that ends or fails is never restarted).
 //!
-//! The listener hands each accepted connection here; this supervisor enforces
-//! `server_smtp_max_connection` (ErlMail never did), asks `smtpd_anvil` whether the
-//! client is within its own limits (relay clients are exempt), names the session
-//! `smtpd_fsm#<n>` and spawns it linked to itself, so the live tree shows every session.
-//! A refused connection gets its `421 4.7.0` from `net::connection::refuse`, off this
-//! actor, and is counted by reason. When a session ends, anvil hears of it here, where
-//! every end is seen (a crash included).
-//!
-//! Stress mode (Postfix's): at 80% of `server_smtp_max_connection` sessions the server is
-//! under stress until it falls below 70%. Entering and leaving are logged, and every
-//! session (open or new) is told: timeouts drop to 10 s and the error limit to 1, so that
-//! a crowd of slow or erring clients is shed before it fills the last slots.
-//!
-//! On shutdown it stops accepting, tells every session to finish (a commit in flight
-//! completes; an idle session gets `421 4.3.2`), and answers once all are gone.
+//! Each accepted connection comes here: this supervisor enforces
+//! `server_smtp_max_connection`, asks `smtpd_anvil` whether the client is within its own
+//! limits, and spawns the session `smtpd_fsm#<n>` linked to itself; a refused connection
+//! gets its `421` off this actor. Stress mode (Postfix's) starts at 80% of the limit and
+//! ends below 70%; every session is told. On shutdown it stops accepting, tells every
+//! session to finish, and answers once all are gone.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -1,17 +1,13 @@
 //! `erlmail_store`: owns the store backend and serialises its writes with group commit.
 //!
-//! Every accepted message arrives as an `Accept` request, every finished delivery
-//! attempt as a `Record`. While a commit is in flight, new requests wait; when it ends,
-//! all of them go into the next transaction together, so concurrent sessions and senders
-//! share one fsync. A record alone does not start a commit at once: it waits up to
-//! [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`] records), since
-//! nobody waits on it but its sender, and a commit of its own would cost a second fsync
-//! per relayed message (a crash meanwhile can only cause a second delivery, never a
-//! loss: the message is still queued and leased). A reply (and so the session's 250)
-//! goes out only after the transaction holding that message committed. After a commit,
-//! local copies go to Maildirs when configured, and `smtpd_queue` gets the new queued
-//! messages, already leased to it. Reads (recipient look-ups) run concurrently beside the writes.
-//! This actor does not speak SMTP and does not decide policy.
+//! Accepts and attempt records that arrive while a commit is in flight go into the next
+//! transaction together, so concurrent sessions and senders share one fsync. A record
+//! alone waits up to [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`]
+//! records): nobody waits on it but its sender, and a crash meanwhile can only cause a
+//! second delivery, never a loss. A session's 250 goes out only after the transaction
+//! holding its message committed; then `smtpd_queue` gets the new messages, already
+//! leased to it. Reads run beside the writes; every task ends with this actor. It does
+//! not speak SMTP and does not decide policy.
 
 use std::sync::Arc;
 
