@@ -3,16 +3,18 @@
 //! ```text
 //! erlmail_sup                      root supervisor, one_for_one, at most 5 restarts in 60 s
 //! ├── erlmail_store                owns the store backend; group commit
-//! ├── smtpd_sup                    one_for_one
-//! │   ├── smtpd_anvil              per-client counts and rates (Postfix's anvil)
-//! │   ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
-//! │   └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
-//! └── smtpd_queue                  Leased casts + periodic Tick
-//!     └── smtpc_sender#<queue-id>  delivers one message
+//! ├── smtpd_queue                  Leased casts + periodic Tick
+//! │   └── smtpc_sender#<queue-id>  delivers one message
+//! └── smtpd_sup                    one_for_one
+//!     ├── smtpd_anvil              per-client counts and rates (Postfix's anvil)
+//!     ├── smtpd_listener           owns the listening socket; hands connections to smtpd_sup
+//!     └── smtpd_fsm#<n>            one per SMTP session; temporary: never restarted
 //! ```
 //!
-//! This module holds what the actors share: the registry names of the singletons, the
-//! OTP-style restart intensity, actor paths for logs, and the live tree for display. Only
+//! One file per actor. The messages they exchange live in `msg`, below all of them;
+//! restarts are handled through `supervision`, and requests to the store go through
+//! `store_client`. This module holds what the rest share: the singletons' registry names,
+//! the store's clock, the lock owner, actor paths for logs and the live tree. Only
 //! `actors` imports ractor; durable state lives in the store, so any actor can die and be
 //! re-created from it.
 
@@ -20,16 +22,18 @@ pub mod admin;
 pub mod anvil;
 pub mod fsm;
 pub mod listener;
+pub mod msg;
 pub mod queue;
 pub mod root;
 pub mod sender;
 pub mod smtpd_sup;
 pub mod store;
+pub mod store_client;
+pub mod supervision;
 
-use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use ractor::{ActorCell, ActorProcessingErr};
 
-use ractor::ActorCell;
+use crate::config::Config;
 
 /// Registry name of the root supervisor.
 pub const ROOT: &str = "erlmail_sup";
@@ -43,6 +47,13 @@ pub const ANVIL: &str = "smtpd_anvil";
 pub const LISTENER: &str = "smtpd_listener";
 /// Registry name of the queue actor.
 pub const QUEUE: &str = "smtpd_queue";
+
+/// What an actor's `pre_start` returns: its state, or why it could not start.
+pub type Started<S> = Result<S, ActorProcessingErr>;
+
+/// What an actor's other callbacks return: `Err` is a broken invariant, for its
+/// supervisor to deal with.
+pub type Handled = Result<(), ActorProcessingErr>;
 
 /// The store's clock minus this host's, in milliseconds, as `erlmail_store` last
 /// measured it (see [`store_now`]).
@@ -83,41 +94,34 @@ pub(crate) fn set_store_clock_offset(millis: i64) {
     STORE_CLOCK_OFFSET_MS.store(millis, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// OTP's restart intensity: at most `max_restarts` within `period`, else the supervisor
-/// gives up and stops itself (and so, at the root, the daemon exits non-zero).
-#[derive(Debug, Clone)]
-pub struct RestartIntensity {
-    max_restarts: usize,
-    period: Duration,
-    recent: VecDeque<Instant>,
+/// The lock owner this process stamps on claimed messages: the node name plus a boot
+/// number (this run's start, in milliseconds), `node#boot`. One process holds a node
+/// name at a time (the spool lock, or a PostgreSQL advisory lock), so at start a node
+/// takes back every lease an earlier run of it left, instead of waiting them out.
+pub fn lock_owner(config: &Config) -> String {
+    static BOOT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let boot = BOOT.get_or_init(|| chrono::Utc::now().timestamp_millis());
+    format!("{}#{boot}", config.node_name)
 }
 
-impl RestartIntensity {
-    /// ErlMail's root supervisor: 5 restarts in 60 s.
-    pub fn otp_default() -> Self {
-        Self::new(5, Duration::from_secs(60))
+/// The tasks an actor runs beside its mailbox (queries, commits), kept so that they end
+/// with it: its `post_stop` calls [`Tasks::finish`].
+#[derive(Default)]
+pub(crate) struct Tasks(tokio::task::JoinSet<()>);
+
+impl Tasks {
+    /// Run `task` beside the actor.
+    pub(crate) fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        // Forget the ones already done, so the set holds only what still runs.
+        while self.0.try_join_next().is_some() {}
+        self.0.spawn(task);
     }
 
-    /// An intensity of `max_restarts` within `period`.
-    pub fn new(max_restarts: usize, period: Duration) -> Self {
-        RestartIntensity {
-            max_restarts,
-            period,
-            recent: VecDeque::new(),
-        }
-    }
-
-    /// Record a restart at `now`; `false` when this one exceeds the intensity.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        while let Some(first) = self.recent.front() {
-            if now.duration_since(*first) > self.period {
-                self.recent.pop_front();
-            } else {
-                break;
-            }
-        }
-        self.recent.push_back(now);
-        self.recent.len() <= self.max_restarts
+    /// Let the running tasks finish, for at most `limit`; abort the rest.
+    pub(crate) async fn finish(&mut self, limit: std::time::Duration) {
+        let all_done = async { while self.0.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(limit, all_done).await;
+        self.0.abort_all();
     }
 }
 
@@ -202,17 +206,6 @@ fn natural_key(name: &str) -> (bool, String, u64) {
     }
 }
 
-/// A stopped actor's name leaves the registry as it finishes; wait for that (up to 2 s)
-/// before a successor takes the name.
-pub(crate) async fn wait_unregistered(name: &str) {
-    for _ in 0..200 {
-        if ractor::registry::where_is(name).is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The live tree of a running daemon, when its root is registered in this process.
 pub fn live_tree() -> Option<TreeNode> {
     ractor::registry::where_is(ROOT).map(|cell| TreeNode::of(&cell))
@@ -221,31 +214,6 @@ pub fn live_tree() -> Option<TreeNode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn intensity_allows_five_in_a_minute_then_refuses() {
-        let mut i = RestartIntensity::otp_default();
-        let t0 = Instant::now();
-        for k in 0..5 {
-            assert!(i.allow(t0 + Duration::from_secs(k)), "restart {k}");
-        }
-        assert!(!i.allow(t0 + Duration::from_secs(10)));
-    }
-
-    #[test]
-    fn intensity_forgets_restarts_older_than_the_period() {
-        let mut i = RestartIntensity::new(2, Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert!(i.allow(t0));
-        assert!(i.allow(t0 + Duration::from_secs(1)));
-        // Both earlier restarts are over a minute old by now.
-        assert!(i.allow(t0 + Duration::from_secs(62)));
-        assert!(i.allow(t0 + Duration::from_secs(63)));
-        assert!(
-            !i.allow(t0 + Duration::from_secs(64)),
-            "three within a minute"
-        );
-    }
 
     #[test]
     fn tree_renders_with_box_characters_and_paths() {

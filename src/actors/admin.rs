@@ -7,28 +7,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{ActorRef, RpcReplyPort};
+use ractor::RpcReplyPort;
 
-use super::store::{QueueOp, StoreMsg};
+use super::msg::QueueOp;
+use super::store_client::StoreClient;
 use crate::net::admin::{Handler, Response};
 use crate::store::{QueueCounts, QueueSummary, RcptState, StoreResult};
 use crate::telemetry::names;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(10));
 
 async fn ask<T: Send + 'static>(
     build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> QueueOp,
 ) -> Result<T, String> {
-    let cell = ractor::registry::where_is(super::STORE).ok_or("store not running")?;
-    let store: ActorRef<StoreMsg> = cell.into();
-    match store
-        .call(|reply| StoreMsg::Queue(build(reply)), Some(TIMEOUT))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(v))) => Ok(v),
-        Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e.to_string()),
-        _ => Err("store did not answer".into()),
-    }
+    STORE.queue(build).await.map_err(|e| e.to_string())
 }
 
 /// The queue summary served at `/queue`.

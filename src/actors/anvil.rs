@@ -24,7 +24,8 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use super::{Handled, Started};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 use tracing::{info, warn};
 
 use crate::telemetry::names;
@@ -325,11 +326,7 @@ impl Actor for Anvil {
     type State = AnvilState;
     type Arguments = AnvilArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: AnvilArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<AnvilMsg>, args: AnvilArgs) -> Started<AnvilState> {
         myself.send_interval(PRUNE_EVERY, || AnvilMsg::Prune);
         info!(path = %args.path, "started");
         Ok(AnvilState {
@@ -343,7 +340,7 @@ impl Actor for Anvil {
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let now = Instant::now();
         match msg {
             AnvilMsg::Connect { ip, reply } => {

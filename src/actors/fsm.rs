@@ -1,38 +1,31 @@
 //! `smtpd_fsm#<n>`: one SMTP session, driving the pure session machine with real I/O.
 //!
-//! The socket belongs to a [`Connection`] (`net::connection`): its reader task hands each
-//! chunk here as an [`FsmMsg::Input`] and reads the next only when this actor says so, so
-//! a client that floods us while a commit is in flight cannot grow our memory. This actor
-//! holds the session logic only: it feeds the machine, answers its look-up, store and
-//! AUTH requests by asking `erlmail_store` (and `smtpd_anvil` for AUTH), writes replies
-//! in order, and sets the deadline of each read from where the machine stands
-//! ([`Deadlines`]): a whole command line must arrive within `server_smtp_timeout`
-//! however its bytes trickle in, and DATA must keep up `server_smtp_min_data_rate`.
-//! Under stress (`smtpd_sup` says so) the timeout drops to [`STRESS_TIMEOUT`] and the
-//! error limit to 1, for sessions already open too. A session is a temporary child: when
-//! it ends or fails it is gone, and the client may reconnect.
+//! The socket belongs to a [`Connection`] (`net::connection`), which reads the next chunk
+//! only when this actor says so, so a client that floods us cannot grow our memory. This
+//! actor feeds the machine, answers its look-up, store and AUTH requests by asking
+//! `erlmail_store` (and `smtpd_anvil` for AUTH), writes replies in order, and sets each
+//! read's deadline from where the machine stands ([`Deadlines`]); under stress the
+//! timeout drops to [`STRESS_TIMEOUT`]. A session is a temporary child: never restarted.
 //!
-//! TLS: on the machine's `StartTls` the connection swaps its plain socket for a TLS one;
-//! a connection to `server_smtp_tls_port` (implicit TLS, told by the listener that
-//! accepted it) does the handshake before the greeting. AUTH passwords are checked
-//! against the store's argon2 hashes on the blocking pool (an unknown user costs the same
-//! as a known one); a failure is answered only after [`AUTH_FAILURE_DELAY`], and
-//! `smtpd_anvil` refuses further checks from an address with too many failures. Nothing
-//! here logs a command line, so credentials never reach a log.
+//! A failed AUTH is answered only after [`AUTH_FAILURE_DELAY`] (an unknown user costs the
+//! same as a known one). Nothing here logs a command line, so credentials never reach a
+//! log.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use chrono::Utc;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::anvil::AnvilMsg;
-use super::store::{RecipientFacts, StoreMsg};
+use super::msg::{RecipientFacts, StoreMsg};
+use super::store_client::{StoreClient, Unanswered};
 use crate::auth::check::{Checker, Disposition};
 use crate::config::Config;
 use crate::net::connection::{Connection, Deadlines, Input, InputSink, Phase};
@@ -43,8 +36,8 @@ use crate::session::{
 use crate::store::{IncomingMessage, OutgoingRcpt, StoreError};
 use crate::telemetry::{self, names};
 
-/// How long a session waits for the store before answering 451.
-const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The store, asked with a session's patience (then 451).
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(60));
 /// Longest TLS handshake (further capped by `server_smtp_timeout`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a failed AUTH waits before its 535, to slow password guessing.
@@ -136,11 +129,7 @@ impl Actor for Fsm {
     type State = FsmState;
     type Arguments = FsmArgs;
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: FsmArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _myself: ActorRef<FsmMsg>, args: FsmArgs) -> Started<FsmState> {
         let config = args.config;
         let acceptor = match crate::net::tls::acceptor_for(&config) {
             Ok(a) => a,
@@ -212,11 +201,7 @@ impl Actor for Fsm {
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         // The handshake happens here rather than in `pre_start` so that a slow client
         // never holds up `smtpd_sup`, which waits for `pre_start` of each session.
         let Some(stream) = state.stream.take() else {
@@ -254,11 +239,7 @@ impl Actor for Fsm {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         metrics::gauge!(names::SESSIONS_OPEN).decrement(1.0);
         if let Some(mut c) = state.conn.take() {
             c.close().await;
@@ -272,7 +253,7 @@ impl Actor for Fsm {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             FsmMsg::Input(Input::Bytes(bytes)) => {
                 let was_in_data = state.session.in_data();
@@ -458,20 +439,14 @@ fn auth_end(ip: IpAddr, ok: bool) {
 /// `Err` when the store could not be asked (not the client's fault: not counted as a
 /// failure by anvil, answered 535 all the same).
 async fn check_password(user: &str, password: Secret) -> Result<bool, ()> {
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        return Err(());
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     let address = user.to_string();
-    let hash = match store
-        .call(
-            |reply| StoreMsg::PasswordHash { address, reply },
-            Some(STORE_TIMEOUT),
-        )
+    let hash = match STORE
+        .ask(|reply| StoreMsg::PasswordHash { address, reply })
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(hash))) => hash,
-        _ => {
+        Ok(hash) => hash,
+        Err(Unanswered::NotRunning) => return Err(()),
+        Err(_) => {
             warn!("password look-up failed");
             return Err(());
         }
@@ -485,22 +460,11 @@ async fn check_password(user: &str, password: Secret) -> Result<bool, ()> {
 }
 
 async fn lookup(address: &str) -> Result<RecipientFacts, String> {
-    let store: ActorRef<StoreMsg> = ractor::registry::where_is(super::STORE)
-        .ok_or("store not running")?
-        .into();
     let address = address.to_string();
-    match store
-        .call(
-            |reply: RpcReplyPort<_>| StoreMsg::LookupRecipient { address, reply },
-            Some(STORE_TIMEOUT),
-        )
+    STORE
+        .ask(|reply| StoreMsg::LookupRecipient { address, reply })
         .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(f))) => Ok(f),
-        Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e.to_string()),
-        Ok(_) => Err("store did not answer".into()),
-        Err(e) => Err(e.to_string()),
-    }
+        .map_err(|e| e.to_string())
 }
 
 /// Mail for local users from a client that may not relay goes through SPF, DKIM and
@@ -569,19 +533,8 @@ async fn store(
         (true, false) => "relay",
         _ => "both",
     };
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        warn!(path = %path, "store not running");
-        return StoreOutcome::Failed;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
-    match store
-        .call(
-            |reply| StoreMsg::Accept(message, reply),
-            Some(STORE_TIMEOUT),
-        )
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(accepted))) => {
+    match STORE.ask(|reply| StoreMsg::Accept(message, reply)).await {
+        Ok(accepted) => {
             metrics::counter!(names::ACCEPTED, "destination" => destination).increment(1);
             StoreOutcome::Stored {
                 queue_id: accepted
@@ -589,11 +542,15 @@ async fn store(
                     .or_else(|| accepted.message_ids.first().map(|id| format!("L{id}"))),
             }
         }
-        Ok(ractor::rpc::CallResult::Success(Err(StoreError::Full(e)))) => {
+        Err(Unanswered::NotRunning) => {
+            warn!(path = %path, "store not running");
+            StoreOutcome::Failed
+        }
+        Err(Unanswered::Store(StoreError::Full(e))) => {
             warn!(path = %path, error = %e, "store full");
             StoreOutcome::DiskFull
         }
-        Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+        Err(Unanswered::Store(e)) => {
             warn!(path = %path, error = %e, "store failed");
             StoreOutcome::Failed
         }

@@ -7,10 +7,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use super::{Handled, Started};
+use ractor::{Actor, ActorRef};
 use tracing::{info, warn};
 
-use super::smtpd_sup::SmtpdSupMsg;
+use super::msg::SmtpdSupMsg;
 
 /// The listener actor.
 pub struct Listener;
@@ -43,9 +44,9 @@ impl Actor for Listener {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        myself: ActorRef<ListenerMsg>,
         args: ListenerArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    ) -> Started<ListenerState> {
         let listener = crate::net::bind(args.addr)
             .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
         let local = listener.local_addr()?;
@@ -80,11 +81,7 @@ impl Actor for Listener {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         // Wait until the task (and the socket it owns) is gone: a successor binding the
         // same address right after must find it free.
         state.accept_task.abort();

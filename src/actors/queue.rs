@@ -1,47 +1,36 @@
-//! `smtpd_queue`: receives every message this process queued already leased to it
-//! (claim at accept) and tries it at once; every `server_smtp_queue_interval` it claims
-//! what is due in the store, in bounded batches, up to `server_smtp_max_senders` senders
-//! at once and `DESTINATION_CONCURRENCY` per next hop.
+//! `smtpd_queue`: tries at once every message this process queued (claimed at accept, it
+//! arrives already leased) and, every `server_smtp_queue_interval`, claims what is due in
+//! the store, up to `server_smtp_max_senders` senders at once, each an
+//! `smtpc_sender#<queue-id>` child.
 //!
-//! Claiming stamps the message with this process's lock owner and a lease in the store,
-//! so several erlmail processes sharing a store never try the same message at once.
-//! Leased messages that find no free sender wait in memory (the active queue, as in
-//! Postfix's qmgr), per destination, bounded in count and bytes; beyond that, or when a
-//! lease would lapse while waiting, they are released to the store and claimed again
-//! later. Each message being tried gets an `smtpc_sender#<queue-id>` child. A sender
-//! that panics is re-spawned for the same message (its lease still held) up to
-//! `MAX_SENDER_RESPAWNS` times; after that the try counts as a temporary failure and the
-//! message waits for its next retry, unlocked. Durable queue state lives only in the
-//! store: this actor can die and be re-created, and unfinished leases simply lapse.
+//! The policy is pure and lives in `queue`: which waiting message goes next
+//! (`queue::scheduler`, Postfix's active queue) and what follows a sender's crash
+//! (`queue::crash`). This actor claims, releases and spawns. Durable queue state lives
+//! only in the store: this actor can die and be re-created, and unfinished leases lapse.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use super::{Handled, Started};
+use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, error, info, warn};
 
+use super::msg::{QueueMsg, QueueOp, StoreMsg};
 use super::sender::{self, Sender, SenderArgs};
-use super::store::{QueueOp, StoreMsg};
+use super::store_client::{StoreClient, Unanswered};
+use super::supervision::{restarting, spawn_child, Ended};
 use crate::config::Config;
 use crate::outbound::{Router, RouterConfig};
+use crate::queue::crash::{after_crash, AfterCrash, CrashCount};
+use crate::queue::scheduler::{Scheduler, Waiting};
 use crate::store::{AttemptRecord, QueuedMessage, RcptState};
 
-/// Re-spawns of a crashed sender for one attempt before it counts as a temporary failure.
-pub const MAX_SENDER_RESPAWNS: u32 = 3;
-/// Most senders at once for one next hop (Postfix's `default_destination_concurrency_limit`),
-/// so one slow destination cannot take every sender.
-pub const DESTINATION_CONCURRENCY: usize = 20;
 /// Most messages claimed by one tick.
 const CLAIM_BATCH: usize = 100;
-/// Most leased messages waiting in memory for a sender (Postfix's
-/// `qmgr_message_active_limit` is 20,000; ours hold their bodies, hence also a byte bound).
-const ACTIVE_LIMIT: usize = 10_000;
-/// Most body bytes waiting in memory for a sender.
-const ACTIVE_BYTES_LIMIT: usize = 128 << 20;
-/// How long the queue waits for a claim from the store.
-const STORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The store, asked with the patience the queue has for a claim.
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(30));
 
 /// The queue actor.
 pub struct QueueActor;
@@ -52,25 +41,6 @@ pub struct QueueArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
-}
-
-/// Requests the queue serves.
-pub enum QueueMsg {
-    /// Messages committed already leased to this process (claim at accept): try them
-    /// now, or keep them in the active queue until a sender is free.
-    Leased(Vec<QueuedMessage>),
-    /// Periodic scan for due messages.
-    Tick,
-    /// A new configuration.
-    Reload(Arc<Config>),
-    /// Number of senders at work (for status and tests).
-    Active(RpcReplyPort<usize>),
-    /// A graceful stop: claim nothing more, give back what waits in memory, and answer
-    /// once the senders on the wire have finished.
-    Drain(RpcReplyPort<()>),
-    /// Test-only fault injection.
-    #[cfg(debug_assertions)]
-    InjectPanic,
 }
 
 struct Running {
@@ -97,70 +67,29 @@ pub struct QueueState {
     path: String,
     owner: String,
     router: Arc<Router>,
-    ticker: tokio::task::JoinHandle<()>,
+    ticker: JoinHandle<()>,
     senders: HashMap<ActorId, Running>,
     /// The last claim was full: more may be due, so claim again as senders finish.
     backlog: bool,
-    /// The active queue: leased messages waiting for a sender, per next hop (never an
-    /// empty line), each with the `generation` it arrived in.
-    waiting: HashMap<String, VecDeque<(QueuedMessage, u64)>>,
-    /// Counts the queue's handled requests: a message started in a later generation than
-    /// it arrived in waited in memory, and is checked against the store first (`queue
-    /// delete` or `hold` may have reached it meanwhile).
-    generation: u64,
-    /// Next hops with waiting messages, served in turn.
-    turns: VecDeque<String>,
-    /// Body bytes in `waiting`.
-    waiting_bytes: usize,
+    /// The active queue: leased messages waiting for a sender, per next hop.
+    waiting: Scheduler<QueuedMessage>,
     /// A graceful stop is under way: answered once no sender is left.
     draining: Option<RpcReplyPort<()>>,
     /// Set once draining began (the reply may already be sent).
     stopping: bool,
 }
 
-fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> tokio::task::JoinHandle<()> {
-    let me = myself.clone();
+/// Tick now and every `server_smtp_queue_interval` (a ractor timer: it ends with us).
+fn start_ticker(myself: &ActorRef<QueueMsg>, config: &Config) -> JoinHandle<()> {
     let every = config
         .server_smtp_queue_interval
         .max(Duration::from_millis(10));
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            if me.send_message(QueueMsg::Tick).is_err() {
-                break;
-            }
-        }
-    })
+    let _ = myself.send_message(QueueMsg::Tick);
+    myself.send_interval(every, || QueueMsg::Tick)
 }
 
 fn build_router(config: &Config) -> Result<Arc<Router>, ActorProcessingErr> {
     Ok(Arc::new(Router::new(RouterConfig::from_config(config))?))
-}
-
-/// The lock owner this process stamps on claimed messages: the node name plus a boot
-/// number (this run's start, in milliseconds), `node#boot`. One process holds a node
-/// name at a time (the spool lock, or a PostgreSQL advisory lock), so at start a node
-/// takes back every lease an earlier run of it left, instead of waiting them out.
-pub fn lock_owner(config: &Config) -> String {
-    static BOOT: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let boot = BOOT.get_or_init(|| Utc::now().timestamp_millis());
-    format!("{}#{boot}", config.node_name)
-}
-
-async fn store_call<T: Send + 'static>(
-    build: impl FnOnce(RpcReplyPort<T>) -> QueueOp,
-) -> Option<T> {
-    let cell = ractor::registry::where_is(super::STORE)?;
-    let store: ActorRef<StoreMsg> = cell.into();
-    match store
-        .call(|reply| StoreMsg::Queue(build(reply)), Some(STORE_TIMEOUT))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(v)) => Some(v),
-        _ => None,
-    }
 }
 
 impl QueueState {
@@ -194,89 +123,44 @@ impl QueueState {
             return;
         }
         let node = self.owner.clone();
-        if store_call(|reply| QueueOp::ReleaseAll { ids, node, reply })
-            .await
-            .is_none()
-        {
+        let released =
+            STORE.call(|reply| StoreMsg::Queue(QueueOp::ReleaseAll { ids, node, reply }));
+        if released.await.is_err() {
             warn!(path = %self.path, "the store did not confirm giving back waiting messages; their leases will lapse");
         }
     }
 
     /// Empty the active queue; the ids of what waited.
     fn take_waiting(&mut self) -> Vec<String> {
-        self.turns.clear();
-        self.waiting_bytes = 0;
-        self.waiting
-            .drain()
-            .flat_map(|(_, line)| line.into_iter().map(|(m, _)| m.id))
-            .collect()
-    }
-
-    /// Messages in the active queue.
-    fn waiting_count(&self) -> usize {
-        self.waiting.values().map(VecDeque::len).sum()
-    }
-
-    /// Senders at work for next hop `dest`.
-    fn busy(&self, dest: &str) -> usize {
-        self.senders
-            .values()
-            .filter(|r| r.destination == dest)
-            .count()
+        self.waiting.take_all().into_iter().map(|m| m.id).collect()
     }
 
     /// Put a leased message in the active queue, or release it when the queue is full.
     fn enqueue(&mut self, message: QueuedMessage) {
-        if self.waiting_count() >= ACTIVE_LIMIT
-            || self.waiting_bytes + message.body.len() > ACTIVE_BYTES_LIMIT
-        {
+        let dest = self.destination(&message);
+        if let Err(message) = self.waiting.push(message, dest) {
             debug!(path = %self.path, queue_id = %message.id, "active queue full; releasing the message");
             self.backlog = true;
             self.release(message.id);
-            return;
         }
-        let dest = self.destination(&message);
-        self.waiting_bytes += message.body.len();
-        let generation = self.generation;
-        let line = self.waiting.entry(dest.clone()).or_default();
-        if line.is_empty() {
-            self.turns.push_back(dest);
-        }
-        line.push_back((message, generation));
     }
 
-    /// Start senders for waiting messages while senders are free, one destination after
-    /// the other, each up to `DESTINATION_CONCURRENCY`.
+    /// Start senders for waiting messages while senders are free, as the scheduler
+    /// picks them.
     async fn pump(&mut self, myself: &ActorRef<QueueMsg>) {
-        let mut idle_turns = 0;
-        while self.free_slots() > 0 && idle_turns < self.turns.len() {
-            let Some(dest) = self.turns.pop_front() else {
+        while self.free_slots() > 0 {
+            let senders = &self.senders;
+            let busy = |dest: &str| senders.values().filter(|r| r.destination == dest).count();
+            let Some(ready) = self.waiting.next(busy) else {
                 break;
             };
-            if self.busy(&dest) >= DESTINATION_CONCURRENCY {
-                self.turns.push_back(dest);
-                idle_turns += 1;
-                continue;
-            }
-            idle_turns = 0;
-            let Some(line) = self.waiting.get_mut(&dest) else {
-                continue;
-            };
-            let Some((m, arrived)) = line.pop_front() else {
-                continue;
-            };
-            if line.is_empty() {
-                self.waiting.remove(&dest);
-            } else {
-                self.turns.push_back(dest);
-            }
-            self.waiting_bytes -= m.body.len();
             let start = Start {
                 crashes: 0,
-                check_first: arrived != self.generation,
+                check_first: ready.check_first,
                 give_up: None,
             };
-            self.spawn_sender(myself, Arc::new(m), start).await;
+            self.spawn_sender(myself, Arc::new(ready.message), start)
+                .await;
         }
     }
 
@@ -285,24 +169,9 @@ impl QueueState {
     fn release_stale(&mut self) {
         let margin = chrono::Duration::from_std(self.config.server_smtp_lock_lease / 2)
             .unwrap_or(chrono::Duration::seconds(60));
-        let limit = super::store_now() + margin;
-        let mut stale = Vec::new();
-        for line in self.waiting.values_mut() {
-            line.retain(|(m, _)| {
-                let keep = m.lock_expires_at.is_some_and(|t| t > limit);
-                if !keep {
-                    stale.push((m.id.clone(), m.body.len()));
-                }
-                keep
-            });
-        }
-        self.waiting.retain(|_, l| !l.is_empty());
-        let waiting = &self.waiting;
-        self.turns.retain(|d| waiting.contains_key(d));
-        for (id, bytes) in stale {
-            self.waiting_bytes -= bytes;
+        for m in self.waiting.take_stale(super::store_now() + margin) {
             self.backlog = true;
-            self.release(id);
+            self.release(m.id);
         }
     }
 
@@ -318,7 +187,6 @@ impl QueueState {
             give_up,
         } = start;
         let name = format!("smtpc_sender#{}", message.id);
-        super::wait_unregistered(&name).await;
         let destination = self.destination(&message);
         let args = SenderArgs {
             message: message.clone(),
@@ -330,8 +198,8 @@ impl QueueState {
             check_first,
             give_up: give_up.clone(),
         };
-        match Actor::spawn_linked(Some(name.clone()), Sender, args, myself.get_cell()).await {
-            Ok((r, _)) => {
+        match spawn_child(&myself.get_cell(), &name, Sender, args).await {
+            Ok(r) => {
                 debug!(path = %super::child_path(&self.path, &name), "started");
                 self.senders.insert(
                     r.get_id(),
@@ -362,23 +230,24 @@ impl QueueState {
             return;
         }
         let (node, lease) = (self.owner.clone(), self.config.server_smtp_lock_lease);
-        let claimed = store_call(|reply| QueueOp::ClaimDue {
+        let claimed = STORE.queue(|reply| QueueOp::ClaimDue {
             node,
             lease,
             limit,
             reply,
-        })
-        .await;
-        match claimed {
-            Some(Ok(messages)) => {
+        });
+        match claimed.await {
+            Ok(messages) => {
                 self.backlog = messages.len() == limit;
                 for m in messages {
                     self.enqueue(m);
                 }
                 self.pump(myself).await;
             }
-            Some(Err(e)) => warn!(path = %self.path, error = %e, "claiming due messages failed"),
-            None => warn!(path = %self.path, "store did not answer a claim"),
+            Err(Unanswered::Store(e)) => {
+                warn!(path = %self.path, error = %e, "claiming due messages failed")
+            }
+            Err(_) => warn!(path = %self.path, "store did not answer a claim"),
         }
     }
 }
@@ -388,13 +257,9 @@ impl Actor for QueueActor {
     type State = QueueState;
     type Arguments = QueueArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: QueueArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<QueueMsg>, args: QueueArgs) -> Started<QueueState> {
         let router = build_router(&args.config)?;
-        let owner = lock_owner(&args.config);
+        let owner = super::lock_owner(&args.config);
         info!(path = %args.path, owner = %owner, "started");
         if args.config.server_smtp_max_senders == 0 {
             info!(path = %args.path, "server_smtp_max_senders is 0: a front node; mail is accepted and queued here and delivered by the other nodes");
@@ -408,39 +273,31 @@ impl Actor for QueueActor {
             ticker,
             senders: HashMap::new(),
             backlog: true,
-            waiting: HashMap::new(),
-            generation: 0,
-            turns: VecDeque::new(),
-            waiting_bytes: 0,
+            waiting: Scheduler::default(),
             draining: None,
             stopping: false,
         })
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         // Take back what an earlier run of this node was delivering when it stopped
         // (crash, kill -9, power cut): this process holds the node name, so nobody is
         // using those leases, and the mail goes out now rather than a lease later.
         let (node, current) = (state.config.node_name.clone(), state.owner.clone());
-        match store_call(|reply| QueueOp::ReleaseNode {
+        let released = STORE.queue(|reply| QueueOp::ReleaseNode {
             node,
             current,
             reply,
-        })
-        .await
-        {
-            Some(Ok(0)) => {}
-            Some(Ok(n)) => {
+        });
+        match released.await {
+            Ok(0) => {}
+            Ok(n) => {
                 info!(path = %state.path, messages = n, "took back {n} messages leased by an earlier run of this node")
             }
-            Some(Err(e)) => {
+            Err(Unanswered::Store(e)) => {
                 warn!(path = %state.path, error = %e, "could not take back an earlier run's leases; they will lapse")
             }
-            None => {
+            Err(_) => {
                 warn!(path = %state.path, "store did not answer; an earlier run's leases will lapse")
             }
         }
@@ -448,11 +305,7 @@ impl Actor for QueueActor {
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         state.ticker.abort();
         myself.stop_children(Some("smtpd_queue stopping".into()));
         // Messages waiting in memory go back to the store for anyone to claim. Messages
@@ -474,8 +327,8 @@ impl Actor for QueueActor {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state.generation += 1;
+    ) -> Handled {
+        state.waiting.next_generation();
         match msg {
             QueueMsg::Leased(messages) if state.stopping => {
                 for m in messages {
@@ -528,11 +381,9 @@ impl Actor for QueueActor {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
-            _ => return Ok(()),
+    ) -> Handled {
+        let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
+            return Ok(());
         };
         let Some(running) = state.senders.remove(&cell.get_id()) else {
             return Ok(());
@@ -540,77 +391,62 @@ impl Actor for QueueActor {
         let name = format!("smtpc_sender#{}", running.message.id);
         let path = super::child_path(&state.path, &name);
         if let Some(err) = failure {
-            let crashes = running.crashes + 1;
             let m = running.message.clone();
-            let total = crate::queue::crash::crashes_so_far(m.last_error.as_deref()) + crashes;
+            let count = CrashCount::after(running.crashes, m.last_error.as_deref());
+            let crashes = count.this_attempt;
+            let total = count.in_a_row;
             error!(path = %path, error = %err, crashes, in_a_row = total, "sender failed");
-            if crate::queue::crash::budget_spent(total) && !running.giving_up && !state.stopping {
-                // A message that kills every sender it meets is given up: bounced (5.3.0)
-                // by one more sender that does not deliver, only reports.
-                error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
-                let start = Start {
-                    crashes,
-                    check_first: false,
-                    give_up: Some(format!(
-                        "the delivery agent crashed {total} times in a row on this message; \
-                         it was given up ({err})"
-                    )),
-                };
-                state.spawn_sender(&myself, m, start).await;
-                return Ok(());
-            }
-            if crashes <= MAX_SENDER_RESPAWNS && !running.giving_up && !state.stopping {
-                warn!(path = %path, "restarting");
-                metrics::counter!(crate::telemetry::names::RESTARTS, "path" => "smtpd_queue/smtpc_sender")
-                    .increment(1);
-                let start = Start {
-                    crashes,
-                    check_first: false,
-                    give_up: None,
-                };
-                state.spawn_sender(&myself, m, start).await;
-                return Ok(());
-            }
-            error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
+            let settling = running.giving_up || state.stopping;
             let now = super::store_now();
-            let next = crate::queue::next_retry(
-                m.tries + 1,
-                state.config.server_smtp_retries,
-                &state.config.server_smtp_retry_interval,
-                now,
-            )
-            // A crash is our fault, not the recipient's: never bounce for the retry
-            // schedule (the crash budget above decides that).
-            .unwrap_or(
-                now + chrono::Duration::from_std(
-                    state
-                        .config
-                        .server_smtp_retry_interval
-                        .last()
-                        .copied()
-                        .unwrap_or(Duration::from_secs(900)),
-                )
-                .unwrap_or(chrono::Duration::minutes(15)),
-            );
-            let record = AttemptRecord {
-                at: now,
-                rcpt_results: m
-                    .rcpts
-                    .iter()
-                    .map(|r| (r.address.clone(), RcptState::Pending, None))
-                    .collect(),
-                error: Some(crate::queue::crash::crash_error(total, &err)),
-                next_retry_at: Some(next),
-                notifications: Vec::new(),
-            };
-            sender::record(
-                &m.id,
-                &state.owner,
-                record,
-                &path,
-                state.config.server_smtp_lock_lease,
-            )
-            .await;
+            match after_crash(count, &err, settling, m.tries, &state.config, now) {
+                AfterCrash::GiveUp(why) => {
+                    // A message that kills every sender it meets is given up: bounced
+                    // (5.3.0) by one more sender that does not deliver, only reports.
+                    error!(path = %path, "sender crashed {total} times in a row on this message; bouncing it");
+                    let start = Start {
+                        crashes,
+                        check_first: false,
+                        give_up: Some(why),
+                    };
+                    state.spawn_sender(&myself, m, start).await;
+                    return Ok(());
+                }
+                AfterCrash::Respawn => {
+                    restarting(&path, "smtpd_queue/smtpc_sender");
+                    let start = Start {
+                        crashes,
+                        check_first: false,
+                        give_up: None,
+                    };
+                    state.spawn_sender(&myself, m, start).await;
+                    return Ok(());
+                }
+                AfterCrash::Defer {
+                    error,
+                    next_retry_at,
+                } => {
+                    error!(path = %path, "sender failed {crashes} times; counting the try as a temporary failure");
+                    let record = AttemptRecord {
+                        at: now,
+                        rcpt_results: m
+                            .rcpts
+                            .iter()
+                            .map(|r| (r.address.clone(), RcptState::Pending, None))
+                            .collect(),
+                        error: Some(error),
+                        next_retry_at: Some(next_retry_at),
+                        notifications: Vec::new(),
+                    };
+                    sender::record(
+                        &m.id,
+                        &state.owner,
+                        record,
+                        &path,
+                        state.config.server_smtp_lock_lease,
+                    )
+                    .await;
+                }
+            }
         }
         if state.stopping {
             if state.senders.is_empty() {
@@ -625,5 +461,15 @@ impl Actor for QueueActor {
             let _ = myself.send_message(QueueMsg::Tick);
         }
         Ok(())
+    }
+}
+
+impl Waiting for QueuedMessage {
+    fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    fn lease_expires_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.lock_expires_at
     }
 }

@@ -7,12 +7,15 @@
 //! queue, then the store so that commits in flight finish).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::{Handled, Started};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{error, info, warn};
 
-use super::{child_path, queue, smtpd_sup, store, RestartIntensity, TreeNode};
+use super::msg::{QueueMsg, SmtpdSupMsg, StoreMsg};
+use super::supervision::{self, Ended, RestartIntensity};
+use super::{child_path, queue, smtpd_sup, store, TreeNode};
 use crate::config::Config;
 
 /// The root supervisor.
@@ -52,14 +55,18 @@ pub enum RootMsg {
     InjectPanic(String),
 }
 
+/// The permanent children, in the order they start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Child {
     Store,
-    SmtpdSup,
     Queue,
+    SmtpdSup,
 }
 
 impl Child {
+    /// Store first: the SMTP side and the queue both need it.
+    const ALL: [Child; 3] = [Child::Store, Child::Queue, Child::SmtpdSup];
+
     fn name(self) -> &'static str {
         match self {
             Child::Store => super::STORE,
@@ -74,23 +81,22 @@ pub struct RootState {
     config: Arc<Config>,
     exit: tokio::sync::watch::Sender<RootExit>,
     intensity: RestartIntensity,
-    store: Option<ActorCell>,
-    smtpd_sup: Option<ActorCell>,
-    queue: Option<ActorCell>,
+    /// The permanent children, by [`Child`]; `None` while one is replaced or stopped.
+    children: [Option<ActorCell>; 3],
     shutting_down: bool,
 }
 
 impl RootState {
     fn cell(&self, child: Child) -> Option<&ActorCell> {
-        match child {
-            Child::Store => self.store.as_ref(),
-            Child::SmtpdSup => self.smtpd_sup.as_ref(),
-            Child::Queue => self.queue.as_ref(),
-        }
+        self.children[child as usize].as_ref()
+    }
+
+    fn take(&mut self, child: Child) -> Option<ActorCell> {
+        self.children[child as usize].take()
     }
 
     fn which(&self, cell: &ActorCell) -> Option<Child> {
-        [Child::Store, Child::SmtpdSup, Child::Queue]
+        Child::ALL
             .into_iter()
             .find(|c| self.cell(*c).map(|x| x.get_id()) == Some(cell.get_id()))
     }
@@ -101,41 +107,28 @@ async fn spawn_child(
     myself: &ActorRef<RootMsg>,
     config: &Arc<Config>,
 ) -> Result<ActorCell, ActorProcessingErr> {
-    let path = child_path(super::ROOT, child.name());
-    let sup = myself.get_cell();
-    let cell = match child {
+    let (path, config) = (child_path(super::ROOT, child.name()), config.clone());
+    let (sup, name) = (myself.get_cell(), child.name());
+    Ok(match child {
         Child::Store => {
-            let args = store::StoreArgs {
-                config: config.clone(),
-                path,
-            };
-            Actor::spawn_linked(Some(child.name().into()), store::StoreActor, args, sup)
+            let args = store::StoreArgs { config, path };
+            supervision::spawn_child(&sup, name, store::StoreActor, args)
                 .await?
-                .0
                 .get_cell()
         }
         Child::SmtpdSup => {
-            let args = smtpd_sup::SmtpdSupArgs {
-                config: config.clone(),
-                path,
-            };
-            Actor::spawn_linked(Some(child.name().into()), smtpd_sup::SmtpdSup, args, sup)
+            let args = smtpd_sup::SmtpdSupArgs { config, path };
+            supervision::spawn_child(&sup, name, smtpd_sup::SmtpdSup, args)
                 .await?
-                .0
                 .get_cell()
         }
         Child::Queue => {
-            let args = queue::QueueArgs {
-                config: config.clone(),
-                path,
-            };
-            Actor::spawn_linked(Some(child.name().into()), queue::QueueActor, args, sup)
+            let args = queue::QueueArgs { config, path };
+            supervision::spawn_child(&sup, name, queue::QueueActor, args)
                 .await?
-                .0
                 .get_cell()
         }
-    };
-    Ok(cell)
+    })
 }
 
 impl Actor for Root {
@@ -143,42 +136,28 @@ impl Actor for Root {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: RootArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<RootMsg>, args: RootArgs) -> Started<RootState> {
         info!(path = super::ROOT, "starting");
         let mut state = RootState {
             config: args.config,
             exit: args.exit,
             intensity: RestartIntensity::otp_default(),
-            store: None,
-            smtpd_sup: None,
-            queue: None,
+            children: [None, None, None],
             shutting_down: false,
         };
-        // Store first: the SMTP side and the queue both need it.
-        state.store = Some(spawn_child(Child::Store, &myself, &state.config).await?);
-        state.queue = Some(spawn_child(Child::Queue, &myself, &state.config).await?);
-        state.smtpd_sup = Some(spawn_child(Child::SmtpdSup, &myself, &state.config).await?);
+        for child in Child::ALL {
+            state.children[child as usize] =
+                Some(spawn_child(child, &myself, &state.config).await?);
+        }
         Ok(state)
     }
 
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         log_tree(&state.config, "started; actor tree", &myself);
         Ok(())
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         info!(path = super::ROOT, "stopped");
         state.exit.send_if_modified(|e| {
             if *e == RootExit::Running {
@@ -196,16 +175,16 @@ impl Actor for Root {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             RootMsg::Reload(config) => {
                 state.config = config.clone();
-                if let Some(c) = &state.smtpd_sup {
+                if let Some(c) = state.cell(Child::SmtpdSup) {
                     // Logged as reloaded once new sessions get the new configuration.
-                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                    let sup: ActorRef<SmtpdSupMsg> = c.clone().into();
                     let applied = sup
                         .call(
-                            |reply| smtpd_sup::SmtpdSupMsg::Reload(config.clone(), Some(reply)),
+                            |reply| SmtpdSupMsg::Reload(config.clone(), Some(reply)),
                             Some(Duration::from_secs(10)),
                         )
                         .await;
@@ -216,11 +195,11 @@ impl Actor for Root {
                         );
                     }
                 }
-                if let Some(c) = &state.queue {
-                    let _ = c.send_message(queue::QueueMsg::Reload(config.clone()));
+                if let Some(c) = state.cell(Child::Queue) {
+                    let _ = c.send_message(QueueMsg::Reload(config.clone()));
                 }
-                if let Some(c) = &state.store {
-                    let _ = c.send_message(store::StoreMsg::Reload(config));
+                if let Some(c) = state.cell(Child::Store) {
+                    let _ = c.send_message(StoreMsg::Reload(config));
                 }
                 info!(path = super::ROOT, "configuration reloaded");
             }
@@ -232,28 +211,25 @@ impl Actor for Root {
                 info!(path = super::ROOT, "shutting down");
                 state.shutting_down = true;
                 // Sessions first: each finishes its commit or gets a 421.
-                if let Some(c) = state.smtpd_sup.take() {
-                    let sup: ActorRef<smtpd_sup::SmtpdSupMsg> = c.clone().into();
+                if let Some(c) = state.take(Child::SmtpdSup) {
+                    let sup: ActorRef<SmtpdSupMsg> = c.clone().into();
                     let _ = sup
-                        .call(
-                            smtpd_sup::SmtpdSupMsg::Shutdown,
-                            Some(Duration::from_secs(4)),
-                        )
+                        .call(SmtpdSupMsg::Shutdown, Some(Duration::from_secs(4)))
                         .await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_millis(500)))
                         .await
                         .ok();
                 }
-                if let Some(c) = state.queue.take() {
+                if let Some(c) = state.take(Child::Queue) {
                     // Deliveries on the wire finish (bounded); what waits is given back.
-                    let queue: ActorRef<super::queue::QueueMsg> = c.clone().into();
+                    let queue: ActorRef<QueueMsg> = c.clone().into();
                     let limit = state.config.server_smtp_shutdown_timeout;
-                    let _ = queue.call(super::queue::QueueMsg::Drain, Some(limit)).await;
+                    let _ = queue.call(QueueMsg::Drain, Some(limit)).await;
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(1)))
                         .await
                         .ok();
                 }
-                if let Some(c) = state.store.take() {
+                if let Some(c) = state.take(Child::Store) {
                     c.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(2)))
                         .await
                         .ok();
@@ -267,13 +243,13 @@ impl Actor for Root {
                 warn!(path = super::ROOT, target = %target, "test hook: injecting a panic");
                 match target.as_str() {
                     super::STORE => {
-                        if let Some(c) = &state.store {
-                            let _ = c.send_message(store::StoreMsg::InjectPanic);
+                        if let Some(c) = state.cell(Child::Store) {
+                            let _ = c.send_message(StoreMsg::InjectPanic);
                         }
                     }
                     super::QUEUE => {
-                        if let Some(c) = &state.queue {
-                            let _ = c.send_message(queue::QueueMsg::InjectPanic);
+                        if let Some(c) = state.cell(Child::Queue) {
+                            let _ = c.send_message(QueueMsg::InjectPanic);
                         }
                     }
                     other => warn!(path = super::ROOT, "test hook: no such target {other}"),
@@ -288,37 +264,22 @@ impl Actor for Root {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match &event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), format!("failed: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell.clone(),
-                format!(
-                    "terminated: {}",
-                    reason.clone().unwrap_or_else(|| "normal".into())
-                ),
-            ),
-            _ => return Ok(()),
-        };
-        let Some(child) = state.which(&cell) else {
+    ) -> Handled {
+        let Some(ended) = Ended::of(&event) else {
             return Ok(());
         };
-        let path = child_path(super::ROOT, child.name());
+        let Some(child) = state.which(&ended.cell) else {
+            return Ok(());
+        };
+        let (path, why) = (child_path(super::ROOT, child.name()), ended.why());
         if state.shutting_down {
             info!(path = %path, "stopped");
             return Ok(());
         }
         error!(path = %path, reason = %why, "child {why}");
-        match child {
-            Child::Store => state.store = None,
-            Child::SmtpdSup => state.smtpd_sup = None,
-            Child::Queue => state.queue = None,
-        }
-        // The dead child's name leaves the registry as it stops; wait for that so the
-        // new one can take it.
-        super::wait_unregistered(child.name()).await;
+        state.children[child as usize] = None;
         let cell = loop {
-            if !state.intensity.allow(Instant::now()) {
+            if !state.intensity.restart(&path) {
                 let msg = format!(
                     "restart intensity exceeded (more than 5 restarts in 60 s, last: {path} {why}); giving up"
                 );
@@ -329,9 +290,6 @@ impl Actor for Root {
                 myself.stop(Some(msg));
                 return Ok(());
             }
-            warn!(path = %path, "restarting");
-            metrics::counter!(crate::telemetry::names::RESTARTS, "path" => path.clone())
-                .increment(1);
             match spawn_child(child, &myself, &state.config).await {
                 Ok(cell) => break cell,
                 // A failed start counts as a restart too (OTP does the same), after a
@@ -342,11 +300,7 @@ impl Actor for Root {
                 }
             }
         };
-        match child {
-            Child::Store => state.store = Some(cell),
-            Child::SmtpdSup => state.smtpd_sup = Some(cell),
-            Child::Queue => state.queue = Some(cell),
-        }
+        state.children[child as usize] = Some(cell);
         info!(path = %path, "restarted");
         Ok(())
     }

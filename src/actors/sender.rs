@@ -1,29 +1,30 @@
 //! `smtpc_sender#<queue-id>`: makes one delivery attempt of one queued message.
 //!
-//! The sender holds the message's lease (renewing it while it works), routes and
-//! delivers each recipient through `outbound`, applies the pure retry and DSN policy of
-//! `queue` to the per-recipient results, queues any notification (from `<>`, through
-//! the store actor like any message) and finally records the attempt, which clears the
-//! lease. Notifications are queued before the attempt is recorded: a crash between the
-//! two can repeat a notification, never lose one. A sender that panics is re-spawned by
-//! `smtpd_queue` for the same message a bounded number of times.
+//! The sender holds the message's lease (renewing it while it works), delivers through
+//! `outbound`, asks `queue::plan` what the results mean, builds the notifications owed
+//! and records the attempt with them, which clears the lease (notifications commit with
+//! the record: never lost, never sent twice for one outcome). A sender that panics is
+//! re-spawned by `smtpd_queue` for the same message a bounded number of times.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Handled, Started};
 use chrono::{DateTime, Utc};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 use tracing::{info, warn};
 
-use super::store::{QueueOp, StoreMsg};
+use super::msg::{QueueOp, StoreMsg};
+use super::store_client::{self, StoreClient, Unanswered};
 use crate::config::Config;
 use crate::outbound::{self, RcptResult, Router};
+use crate::queue::plan::{plan_attempt, AttemptPlan, History, Tried, Verdict};
 use crate::queue::{self, DsnInput, DsnKind, DsnRecipient, RcptStatus};
 use crate::store::{AttemptRecord, IncomingMessage, OutgoingRcpt, QueuedMessage, RcptState};
 use crate::telemetry::names;
 
-/// How long a sender waits for the store to record its result.
-const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The store, asked with the patience a sender has for recording its result.
+const STORE: StoreClient = StoreClient::new(Duration::from_secs(60));
 
 /// The sender actor.
 pub struct Sender;
@@ -70,9 +71,9 @@ impl Actor for Sender {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        myself: ActorRef<SenderMsg>,
         args: SenderArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    ) -> Started<SenderState> {
         myself.send_message(SenderMsg::Run)?;
         Ok(SenderState {
             args,
@@ -80,11 +81,7 @@ impl Actor for Sender {
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         if let Some(r) = state.renewer.take() {
             r.abort();
         }
@@ -96,7 +93,7 @@ impl Actor for Sender {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         let SenderMsg::Run = msg;
         if state.args.check_first && !still_ours(&state.args).await {
             info!(path = %state.args.path, queue_id = %state.args.message.id,
@@ -132,28 +129,15 @@ impl Actor for Sender {
 
 /// Whether the message is still leased to us and not held (a read).
 async fn still_ours(args: &SenderArgs) -> bool {
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        return false;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     let (id, node) = (args.message.id.clone(), args.owner.clone());
-    matches!(
-        store
-            .call(
-                |reply| StoreMsg::Queue(QueueOp::StillLeased { id, node, reply }),
-                Some(STORE_TIMEOUT),
-            )
-            .await,
-        Ok(ractor::rpc::CallResult::Success(Ok(true)))
-    )
+    let answer = STORE.queue(|reply| QueueOp::StillLeased { id, node, reply });
+    matches!(answer.await, Ok(true))
 }
 
 /// Give the lease on message `id` back without recording a try (nothing happens if it
 /// is not `node`'s); the message falls due at once.
 pub(crate) fn release_lease(id: String, node: String) {
-    if let Some(cell) = ractor::registry::where_is(super::STORE) {
-        let _ = cell.send_message(StoreMsg::Queue(QueueOp::Release { id, node }));
-    }
+    store_client::cast(StoreMsg::Queue(QueueOp::Release { id, node }));
 }
 
 /// Test hook (debug builds only): `ERLMAIL_TEST_SENDER_PANICS=N` makes the first N
@@ -194,29 +178,18 @@ fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task:
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
-            let Some(cell) = ractor::registry::where_is(super::STORE) else {
-                continue;
-            };
-            let store: ActorRef<StoreMsg> = cell.into();
             let (id, node) = (id.clone(), owner.clone());
-            let r = store
-                .call(
-                    |reply: RpcReplyPort<_>| {
-                        StoreMsg::Queue(QueueOp::Renew {
-                            id,
-                            node,
-                            lease,
-                            reply,
-                        })
-                    },
-                    Some(STORE_TIMEOUT),
-                )
-                .await;
-            match r {
-                Ok(ractor::rpc::CallResult::Success(Ok(true))) => {
-                    last_ok = tokio::time::Instant::now();
-                }
-                Ok(ractor::rpc::CallResult::Success(Ok(false))) => {
+            let renewed = STORE.queue(|reply| QueueOp::Renew {
+                id,
+                node,
+                lease,
+                reply,
+            });
+            match renewed.await {
+                // No store registered (restarting): try again at the next turn.
+                Err(Unanswered::NotRunning) => continue,
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
                     warn!(path = %path, "lease lost (deleted, held or taken over); stopping before the text");
                     go_ahead.withdraw();
                     return;
@@ -294,7 +267,8 @@ async fn attempt(
     }
     let now = super::store_now();
     metrics::histogram!(names::ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
-    let mut plan = plan_attempt(msg, &results, config, now);
+    let plan = plan(msg, &results, config, now);
+    let mut record = record_of(&plan, now);
     let mut owed = Vec::new();
     // The notifications travel with the record and commit with it (see AttemptRecord).
     for (kind, dsn_rcpts) in [
@@ -305,7 +279,7 @@ async fn attempt(
         if !dsn_rcpts.is_empty() {
             if let Some(dsn) = notification(args, kind, dsn_rcpts.clone(), now).await {
                 owed.push((kind, msg.sender.clone()));
-                plan.record.notifications.push(dsn);
+                record.notifications.push(dsn);
             }
         }
     }
@@ -326,7 +300,7 @@ async fn attempt(
             r.status.describe()
         );
     }
-    Some((plan.record, owed))
+    Some((record, owed))
 }
 
 fn outcome_word(s: &RcptStatus) -> &'static str {
@@ -337,118 +311,56 @@ fn outcome_word(s: &RcptStatus) -> &'static str {
     }
 }
 
-/// What one attempt leads to: the store record and the notifications owed.
-struct AttemptPlan {
-    record: AttemptRecord,
-    /// Recipients to report as failed.
-    failed: Vec<DsnRecipient>,
-    /// Recipients to warn about (still being retried past `server_smtp_delay_warning`).
-    delayed: Vec<DsnRecipient>,
-    /// Recipients to report as relayed (NOTIFY=SUCCESS, and the next hop does not
-    /// offer DSN: it was not given the NOTIFY and will not report).
-    relayed: Vec<DsnRecipient>,
-}
-
-/// The retry and notification policy applied to one attempt's results.
-fn plan_attempt(
+/// The pure attempt plan (`queue::plan`) for this message and these results.
+fn plan(
     msg: &QueuedMessage,
     results: &[RcptResult],
     config: &Config,
     now: DateTime<Utc>,
 ) -> AttemptPlan {
-    let next = queue::next_retry(
-        msg.tries + 1,
-        config.server_smtp_retries,
-        &config.server_smtp_retry_interval,
-        now,
-    );
-    let mut rcpt_results = Vec::new();
-    let mut failed = Vec::new();
-    let mut relayed = Vec::new();
-    let mut delayed = Vec::new();
-    let mut first_error = None;
-    // The delay warning goes out with the one attempt that crosses the threshold: the
-    // previous try was before it and this one is at or after it. No flag to keep.
-    let warn_now = config.server_smtp_delay_warning.is_some_and(|w| {
-        let threshold =
-            msg.received_at + chrono::Duration::from_std(w).unwrap_or(chrono::Duration::MAX);
-        msg.last_try_at.unwrap_or(msg.received_at) < threshold && threshold <= now
-    });
-    for r in results {
-        let orig = msg.rcpts.iter().find(|o| o.address == r.rcpt);
-        let notify = orig.and_then(|o| o.notify.as_deref());
-        let orcpt = orig.and_then(|o| o.orcpt.as_deref());
-        let dsn_rcpt = || {
-            DsnRecipient::from_status(
-                &r.rcpt,
-                orcpt,
-                &r.status,
-                r.remote_mta.as_deref(),
-                Some(now),
-            )
-        };
-        // The listing shows whether the answer came over TLS.
-        let response = Some(if r.tls {
-            format!("{} (TLS)", r.status.describe())
-        } else {
-            r.status.describe()
-        });
-        let state = match &r.status {
-            RcptStatus::Delivered { .. } => {
-                if !r.dsn && queue::should_notify(&msg.sender, notify, DsnKind::Relayed, true) {
-                    relayed.push(dsn_rcpt());
-                }
-                RcptState::Delivered
-            }
-            RcptStatus::Permanent { .. } => {
-                if queue::should_notify(
-                    &msg.sender,
-                    notify,
-                    DsnKind::Failure,
-                    config.server_stmp_failure_notification,
-                ) {
-                    failed.push(dsn_rcpt());
-                }
-                RcptState::Failed
-            }
-            RcptStatus::Temporary { .. } => {
-                if first_error.is_none() {
-                    first_error = Some(format!("{}: {}", r.rcpt, r.status.describe()));
-                }
-                if next.is_some() {
-                    if warn_now && queue::should_notify(&msg.sender, notify, DsnKind::Delay, true) {
-                        delayed.push(dsn_rcpt());
-                    }
-                    RcptState::Pending
-                } else {
-                    if queue::should_notify(
-                        &msg.sender,
-                        notify,
-                        DsnKind::Failure,
-                        config.server_stmp_failure_notification,
-                    ) {
-                        failed.push(dsn_rcpt());
-                    }
-                    RcptState::Failed
-                }
-            }
-        };
-        rcpt_results.push((r.rcpt.clone(), state, response));
-    }
-    let any_pending = rcpt_results
+    let history = History {
+        sender: &msg.sender,
+        tries: msg.tries,
+        received_at: msg.received_at,
+        last_try_at: msg.last_try_at,
+    };
+    let tried: Vec<Tried<'_>> = results
         .iter()
-        .any(|(_, s, _)| *s == RcptState::Pending);
-    AttemptPlan {
-        record: AttemptRecord {
-            at: now,
-            rcpt_results,
-            error: first_error,
-            next_retry_at: if any_pending { next } else { None },
-            notifications: Vec::new(),
-        },
-        failed,
-        delayed,
-        relayed,
+        .map(|r| {
+            let orig = msg.rcpts.iter().find(|o| o.address == r.rcpt);
+            Tried {
+                rcpt: &r.rcpt,
+                notify: orig.and_then(|o| o.notify.as_deref()),
+                orcpt: orig.and_then(|o| o.orcpt.as_deref()),
+                status: &r.status,
+                remote_mta: r.remote_mta.as_deref(),
+                tls: r.tls,
+                dsn: r.dsn,
+            }
+        })
+        .collect();
+    plan_attempt(&history, &tried, config, now)
+}
+
+/// The store's record of a planned attempt (its notifications are added after).
+fn record_of(plan: &AttemptPlan, now: DateTime<Utc>) -> AttemptRecord {
+    AttemptRecord {
+        at: now,
+        rcpt_results: plan
+            .rcpt_results
+            .iter()
+            .map(|(rcpt, verdict, response)| {
+                let state = match verdict {
+                    Verdict::Pending => RcptState::Pending,
+                    Verdict::Delivered => RcptState::Delivered,
+                    Verdict::Failed => RcptState::Failed,
+                };
+                (rcpt.clone(), state, response.clone())
+            })
+            .collect(),
+        error: plan.error.clone(),
+        next_retry_at: plan.next_retry_at,
+        notifications: Vec::new(),
     }
 }
 
@@ -480,24 +392,18 @@ async fn notification(
         original: msg.body.clone(),
     };
     let body = queue::build_dsn(&input);
-    let Some(cell) = ractor::registry::where_is(super::STORE) else {
-        warn!(path = %args.path, "store not running; notification not queued");
-        return None;
-    };
-    let store: ActorRef<StoreMsg> = cell.into();
     // A sender whose own domain is local gets the report in its mailbox.
     let address = msg.sender.clone();
-    let facts = store
-        .call(
-            |reply: RpcReplyPort<_>| StoreMsg::LookupRecipient {
-                address: address.clone(),
-                reply,
-            },
-            Some(STORE_TIMEOUT),
-        )
-        .await;
-    let (local_rcpts, remote_rcpts) = match facts {
-        Ok(ractor::rpc::CallResult::Success(Ok(f))) if f.local_domain => {
+    let facts = STORE.ask(|reply| StoreMsg::LookupRecipient {
+        address: address.clone(),
+        reply,
+    });
+    let (local_rcpts, remote_rcpts) = match facts.await {
+        Err(Unanswered::NotRunning) => {
+            warn!(path = %args.path, "store not running; notification not queued");
+            return None;
+        }
+        Ok(f) if f.local_domain => {
             if f.user_exists {
                 (vec![address.clone()], vec![])
             } else {
@@ -556,40 +462,23 @@ pub(crate) async fn record(
     let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(200);
     loop {
-        let result = match ractor::registry::where_is(super::STORE) {
-            None => None,
-            Some(cell) => {
-                let store: ActorRef<StoreMsg> = cell.into();
-                let (id, node, record) = (id.to_string(), owner.to_string(), outcome.clone());
-                match store
-                    .call(
-                        |reply: RpcReplyPort<_>| {
-                            StoreMsg::Queue(QueueOp::Record {
-                                id,
-                                node,
-                                record,
-                                reply,
-                            })
-                        },
-                        Some(STORE_TIMEOUT),
-                    )
-                    .await
-                {
-                    Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
-                    _ => None,
-                }
-            }
-        };
-        match result {
-            Some(Ok(())) => return true,
-            Some(Err(crate::store::StoreError::Invalid(why))) => {
+        let (queue_id, node, record) = (id.to_string(), owner.to_string(), outcome.clone());
+        let recorded = STORE.queue(|reply| QueueOp::Record {
+            id: queue_id,
+            node,
+            record,
+            reply,
+        });
+        match recorded.await {
+            Ok(()) => return true,
+            Err(Unanswered::Store(crate::store::StoreError::Invalid(why))) => {
                 warn!(path = %path, queue_id = %id, reason = %why, "attempt not recorded; another node owns the message now");
                 return false;
             }
-            Some(Err(e)) => {
+            Err(Unanswered::Store(e)) => {
                 warn!(path = %path, queue_id = %id, error = %e, "attempt not recorded yet; will offer it again");
             }
-            None => {
+            Err(_) => {
                 warn!(path = %path, queue_id = %id, "store not answering; will offer the result again");
             }
         }
@@ -599,204 +488,5 @@ pub(crate) async fn record(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::Reply;
-    use crate::queue::FailureCause;
-
-    fn message(tries: u32, sender: &str, rcpts: &[(&str, Option<&str>)]) -> QueuedMessage {
-        QueuedMessage {
-            id: "Q1".into(),
-            sender: sender.into(),
-            ret: None,
-            envid: None,
-            smtputf8: false,
-            client_ip: "127.0.0.1".into(),
-            helo: "client".into(),
-            received_at: Utc::now(),
-            tries,
-            last_try_at: None,
-            last_error: None,
-            next_retry_at: Utc::now(),
-            lock_owner: None,
-            lock_expires_at: None,
-            held: false,
-            size: 10,
-            rcpts: rcpts
-                .iter()
-                .map(|(a, n)| OutgoingRcpt {
-                    address: a.to_string(),
-                    orcpt: None,
-                    notify: n.map(str::to_string),
-                })
-                .collect(),
-            body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
-        }
-    }
-
-    fn result(rcpt: &str, status: RcptStatus) -> RcptResult {
-        RcptResult {
-            rcpt: rcpt.into(),
-            status,
-            remote_mta: Some("mx.test".into()),
-            remote_addr: None,
-            tls: false,
-            dsn: false,
-        }
-    }
-
-    fn temp() -> RcptStatus {
-        RcptStatus::Temporary {
-            cause: FailureCause::Reply(Reply::new(451, "4.3.0 try later")),
-        }
-    }
-
-    fn perm() -> RcptStatus {
-        RcptStatus::Permanent {
-            cause: FailureCause::Reply(Reply::new(550, "5.1.1 no such user")),
-        }
-    }
-
-    fn ok() -> RcptStatus {
-        RcptStatus::Delivered {
-            reply: Reply::new(250, "2.0.0 ok"),
-        }
-    }
-
-    #[test]
-    fn temporary_failure_stays_pending_until_retries_are_used_up() {
-        let config = Config {
-            server_smtp_retries: 2,
-            ..Config::default()
-        };
-        let now = Utc::now();
-        let m = message(0, "s@a.test", &[("r@b.test", None)]);
-        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, now);
-        assert_eq!(p.record.rcpt_results[0].1, RcptState::Pending);
-        assert_eq!(
-            p.record.next_retry_at,
-            Some(now + chrono::Duration::minutes(15))
-        );
-        assert!(p.failed.is_empty());
-        assert!(p.record.error.as_deref().unwrap().contains("451"));
-
-        // The third try (second retry) was the last.
-        let m = message(2, "s@a.test", &[("r@b.test", None)]);
-        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, now);
-        assert_eq!(p.record.rcpt_results[0].1, RcptState::Failed);
-        assert_eq!(p.record.next_retry_at, None);
-        assert_eq!(p.failed.len(), 1);
-    }
-
-    #[test]
-    fn permanent_failure_notifies_unless_never_or_null_sender_or_disabled() {
-        let config = Config::default();
-        let now = Utc::now();
-        let m = message(
-            0,
-            "s@a.test",
-            &[("x@b.test", None), ("y@b.test", Some("NEVER"))],
-        );
-        let p = plan_attempt(
-            &m,
-            &[result("x@b.test", perm()), result("y@b.test", perm())],
-            &config,
-            now,
-        );
-        assert_eq!(p.failed.len(), 1);
-        assert_eq!(p.failed[0].final_recipient, "x@b.test");
-        assert_eq!(p.record.next_retry_at, None);
-
-        let m = message(0, "", &[("x@b.test", None)]);
-        let p = plan_attempt(&m, &[result("x@b.test", perm())], &config, now);
-        assert!(p.failed.is_empty(), "never a bounce for <>");
-
-        let off = Config {
-            server_stmp_failure_notification: false,
-            ..Config::default()
-        };
-        let m = message(0, "s@a.test", &[("x@b.test", None)]);
-        let p = plan_attempt(&m, &[result("x@b.test", perm())], &off, now);
-        assert!(p.failed.is_empty());
-    }
-
-    #[test]
-    fn success_notification_only_when_asked() {
-        let config = Config::default();
-        let now = Utc::now();
-        let m = message(
-            0,
-            "s@a.test",
-            &[("x@b.test", Some("SUCCESS,FAILURE")), ("y@b.test", None)],
-        );
-        let p = plan_attempt(
-            &m,
-            &[result("x@b.test", ok()), result("y@b.test", ok())],
-            &config,
-            now,
-        );
-        assert_eq!(p.relayed.len(), 1);
-        assert_eq!(p.relayed[0].final_recipient, "x@b.test");
-        assert_eq!(p.record.next_retry_at, None);
-
-        // A next hop that offers DSN was given the NOTIFY: the report is its to send.
-        let mut passed_on = result("x@b.test", ok());
-        passed_on.dsn = true;
-        let p = plan_attempt(&m, &[passed_on, result("y@b.test", ok())], &config, now);
-        assert!(p.relayed.is_empty());
-    }
-
-    #[test]
-    fn delay_warning_goes_out_once_with_the_attempt_that_crosses_the_threshold() {
-        let config = Config {
-            server_smtp_delay_warning: Some(Duration::from_secs(4 * 3600)),
-            ..Config::default()
-        };
-        let t0 = Utc::now();
-        let mut m = message(
-            3,
-            "s@a.test",
-            &[("r@b.test", None), ("q@b.test", Some("FAILURE"))],
-        );
-        m.received_at = t0;
-        let results = [result("r@b.test", temp()), result("q@b.test", temp())];
-        // Before the threshold: nothing.
-        m.last_try_at = Some(t0 + chrono::Duration::hours(2));
-        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(3));
-        assert!(p.delayed.is_empty());
-        // Crossing it: one warning, only where NOTIFY allows DELAY.
-        m.last_try_at = Some(t0 + chrono::Duration::hours(3));
-        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(5));
-        assert_eq!(p.delayed.len(), 1);
-        assert_eq!(p.delayed[0].final_recipient, "r@b.test");
-        // Already past it at the previous try: no second warning.
-        m.last_try_at = Some(t0 + chrono::Duration::hours(5));
-        let p = plan_attempt(&m, &results, &config, t0 + chrono::Duration::hours(9));
-        assert!(p.delayed.is_empty());
-        // Off when unset.
-        m.last_try_at = Some(t0 + chrono::Duration::hours(3));
-        let p = plan_attempt(
-            &m,
-            &results,
-            &Config::default(),
-            t0 + chrono::Duration::hours(5),
-        );
-        assert!(p.delayed.is_empty());
-    }
-
-    #[test]
-    fn retries_zero_fails_after_the_first_try() {
-        let config = Config {
-            server_smtp_retries: 0,
-            ..Config::default()
-        };
-        let m = message(0, "s@a.test", &[("r@b.test", None)]);
-        let p = plan_attempt(&m, &[result("r@b.test", temp())], &config, Utc::now());
-        assert_eq!(p.record.rcpt_results[0].1, RcptState::Failed);
-        assert_eq!(p.failed.len(), 1);
     }
 }

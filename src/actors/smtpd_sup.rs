@@ -1,21 +1,12 @@
-//! `smtpd_sup`: supervises `smtpd_anvil` and the listener (permanent) and one `smtpd_fsm`
+//! `smtpd_sup`: supervises `smtpd_anvil` and the listeners (permanent) and one `smtpd_fsm`
 //! per session (temporary: a session that ends or fails is never restarted).
 //!
-//! The listener hands each accepted connection here; this supervisor enforces
-//! `server_smtp_max_connection` (ErlMail never did), asks `smtpd_anvil` whether the
-//! client is within its own limits (relay clients are exempt), names the session
-//! `smtpd_fsm#<n>` and spawns it linked to itself, so the live tree shows every session.
-//! A refused connection gets its `421 4.7.0` from `net::connection::refuse`, off this
-//! actor, and is counted by reason. When a session ends, anvil hears of it here, where
-//! every end is seen (a crash included).
-//!
-//! Stress mode (Postfix's): at 80% of `server_smtp_max_connection` sessions the server is
-//! under stress until it falls below 70%. Entering and leaving are logged, and every
-//! session (open or new) is told: timeouts drop to 10 s and the error limit to 1, so that
-//! a crowd of slow or erring clients is shed before it fills the last slots.
-//!
-//! On shutdown it stops accepting, tells every session to finish (a commit in flight
-//! completes; an idle session gets `421 4.3.2`), and answers once all are gone.
+//! Each accepted connection comes here: this supervisor enforces
+//! `server_smtp_max_connection`, asks `smtpd_anvil` whether the client is within its own
+//! limits, and spawns the session `smtpd_fsm#<n>` linked to itself; a refused connection
+//! gets its `421` off this actor. Stress mode (Postfix's) starts at 80% of the limit and
+//! ends below 70%; every session is told. On shutdown it stops accepting, tells every
+//! session to finish, and answers once all are gone.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +20,9 @@ use tokio::net::TcpStream;
 use tracing::{error, info, warn};
 
 use super::anvil::{self, AnvilMsg, ClientKey, Limits};
-use super::{child_path, fsm, listener, RestartIntensity};
+use super::msg::SmtpdSupMsg;
+use super::supervision::{spawn_child, Ended, RestartIntensity};
+use super::{child_path, fsm, listener, Handled, Started};
 use crate::config::Config;
 use crate::net::connection::refuse;
 use crate::session::client_is_relay_authorised;
@@ -44,19 +37,6 @@ pub struct SmtpdSupArgs {
     pub config: Arc<Config>,
     /// Path in the tree, for logs.
     pub path: String,
-}
-
-/// Requests the SMTP supervisor serves.
-pub enum SmtpdSupMsg {
-    /// A connection a listener accepted (the flag: on the implicit-TLS port).
-    Accepted(TcpStream, SocketAddr, bool),
-    /// A new configuration: new sessions use it; the listener rebinds if its address
-    /// changed. The reply, if asked for, comes once it applies.
-    Reload(Arc<Config>, Option<RpcReplyPort<()>>),
-    /// Stop accepting, drain the sessions, then reply.
-    Shutdown(RpcReplyPort<()>),
-    /// The drain deadline passed: end the sessions that remain.
-    DrainDeadline,
 }
 
 /// The supervisor's state.
@@ -117,14 +97,8 @@ async fn spawn_listener(
         sup: myself.clone(),
         implicit_tls,
     };
-    let (r, _) = Actor::spawn_linked(
-        Some(name.into()),
-        listener::Listener,
-        args,
-        myself.get_cell(),
-    )
-    .await?;
-    Ok(r.get_cell())
+    let listener = spawn_child(&myself.get_cell(), name, listener::Listener, args).await?;
+    Ok(listener.get_cell())
 }
 
 /// Start `smtpd_anvil`.
@@ -137,14 +111,7 @@ async fn spawn_anvil(
         limits: Limits::of(config),
         path: child_path(path, super::ANVIL),
     };
-    let (r, _) = Actor::spawn_linked(
-        Some(super::ANVIL.into()),
-        anvil::Anvil,
-        args,
-        myself.get_cell(),
-    )
-    .await?;
-    Ok(r)
+    spawn_child(&myself.get_cell(), super::ANVIL, anvil::Anvil, args).await
 }
 
 /// Whether `sessions` open of at most `max` put the server under stress: on at 80%, off
@@ -181,9 +148,9 @@ impl Actor for SmtpdSup {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        myself: ActorRef<SmtpdSupMsg>,
         args: SmtpdSupArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    ) -> Started<SmtpdSupState> {
         info!(path = %args.path, "started");
         let anvil = spawn_anvil(&myself, &args.config, &args.path).await?;
         let listeners = spawn_listeners(&myself, &args.config, &args.path).await?;
@@ -202,11 +169,7 @@ impl Actor for SmtpdSup {
         })
     }
 
-    async fn post_stop(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         myself.stop_children(Some("smtpd_sup stopping".into()));
         info!(path = %state.path, "stopped");
         Ok(())
@@ -217,7 +180,7 @@ impl Actor for SmtpdSup {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             SmtpdSupMsg::Accepted(stream, peer, implicit_tls) => {
                 accept(&myself, state, stream, peer, implicit_tls).await;
@@ -233,11 +196,11 @@ impl Actor for SmtpdSup {
                 if new_addr != state.listener_addr && state.draining.is_none() {
                     info!(path = %state.path, "listening address changed; restarting the listeners");
                     state.listener_addr = new_addr;
-                    for (tls, old) in state.listeners.drain(..) {
+                    // Stopped means unregistered too: the successors can take the names.
+                    for (_, old) in state.listeners.drain(..) {
                         old.stop_and_wait(Some("rebinding".into()), Some(Duration::from_secs(2)))
                             .await
                             .ok();
-                        super::wait_unregistered(listener_name(tls)).await;
                     }
                     state.listeners = match spawn_listeners(&myself, &state.config, &state.path)
                         .await
@@ -267,11 +230,7 @@ impl Actor for SmtpdSup {
                     let _ = reply.send(());
                 } else {
                     state.draining = Some(reply);
-                    let me = myself.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                        let _ = me.send_message(SmtpdSupMsg::DrainDeadline);
-                    });
+                    myself.send_after(Duration::from_secs(3), || SmtpdSupMsg::DrainDeadline);
                 }
             }
             SmtpdSupMsg::DrainDeadline => {
@@ -292,11 +251,9 @@ impl Actor for SmtpdSup {
         myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let (cell, failure) = match &event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell.clone(), Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(cell, _, _) => (cell.clone(), None),
-            _ => return Ok(()),
+    ) -> Handled {
+        let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
+            return Ok(());
         };
         if let Some((name, _, counted)) = state.sessions.remove(&cell.get_id()) {
             // Temporary children: logged, never restarted.
@@ -352,8 +309,8 @@ impl Actor for SmtpdSup {
 }
 
 /// A permanent child `name` ended: log it, and either escalate (restart intensity spent:
-/// our own failure lets the root decide) or make way for its successor (its registry
-/// name freed, the restart logged and counted). Returns the child's path.
+/// our own failure lets the root decide) or log and count the restart. Returns the
+/// child's path.
 async fn before_restart(
     state: &mut SmtpdSupState,
     name: &str,
@@ -361,12 +318,9 @@ async fn before_restart(
 ) -> Result<String, ActorProcessingErr> {
     let path = child_path(&state.path, name);
     error!(path = %path, reason = failure.unwrap_or("terminated"), "child failed");
-    if !state.intensity.allow(Instant::now()) {
+    if !state.intensity.restart(&path) {
         return Err(format!("{path}: restart intensity exceeded").into());
     }
-    super::wait_unregistered(name).await;
-    warn!(path = %path, "restarting");
-    metrics::counter!(names::RESTARTS, "path" => path.clone()).increment(1);
     Ok(path)
 }
 

@@ -1,23 +1,22 @@
 //! `erlmail_store`: owns the store backend and serialises its writes with group commit.
 //!
-//! Every accepted message arrives as an `Accept` request, every finished delivery
-//! attempt as a `Record`. While a commit is in flight, new requests wait; when it ends,
-//! all of them go into the next transaction together, so concurrent sessions and senders
-//! share one fsync. A record alone does not start a commit at once: it waits up to
-//! [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`] records), since
-//! nobody waits on it but its sender, and a commit of its own would cost a second fsync
-//! per relayed message (a crash meanwhile can only cause a second delivery, never a
-//! loss: the message is still queued and leased). A reply (and so the session's 250)
-//! goes out only after the transaction holding that message committed. After a commit,
-//! local copies go to Maildirs when configured, and `smtpd_queue` gets the new queued
-//! messages, already leased to it. Reads (recipient look-ups) run concurrently beside the writes.
-//! This actor does not speak SMTP and does not decide policy.
+//! Accepts and attempt records that arrive while a commit is in flight go into the next
+//! transaction together, so concurrent sessions and senders share one fsync. A record
+//! alone waits up to [`RECORD_WAIT`] for an accept to ride with (or for [`RECORD_BATCH`]
+//! records): nobody waits on it but its sender, and a crash meanwhile can only cause a
+//! second delivery, never a loss. A session's 250 goes out only after the transaction
+//! holding its message committed; then `smtpd_queue` gets the new messages, already
+//! leased to it. Reads run beside the writes; every task ends with this actor. It does
+//! not speak SMTP and does not decide policy.
 
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use super::{Handled, Started};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
+use super::msg::{QueueMsg, QueueOp, RecipientFacts, StoreMsg};
+use super::Tasks;
 use crate::config::Config;
 use crate::store::{
     self, AcceptLease, Accepted, IncomingMessage, QueuedMessage, SharedStore, StoreError,
@@ -44,131 +43,6 @@ pub struct StoreArgs {
     pub path: String,
 }
 
-/// What a recipient look-up found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecipientFacts {
-    /// The domain is one of ours.
-    pub local_domain: bool,
-    /// The user exists.
-    pub user_exists: bool,
-}
-
-/// Requests the store actor serves.
-pub enum StoreMsg {
-    /// Measure the store's clock against this host's (timer).
-    SyncClock,
-    /// Commit an accepted message (joins the next group commit).
-    Accept(IncomingMessage, RpcReplyPort<StoreResult<Accepted>>),
-    /// Is `domain` local, and does `local@domain` exist?
-    LookupRecipient {
-        /// `local@domain`, domain normalised.
-        address: String,
-        /// Where the answer goes.
-        reply: RpcReplyPort<StoreResult<RecipientFacts>>,
-    },
-    /// The argon2 PHC hash of a user's password (`None`: no such user), for SMTP AUTH.
-    PasswordHash {
-        /// `local@domain`.
-        address: String,
-        /// Where the answer goes.
-        reply: RpcReplyPort<StoreResult<Option<String>>>,
-    },
-    /// An outgoing-queue operation for `smtpd_queue` or a sender.
-    Queue(QueueOp),
-    /// A new configuration.
-    Reload(Arc<Config>),
-    /// The commit in flight ended; start the next one if anything waits.
-    CommitDone,
-    /// [`RECORD_WAIT`] has passed since records began waiting: commit them now.
-    FlushRecords,
-    /// Test-only fault injection.
-    #[cfg(debug_assertions)]
-    InjectPanic,
-}
-
-/// Operations on the outgoing queue. Each runs beside the group commits (the backend
-/// serialises them with its own locking) and answers on its port.
-pub enum QueueOp {
-    /// Claim up to `limit` due messages for `node`.
-    ClaimDue {
-        /// Lock owner to stamp.
-        node: String,
-        /// Lease length.
-        lease: std::time::Duration,
-        /// Most messages to claim.
-        limit: usize,
-        /// The claimed messages.
-        reply: RpcReplyPort<StoreResult<Vec<store::QueuedMessage>>>,
-    },
-    /// Extend a lease we hold.
-    Renew {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// Lease length from now.
-        lease: std::time::Duration,
-        /// Whether the lease is still ours.
-        reply: RpcReplyPort<StoreResult<bool>>,
-    },
-    /// Record a try and clear our lock.
-    Record {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// What happened.
-        record: store::AttemptRecord,
-        /// Done, or why not.
-        reply: RpcReplyPort<StoreResult<()>>,
-    },
-    /// Every queued message, for the admin endpoint.
-    List {
-        /// The listing.
-        reply: RpcReplyPort<StoreResult<Vec<store::QueueSummary>>>,
-    },
-    /// Queued messages by state, for metrics.
-    Counts {
-        /// The counts.
-        reply: RpcReplyPort<StoreResult<store::QueueCounts>>,
-    },
-    /// Clear our lock without recording a try.
-    Release {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-    },
-    /// Clear our locks on these messages and answer once done (a stopping queue gives
-    /// back what waits in memory before the store itself stops).
-    ReleaseAll {
-        /// Queue ids.
-        ids: Vec<String>,
-        /// Our lock owner name.
-        node: String,
-        /// Done.
-        reply: RpcReplyPort<()>,
-    },
-    /// Free every lease an earlier run of this node left (`release_node`).
-    ReleaseNode {
-        /// `node_name`.
-        node: String,
-        /// This run's lock owner, kept.
-        current: String,
-        /// How many messages were freed.
-        reply: RpcReplyPort<StoreResult<u64>>,
-    },
-    /// Whether a message that waited in memory is still ours to try (`still_leased`).
-    StillLeased {
-        /// Queue id.
-        id: String,
-        /// Our lock owner name.
-        node: String,
-        /// The answer.
-        reply: RpcReplyPort<StoreResult<bool>>,
-    },
-}
-
 type PendingRecord = (
     String,
     String,
@@ -192,6 +66,8 @@ pub struct StoreState {
     /// Forwards the store's wake-ups (other nodes' new, flushed or released mail) to
     /// the queue as ticks; ends with this actor.
     wake_ups: Option<tokio::task::JoinHandle<()>>,
+    /// Commits, reads and queue operations running beside the mailbox.
+    tasks: Tasks,
 }
 
 impl Actor for StoreActor {
@@ -199,11 +75,7 @@ impl Actor for StoreActor {
     type State = StoreState;
     type Arguments = StoreArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: StoreArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<StoreMsg>, args: StoreArgs) -> Started<StoreState> {
         let url = args.config.effective_store_url();
         let store = store::open(&url).await?;
         // One process per node name: its leases are its own, and a restart takes back
@@ -235,7 +107,7 @@ impl Actor for StoreActor {
             tokio::spawn(async move {
                 while rx.recv().await.is_some() {
                     if let Some(q) = ractor::registry::where_is(super::QUEUE) {
-                        let _ = q.send_message(super::queue::QueueMsg::Tick);
+                        let _ = q.send_message(QueueMsg::Tick);
                     }
                 }
             })
@@ -250,14 +122,11 @@ impl Actor for StoreActor {
             in_flight: false,
             flush_armed: false,
             wake_ups,
+            tasks: Tasks::default(),
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Handled {
         if let Some(task) = state.wake_ups.take() {
             task.abort();
         }
@@ -265,6 +134,8 @@ impl Actor for StoreActor {
         for (_, reply) in state.pending.drain(..) {
             let _ = reply.send(Err(StoreError::Unavailable("store stopping".into())));
         }
+        // The commit in flight (and any read) ends before we do, its replies sent.
+        state.tasks.finish(SHUTDOWN_RECORD_LIMIT).await;
         // Records waiting for company are finished deliveries: commit them on the way
         // out, or they would be delivered again once their leases lapse. Bounded: a
         // store that cannot be reached must not hold up the shutdown.
@@ -292,7 +163,7 @@ impl Actor for StoreActor {
         myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Handled {
         match msg {
             StoreMsg::Accept(message, reply) => {
                 state.pending.push((message, reply));
@@ -317,13 +188,13 @@ impl Actor for StoreActor {
                     return Ok(());
                 }
                 let store = state.store.clone();
-                tokio::spawn(async move {
+                state.tasks.spawn(async move {
                     let _ = reply.send(lookup(&*store, &address).await);
                 });
             }
             StoreMsg::PasswordHash { address, reply } => {
                 let store = state.store.clone();
-                tokio::spawn(async move {
+                state.tasks.spawn(async move {
                     let _ = reply.send(store.password_hash(&address).await);
                 });
             }
@@ -344,13 +215,15 @@ impl Actor for StoreActor {
             }
             StoreMsg::Queue(op) => {
                 let store = state.store.clone();
-                tokio::spawn(run_queue_op(store, op));
+                state.tasks.spawn(run_queue_op(store, op));
             }
             StoreMsg::Reload(config) => state.config = config,
             StoreMsg::SyncClock => {
                 let store = state.store.clone();
                 let path = state.path.clone();
-                tokio::spawn(async move { sync_clock(store.as_ref(), &path).await });
+                state
+                    .tasks
+                    .spawn(async move { sync_clock(store.as_ref(), &path).await });
             }
             #[cfg(debug_assertions)]
             StoreMsg::InjectPanic => {
@@ -559,14 +432,14 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
     // nodes that deliver.
     let delivers = state.config.server_smtp_max_senders > 0;
     let lease = queue.as_ref().filter(|_| delivers).map(|_| AcceptLease {
-        node: super::queue::lock_owner(&state.config),
+        node: super::lock_owner(&state.config),
         expires_at: super::store_now()
             + chrono::Duration::from_std(state.config.server_smtp_lock_lease)
                 .unwrap_or(chrono::Duration::minutes(5)),
     });
     // Notifications committed with their records are due at once: wake the queue.
     let notified = records.iter().any(|(_, _, r)| !r.notifications.is_empty());
-    tokio::spawn(async move {
+    state.tasks.spawn(async move {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let n = messages.len();
         let started = std::time::Instant::now();
@@ -586,7 +459,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
         answer_records(recorded, record_replies);
         if notified && recorded_some {
             if let Some(q) = &queue {
-                let _ = q.send_message(super::queue::QueueMsg::Tick);
+                let _ = q.send_message(QueueMsg::Tick);
             }
         }
         match accepted {
@@ -646,7 +519,7 @@ fn start_commit(myself: &ActorRef<StoreMsg>, state: &mut StoreState) {
                     }
                 }
                 if let (false, Some(q)) = (leased.is_empty(), &queue) {
-                    let _ = q.send_message(super::queue::QueueMsg::Leased(leased));
+                    let _ = q.send_message(QueueMsg::Leased(leased));
                 }
             }
             Err(e) => {
