@@ -64,14 +64,7 @@ async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
         reports.port()
     ));
     let admin = d.admin_addr();
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
-        .0
-        .success());
+    d.add_user("alice@example.test");
     let before = parse_metrics(&http_get(admin, "/metrics"));
 
     // 127.0.0.1 may not relay: one local delivery and one relay denial.

@@ -17,6 +17,8 @@
 mod chaos;
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/pg.rs"]
+mod pg;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -29,86 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon::Daemon;
-use rand::RngCore;
+use pg::TestDb;
 use sink::{Sink, SinkConfig, StartTls};
-use sqlx::postgres::PgPoolOptions;
 
-/// A database of its own for one test, dropped when the guard is (after the daemons,
-/// which are declared later and so dropped first).
-struct TestDb {
-    url: String,
-    name: String,
-    admin_url: String,
-}
-
-impl TestDb {
-    /// Create a fresh database on the `ERLMAIL_TEST_PG` server; `None` (after a note)
-    /// when the variable is unset. Panics when it is set but the server is unreachable.
-    async fn create() -> Option<TestDb> {
-        let Ok(admin_url) = std::env::var("ERLMAIL_TEST_PG") else {
-            eprintln!("note: ERLMAIL_TEST_PG is not set; skipping this cluster test");
-            return None;
-        };
-        let name = format!("erlmail_test_{:016x}", rand::rng().next_u64());
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("ERLMAIL_TEST_PG={admin_url} is unreachable: {e}"));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        // The database replaces the path of the administration URL; the query is kept.
-        let (base, query) = match admin_url.split_once('?') {
-            Some((b, q)) => (b, format!("?{q}")),
-            None => (admin_url.as_str(), String::new()),
-        };
-        let authority_end = base
-            .find("://")
-            .and_then(|s| base[s + 3..].find('/').map(|i| s + 3 + i))
-            .unwrap_or(base.len());
-        let url = format!("{}/{name}{query}", &base[..authority_end]);
-        Some(TestDb {
-            url,
-            name,
-            admin_url,
-        })
-    }
-}
-
-impl Drop for TestDb {
-    /// Drop the database even when the test panicked, on a runtime of its own.
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let admin = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&admin_url)
-                    .await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await?;
-                admin.close().await;
-                Ok::<(), sqlx::Error>(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = done {
-            eprintln!("note: could not drop test database {}: {e}", self.name);
-        }
-    }
-}
+// `pg::TestDb` is declared before the daemons of a test, so they are dropped first.
 
 /// The configuration of one relaying node on the shared database.
 fn node_yaml(db: &TestDb, sink: &Sink, node: &str) -> String {
@@ -139,7 +65,7 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     const N: usize = 5000;
     const SESSIONS: usize = 3;
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     let sink = Sink::start(SinkConfig {
@@ -242,24 +168,6 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
 /// How long an injecting client waits for any one reply. A session that takes longer (the
 /// daemon's own store timeout is 60 s) counts as hung.
 const REPLY_PATIENCE: Duration = Duration::from_secs(30);
-
-impl TestDb {
-    /// A small pool on the test database, to look at the shared state directly.
-    async fn pool(&self) -> sqlx::PgPool {
-        PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.url)
-            .await
-            .unwrap()
-    }
-
-    /// The store URL with `extra` (`key=value`) added to its query.
-    fn url_with(&self, extra: &str) -> String {
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!("{}{sep}{extra}", self.url)
-    }
-}
 
 /// Start one daemon per configuration, all at once (as a cluster comes up).
 fn start_all(yamls: Vec<String>) -> Vec<Daemon> {
@@ -642,7 +550,7 @@ async fn a_node_killed_mid_run_loses_nothing_and_its_leases_pass_to_the_others()
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
     const VICTIM: usize = 2;
     const VICTIM_SENDERS: usize = 8;
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     // 200 ms between a message's final dot and its 250: each node delivers at most
@@ -867,7 +775,7 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
     const LANES_PER_NODE: usize = 2;
     /// How long PostgreSQL stays down (short: other tests may share the server).
     const OUTAGE: Duration = Duration::from_secs(3);
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     let Some(mut cluster) = PgCluster::local() else {
@@ -997,7 +905,7 @@ async fn a_postgresql_restart_mid_run_is_a_451_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn domains_and_users_added_on_one_node_are_served_by_all() {
     const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     // No relay clients: a domain that is not local is refused (554), so a 250 shows the
@@ -1104,7 +1012,7 @@ fn copies_by_seq(sink: &chaos::FaultSink) -> (HashMap<u64, usize>, Vec<(u64, usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the_rest() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     // A next hop that takes 3 s to answer each final dot. It keeps a message whose
@@ -1176,7 +1084,7 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     // Node a's deliveries take 6 s each (the next hop answers each final dot late), under
@@ -1255,7 +1163,7 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
     // delivers, so every message is claimed from the shared queue by one of the two back
     // nodes, racing each other. A locking bug shows up as a duplicate.
     const N: usize = 2000;
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     let sink = Sink::start(SinkConfig {
@@ -1327,7 +1235,7 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
 async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
     // The back node scans only every 10 s: picking mail up in milliseconds takes the
     // PostgreSQL notification that the front's commit (or an administrator's flush) sends.
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
     let sink = Sink::start(SinkConfig {

@@ -34,15 +34,16 @@ fn serve_with_no_setup_starts_on_sqlite_and_logs_the_tree() {
     }
     d.wait_for_log("actor tree", Duration::from_secs(10));
     let log = d.log_text();
-    for line in [
-        "erlmail_sup",
-        "├── erlmail_store",
-        "├── smtpd_queue",
-        "└── smtpd_sup",
-        "    └── smtpd_listener",
-    ] {
-        assert!(log.contains(line), "tree line {line:?} missing:\n{log}");
-    }
+    daemon::assert_contains_all(
+        &log,
+        &[
+            "erlmail_sup",
+            "├── erlmail_store",
+            "├── smtpd_queue",
+            "└── smtpd_sup",
+            "    └── smtpd_listener",
+        ],
+    );
     assert!(
         d.dir.path().join("spool/erlmail.db").exists(),
         "the SQLite store is created in ./spool"

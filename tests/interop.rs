@@ -84,12 +84,6 @@ fn show(d: &Daemon, user: &str, id: i64) -> String {
     out
 }
 
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
-}
-
 /// Poll until `f` holds; panics with `what` and the daemon log on timeout.
 fn wait_until(d: &Daemon, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -252,7 +246,7 @@ fn swaks_relays_from_an_authorised_client_to_smtp_sink() {
         d.log_text()
     );
     wait_until(&d, "empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     let dumps = sink.dumps();
     assert_eq!(dumps.len(), 1, "{dumps:?}");
@@ -393,7 +387,7 @@ fn python_smtplib_sees_the_extensions_delivers_and_is_refused_relaying() {
     let stored = show(&d, ALICE, r.id);
     assert_stored_as_sent(&stored, &eight);
     // No stray message for the refused relay recipient was stored or queued.
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_list().contains("Mail queue is empty"));
 }
 
 /// Sends one message with dot lines through erlmail with smtplib, as a relay client.
@@ -432,7 +426,7 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
         d.log_text()
     );
     wait_until(&d, "an empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     std::thread::sleep(Duration::from_millis(500));
     let msgs = sink.messages();
@@ -510,7 +504,7 @@ fn smtp_source_1000_messages_over_20_sessions_are_all_stored() {
         assert!(stored.contains("\r\nSubject: interop load\r\n"), "{stored}");
         assert!(stored.ends_with("La de da de da 4.\r\n"), "{stored:?}");
     }
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_list().contains("Mail queue is empty"));
 }
 
 /// Issue 4 point 7: smtp-source -> erlmail (relay client) -> smtp-sink, 10,000 messages,
@@ -556,7 +550,7 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
             "only {} of {N} messages reached smtp-sink after {:?}; queue:\n{}\nlog tail:\n{}",
             sink.count(),
             start.elapsed(),
-            queue_list(&d)
+            d.queue_list()
                 .lines()
                 .take(40)
                 .collect::<Vec<_>>()
@@ -579,7 +573,7 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
         N as f64 / delivered
     );
     wait_until(&d, "an empty queue", Duration::from_secs(120), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     // Give any duplicate a chance to show up before counting for good.
     let total = sink.settle(Duration::from_secs(3));
@@ -631,5 +625,5 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
         .collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     assert_eq!(seen.len(), N);
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_list().contains("Mail queue is empty"));
 }

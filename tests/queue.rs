@@ -40,12 +40,6 @@ fn relay_one(d: &Daemon, from: &str, to: &[&str], subject: &str) -> String {
     r
 }
 
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "{err}");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     let sink = Sink::start(SinkConfig::default()).await;
@@ -64,7 +58,7 @@ async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     let text = String::from_utf8_lossy(&m.data).into_owned();
     assert!(text.starts_with("Received: from client.test"), "{text}");
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
 }
 
@@ -85,7 +79,7 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
         sink.transactions().len() == 1
     });
     wait_until("listing with error", Duration::from_secs(5), || {
-        let l = queue_list(&d);
+        let l = d.queue_list();
         l.contains("451") && l.contains("b@remote.test")
     });
     assert!(
@@ -113,7 +107,7 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
     );
     assert_eq!(sink.count(), 1);
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "delivered exactly once");
@@ -216,7 +210,7 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
         d.log_text()
     );
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dsns = reports.messages();
@@ -290,7 +284,7 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
         d.log_text()
     );
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1);
@@ -317,7 +311,7 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
     // The log line comes before the record commits (records wait a few ms for company).
     let mut listing = String::new();
     wait_until("the crash recorded", Duration::from_secs(5), || {
-        listing = queue_list(&d);
+        listing = d.queue_list();
         listing.contains("delivery agent crashed")
     });
     assert!(!listing.contains("being delivered"), "unlocked: {listing}");
@@ -344,7 +338,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     });
     let mut listing = String::new();
     wait_until("both listed with errors", Duration::from_secs(5), || {
-        listing = queue_list(&d);
+        listing = d.queue_list();
         listing.matches("451 4.3.0").count() >= 2
     });
     assert!(
@@ -369,7 +363,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     // Hold the first, delete the second, flush: nothing is sent.
     assert!(d.admin(&["queue", "hold", &ids[0]], None).0.success());
     assert!(d.admin(&["queue", "delete", &ids[1]], None).0.success());
-    assert!(queue_list(&d).contains("held"));
+    assert!(d.queue_list().contains("held"));
     let (status, out, _) = d.admin(&["queue", "flush"], None);
     assert!(status.success(), "{out}");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -384,7 +378,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     );
     assert!(String::from_utf8_lossy(&sink.messages()[0].data).contains("Subject: first"));
     wait_until("empty queue", Duration::from_secs(5), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     let (status, _, err) = d.admin(&["queue", "show", &ids[1]], None);
     assert!(!status.success() && err.contains("no queued message"));
@@ -392,11 +386,11 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     // delete --all
     relay_one(&d, "a@client.test", &["defer-d@remote.test"], "third");
     wait_until("third deferred", Duration::from_secs(10), || {
-        queue_list(&d).contains("450 4.2.0")
+        d.queue_list().contains("450 4.2.0")
     });
     let (status, out, _) = d.admin(&["queue", "delete", "--all"], None);
     assert!(status.success() && out.contains("Deleted: 1"), "{out}");
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_list().contains("Mail queue is empty"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,8 @@
 mod chaos;
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/pg.rs"]
+mod pg;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chaos::{Fault, FaultRule, FaultSink, Load, Outcome};
-use daemon::Daemon;
+use daemon::{wait_until, Daemon};
+use pg::TestDb;
 use rand::Rng;
 
 /// One case at a time, across processes too (nextest runs each test in its own): they
@@ -47,20 +50,6 @@ fn relay_yaml(sink_port: u16, extra: &str) -> String {
     )
 }
 
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Start `erlmail serve` again on the spool and config of `d` (already stopped).
 fn restart(mut d: Daemon) -> Daemon {
     let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
@@ -86,54 +75,12 @@ fn kill_9_under_load_loses_nothing_accepted() {
     kill_9_run("kill9-sqlite", "");
 }
 
-/// A fresh PostgreSQL database on the `ERLMAIL_TEST_PG` server (dropped at the end).
-struct PgDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create(admin: &str) -> PgDb {
-        let name = format!("erlmail_chaos_{:016x}", rand::rng().random::<u64>());
-        let out = Command::new("psql")
-            .args([admin, "-q", "-c", &format!("CREATE DATABASE {name}")])
-            .output()
-            .expect("psql (postgresql-client) is needed for the PostgreSQL case");
-        assert!(
-            out.status.success(),
-            "CREATE DATABASE: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
-        PgDb {
-            admin: admin.into(),
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([
-                &self.admin,
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
 #[test]
 fn kill_9_under_load_loses_nothing_accepted_postgres() {
-    let Ok(admin) = std::env::var("ERLMAIL_TEST_PG") else {
-        eprintln!("note: ERLMAIL_TEST_PG is not set; skipping the PostgreSQL kill -9 case");
+    // A fresh database on the `ERLMAIL_TEST_PG` server, dropped at the end.
+    let Some(db) = runtime().block_on(TestDb::create("the PostgreSQL kill -9 case")) else {
         return;
     };
-    let db = PgDb::create(&admin);
     kill_9_run("kill9-postgres", &format!("store_url: \"{}\"\n", db.url));
 }
 
@@ -214,7 +161,7 @@ fn kill_9_run(case: &str, store_yaml: &str) {
         },
     );
     wait_until("empty queue", Duration::from_secs(60), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     max_rss = max_rss.max(chaos::rss_kb(d.child.id()));
     let arrivals = sink.arrivals();
@@ -333,7 +280,7 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     let mut seen = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 5 && Instant::now() < deadline {
-        let list = queue_list(&d);
+        let list = d.queue_list();
         for (key, rcpt, needle) in [
             ("drop", "drop@remote.test", "connection closed"),
             ("421", "close421@remote.test", "421"),
@@ -361,11 +308,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
         seen.keys().copied().collect::<Vec<_>>(),
         vec!["421", "452", "452-never", "drop", "stall"],
         "reasons not all shown; last listing:\n{}",
-        queue_list(&d)
+        d.queue_list()
     );
 
     wait_until("schedule played out", Duration::from_secs(40), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     std::thread::sleep(Duration::from_millis(500));
     let arrivals = sink.arrivals();
@@ -569,7 +516,7 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
         },
     );
     wait_until("empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     println!("{t:?}");
@@ -849,7 +796,7 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
         },
     );
     wait_until("empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_list().contains("Mail queue is empty")
     });
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     println!("{t:?}");

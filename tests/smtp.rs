@@ -13,14 +13,7 @@ use daemon::Daemon;
 
 fn local_daemon(extra: &str) -> Daemon {
     let d = Daemon::start(extra);
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw-alice\n"))
-        .0
-        .success());
+    d.add_user_with_password("alice@example.test", "pw-alice");
     d
 }
 
@@ -49,13 +42,7 @@ fn local_message_reads_back_byte_for_byte_with_a_received_header() {
         list.contains("Hello Alice") && list.contains("bob@remote.test"),
         "{list}"
     );
-    let id = list
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let id = daemon::first_listed_id(&list);
     let (status, shown, _) = d.admin(&["mailbox", "show", "alice@example.test", id], None);
     assert!(status.success());
     // The client's text with dots unstuffed, CRLF line ends, after our Received: header.
@@ -118,17 +105,18 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
     assert!(list.contains("both ways"), "{list}");
     let (status, shown, err) = d.admin(&["queue", "show", &queue_id], None);
     assert!(status.success(), "{queue_id}: {err}");
-    for want in [
-        "sender: <sender@relay-client.test>",
-        "from 127.0.0.1 (helo relay-client.test)",
-        "ret: HDRS",
-        "envid: QQ314159",
-        "recipient: <far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
-        "Subject: both ways",
-        "Received: from relay-client.test",
-    ] {
-        assert!(shown.contains(want), "{want:?} missing:\n{shown}");
-    }
+    daemon::assert_contains_all(
+        &shown,
+        &[
+            "sender: <sender@relay-client.test>",
+            "from 127.0.0.1 (helo relay-client.test)",
+            "ret: HDRS",
+            "envid: QQ314159",
+            "recipient: <far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
+            "Subject: both ways",
+            "Received: from relay-client.test",
+        ],
+    );
     assert!(
         !shown.contains("alice@example.test"),
         "local recipient not queued:\n{shown}"

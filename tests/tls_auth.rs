@@ -13,9 +13,9 @@ mod peers;
 mod sink;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use daemon::{b64, Daemon};
+use daemon::{b64, wait_until, Daemon};
 use peers::{require, run};
 use sink::{Sink, SinkConfig, StartTls};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -72,20 +72,6 @@ fn assert_log_clean(d: &Daemon) {
         b64(format!("\0{BOB}\0wrong-{PASSWORD}").as_bytes()),
     ] {
         assert!(!log.contains(&secret), "log contains {secret:?}");
-    }
-}
-
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -448,7 +434,7 @@ async fn outbound_require_refuses_a_hop_without_starttls() {
         "the refused attempt in queue list",
         Duration::from_secs(30),
         || {
-            listing = queue_list(&s.d);
+            listing = s.d.queue_list();
             listing.contains("TLS required but STARTTLS not offered")
         },
     );

@@ -359,6 +359,19 @@ impl Smtp {
         self.stream.write_all(bytes).unwrap();
     }
 
+    /// `EHLO` (or `HELO`) `hello`, then `mail` (`MAIL FROM:…`), each of `rcpts`
+    /// (`RCPT TO:…`) and `DATA`, each asserted accepted; the message text comes next.
+    pub fn start_data(&mut self, hello: &str, mail: &str, rcpts: &[&str]) {
+        for (line, code) in std::iter::once((hello, "250"))
+            .chain(std::iter::once((mail, "250")))
+            .chain(rcpts.iter().map(|r| (*r, "250")))
+            .chain(std::iter::once(("DATA", "354")))
+        {
+            let r = self.cmd(line);
+            assert!(r.starts_with(code), "{line}: {r}");
+        }
+    }
+
     /// A whole transaction; returns the reply to the final dot.
     pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
         let r = self.cmd(&format!("MAIL FROM:<{from}>"));
@@ -391,11 +404,23 @@ impl Daemon {
     /// `erlmail domain add` the domain of `address`, then `erlmail user add address`
     /// with password `pw`.
     pub fn add_user(&self, address: &str) {
+        self.add_user_with_password(address, "pw");
+    }
+
+    /// As `add_user`, with password `password`.
+    pub fn add_user_with_password(&self, address: &str, password: &str) {
         let domain = address.rsplit_once('@').expect("an address").1;
         let (ok, _, err) = self.admin(&["domain", "add", domain], None);
         assert!(ok.success(), "domain add {domain}: {err}");
-        let (ok, _, err) = self.admin(&["user", "add", address], Some("pw\n"));
+        let (ok, _, err) = self.admin(&["user", "add", address], Some(&format!("{password}\n")));
         assert!(ok.success(), "user add {address}: {err}");
+    }
+
+    /// The output of `erlmail queue list` (which must succeed).
+    pub fn queue_list(&self) -> String {
+        let (status, out, err) = self.admin(&["queue", "list"], None);
+        assert!(status.success(), "queue list: {err}");
+        out
     }
 }
 
@@ -406,4 +431,22 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Asserts that `text` contains each of `wanted`, naming the first one missing.
+pub fn assert_contains_all(text: &str, wanted: &[&str]) {
+    for want in wanted {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+}
+
+/// The first word of the first entry under the heading of an `erlmail … list` table (its
+/// id).
+pub fn first_listed_id(list: &str) -> &str {
+    list.lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
 }
