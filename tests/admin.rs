@@ -4,6 +4,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -15,9 +17,6 @@ use sink::{Sink, SinkConfig, StartTls};
 
 /// Parse a scrape with prometheus_client's parser; samples as `name{labels}` -> value.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("scrape.txt");
-    std::fs::write(&file, text).unwrap();
     let script = r#"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,18 +25,13 @@ for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
         labels = ",".join("%s=%s" % kv for kv in sorted(s.labels.items()))
         print("%s{%s}\t%r" % (s.name, labels, s.value))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "not valid Prometheus text format: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = python::python3_on(
+        text.as_bytes(),
+        script,
+        &[],
+        &format!("not valid Prometheus text format:\n{text}\n"),
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out)
         .lines()
         .map(|l| {
             let (k, v) = l.split_once('\t').unwrap();

@@ -6,6 +6,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -99,9 +101,6 @@ struct Verdict {
 /// Every DKIM-Signature of `message` verified by dkimpy, with `records` (name -> TXT
 /// text) as the DNS.
 fn dkimpy(message: &[u8], records: &[&Key]) -> Vec<Verdict> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("message.eml");
-    std::fs::write(&file, message).unwrap();
     let dns: BTreeMap<&str, &str> = records
         .iter()
         .map(|k| (k.name.as_str(), k.record.as_str()))
@@ -134,32 +133,21 @@ for i, (k, v) in enumerate([h for h in d.headers if h[0].lower() == b'dkim-signa
 assert len(out) == count
 print(json.dumps(out))
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .arg(serde_json::to_string(&dns).unwrap())
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "dkimpy failed (pip install dkimpy pynacl): {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = python::python3_on(
+        message,
+        script,
+        &[&serde_json::to_string(&dns).unwrap()],
+        "dkimpy failed (pip install dkimpy pynacl)",
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// One transaction; the MAIL FROM line may carry parameters.
 fn relay(d: &Daemon, mail_from: &str, rcpts: &[&str], text: &[u8]) {
     let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    let r = s.cmd(mail_from);
-    assert!(r.starts_with("250"), "{r}");
-    for rcpt in rcpts {
-        let r = s.cmd(&format!("RCPT TO:<{rcpt}>"));
-        assert!(r.starts_with("250"), "{r}");
-    }
-    assert!(s.cmd("DATA").starts_with("354"));
+    let rcpts: Vec<String> = rcpts.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    s.start_data("EHLO client.test", mail_from, &rcpts);
     s.send_raw(text);
     let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");

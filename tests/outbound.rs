@@ -6,6 +6,8 @@
 
 #[path = "support/dns.rs"]
 mod dns;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -766,9 +768,6 @@ fn dsn_parsed_by_python_email() {
         original: BODY.to_vec(),
     };
     let dsn = build_dsn(&input);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dsn.eml");
-    std::fs::write(&path, &dsn).unwrap();
     let script = r#"
 import email, json, sys
 from email import policy
@@ -789,18 +788,8 @@ out = {
 }
 print(json.dumps(out, sort_keys=True))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = python::python3_on(&dsn, script, &[], "the DSN as Python's email reads it");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["type"], "multipart/report");
     assert_eq!(v["report_type"], "delivery-status");
     assert_eq!(

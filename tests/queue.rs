@@ -4,6 +4,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
 
@@ -114,9 +116,6 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
 }
 
 fn check_dsn_with_python(dsn: &[u8], expect: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("dsn.eml");
-    std::fs::write(&file, dsn).unwrap();
     let script = r#"
 import email, sys
 from email import policy
@@ -131,18 +130,8 @@ for block in parts[1].get_payload():
         fields.append('%s: %s' % (k, v))
 print('\n'.join(fields))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fields = String::from_utf8_lossy(&out.stdout);
+    let out = python::python3_on(dsn, script, &[], "the DSN as Python's email reads it");
+    let fields = String::from_utf8_lossy(&out);
     for e in expect {
         assert!(fields.contains(e), "{e:?} not in\n{fields}");
     }
@@ -175,33 +164,33 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
     // 5xx: one DSN at once. Exhausted 4xx: one DSN after the single retry.
     let mut s = d.connect();
     assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s
-        .cmd("MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1")
-        .starts_with("250"));
-    assert!(s
-        .cmd("RCPT TO:<fail@remote.test> ORCPT=rfc822;fail@remote.test")
-        .starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("will bounce").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<sender@origin.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<slow@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("will expire").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    // Null sender, and NOTIFY=NEVER: no report whatever happens.
-    assert!(s.cmd("MAIL FROM:<>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<fail@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("bounce of a bounce").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<sender@origin.test>").starts_with("250"));
-    assert!(s
-        .cmd("RCPT TO:<fail@remote.test> NOTIFY=NEVER")
-        .starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("never tell").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
+    for (mail, rcpt, subject) in [
+        (
+            "MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1",
+            "RCPT TO:<fail@remote.test> ORCPT=rfc822;fail@remote.test",
+            "will bounce",
+        ),
+        (
+            "MAIL FROM:<sender@origin.test>",
+            "RCPT TO:<slow@remote.test>",
+            "will expire",
+        ),
+        // Null sender, and NOTIFY=NEVER: no report whatever happens.
+        (
+            "MAIL FROM:<>",
+            "RCPT TO:<fail@remote.test>",
+            "bounce of a bounce",
+        ),
+        (
+            "MAIL FROM:<sender@origin.test>",
+            "RCPT TO:<fail@remote.test> NOTIFY=NEVER",
+            "never tell",
+        ),
+    ] {
+        s.begin_data(mail, &[rcpt]);
+        s.send_raw(body(subject).as_bytes());
+        assert!(s.cmd(".").starts_with("250"));
+    }
     let _ = s.cmd("QUIT");
 
     assert!(

@@ -33,13 +33,7 @@ fn relay(routes: &[(&str, &Sink)], reports: &Sink) -> Daemon {
 
 /// One transaction with the given MAIL and RCPT lines; the reply to the final dot.
 fn send(s: &mut Smtp, mail: &str, rcpts: &[&str], text: &[u8]) -> String {
-    let r = s.cmd(mail);
-    assert!(r.starts_with("250"), "{mail}: {r}");
-    for rcpt in rcpts {
-        let r = s.cmd(rcpt);
-        assert!(r.starts_with("250"), "{rcpt}: {r}");
-    }
-    assert!(s.cmd("DATA").starts_with("354"));
+    s.begin_data(mail, rcpts);
     s.send_raw(text);
     s.cmd(".")
 }

@@ -359,29 +359,29 @@ impl Smtp {
         self.stream.write_all(bytes).unwrap();
     }
 
-    /// `EHLO` (or `HELO`) `hello`, then `mail` (`MAIL FROM:…`), each of `rcpts`
-    /// (`RCPT TO:…`) and `DATA`, each asserted accepted; the message text comes next.
+    /// `hello` (`EHLO …` or `HELO …`) asserted accepted, then `begin_data`.
     pub fn start_data(&mut self, hello: &str, mail: &str, rcpts: &[&str]) {
-        for (line, code) in std::iter::once((hello, "250"))
-            .chain(std::iter::once((mail, "250")))
-            .chain(rcpts.iter().map(|r| (*r, "250")))
-            .chain(std::iter::once(("DATA", "354")))
-        {
+        let r = self.cmd(hello);
+        assert!(r.starts_with("250"), "{hello}: {r}");
+        self.begin_data(mail, rcpts);
+    }
+
+    /// `mail` (`MAIL FROM:…`), each of `rcpts` (`RCPT TO:…`) and `DATA`, each asserted
+    /// accepted; the message text comes next.
+    pub fn begin_data(&mut self, mail: &str, rcpts: &[&str]) {
+        for line in std::iter::once(mail).chain(rcpts.iter().copied()) {
             let r = self.cmd(line);
-            assert!(r.starts_with(code), "{line}: {r}");
+            assert!(r.starts_with("250"), "{line}: {r}");
         }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
     }
 
     /// A whole transaction; returns the reply to the final dot.
     pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
-        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
-        assert!(r.starts_with("250"), "MAIL: {r}");
-        for t in to {
-            let r = self.cmd(&format!("RCPT TO:<{t}>"));
-            assert!(r.starts_with("250"), "RCPT {t}: {r}");
-        }
-        let r = self.cmd("DATA");
-        assert!(r.starts_with("354"), "DATA: {r}");
+        let rcpts: Vec<String> = to.iter().map(|t| format!("RCPT TO:<{t}>")).collect();
+        let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        self.begin_data(&format!("MAIL FROM:<{from}>"), &rcpts);
         self.send_raw(body.as_bytes());
         self.cmd(".")
     }
