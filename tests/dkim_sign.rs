@@ -144,10 +144,10 @@ print(json.dumps(out))
 
 /// One transaction; the MAIL FROM line may carry parameters.
 fn relay(d: &Daemon, mail_from: &str, rcpts: &[&str], text: &[u8]) {
-    let mut s = d.connect();
+    let mut s = d.connect_ehlo("client.test");
     let rcpts: Vec<String> = rcpts.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
     let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    s.start_data("EHLO client.test", mail_from, &rcpts);
+    s.begin_data(mail_from, &rcpts);
     s.send_raw(text);
     let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");

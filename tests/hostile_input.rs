@@ -109,12 +109,8 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
 async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
     let sink = Sink::start(SinkConfig::default()).await;
     let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO client.test",
-        "MAIL FROM:<a@client.test>",
-        &["RCPT TO:<b@remote.test>"],
-    );
+    let mut s = d.connect_ehlo("client.test");
+    s.begin_data("MAIL FROM:<a@client.test>", &["RCPT TO:<b@remote.test>"]);
     s.send_raw(b"Subject: nul\r\n\r\nbefore\0after\r\n");
     assert_eq!(
         s.cmd("."),

@@ -193,9 +193,8 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
     );
     // The mark that kills senders is in the body, and the bounce returns headers only
     // (RET=HDRS), so the bounce itself goes out.
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO client.test",
+    let mut s = d.connect_ehlo("client.test");
+    s.begin_data(
         "MAIL FROM:<owner@client.test> RET=HDRS",
         &["RCPT TO:<victim@remote.test>"],
     );

@@ -751,9 +751,8 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
     // Beside the load: an idle session and one half-way through its DATA.
     let mut idle = d.connect();
     assert!(idle.cmd("EHLO idle.test").starts_with("250"));
-    let mut mid = d.connect();
-    mid.start_data(
-        "EHLO mid.test",
+    let mut mid = d.connect_ehlo("mid.test");
+    mid.begin_data(
         "MAIL FROM:<mid@client.test>",
         &["RCPT TO:<sink@remote.test>"],
     );

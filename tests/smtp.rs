@@ -26,9 +26,8 @@ fn local_message_reads_back_byte_for_byte_with_a_received_header() {
         "maildir_root: \"{}\"\nserver_smtp_name: \"mx.example.test\"\n",
         maildir.path().display()
     ));
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO client.remote.test",
+    let mut s = d.connect_ehlo("client.remote.test");
+    s.begin_data(
         "MAIL FROM:<bob@remote.test>",
         &["RCPT TO:<Alice@EXAMPLE.test>"],
     );
@@ -85,9 +84,8 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
          server_smtp_relay_host: \"127.0.0.1:9\"\n\
          server_smtp_retry_interval: [\"1h\"]\n",
     );
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO relay-client.test",
+    let mut s = d.connect_ehlo("relay-client.test");
+    s.begin_data(
         "MAIL FROM:<sender@relay-client.test> RET=HDRS ENVID=QQ314159",
         &[
             "RCPT TO:<far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
@@ -136,12 +134,8 @@ fn the_250_comes_only_after_the_commit_that_holds_the_message() {
          server_smtp_retry_interval: [\"1h\"]\n",
     );
     let db = d.dir.path().join("spool/erlmail.db");
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO c.test",
-        "MAIL FROM:<x@c.test>",
-        &["RCPT TO:<far@remote.example>"],
-    );
+    let mut s = d.connect_ehlo("c.test");
+    s.begin_data("MAIL FROM:<x@c.test>", &["RCPT TO:<far@remote.example>"]);
     s.send_raw(b"Subject: durable\r\n\r\nbody\r\n");
 
     let blocker = rusqlite::Connection::open(&db).unwrap();
@@ -198,9 +192,8 @@ fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     )
     .unwrap();
     drop(conn);
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO c.test",
+    let mut s = d.connect_ehlo("c.test");
+    s.begin_data(
         "MAIL FROM:<x@c.test>",
         &[
             "RCPT TO:<alice@example.test>",
@@ -308,9 +301,8 @@ fn an_idle_session_is_closed_with_421_after_the_timeout() {
 #[test]
 fn a_local_user_named_twice_in_two_cases_gets_one_copy() {
     let d = local_daemon("");
-    let mut s = d.connect();
-    s.start_data(
-        "EHLO client.remote.test",
+    let mut s = d.connect_ehlo("client.remote.test");
+    s.begin_data(
         "MAIL FROM:<bob@remote.test>",
         &[
             "RCPT TO:<Alice@example.test>",

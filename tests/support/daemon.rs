@@ -277,6 +277,14 @@ impl Daemon {
     pub fn connect(&self) -> Smtp {
         Smtp::connect(self.addr)
     }
+
+    /// Open an SMTP connection, read the greeting and say `EHLO name` (asserted accepted).
+    pub fn connect_ehlo(&self, name: &str) -> Smtp {
+        let mut s = self.connect();
+        let r = s.cmd(&format!("EHLO {name}"));
+        assert!(r.starts_with("250"), "EHLO {name}: {r}");
+        s
+    }
 }
 
 impl Drop for Daemon {
@@ -357,13 +365,6 @@ impl Smtp {
     /// Send raw bytes.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
-    }
-
-    /// `hello` (`EHLO …` or `HELO …`) asserted accepted, then `begin_data`.
-    pub fn start_data(&mut self, hello: &str, mail: &str, rcpts: &[&str]) {
-        let r = self.cmd(hello);
-        assert!(r.starts_with("250"), "{hello}: {r}");
-        self.begin_data(mail, rcpts);
     }
 
     /// `mail` (`MAIL FROM:…`), each of `rcpts` (`RCPT TO:…`) and `DATA`, each asserted
