@@ -7,6 +7,9 @@
 //! Include it with `#[path = "support/chaos.rs"] mod chaos;`.
 #![allow(dead_code)]
 
+#[path = "wire.rs"]
+mod wire;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -672,22 +675,9 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 io.get_mut()
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
-                let mut data = Vec::new();
-                loop {
-                    line.clear();
-                    if io.read_until(b'\n', &mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == b".\r\n" {
-                        break;
-                    }
-                    let content = if line.starts_with(b".") {
-                        &line[1..]
-                    } else {
-                        &line[..]
-                    };
-                    data.extend_from_slice(content);
-                }
+                let Some(data) = wire::read_data(&mut io).await? else {
+                    return Ok(());
+                };
                 let after_dot = |f: Fault| {
                     matches!(
                         f,

@@ -186,29 +186,23 @@ impl Daemon {
     /// Wait until a log line at index >= `from` contains `needle`.
     pub fn wait_for_log_after(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .log
-                .lock()
+        let found = |log: &Mutex<Vec<String>>| {
+            log.lock()
                 .unwrap()
                 .iter()
                 .skip(from)
                 .find(|l| l.contains(needle))
-            {
-                return l.clone();
+                .cloned()
+        };
+        loop {
+            if let Some(l) = found(&self.log) {
+                return l;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader threads a moment to drain.
                 std::thread::sleep(Duration::from_millis(200));
-                if let Some(l) = self
-                    .log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .skip(from)
-                    .find(|l| l.contains(needle))
-                {
-                    return l.clone();
+                if let Some(l) = found(&self.log) {
+                    return l;
                 }
                 panic!(
                     "erlmail exited ({status}) before logging {needle:?}:\n{}",

@@ -24,6 +24,9 @@
 
 #![allow(dead_code)]
 
+#[path = "wire.rs"]
+mod wire;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -398,22 +401,9 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 io.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
                 io.flush().await?;
-                let mut data = Vec::new();
-                loop {
-                    line.clear();
-                    if io.read_until(b'\n', &mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == b".\r\n" {
-                        break;
-                    }
-                    let content = if line.starts_with(b".") {
-                        &line[1..]
-                    } else {
-                        &line[..]
-                    };
-                    data.extend_from_slice(content);
-                }
+                let Some(data) = wire::read_data(&mut io).await? else {
+                    return Ok(());
+                };
                 let at = Utc::now();
                 let from = mail.take().unwrap_or_default();
                 let accepted = std::mem::take(&mut rcpts);
