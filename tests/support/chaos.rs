@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A scale knob: `ERLMAIL_CHAOS_LONG=1` (set by `scripts/chaos`) selects the long form.
@@ -621,13 +621,10 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
     let mut mail: Option<String> = None;
     let mut started = Instant::now();
     let mut rcpts: Vec<String> = Vec::new();
-    let mut line = Vec::new();
     loop {
-        line.clear();
-        if (&mut io).take(4096).read_until(b'\n', &mut line).await? == 0 {
+        let Some(text) = wire::read_command(&mut io).await? else {
             return Ok(());
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        };
         let upper = text.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
             "250-faults.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES".into()
@@ -637,17 +634,13 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
             if s.closed.load(Ordering::SeqCst) {
                 "451 4.3.2 next hop closed for the test".into()
             } else {
-                let a = text[10..].trim();
-                let a = a.split_whitespace().next().unwrap_or("");
-                mail = Some(a.trim_start_matches('<').trim_end_matches('>').to_string());
+                mail = Some(wire::angle(&text[10..]));
                 started = Instant::now();
                 rcpts.clear();
                 "250 2.1.0 Ok".into()
             }
         } else if upper.starts_with("RCPT TO:") {
-            let a = text[8..].trim();
-            let a = a.split_whitespace().next().unwrap_or("");
-            let rcpt = a.trim_start_matches('<').trim_end_matches('>').to_string();
+            let rcpt = wire::angle(&text[8..]);
             let local = local_part(&rcpt);
             match s.take_fault(&local, |f| {
                 matches!(f, Fault::StallAtRcpt(_) | Fault::Rcpt452)

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -282,12 +282,6 @@ fn acceptor() -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
-fn angle(arg: &str) -> String {
-    let a = arg.trim();
-    let a = a.split_whitespace().next().unwrap_or("");
-    a.trim_start_matches('<').trim_end_matches('>').to_string()
-}
-
 /// One SMTP session.
 async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
     let cfg = &s.config;
@@ -302,13 +296,10 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
     let mut helo = String::new();
     let mut mail: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
-    let mut line = Vec::new();
     loop {
-        line.clear();
-        if (&mut io).take(4096).read_until(b'\n', &mut line).await? == 0 {
+        let Some(text) = wire::read_command(&mut io).await? else {
             return Ok(());
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        };
         s.state.lock().unwrap().commands.push(text.clone());
         let upper = text.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO ") || upper.starts_with("HELO ") {
@@ -363,7 +354,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if helo.is_empty() {
                 "503 5.5.1 Error: send HELO/EHLO first".into()
             } else if cfg.mail_reply.starts_with('2') {
-                mail = Some(angle(&text[10..]));
+                mail = Some(wire::angle(&text[10..]));
                 rcpts.clear();
                 cfg.mail_reply.clone()
             } else {
@@ -373,7 +364,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if mail.is_none() {
                 "503 5.5.1 Error: need MAIL command".into()
             } else {
-                let rcpt = angle(&text[8..]);
+                let rcpt = wire::angle(&text[8..]);
                 let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
                 let rule = cfg
                     .rcpt_rules
