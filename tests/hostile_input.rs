@@ -26,12 +26,6 @@ fn relay_yaml(sink: &Sink) -> String {
     )
 }
 
-fn queue_is_empty(d: &Daemon) -> bool {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "{err}");
-    out.contains("Mail queue is empty")
-}
-
 /// Everything the server still writes until it closes the connection (a read timeout
 /// fails the test: the connection must be closed, not left open).
 fn read_until_closed(s: &mut Smtp) -> String {
@@ -50,7 +44,7 @@ fn read_until_closed(s: &mut Smtp) -> String {
 async fn nothing_delivered(d: &Daemon, sink: &Sink) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(sink.count(), 0, "{:?}", sink.messages());
-    assert!(queue_is_empty(d));
+    assert!(d.queue_is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +95,7 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
         &unbroken[unbroken.len().saturating_sub(body.len() + 40)..]
     );
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_is_empty(&d)
+        d.queue_is_empty()
     });
 }
 

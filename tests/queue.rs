@@ -59,9 +59,7 @@ async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     assert!(m.tls, "opportunistic STARTTLS used");
     let text = String::from_utf8_lossy(&m.data).into_owned();
     assert!(text.starts_with("Received: from client.test"), "{text}");
-    wait_until("empty queue", Duration::from_secs(10), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,9 +106,7 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
         "{gap2:?}"
     );
     assert_eq!(sink.count(), 1);
-    wait_until("empty queue", Duration::from_secs(10), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "delivered exactly once");
 }
@@ -198,9 +194,7 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
         "{}",
         d.log_text()
     );
-    wait_until("empty queue", Duration::from_secs(10), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dsns = reports.messages();
     assert_eq!(dsns.len(), 2, "exactly two reports");
@@ -272,9 +266,7 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
         "{}",
         d.log_text()
     );
-    wait_until("empty queue", Duration::from_secs(10), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1);
     let log = d.log_text();
@@ -366,9 +358,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
         "flush woke the daemon"
     );
     assert!(String::from_utf8_lossy(&sink.messages()[0].data).contains("Subject: first"));
-    wait_until("empty queue", Duration::from_secs(5), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(5));
     let (status, _, err) = d.admin(&["queue", "show", &ids[1]], None);
     assert!(!status.success() && err.contains("no queued message"));
 
@@ -379,7 +369,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     });
     let (status, out, _) = d.admin(&["queue", "delete", "--all"], None);
     assert!(status.success() && out.contains("Deleted: 1"), "{out}");
-    assert!(d.queue_list().contains("Mail queue is empty"));
+    assert!(d.queue_is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,27 @@ fn relay_yaml(sink_port: u16, extra: &str) -> String {
     )
 }
 
+/// Whether every message `ledger` says was accepted has reached `sink`.
+fn all_arrived(sink: &FaultSink, ledger: &chaos::Ledger) -> bool {
+    let got: std::collections::HashSet<u64> = sink
+        .datas()
+        .iter()
+        .filter_map(|x| chaos::seq_of(x))
+        .collect();
+    ledger.accepted().iter().all(|s| got.contains(s))
+}
+
+/// Waits until every message `ledger` says was accepted has reached `sink` (for at most
+/// `arrive` seconds), then until the queue of `d` is empty (`drain` seconds).
+fn settle(d: &Daemon, sink: &FaultSink, ledger: &chaos::Ledger, arrive: u64, drain: u64) {
+    wait_until(
+        "every accepted message at the sink",
+        Duration::from_secs(arrive),
+        || all_arrived(sink, ledger),
+    );
+    d.wait_queue_empty(Duration::from_secs(drain));
+}
+
 /// Start `erlmail serve` again on the spool and config of `d` (already stopped).
 fn restart(mut d: Daemon) -> Daemon {
     let dir = std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap());
@@ -147,22 +168,7 @@ fn kill_9_run(case: &str, store_yaml: &str) {
         assert!(run.finished(), "load did not finish");
         run.join().await
     });
-    let accepted = ledger.accepted();
-    wait_until(
-        "every accepted message at the sink",
-        Duration::from_secs(120),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(60), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 120, 60);
     max_rss = max_rss.max(chaos::rss_kb(d.child.id()));
     let arrivals = sink.arrivals();
     let t = chaos::tally(&ledger, &sink.datas(), pad);
@@ -312,7 +318,7 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     );
 
     wait_until("schedule played out", Duration::from_secs(40), || {
-        d.queue_list().contains("Mail queue is empty")
+        d.queue_is_empty()
     });
     std::thread::sleep(Duration::from_millis(500));
     let arrivals = sink.arrivals();
@@ -502,22 +508,7 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
             },
         );
     }
-    let accepted = ledger.accepted();
-    wait_until(
-        "accepted messages delivered",
-        Duration::from_secs(60),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(30), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 60, 30);
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     println!("{t:?}");
     chaos::row(
@@ -782,22 +773,7 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
     );
     sink.set_closed(false);
     let d = restart(d);
-    let accepted = ledger.accepted();
-    wait_until(
-        "accepted messages delivered after restart",
-        Duration::from_secs(90),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(30), || {
-        d.queue_list().contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 90, 30);
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     println!("{t:?}");
     chaos::row(
@@ -883,14 +859,8 @@ fn soak_memory_and_fds_stay_flat() {
         );
     }
     let ledger = rt.block_on(run.join());
-    let accepted = ledger.accepted();
     wait_until("all delivered", Duration::from_secs(60), || {
-        let got: std::collections::HashSet<u64> = sink
-            .datas()
-            .iter()
-            .filter_map(|x| chaos::seq_of(x))
-            .collect();
-        accepted.iter().all(|s| got.contains(s))
+        all_arrived(&sink, &ledger)
     });
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     // After warm-up (the first quarter): memory and fds stay within generous bounds.

@@ -411,6 +411,16 @@ impl Daemon {
         assert!(ok.success(), "user add {address}: {err}");
     }
 
+    /// Whether `erlmail queue list` says the queue is empty.
+    pub fn queue_is_empty(&self) -> bool {
+        self.queue_list().contains("Mail queue is empty")
+    }
+
+    /// Waits until the queue is empty; fails the test after `timeout`.
+    pub fn wait_queue_empty(&self, timeout: Duration) {
+        wait_until("empty queue", timeout, || self.queue_is_empty());
+    }
+
     /// The output of `erlmail queue list` (which must succeed).
     pub fn queue_list(&self) -> String {
         let (status, out, err) = self.admin(&["queue", "list"], None);
