@@ -36,6 +36,46 @@ use sink::{Sink, SinkConfig, StartTls};
 
 // `pg::TestDb` is declared before the daemons of a test, so they are dropped first.
 
+/// Sends message `i` (`X-Seq: i`) from a@client.test to b@remote.test for each of `seqs`
+/// in one session with `d` (node `via`), each asserted accepted.
+fn send_numbered(d: &Daemon, via: &str, seqs: impl Iterator<Item = usize>) {
+    let mut s = d.connect_ehlo("client.test");
+    for i in seqs {
+        let r = s.send_mail(
+            "a@client.test",
+            &["b@remote.test"],
+            &format!("Subject: m{i}\r\nX-Seq: {i}\r\n\r\nbody {i}\r\n"),
+        );
+        assert!(r.starts_with("250"), "message {i} via {via}: {r}");
+    }
+    let _ = s.cmd("QUIT");
+}
+
+/// Sends `chaos::body(i, 1)` from load@client.test to `<prefix><i>@remote.test` for each
+/// of `seqs` in one session with `d`, each asserted accepted.
+fn send_load(d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>) {
+    let mut s = d.connect_ehlo("client.test");
+    for i in seqs {
+        let r = s.send_mail(
+            "load@client.test",
+            &[&format!("{prefix}{i}@remote.test")],
+            &chaos::body(i, 1),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    let _ = s.cmd("QUIT");
+}
+
+/// A next hop that answers every final dot to a `slow…` recipient after `delay`.
+async fn slow_dot_sink(delay: Duration) -> chaos::FaultSink {
+    chaos::FaultSink::start(vec![chaos::FaultRule {
+        prefix: "slow".into(),
+        fault: chaos::Fault::SlowDot(delay),
+        times: usize::MAX,
+    }])
+    .await
+}
+
 /// The configuration of one relaying node on the shared database.
 fn node_yaml(db: &TestDb, sink: &Sink, node: &str) -> String {
     relay_yaml(&db.url, sink.port(), node)
@@ -91,23 +131,8 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     std::thread::scope(|sc| {
         for lane in 0..lanes {
             let d = &daemons[lane % NODES.len()];
-            sc.spawn(move || {
-                let mut s = d.connect();
-                assert!(s.cmd("EHLO client.test").starts_with("250"));
-                for i in (lane..N).step_by(lanes) {
-                    let r = s.send_mail(
-                        "a@client.test",
-                        &["b@remote.test"],
-                        &format!("Subject: m{i}\r\nX-Seq: {i}\r\n\r\nbody {i}\r\n"),
-                    );
-                    assert!(
-                        r.starts_with("250"),
-                        "message {i} via {}: {r}",
-                        NODES[lane % NODES.len()]
-                    );
-                }
-                let _ = s.cmd("QUIT");
-            });
+            let via = NODES[lane % NODES.len()];
+            sc.spawn(move || send_numbered(d, via, (lane..N).step_by(lanes)));
         }
     });
     let injected = started.elapsed();
@@ -1018,12 +1043,7 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
     // A next hop that takes 3 s to answer each final dot. It keeps a message whose
     // client hung up before the 250: a sender killed mid-DATA whose lease was handed to
     // another node would make a duplicate.
-    let sink = chaos::FaultSink::start(vec![chaos::FaultRule {
-        prefix: "slow".into(),
-        fault: chaos::Fault::SlowDot(Duration::from_secs(3)),
-        times: usize::MAX,
-    }])
-    .await;
+    let sink = slow_dot_sink(Duration::from_secs(3)).await;
     let mut a = Daemon::start(&format!(
         "{}server_smtp_max_senders: 2\n",
         relay_yaml(&db.url, sink.port(), "node-a")
@@ -1031,19 +1051,7 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
     let b = Daemon::start(&relay_yaml(&db.url, sink.port(), "node-b"));
     // Ten messages into node a: two on the wire at a time, eight waiting in its memory.
     const N: u64 = 10;
-    {
-        let mut s = a.connect();
-        assert!(s.cmd("EHLO client.test").starts_with("250"));
-        for i in 0..N {
-            let r = s.send_mail(
-                "load@client.test",
-                &[&format!("slow{i}@remote.test")],
-                &chaos::body(i, 1),
-            );
-            assert!(r.starts_with("250"), "{r}");
-        }
-        let _ = s.cmd("QUIT");
-    }
+    send_load(&a, "slow", 0..N);
     let deadline = Instant::now() + Duration::from_secs(10);
     while sink.active() < 2 {
         assert!(Instant::now() < deadline, "no deliveries on the wire");
@@ -1091,12 +1099,7 @@ async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
     // a 60 s lease. Node b's clock is 10 minutes ahead: by its own clock those leases
     // lapsed long ago. Leases are stamped and judged by the database's clock, so b must
     // leave them alone.
-    let sink = chaos::FaultSink::start(vec![chaos::FaultRule {
-        prefix: "slow".into(),
-        fault: chaos::Fault::SlowDot(Duration::from_secs(6)),
-        times: usize::MAX,
-    }])
-    .await;
+    let sink = slow_dot_sink(Duration::from_secs(6)).await;
     let a = Daemon::start(&format!(
         "{}server_smtp_lock_lease: \"60s\"\nserver_smtp_max_senders: 4\n",
         relay_yaml(&db.url, sink.port(), "node-a")
@@ -1109,20 +1112,7 @@ async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
         &[("ERLMAIL_TEST_CLOCK_SKEW_SECS", "600")],
     );
     b.wait_for_log("off the store's", Duration::from_secs(10));
-    let send = |d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>| {
-        let mut s = d.connect();
-        assert!(s.cmd("EHLO client.test").starts_with("250"));
-        for i in seqs {
-            let r = s.send_mail(
-                "load@client.test",
-                &[&format!("{prefix}{i}@remote.test")],
-                &chaos::body(i, 1),
-            );
-            assert!(r.starts_with("250"), "{r}");
-        }
-        let _ = s.cmd("QUIT");
-    };
-    send(&a, "slow", 0..4);
+    send_load(&a, "slow", 0..4);
     let deadline = Instant::now() + Duration::from_secs(10);
     while sink.active() < 4 {
         assert!(
@@ -1133,7 +1123,7 @@ async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
     }
     // Node b scans every 100 ms while node a's four are on the wire; it also serves
     // mail of its own.
-    send(&b, "fast", 100..102);
+    send_load(&b, "fast", 100..102);
     let deadline = Instant::now() + Duration::from_secs(30);
     while sink.count() < 6 {
         assert!(
@@ -1184,19 +1174,7 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
     std::thread::scope(|sc| {
         for lane in 0..LANES {
             let d = &front;
-            sc.spawn(move || {
-                let mut s = d.connect();
-                assert!(s.cmd("EHLO client.test").starts_with("250"));
-                for i in (lane..N).step_by(LANES) {
-                    let r = s.send_mail(
-                        "a@client.test",
-                        &["b@remote.test"],
-                        &format!("Subject: m{i}\r\nX-Seq: {i}\r\n\r\nbody {i}\r\n"),
-                    );
-                    assert!(r.starts_with("250"), "message {i}: {r}");
-                }
-                let _ = s.cmd("QUIT");
-            });
+            sc.spawn(move || send_numbered(d, "front", (lane..N).step_by(LANES)));
         }
     });
     assert!(
