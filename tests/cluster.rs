@@ -51,6 +51,43 @@ fn send_numbered(d: &Daemon, via: &str, seqs: impl Iterator<Item = usize>) {
     let _ = s.cmd("QUIT");
 }
 
+/// Sends messages `0..n` at once over `lanes` sessions, lane `l` through node
+/// `nodes[l % nodes.len()]`: message `i` goes through lane `i % lanes`.
+fn send_in_lanes(nodes: &[(&Daemon, &str)], lanes: usize, n: usize) {
+    std::thread::scope(|sc| {
+        for lane in 0..lanes {
+            let (d, via) = nodes[lane % nodes.len()];
+            sc.spawn(move || send_numbered(d, via, (lane..n).step_by(lanes)));
+        }
+    });
+}
+
+/// How many copies of each `X-Seq:` number reached `sink`.
+fn seqs_seen(sink: &Sink) -> HashMap<usize, usize> {
+    let mut seen: HashMap<usize, usize> = HashMap::new();
+    for m in sink.messages() {
+        let text = String::from_utf8_lossy(&m.data).into_owned();
+        let seq: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Seq: "))
+            .expect("sequence header")
+            .trim()
+            .parse()
+            .expect("numeric sequence");
+        *seen.entry(seq).or_default() += 1;
+    }
+    seen
+}
+
+/// A sink without STARTTLS.
+async fn plain_sink() -> Sink {
+    Sink::start(SinkConfig {
+        starttls: StartTls::Off,
+        ..SinkConfig::default()
+    })
+    .await
+}
+
 /// Sends `chaos::body(i, 1)` from load@client.test to `<prefix><i>@remote.test` for each
 /// of `seqs` in one session with `d`, each asserted accepted.
 fn send_load(d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>) {
@@ -74,6 +111,31 @@ async fn slow_dot_sink(delay: Duration) -> chaos::FaultSink {
         times: usize::MAX,
     }])
     .await
+}
+
+/// Waits until `sink` has `n` messages; fails the test after `timeout` with the log of
+/// `d` (the node expected to deliver them).
+async fn wait_delivered(sink: &chaos::FaultSink, n: usize, timeout: Duration, d: &Daemon) {
+    let deadline = Instant::now() + timeout;
+    while sink.count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} delivered\n{}",
+            sink.count(),
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `sink` has `n` deliveries on the wire at once; fails the test after
+/// `timeout` saying `what`.
+async fn wait_active(sink: &chaos::FaultSink, n: usize, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while sink.active() < n {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The configuration of one relaying node on the shared database.
@@ -108,11 +170,7 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = plain_sink().await;
     let started = Instant::now();
     // All three start at once on the empty database: the migration runs exactly once.
     let daemons: Vec<Daemon> = std::thread::scope(|sc| {
@@ -127,14 +185,8 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     });
     // The messages spread over all nodes, SESSIONS SMTP sessions per node, all at once:
     // message i goes through session i % (nodes * SESSIONS).
-    let lanes = NODES.len() * SESSIONS;
-    std::thread::scope(|sc| {
-        for lane in 0..lanes {
-            let d = &daemons[lane % NODES.len()];
-            let via = NODES[lane % NODES.len()];
-            sc.spawn(move || send_numbered(d, via, (lane..N).step_by(lanes)));
-        }
-    });
+    let nodes: Vec<(&Daemon, &str)> = daemons.iter().zip(NODES).collect();
+    send_in_lanes(&nodes, NODES.len() * SESSIONS, N);
     let injected = started.elapsed();
     assert!(
         sink.wait_for(N, Duration::from_secs(300)).await,
@@ -145,18 +197,7 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let delivered = started.elapsed();
 
-    let mut seen: HashMap<usize, usize> = HashMap::new();
-    for m in sink.messages() {
-        let text = String::from_utf8_lossy(&m.data).into_owned();
-        let seq: usize = text
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Seq: "))
-            .expect("sequence header")
-            .trim()
-            .parse()
-            .expect("numeric sequence");
-        *seen.entry(seq).or_insert(0) += 1;
-    }
+    let seen = seqs_seen(&sink);
     let mut dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     dups.sort();
     assert!(dups.is_empty(), "delivered more than once: {dups:?}");
@@ -1052,11 +1093,13 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
     // Ten messages into node a: two on the wire at a time, eight waiting in its memory.
     const N: u64 = 10;
     send_load(&a, "slow", 0..N);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.active() < 2 {
-        assert!(Instant::now() < deadline, "no deliveries on the wire");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_active(
+        &sink,
+        2,
+        Duration::from_secs(10),
+        "no deliveries on the wire",
+    )
+    .await;
     // Both are past their dot, waiting for the 250, when the stop comes.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     a.signal("TERM");
@@ -1070,16 +1113,7 @@ async fn a_node_stopped_gracefully_mid_data_finishes_the_wire_and_hands_over_the
         "{log_a}"
     );
     // Node b delivers what node a gave back.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sink.count() < N as usize {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {N} delivered\n{}",
-            sink.count(),
-            b.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_delivered(&sink, N as usize, Duration::from_secs(60), &b).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (seen, dups) = copies_by_seq(&sink);
     assert!(dups.is_empty(), "duplicates: {dups:?}");
@@ -1113,27 +1147,17 @@ async fn a_node_whose_clock_is_ten_minutes_ahead_takes_no_live_lease() {
     );
     b.wait_for_log("off the store's", Duration::from_secs(10));
     send_load(&a, "slow", 0..4);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sink.active() < 4 {
-        assert!(
-            Instant::now() < deadline,
-            "node a's deliveries did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_active(
+        &sink,
+        4,
+        Duration::from_secs(10),
+        "node a's deliveries did not start",
+    )
+    .await;
     // Node b scans every 100 ms while node a's four are on the wire; it also serves
     // mail of its own.
     send_load(&b, "fast", 100..102);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.count() < 6 {
-        assert!(
-            Instant::now() < deadline,
-            "{} of 6 delivered\n{}",
-            sink.count(),
-            b.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_delivered(&sink, 6, Duration::from_secs(30), &b).await;
     // Longer than one more slow delivery: a stolen lease would show up as a second copy.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let (seen, dups) = copies_by_seq(&sink);
@@ -1156,11 +1180,7 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = plain_sink().await;
     let mut front = Daemon::start(&format!(
         "{}server_smtp_max_senders: 0\n",
         node_yaml(&db, &sink, "front")
@@ -1170,29 +1190,14 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
         .map(|n| Daemon::start(&node_yaml(&db, &sink, n)))
         .collect();
     front.wait_for_log("a front node", Duration::from_secs(10));
-    const LANES: usize = 4;
-    std::thread::scope(|sc| {
-        for lane in 0..LANES {
-            let d = &front;
-            sc.spawn(move || send_numbered(d, "front", (lane..N).step_by(LANES)));
-        }
-    });
+    send_in_lanes(&[(&front, "front")], 4, N);
     assert!(
         sink.wait_for(N, Duration::from_secs(240)).await,
         "only {} of {N} delivered",
         sink.count()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut seen: HashMap<usize, usize> = HashMap::new();
-    for m in sink.messages() {
-        let text = String::from_utf8_lossy(&m.data).into_owned();
-        let seq: usize = text
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Seq: "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("X-Seq");
-        *seen.entry(seq).or_default() += 1;
-    }
+    let seen = seqs_seen(&sink);
     let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "{} duplicates: {dups:?}", dups.len());
     assert_eq!(seen.len(), N, "lost {}", N - seen.len());
