@@ -25,16 +25,12 @@ use daemon::{b64, Daemon};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
-const DOMAIN: &str = "example.test";
 const ALICE: &str = "alice@example.test";
 const PASSWORD: &str = "Right-horse-7-staple";
 
 fn local_daemon(yaml: &str) -> Daemon {
     let d = Daemon::start(yaml);
-    let (ok, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(ok.success(), "domain add: {err}");
-    let (ok, _, err) = d.admin(&["user", "add", ALICE], Some(&format!("{PASSWORD}\n")));
-    assert!(ok.success(), "user add: {err}");
+    d.add_user_with_password(ALICE, PASSWORD);
     d
 }
 
@@ -524,21 +520,7 @@ async fn password_guessing_in_parallel_is_stopped_per_address() {
         cert.display(),
         key.display()
     ));
-    let line = d.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
-    let line = if line.contains("listening on") {
-        line
-    } else {
-        d.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
-    };
-    let port: u16 = line
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap();
+    let port = d.tls_port();
     // 40 wrong passwords from one address, each in its own session: four rounds of ten
     // sessions at once (ten is the default per-client session limit).
     let failed = Arc::new(AtomicUsize::new(0));

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 use peers::{require, run, AioSink, SmtpSink};
 
-/// The local domain and user every test delivers to.
-const DOMAIN: &str = "example.test";
+/// The local user every test delivers to.
 const ALICE: &str = "alice@example.test";
 
 /// Extra settings for load: enough sessions for 20 parallel clients.
@@ -30,10 +29,7 @@ const LOAD_YAML: &str = "server_smtp_max_connection: 100\nserver_smtp_max_sender
 /// Start a daemon with `yaml` and create the local domain and user.
 fn local_daemon(yaml: &str) -> Daemon {
     let d = Daemon::start(yaml);
-    let (status, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(status.success(), "domain add: {err}");
-    let (status, _, err) = d.admin(&["user", "add", ALICE], Some("secret-pw\n"));
-    assert!(status.success(), "user add: {err}");
+    d.add_user_with_password(ALICE, "secret-pw");
     d
 }
 

@@ -267,6 +267,24 @@ impl Daemon {
         addr.parse().unwrap()
     }
 
+    /// The port of the implicit-TLS listener (`server_smtp_tls_port: 0`), from the log.
+    pub fn tls_port(&mut self) -> u16 {
+        let line = self.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
+        let line = if line.contains("listening on") {
+            line
+        } else {
+            self.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
+        };
+        line.rsplit(':')
+            .next()
+            .unwrap()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+
     /// Open an SMTP connection and read the greeting.
     pub fn connect(&self) -> Smtp {
         Smtp::connect(self.addr)
