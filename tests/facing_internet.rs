@@ -15,6 +15,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon::{b64, Daemon};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
 const ALICE: &str = "alice@example.test";
@@ -62,23 +64,8 @@ impl Client {
 
     /// One reply, lines joined with `\n`; empty when the server closed.
     async fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(30), self.io.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return lines.join("\n");
-            }
-            let l = line.trim_end().to_string();
-            let more = l.as_bytes().get(3) == Some(&b'-');
-            lines.push(l);
-            if !more {
-                return lines.join("\n");
-            }
-        }
+        let (lines, _) = wire::read_reply_lines(&mut self.io, Duration::from_secs(30)).await;
+        lines.join("\n")
     }
 
     async fn send(&mut self, bytes: &[u8]) -> bool {
@@ -509,17 +496,8 @@ fn auth_plain(user: &str, password: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn password_guessing_in_parallel_is_stopped_per_address() {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certs.path().join("cert.pem");
-    let key = certs.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let mut d = local_daemon(&format!(
-        "server_smtp_tls_cert: \"{}\"\nserver_smtp_tls_key: \"{}\"\nserver_smtp_tls_port: 0\n",
-        cert.display(),
-        key.display()
-    ));
+    let (_certs, tls_yaml) = daemon::test_certificate();
+    let mut d = local_daemon(&format!("{tls_yaml}server_smtp_tls_port: 0\n"));
     let port = d.tls_port();
     // 40 wrong passwords from one address, each in its own session: four rounds of ten
     // sessions at once (ten is the default per-client session limit).

@@ -11,6 +11,8 @@ mod daemon;
 mod peers;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::process::Command;
 use std::time::Duration;
@@ -18,10 +20,9 @@ use std::time::Duration;
 use daemon::{b64, wait_until, Daemon};
 use peers::{require, run};
 use sink::{Sink, SinkConfig, StartTls};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const DOMAIN: &str = "local.test";
 const BOB: &str = "bob@local.test";
 /// Distinctive, so the log check cannot match anything else.
 const PASSWORD: &str = "Zq7-horse-Battery!staple";
@@ -35,25 +36,14 @@ struct Setup {
 }
 
 fn start(extra: &str) -> Setup {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certs.path().join("cert.pem");
-    let key = certs.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (certs, tls_yaml) = daemon::test_certificate();
     let yaml = format!(
         "server_smtp_name: \"mx.local.test\"\n\
-         server_smtp_tls_cert: \"{}\"\n\
-         server_smtp_tls_key: \"{}\"\n\
-         server_smtp_queue_interval: \"100ms\"\n{extra}",
-        cert.display(),
-        key.display()
+         {tls_yaml}\
+         server_smtp_queue_interval: \"100ms\"\n{extra}"
     );
     let d = Daemon::start_with_env(&yaml, &[("RUST_LOG", "trace")]);
-    let (status, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(status.success(), "domain add: {err}");
-    let (status, _, err) = d.admin(&["user", "add", BOB], Some(&format!("{PASSWORD}\n")));
-    assert!(status.success(), "user add: {err}");
+    d.add_user_with_password(BOB, PASSWORD);
     Setup { d, _certs: certs }
 }
 
@@ -106,21 +96,9 @@ impl Client {
 
     /// One reply, lines joined with `\n`.
     async fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(20), self.io.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .unwrap();
-            assert!(n > 0, "connection closed after {lines:?}");
-            let l = line.trim_end().to_string();
-            let more = l.as_bytes().get(3) == Some(&b'-');
-            lines.push(l);
-            if !more {
-                return lines.join("\n");
-            }
-        }
+        let (lines, open) = wire::read_reply_lines(&mut self.io, Duration::from_secs(20)).await;
+        assert!(open, "connection closed after {lines:?}");
+        lines.join("\n")
     }
 
     async fn send(&mut self, bytes: &str) {

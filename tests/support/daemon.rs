@@ -473,3 +473,21 @@ pub fn first_listed_id(list: &str) -> &str {
         .next()
         .unwrap()
 }
+
+/// A self-signed certificate for `localhost` in a fresh temporary directory (keep it
+/// while the daemon runs), and the configuration lines that point the daemon at it
+/// (`server_smtp_tls_cert`, `server_smtp_tls_key`).
+pub fn test_certificate() -> (tempfile::TempDir, String) {
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = certs.path().join("cert.pem");
+    let key = certs.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let yaml = format!(
+        "server_smtp_tls_cert: \"{}\"\nserver_smtp_tls_key: \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (certs, yaml)
+}

@@ -40,3 +40,29 @@ pub fn angle(arg: &str) -> String {
     let a = a.split_whitespace().next().unwrap_or("");
     a.trim_start_matches('<').trim_end_matches('>').to_string()
 }
+
+/// Reads one (possibly multi-line) SMTP reply as a client, waiting at most `patience`
+/// for each line (a test failure otherwise). Its lines without line ends, and whether
+/// the connection is still open (false when it closed or broke before the last line).
+pub async fn read_reply_lines<R: AsyncBufRead + Unpin>(
+    io: &mut R,
+    patience: std::time::Duration,
+) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(patience, io.read_line(&mut line))
+            .await
+            .expect("reply in time")
+            .unwrap_or(0);
+        if n == 0 {
+            return (lines, false);
+        }
+        let l = line.trim_end().to_string();
+        let more = l.as_bytes().get(3) == Some(&b'-');
+        lines.push(l);
+        if !more {
+            return (lines, true);
+        }
+    }
+}
