@@ -119,12 +119,22 @@ fn assert_stored_as_sent(stored: &str, sent: &str) {
     );
 }
 
-fn swaks(d_addr: std::net::SocketAddr, args: &[&str]) -> peers::Output {
+/// swaks against `d_addr` as swaks.remote.test: one message from x@remote.test to `to`
+/// with `subject` and `body`, after the options in `extra`.
+fn swaks(
+    d_addr: std::net::SocketAddr,
+    extra: &[&str],
+    to: &str,
+    subject: &str,
+    body: &str,
+) -> peers::Output {
     let mut cmd = Command::new(require("swaks"));
     cmd.arg("--server")
         .arg(d_addr.to_string())
         .args(["--helo", "swaks.remote.test"])
-        .args(args);
+        .args(extra)
+        .args(["--to", to, "--from", "x@remote.test"])
+        .args(["--header", &format!("Subject: {subject}"), "--body", body]);
     run(cmd, None, Duration::from_secs(60))
 }
 
@@ -136,16 +146,10 @@ fn swaks_delivers_to_a_local_user() {
     let d = local_daemon("");
     let out = swaks(
         d.addr,
-        &[
-            "--to",
-            ALICE,
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: via swaks",
-            "--body",
-            "hello from swaks\nsecond line of the body",
-        ],
+        &[],
+        ALICE,
+        "via swaks",
+        "hello from swaks\nsecond line of the body",
     );
     out.assert_success("swaks");
     assert!(out.stdout.contains("<-  250"), "{}", out.stdout);
@@ -180,17 +184,10 @@ fn swaks_pipelines_a_whole_transaction() {
     let d = local_daemon("");
     let out = swaks(
         d.addr,
-        &[
-            "--pipeline",
-            "--to",
-            ALICE,
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: pipelined",
-            "--body",
-            "sent with PIPELINING",
-        ],
+        &["--pipeline"],
+        ALICE,
+        "pipelined",
+        "sent with PIPELINING",
     );
     out.assert_success("swaks --pipeline");
     assert!(out.stdout.contains("<-  250-PIPELINING"), "{}", out.stdout);
@@ -224,16 +221,10 @@ fn swaks_relays_from_an_authorised_client_to_smtp_sink() {
     let d = local_daemon(&relay_yaml(sink.port()));
     let out = swaks(
         d.addr,
-        &[
-            "--to",
-            "bob@far.test",
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: relayed by swaks",
-            "--body",
-            "through the queue",
-        ],
+        &[],
+        "bob@far.test",
+        "relayed by swaks",
+        "through the queue",
     );
     out.assert_success("swaks relay");
     assert!(
