@@ -119,6 +119,27 @@ fn assert_stored_as_sent(stored: &str, sent: &str) {
     );
 }
 
+/// Asserts that the relayed message `arrived` at the next hop `sink` (named), then waits
+/// until the queue of `d` is empty.
+fn relayed(d: &Daemon, arrived: bool, sink: &str) {
+    assert!(arrived, "nothing reached {sink}; log:\n{}", d.log_text());
+    wait_until(d, "an empty queue", Duration::from_secs(30), || {
+        d.queue_is_empty()
+    });
+}
+
+/// `python3 -c script HOST PORT SENT` against `d`: an smtplib script that writes what it
+/// sent to `sent`.
+fn smtplib(script: &str, d: &Daemon, sent: &std::path::Path) -> Command {
+    let mut cmd = Command::new(require("python3"));
+    cmd.arg("-c")
+        .arg(script)
+        .arg(d.addr.ip().to_string())
+        .arg(d.addr.port().to_string())
+        .arg(sent);
+    cmd
+}
+
 /// swaks against `d_addr` as swaks.remote.test: one message from x@remote.test to `to`
 /// with `subject` and `body`, after the options in `extra`.
 fn swaks(
@@ -227,14 +248,7 @@ fn swaks_relays_from_an_authorised_client_to_smtp_sink() {
         "through the queue",
     );
     out.assert_success("swaks relay");
-    assert!(
-        sink.wait_for(1, Duration::from_secs(30)),
-        "nothing reached smtp-sink; log:\n{}",
-        d.log_text()
-    );
-    wait_until(&d, "empty queue", Duration::from_secs(30), || {
-        d.queue_is_empty()
-    });
+    relayed(&d, sink.wait_for(1, Duration::from_secs(30)), "smtp-sink");
     let dumps = sink.dumps();
     assert_eq!(dumps.len(), 1, "{dumps:?}");
     let m = &dumps[0];
@@ -305,12 +319,7 @@ fn python_smtplib_sees_the_extensions_delivers_and_is_refused_relaying() {
     // No relay_clients: 127.0.0.1 is not authorised.
     let d = local_daemon("");
     let sent_path = d.dir.path().join("smtplib-sent.bin");
-    let mut cmd = Command::new(require("python3"));
-    cmd.arg("-c")
-        .arg(SMTPLIB_SCRIPT)
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .arg(&sent_path);
+    let cmd = smtplib(SMTPLIB_SCRIPT, &d, &sent_path);
     let out = run(cmd, None, Duration::from_secs(60));
     out.assert_success("python3 smtplib script");
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
@@ -398,23 +407,15 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
     let sink = AioSink::start();
     let d = Daemon::start(&relay_yaml(sink.addr.port()));
     let sent_path = d.dir.path().join("relay-sent.bin");
-    let mut cmd = Command::new(require("python3"));
-    cmd.arg("-c")
-        .arg(SMTPLIB_RELAY_SCRIPT)
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .arg(&sent_path);
+    let cmd = smtplib(SMTPLIB_RELAY_SCRIPT, &d, &sent_path);
     run(cmd, None, Duration::from_secs(60)).assert_success("python3 smtplib relay script");
     let sent = String::from_utf8(std::fs::read(&sent_path).unwrap()).unwrap();
 
-    assert!(
+    relayed(
+        &d,
         sink.wait_for(1, Duration::from_secs(30)),
-        "nothing reached the aiosmtpd sink; log:\n{}",
-        d.log_text()
+        "the aiosmtpd sink",
     );
-    wait_until(&d, "an empty queue", Duration::from_secs(30), || {
-        d.queue_is_empty()
-    });
     std::thread::sleep(Duration::from_millis(500));
     let msgs = sink.messages();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -435,9 +436,20 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
 // ---------------------------------------------------------------------------------------
 // Postfix smtp-source and smtp-sink
 
-fn smtp_source(args: &[&str], target: std::net::SocketAddr, timeout: Duration) -> peers::Output {
+/// smtp-source: `n` messages over 20 sessions from x@remote.test to `to`, greeting as
+/// source.remote.test, with the options in `extra`, against `target`.
+fn smtp_source(
+    n: usize,
+    extra: &[&str],
+    to: &str,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+) -> peers::Output {
     let mut cmd = Command::new(require("smtp-source"));
-    cmd.args(args).arg(format!("127.0.0.1:{}", target.port()));
+    cmd.args(extra)
+        .args(["-s", "20", "-m", &n.to_string(), "-M", "source.remote.test"])
+        .args(["-f", "x@remote.test", "-t", to])
+        .arg(format!("127.0.0.1:{}", target.port()));
     run(cmd, None, timeout)
 }
 
@@ -445,22 +457,10 @@ fn smtp_source(args: &[&str], target: std::net::SocketAddr, timeout: Duration) -
 fn smtp_source_1000_messages_over_20_sessions_are_all_stored() {
     const N: usize = 1000;
     let d = local_daemon(LOAD_YAML);
-    let n = N.to_string();
     let out = smtp_source(
-        &[
-            "-s",
-            "20",
-            "-m",
-            &n,
-            "-M",
-            "source.remote.test",
-            "-S",
-            "interop load",
-            "-f",
-            "x@remote.test",
-            "-t",
-            ALICE,
-        ],
+        N,
+        &["-S", "interop load"],
+        ALICE,
         d.addr,
         Duration::from_secs(300),
     );
@@ -502,22 +502,11 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
     const N: usize = 10_000;
     let sink = SmtpSink::start(&[]);
     let d = Daemon::start(&relay_yaml(sink.port()));
-    let n = N.to_string();
     let start = Instant::now();
     let out = smtp_source(
-        &[
-            "-N",
-            "-s",
-            "20",
-            "-m",
-            &n,
-            "-M",
-            "source.remote.test",
-            "-f",
-            "x@remote.test",
-            "-t",
-            "rcpt@far.test",
-        ],
+        N,
+        &["-N"],
+        "rcpt@far.test",
         d.addr,
         Duration::from_secs(900),
     );
