@@ -19,6 +19,24 @@ fn local_daemon(extra: &str) -> Daemon {
 
 const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\nSubject: Hello Alice\r\nMessage-ID: <m1@remote.test>\r\n\r\nFirst line.\r\n..leading dot line\r\nTrailing line without break";
 
+/// `MESSAGE` from bob@remote.test (greeting as client.remote.test) to the `RCPT TO:`
+/// lines `rcpts`, accepted with `250 2.0.0`.
+fn send_message(d: &Daemon, rcpts: &[&str]) {
+    let mut s = d.connect_ehlo("client.remote.test");
+    s.begin_data("MAIL FROM:<bob@remote.test>", rcpts);
+    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
+    let r = s.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let _ = s.cmd("QUIT");
+}
+
+/// `erlmail mailbox list alice@example.test` (which must succeed).
+fn alice_inbox(d: &Daemon) -> String {
+    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert!(status.success(), "{err}");
+    list
+}
+
 #[test]
 fn local_message_reads_back_byte_for_byte_with_a_received_header() {
     let maildir = tempfile::tempdir().unwrap();
@@ -26,18 +44,9 @@ fn local_message_reads_back_byte_for_byte_with_a_received_header() {
         "maildir_root: \"{}\"\nserver_smtp_name: \"mx.example.test\"\n",
         maildir.path().display()
     ));
-    let mut s = d.connect_ehlo("client.remote.test");
-    s.begin_data(
-        "MAIL FROM:<bob@remote.test>",
-        &["RCPT TO:<Alice@EXAMPLE.test>"],
-    );
-    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
-    let r = s.cmd(".");
-    assert!(r.starts_with("250 2.0.0"), "{r}");
-    let _ = s.cmd("QUIT");
+    send_message(&d, &["RCPT TO:<Alice@EXAMPLE.test>"]);
 
-    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
-    assert!(status.success(), "{err}");
+    let list = alice_inbox(&d);
     assert!(
         list.contains("Hello Alice") && list.contains("bob@remote.test"),
         "{list}"
@@ -99,7 +108,7 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
     let _ = s.cmd("QUIT");
 
     // Local copy delivered, remote copy queued (port 9 refuses: it stays queued).
-    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    let list = alice_inbox(&d);
     assert!(list.contains("both ways"), "{list}");
     let (status, shown, err) = d.admin(&["queue", "show", &queue_id], None);
     assert!(status.success(), "{queue_id}: {err}");
@@ -205,7 +214,7 @@ fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     assert_eq!(r, "451 4.3.0 Error: queue file write error");
     // The session goes on: the client may retry later.
     assert!(s.cmd("NOOP").starts_with("250"));
-    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    let list = alice_inbox(&d);
     assert_eq!(
         list.lines().count(),
         1,
@@ -301,21 +310,15 @@ fn an_idle_session_is_closed_with_421_after_the_timeout() {
 #[test]
 fn a_local_user_named_twice_in_two_cases_gets_one_copy() {
     let d = local_daemon("");
-    let mut s = d.connect_ehlo("client.remote.test");
-    s.begin_data(
-        "MAIL FROM:<bob@remote.test>",
+    send_message(
+        &d,
         &[
             "RCPT TO:<Alice@example.test>",
             "RCPT TO:<alice@EXAMPLE.test>",
             "RCPT TO:<ALICE@example.test>",
         ],
     );
-    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
-    let r = s.cmd(".");
-    assert!(r.starts_with("250 2.0.0"), "{r}");
-    let _ = s.cmd("QUIT");
-    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
-    assert!(status.success(), "{err}");
+    let list = alice_inbox(&d);
     assert_eq!(
         list.lines().filter(|l| l.contains("Hello Alice")).count(),
         1,
