@@ -105,12 +105,7 @@ fn send_load(d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>) {
 
 /// A next hop that answers every final dot to a `slow…` recipient after `delay`.
 async fn slow_dot_sink(delay: Duration) -> chaos::FaultSink {
-    chaos::FaultSink::start(vec![chaos::FaultRule {
-        prefix: "slow".into(),
-        fault: chaos::Fault::SlowDot(delay),
-        times: usize::MAX,
-    }])
-    .await
+    chaos::FaultSink::always("slow", chaos::Fault::SlowDot(delay)).await
 }
 
 /// Waits until `sink` has `n` messages; fails the test after `timeout` with the log of

@@ -16,7 +16,7 @@ mod sink;
 
 use std::time::{Duration, Instant};
 
-use chaos::{Fault, FaultRule, FaultSink};
+use chaos::{Fault, FaultSink};
 use daemon::{wait_until, Daemon};
 use sink::{Sink, SinkConfig, StartTls};
 
@@ -110,12 +110,7 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
 async fn delete_and_hold_reach_messages_waiting_in_memory() {
     // One sender at a time, each delivery's 250 held up 1 s: nine messages wait in the
     // active queue (in memory, leased) while the first is on the wire.
-    let sink = FaultSink::start(vec![FaultRule {
-        prefix: "slow".into(),
-        fault: Fault::SlowDot(Duration::from_secs(1)),
-        times: usize::MAX,
-    }])
-    .await;
+    let sink = FaultSink::always("slow", Fault::SlowDot(Duration::from_secs(1))).await;
     let d = Daemon::start(&relay_yaml(
         sink.port(),
         "server_smtp_max_senders: 1\nserver_smtp_timeout: 30s\n",
@@ -225,12 +220,7 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_that_loses_its_lease_stops_before_the_text() {
     // The next hop takes 4 s to answer DATA; the lease (3 s) is renewed every second.
-    let sink = FaultSink::start(vec![FaultRule {
-        prefix: "late".into(),
-        fault: Fault::SlowData(Duration::from_secs(4)),
-        times: usize::MAX,
-    }])
-    .await;
+    let sink = FaultSink::always("late", Fault::SlowData(Duration::from_secs(4))).await;
     let d = Daemon::start(&relay_yaml(
         sink.port(),
         "server_smtp_lock_lease: 3s\nserver_smtp_timeout: 30s\n",

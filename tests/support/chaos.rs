@@ -497,6 +497,17 @@ pub struct FaultSink {
 }
 
 impl FaultSink {
+    /// Start with one rule: `fault` for every recipient whose local part starts with
+    /// `prefix`, every time.
+    pub async fn always(prefix: &str, fault: Fault) -> FaultSink {
+        Self::start(vec![FaultRule {
+            prefix: prefix.into(),
+            fault,
+            times: usize::MAX,
+        }])
+        .await
+    }
+
     /// Start on 127.0.0.1:<ephemeral> with `rules`.
     pub async fn start(rules: Vec<FaultRule>) -> FaultSink {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
