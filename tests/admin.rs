@@ -221,10 +221,11 @@ fn erlmail_status_prints_tree_queue_and_counters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_list_filters_and_json() {
     // Everything defers: 450 for every recipient keeps the messages queued.
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default().rcpt_reply("", "450 4.2.1 mailbox busy")
-    })
+    let sink = Sink::start(
+        SinkConfig::default()
+            .starttls(StartTls::Off)
+            .rcpt_reply("", "450 4.2.1 mailbox busy"),
+    )
     .await;
     let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\

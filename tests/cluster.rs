@@ -81,11 +81,7 @@ fn seqs_seen(sink: &Sink) -> HashMap<usize, usize> {
 
 /// A sink without STARTTLS.
 async fn plain_sink() -> Sink {
-    Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await
+    Sink::start(SinkConfig::default().starttls(StartTls::Off)).await
 }
 
 /// Sends `chaos::body(i, 1)` from load@client.test to `<prefix><i>@remote.test` for each
@@ -1216,12 +1212,7 @@ async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        defer_first: 1,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off).defer_first(1)).await;
     let slow_scan = "server_smtp_queue_interval: \"10s\"\nserver_smtp_retry_interval: [\"1h\"]\n";
     let mut front = Daemon::start(&format!(
         "{}server_smtp_max_senders: 0\n",

@@ -76,11 +76,7 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
     d.signal("KILL");
     d.wait_exit(Duration::from_secs(10)).expect("killed");
     held.abort();
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
     let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
         &format!("127.0.0.1:{hang_port}"),
         &format!("127.0.0.1:{}", sink.port()),
@@ -171,11 +167,7 @@ async fn delete_and_hold_reach_messages_waiting_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
     let d = Daemon::start_with_env(
         &relay_yaml(
             sink.port(),
@@ -256,11 +248,9 @@ async fn a_bounce_survives_a_store_failure_between_attempt_and_record_exactly_on
     // and that attempt's record lands. The bounce commits with the record, so it goes
     // out once: not zero times (lost with the failed record), not twice (once per try).
     let sink = Sink::start(
-        SinkConfig {
-            starttls: StartTls::Off,
-            ..SinkConfig::default()
-        }
-        .rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
+        SinkConfig::default()
+            .starttls(StartTls::Off)
+            .rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
     )
     .await;
     let mut d = Daemon::start_with_env(

@@ -237,12 +237,10 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
         ("220 elsewhere.test ESMTP", "erlmail.test"),
     ] {
         let (sink4, sink6) = Sink::start_pair(
-            SinkConfig {
-                name: name.into(),
-                greeting: greeting.into(),
-                starttls: StartTls::Off,
-                ..SinkConfig::default()
-            },
+            SinkConfig::default()
+                .named(name)
+                .greeting(greeting)
+                .starttls(StartTls::Off),
             SinkConfig::default(),
         )
         .await;
@@ -267,11 +265,7 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
 async fn a_next_hop_at_an_address_erlmail_listens_on_is_a_loop() {
     // The MX resolves to 127.0.0.1 on the port this erlmail listens on (on every
     // address: `::`). A sink stands there only to show that nobody is connected to.
-    let me = Sink::start(SinkConfig {
-        name: "not-my-name.test".into(),
-        ..SinkConfig::default()
-    })
-    .await;
+    let me = Sink::start(SinkConfig::default().named("not-my-name.test")).await;
     let zone = dns::Zone::new()
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", V4);
@@ -331,10 +325,7 @@ async fn falls_back_to_next_mx_when_first_refuses_connections() {
 
 #[tokio::test]
 async fn falls_back_to_next_mx_on_421_greeting() {
-    let busy = SinkConfig {
-        greeting: "421 4.3.2 busy.test Service not available".into(),
-        ..SinkConfig::default()
-    };
+    let busy = SinkConfig::default().greeting("421 4.3.2 busy.test Service not available");
     let (busy4, good6) = Sink::start_pair(busy, SinkConfig::default()).await;
     let (_dns, r) = two_mx_router(V4.into(), V6.into(), busy4.port()).await;
     let res = send_to_b(&r).await;
@@ -346,10 +337,7 @@ async fn falls_back_to_next_mx_on_421_greeting() {
 
 #[tokio::test]
 async fn all_hosts_failing_is_temporary_with_last_reply() {
-    let busy = SinkConfig {
-        greeting: "421 4.3.2 busy.test Service not available".into(),
-        ..SinkConfig::default()
-    };
+    let busy = SinkConfig::default().greeting("421 4.3.2 busy.test Service not available");
     let sink = Sink::start(busy).await;
     let closed = sink::closed_addr().await;
     let report = deliver_via(
@@ -557,11 +545,7 @@ async fn no_data_when_every_recipient_is_refused() {
 
 #[tokio::test]
 async fn deferred_transaction_is_temporary_then_delivered() {
-    let sink = Sink::start(SinkConfig {
-        defer_first: 1,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().defer_first(1)).await;
     let hops = [Hop::addr(sink.addr())];
     let to = rcpts(&["b@example.test"]);
     let o = opts();
@@ -604,10 +588,9 @@ async fn deferred_transaction_is_temporary_then_delivered() {
 
 #[tokio::test]
 async fn mail_from_5xx_fails_all_recipients_permanently() {
-    let sink = Sink::start(SinkConfig {
-        mail_reply: "553 5.7.1 <a@origin.test>: Sender address rejected".into(),
-        ..SinkConfig::default()
-    })
+    let sink = Sink::start(
+        SinkConfig::default().mail_reply("553 5.7.1 <a@origin.test>: Sender address rejected"),
+    )
     .await;
     let report = deliver_to(&sink, &["b@example.test", "c@example.test"], BODY).await;
     for r in &report.results {
@@ -618,11 +601,7 @@ async fn mail_from_5xx_fails_all_recipients_permanently() {
 
 #[tokio::test]
 async fn dot_stuffing_round_trip() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
     let body =
         b".starts with a dot\r\nSubject: x\r\n\r\n.\r\n..two dots\r\nmiddle . dot\r\n.\r\nend\r\n";
     let report = deliver_to(&sink, &["b@example.test"], body).await;
@@ -634,11 +613,7 @@ async fn dot_stuffing_round_trip() {
 
 #[tokio::test]
 async fn broken_tls_retries_host_in_plain_text() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Broken,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Broken)).await;
     let report = deliver_to(&sink, &["b@example.test"], BODY).await;
     assert!(
         matches!(report.results[0].status, RcptStatus::Delivered { .. }),
@@ -1094,11 +1069,11 @@ async fn idle_connection_is_quit_after_the_idle_time_limit() {
 
 #[tokio::test]
 async fn refused_sender_is_not_reused() {
-    let sink = Sink::start(SinkConfig {
-        mail_reply: "553 5.7.1 <a@origin.test>: Sender address rejected".into(),
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
+    let sink = Sink::start(
+        SinkConfig::default()
+            .mail_reply("553 5.7.1 <a@origin.test>: Sender address rejected")
+            .starttls(StartTls::Off),
+    )
     .await;
     let cache = ConnectionCache::new();
     for _ in 0..2 {
@@ -1112,11 +1087,7 @@ async fn refused_sender_is_not_reused() {
 
 #[tokio::test]
 async fn all_recipients_refused_then_rset_keeps_the_connection() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
     let cache = ConnectionCache::new();
     let hops = [Hop::addr(sink.addr())];
     let first = deliver_via(

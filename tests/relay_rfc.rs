@@ -309,11 +309,11 @@ async fn eight_bit_text_is_converted_for_a_hop_without_8bitmime() {
 async fn the_ehlo_name_can_differ_from_the_name_a_loop_is_judged_by() {
     // ErlMail's `ehlo` (server_smtp_ehlo_name): the next hop is greeted as "localhost",
     // and a hop that calls itself "localhost" is not taken for this host.
-    let sink = Sink::start(SinkConfig {
-        name: "localhost".into(),
-        greeting: "220 localhost ESMTP".into(),
-        ..SinkConfig::default()
-    })
+    let sink = Sink::start(
+        SinkConfig::default()
+            .named("localhost")
+            .greeting("220 localhost ESMTP"),
+    )
     .await;
     let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\

@@ -397,11 +397,7 @@ async fn relay_one(s: &Setup, subject: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outbound_require_refuses_a_hop_without_starttls() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
     let s = start(&format!(
         "{}server_smtp_tls_outbound: require\nserver_smtp_retry_interval: [\"1h\"]\n",
         relay_to(&sink)

@@ -94,6 +94,36 @@ impl SinkConfig {
         self
     }
 
+    /// Uses `name` in the greeting and EHLO reply.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Greets with this whole line (see `greeting`).
+    pub fn greeting(mut self, line: impl Into<String>) -> Self {
+        self.greeting = line.into();
+        self
+    }
+
+    /// Treats STARTTLS this way.
+    pub fn starttls(mut self, mode: StartTls) -> Self {
+        self.starttls = mode;
+        self
+    }
+
+    /// Defers the first `n` transactions after the final dot (see `defer_first`).
+    pub fn defer_first(mut self, n: usize) -> Self {
+        self.defer_first = n;
+        self
+    }
+
+    /// Answers MAIL FROM with `reply`.
+    pub fn mail_reply(mut self, reply: impl Into<String>) -> Self {
+        self.mail_reply = reply.into();
+        self
+    }
+
     /// Offers exactly these extensions besides the fixed ones (see `extensions`).
     pub fn offering(mut self, extensions: &[&str]) -> Self {
         self.extensions = extensions.iter().map(|e| e.to_string()).collect();
