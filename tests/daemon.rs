@@ -237,18 +237,22 @@ fn exceeding_the_restart_intensity_stops_the_daemon_non_zero() {
     );
 }
 
+/// One session: its greeting, and the reply to a remote recipient after EHLO and MAIL.
+fn relay_attempt(d: &Daemon) -> (String, String) {
+    let mut s = d.connect_ehlo("client.test");
+    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    let rcpt = s.cmd("RCPT TO:<someone@remote.example>");
+    (s.greeting.clone(), rcpt)
+}
+
 #[test]
 fn sighup_applies_a_new_greeting_and_relay_list_and_keeps_the_old_on_error() {
     let mut d = Daemon::start(
         "server_smtp_greeting: \"first greeting\"\nserver_smtp_relay_clients: [\"192.0.2.0/24\"]\n",
     );
-    let mut s = d.connect();
-    assert!(s.greeting.ends_with("first greeting"), "{}", s.greeting);
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    let denied = s.cmd("RCPT TO:<someone@remote.example>");
+    let (greeting, denied) = relay_attempt(&d);
+    assert!(greeting.ends_with("first greeting"), "{greeting}");
     assert!(denied.starts_with("554 5.7.1"), "{denied}");
-    drop(s);
 
     let text = std::fs::read_to_string(&d.config).unwrap().replace(
         "server_smtp_greeting: \"first greeting\"\nserver_smtp_relay_clients: [\"192.0.2.0/24\"]",
@@ -258,13 +262,9 @@ fn sighup_applies_a_new_greeting_and_relay_list_and_keeps_the_old_on_error() {
     let mark = d.log_len();
     d.signal("HUP");
     d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
-    let mut s = d.connect();
-    assert!(s.greeting.ends_with("second greeting"), "{}", s.greeting);
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    let ok = s.cmd("RCPT TO:<someone@remote.example>");
+    let (greeting, ok) = relay_attempt(&d);
+    assert!(greeting.ends_with("second greeting"), "{greeting}");
     assert!(ok.starts_with("250"), "{ok}");
-    drop(s);
 
     // A broken file: reported, the running configuration stays.
     std::fs::write(&d.config, "server_smtp_greeting: \"unterminated\n").unwrap();

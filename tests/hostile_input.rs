@@ -16,14 +16,17 @@ use sink::{Sink, SinkConfig};
 
 const SYNC: &str = "554 5.5.0 Error: SMTP protocol synchronization";
 
-fn relay_yaml(sink: &Sink) -> String {
-    format!(
+/// A sink and a daemon that relays everything from 127.0.0.1 to it.
+async fn relay_daemon() -> (Sink, Daemon) {
+    let sink = Sink::start(SinkConfig::default()).await;
+    let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
          server_smtp_relay_host: \"127.0.0.1:{}\"\n\
          server_smtp_name: \"relay.test\"\n\
          server_smtp_queue_interval: \"100ms\"\n",
         sink.port()
-    )
+    ));
+    (sink, d)
 }
 
 /// Everything the server still writes until it closes the connection (a read timeout
@@ -49,8 +52,7 @@ async fn nothing_delivered(d: &Daemon, sink: &Sink) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
+    let (sink, d) = relay_daemon().await;
     let long = (0..5000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect::<String>();
@@ -59,8 +61,7 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
     let dotted = format!(".{}", "d".repeat(4000));
     let body =
         format!("Subject: {long}\r\nFrom: a@client.test\r\n\r\n{long}\r\n{dotted}\r\nend\r\n");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     // Dot-stuffed on the way in, as any client must.
     let r = s.send_mail(
         "a@client.test",
@@ -101,8 +102,7 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
+    let (sink, d) = relay_daemon().await;
     let mut s = d.connect_ehlo("client.test");
     s.begin_data("MAIL FROM:<a@client.test>", &["RCPT TO:<b@remote.test>"]);
     s.send_raw(b"Subject: nul\r\n\r\nbefore\0after\r\n");
@@ -125,8 +125,7 @@ async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helo_client_that_pipelines_gets_554_and_is_disconnected() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
+    let (sink, d) = relay_daemon().await;
     let group = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\n";
     // HELO answered, then MAIL, RCPT and DATA in one write.
     let mut s = d.connect();
@@ -147,18 +146,15 @@ async fn a_helo_client_that_pipelines_gets_554_and_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_sent_with_data_before_the_354_is_never_a_message() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let (sink, d) = relay_daemon().await;
+    let mut s = d.connect_ehlo("client.test");
     assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
     assert!(s.cmd("RCPT TO:<b@remote.test>").starts_with("250"));
     s.send_raw(b"DATA\r\nSubject: blind\r\n\r\nbody\r\n.\r\n");
     assert_eq!(s.read_reply(), SYNC);
     assert_eq!(read_until_closed(&mut s), "");
     // The same as an EHLO client's pipelined group (MAIL, RCPT, DATA and the text).
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     s.send_raw(
         b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\nSubject: blind\r\n\r\nbody\r\n.\r\n",
     );
@@ -171,10 +167,8 @@ async fn text_sent_with_data_before_the_354_is_never_a_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ehlo_client_pipelining_mail_rcpt_data_is_served() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let (sink, d) = relay_daemon().await;
+    let mut s = d.connect_ehlo("client.test");
     s.send_raw(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\n");
     assert!(s.read_reply().starts_with("250 2.1.0"));
     assert!(s.read_reply().starts_with("250 2.1.5"));
