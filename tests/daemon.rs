@@ -254,23 +254,17 @@ fn sighup_applies_a_new_greeting_and_relay_list_and_keeps_the_old_on_error() {
     assert!(greeting.ends_with("first greeting"), "{greeting}");
     assert!(denied.starts_with("554 5.7.1"), "{denied}");
 
-    let text = std::fs::read_to_string(&d.config).unwrap().replace(
+    let text = d.config_text().replace(
         "server_smtp_greeting: \"first greeting\"\nserver_smtp_relay_clients: [\"192.0.2.0/24\"]",
         "server_smtp_greeting: \"second greeting\"\nserver_smtp_relay_clients: [\"127.0.0.1/32\"]",
     );
-    std::fs::write(&d.config, text).unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
+    d.reload(&text, "configuration reloaded");
     let (greeting, ok) = relay_attempt(&d);
     assert!(greeting.ends_with("second greeting"), "{greeting}");
     assert!(ok.starts_with("250"), "{ok}");
 
     // A broken file: reported, the running configuration stays.
-    std::fs::write(&d.config, "server_smtp_greeting: \"unterminated\n").unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    let err = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let err = d.reload("server_smtp_greeting: \"unterminated\n", "not reloaded");
     assert!(err.contains("erlmail.yaml:"), "error names the file: {err}");
     let s = d.connect();
     assert!(s.greeting.ends_with("second greeting"), "{}", s.greeting);
@@ -372,17 +366,14 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
     // The new port is taken, and the greeting changes too: nothing of it applies.
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
+    let text = d
+        .config_text()
         .replace(
             &format!("server_smtp_port: {port}"),
             &format!("server_smtp_port: {taken_port}"),
         )
         .replace("\"before\"", "\"after\"");
-    std::fs::write(&d.config, &text).unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    let line = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let line = d.reload(&text, "not reloaded");
     assert!(
         line.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
         "{line}"
@@ -401,21 +392,15 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     );
 
     // A key only a restart can apply is named; the rest applies.
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
+    let text = d
+        .config_text()
         .replace(
             &format!("server_smtp_port: {taken_port}"),
             &format!("server_smtp_port: {port}"),
         )
         .replace("admin_listen: \"\"", "admin_listen: \"127.0.0.1:0\"");
-    std::fs::write(&d.config, text).unwrap();
     let mark = d.log_len();
-    d.signal("HUP");
-    let line = d.wait_for_log_after(
-        mark,
-        "takes effect at the next start",
-        Duration::from_secs(10),
-    );
+    let line = d.reload(&text, "takes effect at the next start");
     assert!(line.contains("admin_listen"), "{line}");
     d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
     let s = daemon::Smtp::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)));

@@ -389,12 +389,11 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
     ));
     let spool = format!("spool_dir: \"{}\"\n", d.dir.path().join("spool").display());
     let port = format!("server_smtp_port: {}\n", d.addr.port());
-    let write_config = |d: &Daemon, greeting: &str, keys: &str| {
-        let yaml = format!(
+    let config = |greeting: &str, keys: &str| {
+        format!(
             "{base}{spool}{port}server_smtp_address: \"127.0.0.1\"\nadmin_listen: \"\"\n\
              server_smtp_greeting: \"{greeting}\"\n{keys}"
-        );
-        std::fs::write(&d.config, yaml).unwrap();
+        )
     };
 
     relay(
@@ -411,10 +410,10 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    write_config(&d, "second", &key_yaml(&[("example.org", "ed1", &first)]));
-    let mark = d.log_len();
-    d.signal("HUP");
-    let err = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let err = d.reload(
+        &config("second", &key_yaml(&[("example.org", "ed1", &first)])),
+        "not reloaded",
+    );
     assert!(err.contains(&first.file.display().to_string()), "{err}");
     let s = d.connect();
     assert!(
@@ -432,10 +431,10 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
 
     // A good new key: the reload goes through and the new key signs.
     let second = keygen(keys.path(), "example.org", "ed2", true);
-    write_config(&d, "third", &key_yaml(&[("example.org", "ed2", &second)]));
-    let mark = d.log_len();
-    d.signal("HUP");
-    d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
+    d.reload(
+        &config("third", &key_yaml(&[("example.org", "ed2", &second)])),
+        "configuration reloaded",
+    );
     wait_until("the new greeting", Duration::from_secs(5), || {
         d.connect().greeting.ends_with("third")
     });

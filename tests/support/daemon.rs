@@ -229,6 +229,20 @@ impl Daemon {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Replaces the config file with `config`, sends SIGHUP and waits (10 s at most) for
+    /// a log line after the signal that contains `expect`; returns that line.
+    pub fn reload(&mut self, config: &str, expect: &str) -> String {
+        std::fs::write(&self.config, config).unwrap();
+        let mark = self.log_len();
+        self.signal("HUP");
+        self.wait_for_log_after(mark, expect, Duration::from_secs(10))
+    }
+
+    /// The config file as it is now.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
+    }
+
     /// Send a signal to the daemon.
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
