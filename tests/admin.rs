@@ -62,8 +62,7 @@ async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
     let before = parse_metrics(&http_get(admin, "/metrics"));
 
     // 127.0.0.1 may not relay: one local delivery and one relay denial.
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO a.test").starts_with("250"));
+    let mut s = d.connect_ehlo("a.test");
     assert!(s
         .send_mail(
             "x@origin.test",
@@ -168,8 +167,7 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
          server_smtp_timeout: \"3s\"\n"
     ));
     let admin = d.admin_addr();
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO t.test").starts_with("250"));
+    let mut s = d.connect_ehlo("t.test");
     let r = s.send_mail("a@t.test", &["b@far.test"], "Subject: t\r\n\r\nx\r\n");
     let id = r.rsplit(' ').next().unwrap().to_string();
     let mut tree = String::new();
@@ -233,8 +231,7 @@ async fn queue_list_filters_and_json() {
          server_smtp_retry_interval: [\"1h\"]\n",
         sink.port()
     ));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO c.test").starts_with("250"));
+    let mut s = d.connect_ehlo("c.test");
     for (from, to) in [
         ("alice@one.test", "x@a.test"),
         ("bob@two.test", "y@b.test"),

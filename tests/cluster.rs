@@ -89,12 +89,11 @@ async fn plain_sink() -> Sink {
 fn send_load(d: &Daemon, prefix: &str, seqs: std::ops::Range<u64>) {
     let mut s = d.connect_ehlo("client.test");
     for i in seqs {
-        let r = s.send_mail(
+        s.send_ok(
             "load@client.test",
             &[&format!("{prefix}{i}@remote.test")],
             &chaos::body(i, 1),
         );
-        assert!(r.starts_with("250"), "{r}");
     }
     let _ = s.cmd("QUIT");
 }
@@ -1227,15 +1226,13 @@ async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
     back.wait_for_log("listening on", Duration::from_secs(10));
     // Let both queues finish their start-up scans.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut s = front.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = front.connect_ehlo("client.test");
     // The first message is deferred by the next hop (and waits an hour): the flush below.
-    let r = s.send_mail(
+    s.send_ok(
         "a@client.test",
         &["b@remote.test"],
         "Subject: first\r\n\r\nx\r\n",
     );
-    assert!(r.starts_with("250"), "{r}");
     let deadline = Instant::now() + Duration::from_secs(15);
     while sink.transactions().is_empty() {
         assert!(
@@ -1248,12 +1245,11 @@ async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
     let mut waits = Vec::new();
     for i in 0..20 {
         let before = sink.count();
-        let r = s.send_mail(
+        s.send_ok(
             "a@client.test",
             &["b@remote.test"],
             &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"),
         );
-        assert!(r.starts_with("250"), "{r}");
         let t = Instant::now();
         while sink.count() == before {
             assert!(

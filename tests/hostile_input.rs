@@ -63,12 +63,11 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
         format!("Subject: {long}\r\nFrom: a@client.test\r\n\r\n{long}\r\n{dotted}\r\nend\r\n");
     let mut s = d.connect_ehlo("client.test");
     // Dot-stuffed on the way in, as any client must.
-    let r = s.send_mail(
+    s.send_ok(
         "a@client.test",
         &["b@remote.test"],
         &body.replace("\r\n.", "\r\n.."),
     );
-    assert!(r.starts_with("250"), "{r}");
     let _ = s.cmd("QUIT");
     assert!(
         sink.wait_for(1, Duration::from_secs(15)).await,
@@ -113,12 +112,11 @@ async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
     // The session goes on; a clean message afterwards is delivered.
     assert!(s.cmd("NOOP").starts_with("250"));
     nothing_delivered(&d, &sink).await;
-    let r = s.send_mail(
+    s.send_ok(
         "a@client.test",
         &["b@remote.test"],
         "Subject: clean\r\n\r\nok\r\n",
     );
-    assert!(r.starts_with("250"), "{r}");
     assert!(sink.wait_for(1, Duration::from_secs(10)).await);
     assert!(!sink.messages()[0].data.contains(&0));
 }

@@ -39,9 +39,7 @@ fn send(s: &mut Smtp, mail: &str, rcpts: &[&str], text: &[u8]) -> String {
 }
 
 fn client(d: &Daemon) -> Smtp {
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    s
+    d.connect_ehlo("client.test")
 }
 
 /// The MAIL and RCPT commands a sink was given.

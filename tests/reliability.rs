@@ -281,13 +281,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
         "server_smtp_retries: 2\nserver_smtp_retry_interval: [\"2s\"]\nserver_smtp_lock_lease: \"10s\"\n",
     ));
     let send = |rcpts: &[&str], subject: &str| {
-        let mut s = d.connect();
-        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        let mut s = d.connect_ehlo("client.test");
         let body = format!(
             "From: a@origin.test\r\nTo: x@remote.test\r\nSubject: {subject}\r\nX-Case: {subject}\r\n\r\nhello\r\n"
         );
-        let r = s.send_mail("a@origin.test", rcpts, &body);
-        assert!(r.starts_with("250"), "{r}");
+        s.send_ok("a@origin.test", rcpts, &body);
         let _ = s.cmd("QUIT");
     };
     send(&["drop@remote.test"], "drop");
@@ -612,8 +610,7 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
         .collect();
     let mut half_closed: Vec<daemon::Smtp> = (0..10)
         .map(|_| {
-            let mut s = d.connect();
-            assert!(s.cmd("EHLO x.test").starts_with("250"));
+            let s = d.connect_ehlo("x.test");
             s.stream.shutdown(std::net::Shutdown::Write).unwrap();
             s
         })
@@ -744,8 +741,7 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
         rand::rng().random_range(1_500..3_000),
     ));
     // Beside the load: an idle session and one half-way through its DATA.
-    let mut idle = d.connect();
-    assert!(idle.cmd("EHLO idle.test").starts_with("250"));
+    let mut idle = d.connect_ehlo("idle.test");
     let mut mid = d.connect_ehlo("mid.test");
     mid.begin_data(
         "MAIL FROM:<mid@client.test>",

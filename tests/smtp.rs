@@ -290,8 +290,7 @@ fn connections_beyond_the_limit_get_421_and_the_others_are_served() {
 #[test]
 fn an_idle_session_is_closed_with_421_after_the_timeout() {
     let d = local_daemon("server_smtp_timeout: \"1s\"\n");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO idle.test").starts_with("250"));
+    let mut s = d.connect_ehlo("idle.test");
     let t = Instant::now();
     let reply = s.read_reply();
     assert_eq!(reply, "421 4.4.2 smtp.erlsoft.net Error: timeout exceeded");

@@ -404,6 +404,12 @@ impl Smtp {
         assert!(r.starts_with("354"), "DATA: {r}");
     }
 
+    /// `send_mail`, asserting that the message was accepted.
+    pub fn send_ok(&mut self, from: &str, to: &[&str], body: &str) {
+        let r = self.send_mail(from, to, body);
+        assert!(r.starts_with("250"), "{r}");
+    }
+
     /// A whole transaction; returns the reply to the final dot.
     pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
         let rcpts: Vec<String> = to.iter().map(|t| format!("RCPT TO:<{t}>")).collect();
