@@ -237,6 +237,14 @@ fn exceeding_the_restart_intensity_stops_the_daemon_non_zero() {
     );
 }
 
+/// `config` with `server_smtp_port` changed from `from` to `to`.
+fn moved_port(config: &str, from: u16, to: u16) -> String {
+    config.replace(
+        &format!("server_smtp_port: {from}"),
+        &format!("server_smtp_port: {to}"),
+    )
+}
+
 /// One session: its greeting, and the reply to a remote recipient after EHLO and MAIL.
 fn relay_attempt(d: &Daemon) -> (String, String) {
     let mut s = d.connect_ehlo("client.test");
@@ -366,13 +374,7 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
     // The new port is taken, and the greeting changes too: nothing of it applies.
-    let text = d
-        .config_text()
-        .replace(
-            &format!("server_smtp_port: {port}"),
-            &format!("server_smtp_port: {taken_port}"),
-        )
-        .replace("\"before\"", "\"after\"");
+    let text = moved_port(&d.config_text(), port, taken_port).replace("\"before\"", "\"after\"");
     let line = d.reload(&text, "not reloaded");
     assert!(
         line.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
@@ -392,12 +394,7 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     );
 
     // A key only a restart can apply is named; the rest applies.
-    let text = d
-        .config_text()
-        .replace(
-            &format!("server_smtp_port: {taken_port}"),
-            &format!("server_smtp_port: {port}"),
-        )
+    let text = moved_port(&d.config_text(), taken_port, port)
         .replace("admin_listen: \"\"", "admin_listen: \"127.0.0.1:0\"");
     let mark = d.log_len();
     let line = d.reload(&text, "takes effect at the next start");

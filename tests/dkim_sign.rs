@@ -142,6 +142,16 @@ print(json.dumps(out))
     serde_json::from_slice(&out).unwrap()
 }
 
+/// Asserts that `message` carries exactly one signature, that dkimpy verifies it with
+/// `keys` in the DNS, and that it names (d=, s=, a=) `dsa`; returns dkimpy's verdicts.
+fn one_valid_signature(message: &[u8], keys: &[&Key], dsa: (&str, &str, &str)) -> Vec<Verdict> {
+    let v = dkimpy(message, keys);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(message));
+    assert_eq!((v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()), dsa);
+    v
+}
+
 /// One transaction; the MAIL FROM line may carry parameters.
 fn relay(d: &Daemon, mail_from: &str, rcpts: &[&str], text: &[u8]) {
     let mut s = d.connect_ehlo("client.test");
@@ -237,13 +247,7 @@ async fn relayed_mail_is_signed_and_dkimpy_verifies_it() {
     // From: a@example.org: the RSA key, From oversigned, Received not signed.
     let m = received(&sink, "rsa");
     assert!(m.starts_with(b"DKIM-Signature: "), "on top of the message");
-    let v = dkimpy(&m, &[&rsa, &ed]);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(&m));
-    assert_eq!(
-        (v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()),
-        ("example.org", "rsa1", "rsa-sha256")
-    );
+    let v = one_valid_signature(&m, &[&rsa, &ed], ("example.org", "rsa1", "rsa-sha256"));
     assert_eq!(v[0].h.iter().filter(|h| *h == "from").count(), 2, "{v:?}");
     for h in ["to", "subject", "date", "message-id"] {
         assert!(v[0].h.contains(&h.to_string()), "{h} signed: {v:?}");
@@ -269,13 +273,7 @@ async fn relayed_mail_is_signed_and_dkimpy_verifies_it() {
 
     // From: a@news.example.net: the parent domain's Ed25519 key.
     let m = received(&sink, "subdomain");
-    let v = dkimpy(&m, &[&rsa, &ed]);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(&m));
-    assert_eq!(
-        (v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()),
-        ("example.net", "ed1", "ed25519-sha256")
-    );
+    one_valid_signature(&m, &[&rsa, &ed], ("example.net", "ed1", "ed25519-sha256"));
 
     // No key for other.test: no signature.
     let m = received(&sink, "unkeyed");

@@ -29,6 +29,12 @@ fn relay_yaml(sink: &Sink, extra: &str) -> String {
     )
 }
 
+/// Waits until `sink` holds `n` messages; fails the test after `timeout` with the log of
+/// `d`.
+async fn arrived(sink: &Sink, n: usize, timeout: Duration, d: &Daemon) {
+    assert!(sink.wait_for(n, timeout).await, "{}", d.log_text());
+}
+
 fn body(subject: &str) -> String {
     format!("From: a@client.test\r\nTo: b@remote.test\r\nSubject: {subject}\r\n\r\nhello\r\n")
 }
@@ -47,11 +53,7 @@ async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     let d = Daemon::start(&relay_yaml(&sink, "server_smtp_queue_interval: \"1h\"\n"));
     relay_one(&d, "a@client.test", &["b@remote.test"], "immediate");
     // The tick is an hour away: only the NewMessage cast can have tried it.
-    assert!(
-        sink.wait_for(1, Duration::from_secs(10)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&sink, 1, Duration::from_secs(10), &d).await;
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, vec!["b@remote.test".to_string()]);
     assert_eq!(m.helo, "relay.test");
@@ -77,11 +79,7 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
         let l = d.queue_list();
         l.contains("451") && l.contains("b@remote.test")
     });
-    assert!(
-        sink.wait_for(1, Duration::from_secs(20)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&sink, 1, Duration::from_secs(20), &d).await;
     let t = sink.transactions();
     assert_eq!(t.len(), 3, "{t:?}");
     assert_eq!(
@@ -183,11 +181,7 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
     }
     let _ = s.cmd("QUIT");
 
-    assert!(
-        reports.wait_for(2, Duration::from_secs(20)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&reports, 2, Duration::from_secs(20), &d).await;
     d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dsns = reports.messages();
@@ -255,11 +249,7 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
         &[("ERLMAIL_TEST_SENDER_PANICS", "2")],
     );
     relay_one(&d, "a@client.test", &["b@remote.test"], "crashy");
-    assert!(
-        sink.wait_for(1, Duration::from_secs(15)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&sink, 1, Duration::from_secs(15), &d).await;
     d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1);
