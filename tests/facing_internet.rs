@@ -77,6 +77,26 @@ impl Client {
         self.reply().await
     }
 
+    /// Sends each piece `next` gives, waiting up to `wait` after each for the server to
+    /// say something; what it said (empty if `next` ran out or the connection broke
+    /// first).
+    async fn send_until_answered(
+        &mut self,
+        mut next: impl FnMut() -> Option<Vec<u8>>,
+        wait: Duration,
+    ) -> String {
+        while let Some(piece) = next() {
+            if !self.send(&piece).await {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) = tokio::time::timeout(wait, self.io.read(&mut buf)).await {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        String::new()
+    }
+
     /// Whether the server has closed the connection (reads EOF within `wait`).
     async fn closed_within(&mut self, wait: Duration) -> bool {
         let mut buf = [0u8; 256];
@@ -336,19 +356,13 @@ async fn a_command_line_trickling_in_meets_its_deadline() {
     // "NOOP NOOP NOOP ..." one byte every 200 ms: well inside any idle timer, but the
     // line never ends.
     let line = b"NOOP ".repeat(200);
-    let mut reply = String::new();
-    for b in line.iter() {
-        if !c.send(&[*b]).await {
-            break;
-        }
-        let mut buf = [0u8; 256];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(200), c.io.read(&mut buf)).await
-        {
-            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-            break;
-        }
-    }
+    let mut bytes = line.iter();
+    let reply = c
+        .send_until_answered(
+            || bytes.next().map(|b| vec![*b]),
+            Duration::from_millis(200),
+        )
+        .await;
     let took = t.elapsed();
     assert!(
         reply.starts_with("421 4.4.2 smtp.erlsoft.net Error: timeout exceeded"),
@@ -369,19 +383,12 @@ async fn data_below_the_minimum_rate_is_cut_off_and_a_steady_upload_is_not() {
     let t = Instant::now();
     let chunk = format!("Subject: good slow\r\n{}\r\n", "s".repeat(28));
     assert_eq!(chunk.len(), 50);
-    let mut reply = String::new();
-    while t.elapsed() < Duration::from_secs(60) {
-        if !slow.send(chunk.as_bytes()).await {
-            break;
-        }
-        let mut buf = [0u8; 256];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(500), slow.io.read(&mut buf)).await
-        {
-            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-            break;
-        }
-    }
+    let reply = slow
+        .send_until_answered(
+            || (t.elapsed() < Duration::from_secs(60)).then(|| chunk.as_bytes().to_vec()),
+            Duration::from_millis(500),
+        )
+        .await;
     let took = t.elapsed();
     assert!(reply.starts_with("421 4.4.2"), "{reply:?} after {took:?}");
     // 3 s of credit lost at 0.8 s per second: about 3.75 s, well before the minute.

@@ -16,6 +16,13 @@ use sink::{Sink, SinkConfig};
 
 const SYNC: &str = "554 5.5.0 Error: SMTP protocol synchronization";
 
+/// Asserts that the next reply is the 554 for a client out of step and that the server
+/// then closes the connection without another word.
+fn refused_out_of_sync(s: &mut Smtp) {
+    assert_eq!(s.read_reply(), SYNC);
+    assert_eq!(read_until_closed(s), "");
+}
+
 /// A sink and a daemon that relays everything from 127.0.0.1 to it.
 async fn relay_daemon() -> (Sink, Daemon) {
     let sink = Sink::start(SinkConfig::default()).await;
@@ -129,16 +136,14 @@ async fn a_helo_client_that_pipelines_gets_554_and_is_disconnected() {
     let mut s = d.connect();
     assert!(s.cmd("HELO client.test").starts_with("250"));
     s.send_raw(group);
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     // HELO itself with the rest behind it, and the message text too.
     let mut s = d.connect();
     let mut all = b"HELO client.test\r\n".to_vec();
     all.extend_from_slice(group);
     all.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n");
     s.send_raw(&all);
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     nothing_delivered(&d, &sink).await;
 }
 
@@ -149,8 +154,7 @@ async fn text_sent_with_data_before_the_354_is_never_a_message() {
     assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
     assert!(s.cmd("RCPT TO:<b@remote.test>").starts_with("250"));
     s.send_raw(b"DATA\r\nSubject: blind\r\n\r\nbody\r\n.\r\n");
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     // The same as an EHLO client's pipelined group (MAIL, RCPT, DATA and the text).
     let mut s = d.connect_ehlo("client.test");
     s.send_raw(
@@ -158,8 +162,7 @@ async fn text_sent_with_data_before_the_354_is_never_a_message() {
     );
     assert!(s.read_reply().starts_with("250 2.1.0"));
     assert!(s.read_reply().starts_with("250 2.1.5"));
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     nothing_delivered(&d, &sink).await;
 }
 

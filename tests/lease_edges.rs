@@ -20,6 +20,14 @@ use chaos::{Fault, FaultSink};
 use daemon::{wait_until, Daemon};
 use sink::{Sink, SinkConfig, StartTls};
 
+/// A next hop that applies `fault` to every `prefix…` recipient, and a daemon relaying to
+/// it with `extra` settings.
+async fn faulty_relay(prefix: &str, fault: Fault, extra: &str) -> (FaultSink, Daemon) {
+    let sink = FaultSink::always(prefix, fault).await;
+    let d = Daemon::start(&relay_yaml(sink.port(), extra));
+    (sink, d)
+}
+
 fn relay_yaml(port: u16, extra: &str) -> String {
     format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
@@ -104,11 +112,12 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
 async fn delete_and_hold_reach_messages_waiting_in_memory() {
     // One sender at a time, each delivery's 250 held up 1 s: nine messages wait in the
     // active queue (in memory, leased) while the first is on the wire.
-    let sink = FaultSink::always("slow", Fault::SlowDot(Duration::from_secs(1))).await;
-    let d = Daemon::start(&relay_yaml(
-        sink.port(),
+    let (sink, d) = faulty_relay(
+        "slow",
+        Fault::SlowDot(Duration::from_secs(1)),
         "server_smtp_max_senders: 1\nserver_smtp_timeout: 30s\n",
-    ));
+    )
+    .await;
     let rcpts: Vec<String> = (0..10).map(|i| format!("slow{i}@remote.test")).collect();
     relay(&d, &rcpts, "admin");
     // Every message is leased to this node (claimed at accept) and listed.
@@ -210,11 +219,12 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_that_loses_its_lease_stops_before_the_text() {
     // The next hop takes 4 s to answer DATA; the lease (3 s) is renewed every second.
-    let sink = FaultSink::always("late", Fault::SlowData(Duration::from_secs(4))).await;
-    let d = Daemon::start(&relay_yaml(
-        sink.port(),
+    let (sink, d) = faulty_relay(
+        "late",
+        Fault::SlowData(Duration::from_secs(4)),
         "server_smtp_lock_lease: 3s\nserver_smtp_timeout: 30s\n",
-    ));
+    )
+    .await;
     relay(&d, &["late@remote.test".to_string()], "fenced");
     let deadline = Instant::now() + Duration::from_secs(10);
     while sink.active() == 0 {
