@@ -8,6 +8,8 @@ mod daemon;
 mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -21,6 +21,8 @@ mod daemon;
 mod pg;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};

@@ -12,6 +12,8 @@
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};

@@ -111,7 +111,7 @@ impl Client {
     }
 
     /// MAIL from bob, RCPT to alice and DATA, each asserted accepted.
-    async fn to_alice(&mut self) {
+    async fn begin_to_alice(&mut self) {
         for (line, want) in [
             ("MAIL FROM:<bob@remote.test>".to_string(), "250"),
             (format!("RCPT TO:<{ALICE}>"), "250"),
@@ -124,7 +124,7 @@ impl Client {
 
     /// A whole transaction to alice; the reply to the final dot.
     async fn deliver(&mut self, subject: &str) -> String {
-        self.to_alice().await;
+        self.begin_to_alice().await;
         self.send(format!("Subject: {subject}\r\n\r\nhello\r\n.\r\n").as_bytes())
             .await;
         self.reply().await
@@ -379,7 +379,7 @@ async fn data_below_the_minimum_rate_is_cut_off_and_a_steady_upload_is_not() {
     let mut slow = Client::new(connect_from(ip(41), d.addr).await.unwrap());
     assert!(slow.reply().await.starts_with("220"));
     assert!(slow.cmd("EHLO slow.test").await.starts_with("250"));
-    slow.to_alice().await;
+    slow.begin_to_alice().await;
     let t = Instant::now();
     let chunk = format!("Subject: good slow\r\n{}\r\n", "s".repeat(28));
     assert_eq!(chunk.len(), 50);
@@ -397,7 +397,7 @@ async fn data_below_the_minimum_rate_is_cut_off_and_a_steady_upload_is_not() {
     let mut steady = Client::new(connect_from(ip(42), d.addr).await.unwrap());
     assert!(steady.reply().await.starts_with("220"));
     assert!(steady.cmd("EHLO steady.test").await.starts_with("250"));
-    steady.to_alice().await;
+    steady.begin_to_alice().await;
     assert!(steady.send(b"Subject: good steady\r\n\r\n").await);
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(6) {

@@ -7,6 +7,8 @@
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::io::Read;
 use std::time::Duration;

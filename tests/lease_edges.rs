@@ -13,6 +13,8 @@ mod chaos;
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::time::{Duration, Instant};
 

@@ -10,6 +10,8 @@ mod dns;
 mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -8,6 +8,8 @@
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::time::{Duration, Instant};
 

@@ -13,6 +13,8 @@ mod chaos;
 mod daemon;
 #[path = "support/pg.rs"]
 mod pg;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -4,11 +4,9 @@
 //! probes (RSS, open fds) and the `CHAOS-ROW` lines that `scripts/chaos` turns into a
 //! table. Everything talks to 127.0.0.1 only. It never decides pass or fail by timing:
 //! deadlines here only bound how long a test may wait for something that must happen.
-//! Include it with `#[path = "support/chaos.rs"] mod chaos;`.
+//! Include it with `#[path = "support/chaos.rs"] mod chaos;` (and `support/wire.rs` as
+//! `mod wire`, which it uses).
 #![allow(dead_code)]
-
-#[path = "wire.rs"]
-mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -633,7 +631,7 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
     let mut started = Instant::now();
     let mut rcpts: Vec<String> = Vec::new();
     loop {
-        let Some(text) = wire::read_command(&mut io).await? else {
+        let Some(text) = crate::wire::read_command(&mut io).await? else {
             return Ok(());
         };
         let upper = text.to_ascii_uppercase();
@@ -645,13 +643,13 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
             if s.closed.load(Ordering::SeqCst) {
                 "451 4.3.2 next hop closed for the test".into()
             } else {
-                mail = Some(wire::angle(&text[10..]));
+                mail = Some(crate::wire::angle(&text[10..]));
                 started = Instant::now();
                 rcpts.clear();
                 "250 2.1.0 Ok".into()
             }
         } else if upper.starts_with("RCPT TO:") {
-            let rcpt = wire::angle(&text[8..]);
+            let rcpt = crate::wire::angle(&text[8..]);
             let local = local_part(&rcpt);
             match s.take_fault(&local, |f| {
                 matches!(f, Fault::StallAtRcpt(_) | Fault::Rcpt452)
@@ -679,7 +677,7 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 io.get_mut()
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
-                let Some(data) = wire::read_data(&mut io).await? else {
+                let Some(data) = crate::wire::read_data(&mut io).await? else {
                     return Ok(());
                 };
                 let after_dot = |f: Fault| {

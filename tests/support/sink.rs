@@ -10,7 +10,8 @@
 //! - `starttls`: `Off`, `On` (self-signed certificate from rcgen) or `Broken`
 //!   (advertises and accepts STARTTLS, then closes instead of a handshake).
 //!
-//! Use it from an integration test with `#[path = "support/sink.rs"] mod sink;`:
+//! Use it from an integration test with `#[path = "support/sink.rs"] mod sink;` (and
+//! `support/wire.rs` as `mod wire`, which it uses):
 //!
 //! ```ignore
 //! let sink = sink::Sink::start(sink::SinkConfig::default()).await;
@@ -23,9 +24,6 @@
 //! listens on (connections are refused).
 
 #![allow(dead_code)]
-
-#[path = "wire.rs"]
-mod wire;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -327,7 +325,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
     let mut mail: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
     loop {
-        let Some(text) = wire::read_command(&mut io).await? else {
+        let Some(text) = crate::wire::read_command(&mut io).await? else {
             return Ok(());
         };
         s.state.lock().unwrap().commands.push(text.clone());
@@ -384,7 +382,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if helo.is_empty() {
                 "503 5.5.1 Error: send HELO/EHLO first".into()
             } else if cfg.mail_reply.starts_with('2') {
-                mail = Some(wire::angle(&text[10..]));
+                mail = Some(crate::wire::angle(&text[10..]));
                 rcpts.clear();
                 cfg.mail_reply.clone()
             } else {
@@ -394,7 +392,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if mail.is_none() {
                 "503 5.5.1 Error: need MAIL command".into()
             } else {
-                let rcpt = wire::angle(&text[8..]);
+                let rcpt = crate::wire::angle(&text[8..]);
                 let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
                 let rule = cfg
                     .rcpt_rules
@@ -422,7 +420,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 io.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
                 io.flush().await?;
-                let Some(data) = wire::read_data(&mut io).await? else {
+                let Some(data) = crate::wire::read_data(&mut io).await? else {
                     return Ok(());
                 };
                 let at = Utc::now();

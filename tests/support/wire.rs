@@ -1,6 +1,8 @@
-//! Test support: reading a message's text after `354` the way an SMTP server does, for
-//! the test servers (`sink.rs`, `chaos.rs`). Included by them with
-//! `#[path = "wire.rs"] mod wire;`; it holds no state and starts nothing.
+//! Test support: the SMTP line handling shared by the test servers (`sink.rs`,
+//! `chaos.rs`: reading a command, an address, the text after `354`) and by async test
+//! clients (reading a reply). The servers reach it as `crate::wire`, so a test that
+//! includes either includes this too, with `#[path = "support/wire.rs"] mod wire;`. It
+//! holds no state and starts nothing.
 #![allow(dead_code)]
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
