@@ -709,12 +709,8 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 });
                 "250 2.0.0 Ok: queued".into()
             }
-        } else if upper == "RSET" {
-            mail = None;
-            rcpts.clear();
-            "250 2.0.0 Ok".into()
-        } else if upper == "NOOP" {
-            "250 2.0.0 Ok".into()
+        } else if let Some(r) = crate::wire::reset_or_noop(&upper, &mut mail, &mut rcpts) {
+            r.into()
         } else if upper == "QUIT" {
             io.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
             return Ok(());

@@ -456,12 +456,8 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 s.changed.notify_waiters();
                 reply
             }
-        } else if upper == "RSET" {
-            mail = None;
-            rcpts.clear();
-            "250 2.0.0 Ok".into()
-        } else if upper == "NOOP" {
-            "250 2.0.0 Ok".into()
+        } else if let Some(r) = crate::wire::reset_or_noop(&upper, &mut mail, &mut rcpts) {
+            r.into()
         } else if upper == "QUIT" {
             io.write_all(b"221 2.0.0 Bye\r\n").await?;
             io.flush().await?;

@@ -68,3 +68,21 @@ pub async fn read_reply_lines<R: AsyncBufRead + Unpin>(
         }
     }
 }
+
+/// The reply to `RSET` (which forgets the envelope, `mail` and `rcpts`) or `NOOP`, given
+/// the command line in upper case; `None` for any other command.
+pub fn reset_or_noop(
+    upper: &str,
+    mail: &mut Option<String>,
+    rcpts: &mut Vec<String>,
+) -> Option<&'static str> {
+    match upper {
+        "RSET" => {
+            *mail = None;
+            rcpts.clear();
+            Some("250 2.0.0 Ok")
+        }
+        "NOOP" => Some("250 2.0.0 Ok"),
+        _ => None,
+    }
+}
