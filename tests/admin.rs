@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use daemon::{http_get, wait_until, Daemon};
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 /// Parse a scrape with prometheus_client's parser; samples as `name{labels}` -> value.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
@@ -221,12 +221,7 @@ fn erlmail_status_prints_tree_queue_and_counters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_list_filters_and_json() {
     // Everything defers: 450 for every recipient keeps the messages queued.
-    let sink = Sink::start(
-        SinkConfig::default()
-            .starttls(StartTls::Off)
-            .rcpt_reply("", "450 4.2.1 mailbox busy"),
-    )
-    .await;
+    let sink = Sink::start(SinkConfig::plain().rcpt_reply("", "450 4.2.1 mailbox busy")).await;
     let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
          server_smtp_routes: {{\"a.test\": \"127.0.0.1:{}\", \"b.test\": \"127.0.0.1:9\"}}\n\

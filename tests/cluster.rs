@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use daemon::Daemon;
 use pg::TestDb;
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 // `pg::TestDb` is declared before the daemons of a test, so they are dropped first.
 
@@ -79,11 +79,6 @@ fn seqs_seen(sink: &Sink) -> HashMap<usize, usize> {
         *seen.entry(seq).or_default() += 1;
     }
     seen
-}
-
-/// A sink without STARTTLS.
-async fn plain_sink() -> Sink {
-    Sink::start(SinkConfig::default().starttls(StartTls::Off)).await
 }
 
 /// Sends `chaos::body(i, 1)` from load@client.test to `<prefix><i>@remote.test` for each
@@ -162,7 +157,7 @@ async fn three_nodes_on_one_database_deliver_each_message_exactly_once() {
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = plain_sink().await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let started = Instant::now();
     // All three start at once on the empty database: the migration runs exactly once.
     let daemons: Vec<Daemon> = std::thread::scope(|sc| {
@@ -1172,7 +1167,7 @@ async fn a_front_node_queues_and_two_back_nodes_deliver_each_message_exactly_onc
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = plain_sink().await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let mut front = Daemon::start(&format!(
         "{}server_smtp_max_senders: 0\n",
         node_yaml(&db, &sink, "front")
@@ -1213,7 +1208,7 @@ async fn mail_queued_or_flushed_on_one_node_wakes_another_at_once() {
     let Some(db) = TestDb::create("this cluster test").await else {
         return;
     };
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off).defer_first(1)).await;
+    let sink = Sink::start(SinkConfig::plain().defer_first(1)).await;
     let slow_scan = "server_smtp_queue_interval: \"10s\"\nserver_smtp_retry_interval: [\"1h\"]\n";
     let mut front = Daemon::start(&format!(
         "{}server_smtp_max_senders: 0\n",

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use chaos::{Fault, FaultSink};
 use daemon::{wait_until, Daemon};
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 /// A next hop that applies `fault` to every `prefix…` recipient, and a daemon relaying to
 /// it with `extra` settings.
@@ -84,7 +84,7 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
     d.signal("KILL");
     d.wait_exit(Duration::from_secs(10)).expect("killed");
     held.abort();
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
         &format!("127.0.0.1:{hang_port}"),
         &format!("127.0.0.1:{}", sink.port()),
@@ -176,7 +176,7 @@ async fn delete_and_hold_reach_messages_waiting_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let d = Daemon::start_with_env(
         &relay_yaml(
             sink.port(),
@@ -258,9 +258,7 @@ async fn a_bounce_survives_a_store_failure_between_attempt_and_record_exactly_on
     // and that attempt's record lands. The bounce commits with the record, so it goes
     // out once: not zero times (lost with the failed record), not twice (once per try).
     let sink = Sink::start(
-        SinkConfig::default()
-            .starttls(StartTls::Off)
-            .rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
+        SinkConfig::plain().rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
     )
     .await;
     let mut d = Daemon::start_with_env(

@@ -603,7 +603,7 @@ async fn mail_from_5xx_fails_all_recipients_permanently() {
 
 #[tokio::test]
 async fn dot_stuffing_round_trip() {
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let body =
         b".starts with a dot\r\nSubject: x\r\n\r\n.\r\n..two dots\r\nmiddle . dot\r\n.\r\nend\r\n";
     let report = deliver_to(&sink, &["b@example.test"], body).await;
@@ -1089,7 +1089,7 @@ async fn refused_sender_is_not_reused() {
 
 #[tokio::test]
 async fn all_recipients_refused_then_rset_keeps_the_connection() {
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let cache = ConnectionCache::new();
     let hops = [Hop::addr(sink.addr())];
     let first = deliver_via(

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use daemon::{wait_until, Daemon, Smtp};
 use mail_parser::MimeHeaders;
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 fn relay_yaml(sink: &Sink, extra: &str) -> String {
     let interval = if extra.contains("server_smtp_queue_interval") {
@@ -288,7 +288,7 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon() {
-    let sink = Sink::start(SinkConfig::default().defer_first(2).starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain().defer_first(2)).await;
     let d = Daemon::start(&relay_yaml(
         &sink,
         "server_smtp_retry_interval: [\"1h\"]\nserver_smtp_queue_interval: \"200ms\"\n",
@@ -356,7 +356,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     const N: usize = 2000;
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let a = Daemon::start(&relay_yaml(&sink, "node_name: \"node-a\"\n"));
     // One store file, two spools: a spool belongs to one daemon (its lock), but two
     // nodes may share a SQLite store through store_url.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use daemon::{b64, wait_until, Daemon};
 use peers::{require, run};
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -397,7 +397,7 @@ async fn relay_one(s: &Setup, subject: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outbound_require_refuses_a_hop_without_starttls() {
-    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Off)).await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let s = start(&format!(
         "{}server_smtp_tls_outbound: require\nserver_smtp_retry_interval: [\"1h\"]\n",
         relay_to(&sink)

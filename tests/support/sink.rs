@@ -86,6 +86,11 @@ impl Default for SinkConfig {
 }
 
 impl SinkConfig {
+    /// The default sink without STARTTLS (mail in plain text).
+    pub fn plain() -> Self {
+        SinkConfig::default().starttls(StartTls::Off)
+    }
+
     /// Adds a RCPT rule: recipients whose local part starts with `prefix` get `reply`.
     pub fn rcpt_reply(mut self, prefix: &str, reply: &str) -> Self {
         self.rcpt_rules.push((prefix.into(), reply.into()));
