@@ -4,20 +4,21 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use daemon::{http_get, wait_until, Daemon};
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 /// Parse a scrape with prometheus_client's parser; samples as `name{labels}` -> value.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("scrape.txt");
-    std::fs::write(&file, text).unwrap();
     let script = r#"
 import sys
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,18 +27,13 @@ for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
         labels = ",".join("%s=%s" % kv for kv in sorted(s.labels.items()))
         print("%s{%s}\t%r" % (s.name, labels, s.value))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "not valid Prometheus text format: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = python::python3_on(
+        text.as_bytes(),
+        script,
+        &[],
+        &format!("not valid Prometheus text format:\n{text}\n"),
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out)
         .lines()
         .map(|l| {
             let (k, v) = l.split_once('\t').unwrap();
@@ -64,19 +60,11 @@ async fn metrics_parse_and_move_as_mail_is_sent_rejected_relayed_and_bounced() {
         reports.port()
     ));
     let admin = d.admin_addr();
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw\n"))
-        .0
-        .success());
+    d.add_user("alice@example.test");
     let before = parse_metrics(&http_get(admin, "/metrics"));
 
     // 127.0.0.1 may not relay: one local delivery and one relay denial.
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO a.test").starts_with("250"));
+    let mut s = d.connect_ehlo("a.test");
     assert!(s
         .send_mail(
             "x@origin.test",
@@ -181,8 +169,7 @@ async fn tree_shows_live_sessions_and_senders_during_a_run_and_not_after() {
          server_smtp_timeout: \"3s\"\n"
     ));
     let admin = d.admin_addr();
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO t.test").starts_with("250"));
+    let mut s = d.connect_ehlo("t.test");
     let r = s.send_mail("a@t.test", &["b@far.test"], "Subject: t\r\n\r\nx\r\n");
     let id = r.rsplit(' ').next().unwrap().to_string();
     let mut tree = String::new();
@@ -234,19 +221,14 @@ fn erlmail_status_prints_tree_queue_and_counters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_list_filters_and_json() {
     // Everything defers: 450 for every recipient keeps the messages queued.
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default().rcpt_reply("", "450 4.2.1 mailbox busy")
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain().rcpt_reply("", "450 4.2.1 mailbox busy")).await;
     let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
          server_smtp_routes: {{\"a.test\": \"127.0.0.1:{}\", \"b.test\": \"127.0.0.1:9\"}}\n\
          server_smtp_retry_interval: [\"1h\"]\n",
         sink.port()
     ));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO c.test").starts_with("250"));
+    let mut s = d.connect_ehlo("c.test");
     for (from, to) in [
         ("alice@one.test", "x@a.test"),
         ("bob@two.test", "y@b.test"),

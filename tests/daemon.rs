@@ -34,15 +34,16 @@ fn serve_with_no_setup_starts_on_sqlite_and_logs_the_tree() {
     }
     d.wait_for_log("actor tree", Duration::from_secs(10));
     let log = d.log_text();
-    for line in [
-        "erlmail_sup",
-        "├── erlmail_store",
-        "├── smtpd_queue",
-        "└── smtpd_sup",
-        "    └── smtpd_listener",
-    ] {
-        assert!(log.contains(line), "tree line {line:?} missing:\n{log}");
-    }
+    daemon::assert_contains_all(
+        &log,
+        &[
+            "erlmail_sup",
+            "├── erlmail_store",
+            "├── smtpd_queue",
+            "└── smtpd_sup",
+            "    └── smtpd_listener",
+        ],
+    );
     assert!(
         d.dir.path().join("spool/erlmail.db").exists(),
         "the SQLite store is created in ./spool"
@@ -236,40 +237,42 @@ fn exceeding_the_restart_intensity_stops_the_daemon_non_zero() {
     );
 }
 
+/// `config` with `server_smtp_port` changed from `from` to `to`.
+fn moved_port(config: &str, from: u16, to: u16) -> String {
+    config.replace(
+        &format!("server_smtp_port: {from}"),
+        &format!("server_smtp_port: {to}"),
+    )
+}
+
+/// One session: its greeting, and the reply to a remote recipient after EHLO and MAIL.
+fn relay_attempt(d: &Daemon) -> (String, String) {
+    let mut s = d.connect_ehlo("client.test");
+    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    let rcpt = s.cmd("RCPT TO:<someone@remote.example>");
+    (s.greeting.clone(), rcpt)
+}
+
 #[test]
 fn sighup_applies_a_new_greeting_and_relay_list_and_keeps_the_old_on_error() {
     let mut d = Daemon::start(
         "server_smtp_greeting: \"first greeting\"\nserver_smtp_relay_clients: [\"192.0.2.0/24\"]\n",
     );
-    let mut s = d.connect();
-    assert!(s.greeting.ends_with("first greeting"), "{}", s.greeting);
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    let denied = s.cmd("RCPT TO:<someone@remote.example>");
+    let (greeting, denied) = relay_attempt(&d);
+    assert!(greeting.ends_with("first greeting"), "{greeting}");
     assert!(denied.starts_with("554 5.7.1"), "{denied}");
-    drop(s);
 
-    let text = std::fs::read_to_string(&d.config).unwrap().replace(
+    let text = d.config_text().replace(
         "server_smtp_greeting: \"first greeting\"\nserver_smtp_relay_clients: [\"192.0.2.0/24\"]",
         "server_smtp_greeting: \"second greeting\"\nserver_smtp_relay_clients: [\"127.0.0.1/32\"]",
     );
-    std::fs::write(&d.config, text).unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
-    let mut s = d.connect();
-    assert!(s.greeting.ends_with("second greeting"), "{}", s.greeting);
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    let ok = s.cmd("RCPT TO:<someone@remote.example>");
+    d.reload(&text, "configuration reloaded");
+    let (greeting, ok) = relay_attempt(&d);
+    assert!(greeting.ends_with("second greeting"), "{greeting}");
     assert!(ok.starts_with("250"), "{ok}");
-    drop(s);
 
     // A broken file: reported, the running configuration stays.
-    std::fs::write(&d.config, "server_smtp_greeting: \"unterminated\n").unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    let err = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let err = d.reload("server_smtp_greeting: \"unterminated\n", "not reloaded");
     assert!(err.contains("erlmail.yaml:"), "error names the file: {err}");
     let s = d.connect();
     assert!(s.greeting.ends_with("second greeting"), "{}", s.greeting);
@@ -371,17 +374,8 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
     // The new port is taken, and the greeting changes too: nothing of it applies.
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
-        .replace(
-            &format!("server_smtp_port: {port}"),
-            &format!("server_smtp_port: {taken_port}"),
-        )
-        .replace("\"before\"", "\"after\"");
-    std::fs::write(&d.config, &text).unwrap();
-    let mark = d.log_len();
-    d.signal("HUP");
-    let line = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let text = moved_port(&d.config_text(), port, taken_port).replace("\"before\"", "\"after\"");
+    let line = d.reload(&text, "not reloaded");
     assert!(
         line.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
         "{line}"
@@ -400,21 +394,10 @@ fn sighup_to_a_taken_port_keeps_serving_and_names_restart_only_keys() {
     );
 
     // A key only a restart can apply is named; the rest applies.
-    let text = std::fs::read_to_string(&d.config)
-        .unwrap()
-        .replace(
-            &format!("server_smtp_port: {taken_port}"),
-            &format!("server_smtp_port: {port}"),
-        )
+    let text = moved_port(&d.config_text(), taken_port, port)
         .replace("admin_listen: \"\"", "admin_listen: \"127.0.0.1:0\"");
-    std::fs::write(&d.config, text).unwrap();
     let mark = d.log_len();
-    d.signal("HUP");
-    let line = d.wait_for_log_after(
-        mark,
-        "takes effect at the next start",
-        Duration::from_secs(10),
-    );
+    let line = d.reload(&text, "takes effect at the next start");
     assert!(line.contains("admin_listen"), "{line}");
     d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
     let s = daemon::Smtp::connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)));

@@ -6,8 +6,12 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,9 +103,6 @@ struct Verdict {
 /// Every DKIM-Signature of `message` verified by dkimpy, with `records` (name -> TXT
 /// text) as the DNS.
 fn dkimpy(message: &[u8], records: &[&Key]) -> Vec<Verdict> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("message.eml");
-    std::fs::write(&file, message).unwrap();
     let dns: BTreeMap<&str, &str> = records
         .iter()
         .map(|k| (k.name.as_str(), k.record.as_str()))
@@ -134,32 +135,31 @@ for i, (k, v) in enumerate([h for h in d.headers if h[0].lower() == b'dkim-signa
 assert len(out) == count
 print(json.dumps(out))
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .arg(serde_json::to_string(&dns).unwrap())
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "dkimpy failed (pip install dkimpy pynacl): {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = python::python3_on(
+        message,
+        script,
+        &[&serde_json::to_string(&dns).unwrap()],
+        "dkimpy failed (pip install dkimpy pynacl)",
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// Asserts that `message` carries exactly one signature, that dkimpy verifies it with
+/// `keys` in the DNS, and that it names (d=, s=, a=) `dsa`; returns dkimpy's verdicts.
+fn one_valid_signature(message: &[u8], keys: &[&Key], dsa: (&str, &str, &str)) -> Vec<Verdict> {
+    let v = dkimpy(message, keys);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(message));
+    assert_eq!((v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()), dsa);
+    v
 }
 
 /// One transaction; the MAIL FROM line may carry parameters.
 fn relay(d: &Daemon, mail_from: &str, rcpts: &[&str], text: &[u8]) {
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    let r = s.cmd(mail_from);
-    assert!(r.starts_with("250"), "{r}");
-    for rcpt in rcpts {
-        let r = s.cmd(&format!("RCPT TO:<{rcpt}>"));
-        assert!(r.starts_with("250"), "{r}");
-    }
-    assert!(s.cmd("DATA").starts_with("354"));
+    let mut s = d.connect_ehlo("client.test");
+    let rcpts: Vec<String> = rcpts.iter().map(|r| format!("RCPT TO:<{r}>")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    s.begin_data(mail_from, &rcpts);
     s.send_raw(text);
     let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");
@@ -249,13 +249,7 @@ async fn relayed_mail_is_signed_and_dkimpy_verifies_it() {
     // From: a@example.org: the RSA key, From oversigned, Received not signed.
     let m = received(&sink, "rsa");
     assert!(m.starts_with(b"DKIM-Signature: "), "on top of the message");
-    let v = dkimpy(&m, &[&rsa, &ed]);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(&m));
-    assert_eq!(
-        (v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()),
-        ("example.org", "rsa1", "rsa-sha256")
-    );
+    let v = one_valid_signature(&m, &[&rsa, &ed], ("example.org", "rsa1", "rsa-sha256"));
     assert_eq!(v[0].h.iter().filter(|h| *h == "from").count(), 2, "{v:?}");
     for h in ["to", "subject", "date", "message-id"] {
         assert!(v[0].h.contains(&h.to_string()), "{h} signed: {v:?}");
@@ -281,13 +275,7 @@ async fn relayed_mail_is_signed_and_dkimpy_verifies_it() {
 
     // From: a@news.example.net: the parent domain's Ed25519 key.
     let m = received(&sink, "subdomain");
-    let v = dkimpy(&m, &[&rsa, &ed]);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(v[0].ok, "{v:?}\n{}", String::from_utf8_lossy(&m));
-    assert_eq!(
-        (v[0].d.as_str(), v[0].s.as_str(), v[0].a.as_str()),
-        ("example.net", "ed1", "ed25519-sha256")
-    );
+    one_valid_signature(&m, &[&rsa, &ed], ("example.net", "ed1", "ed25519-sha256"));
 
     // No key for other.test: no signature.
     let m = received(&sink, "unkeyed");
@@ -401,12 +389,11 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
     ));
     let spool = format!("spool_dir: \"{}\"\n", d.dir.path().join("spool").display());
     let port = format!("server_smtp_port: {}\n", d.addr.port());
-    let write_config = |d: &Daemon, greeting: &str, keys: &str| {
-        let yaml = format!(
+    let config = |greeting: &str, keys: &str| {
+        format!(
             "{base}{spool}{port}server_smtp_address: \"127.0.0.1\"\nadmin_listen: \"\"\n\
              server_smtp_greeting: \"{greeting}\"\n{keys}"
-        );
-        std::fs::write(&d.config, yaml).unwrap();
+        )
     };
 
     relay(
@@ -423,10 +410,10 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    write_config(&d, "second", &key_yaml(&[("example.org", "ed1", &first)]));
-    let mark = d.log_len();
-    d.signal("HUP");
-    let err = d.wait_for_log_after(mark, "not reloaded", Duration::from_secs(10));
+    let err = d.reload(
+        &config("second", &key_yaml(&[("example.org", "ed1", &first)])),
+        "not reloaded",
+    );
     assert!(err.contains(&first.file.display().to_string()), "{err}");
     let s = d.connect();
     assert!(
@@ -444,10 +431,10 @@ async fn sighup_with_a_broken_key_keeps_signing_with_the_old_one() {
 
     // A good new key: the reload goes through and the new key signs.
     let second = keygen(keys.path(), "example.org", "ed2", true);
-    write_config(&d, "third", &key_yaml(&[("example.org", "ed2", &second)]));
-    let mark = d.log_len();
-    d.signal("HUP");
-    d.wait_for_log_after(mark, "configuration reloaded", Duration::from_secs(10));
+    d.reload(
+        &config("third", &key_yaml(&[("example.org", "ed2", &second)])),
+        "configuration reloaded",
+    );
     wait_until("the new greeting", Duration::from_secs(5), || {
         d.connect().greeting.ends_with("third")
     });

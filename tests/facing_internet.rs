@@ -15,6 +15,8 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,19 +24,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use daemon::{b64, Daemon};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
-const DOMAIN: &str = "example.test";
 const ALICE: &str = "alice@example.test";
 const PASSWORD: &str = "Right-horse-7-staple";
 
 fn local_daemon(yaml: &str) -> Daemon {
     let d = Daemon::start(yaml);
-    let (ok, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(ok.success(), "domain add: {err}");
-    let (ok, _, err) = d.admin(&["user", "add", ALICE], Some(&format!("{PASSWORD}\n")));
-    assert!(ok.success(), "user add: {err}");
+    d.add_user_with_password(ALICE, PASSWORD);
     d
 }
 
@@ -66,23 +64,8 @@ impl Client {
 
     /// One reply, lines joined with `\n`; empty when the server closed.
     async fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(30), self.io.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return lines.join("\n");
-            }
-            let l = line.trim_end().to_string();
-            let more = l.as_bytes().get(3) == Some(&b'-');
-            lines.push(l);
-            if !more {
-                return lines.join("\n");
-            }
-        }
+        let (lines, _) = wire::read_reply_lines(&mut self.io, Duration::from_secs(30)).await;
+        lines.join("\n")
     }
 
     async fn send(&mut self, bytes: &[u8]) -> bool {
@@ -92,6 +75,26 @@ impl Client {
     async fn cmd(&mut self, line: &str) -> String {
         self.send(format!("{line}\r\n").as_bytes()).await;
         self.reply().await
+    }
+
+    /// Sends each piece `next` gives, waiting up to `wait` after each for the server to
+    /// say something; what it said (empty if `next` ran out or the connection broke
+    /// first).
+    async fn send_until_answered(
+        &mut self,
+        mut next: impl FnMut() -> Option<Vec<u8>>,
+        wait: Duration,
+    ) -> String {
+        while let Some(piece) = next() {
+            if !self.send(&piece).await {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) = tokio::time::timeout(wait, self.io.read(&mut buf)).await {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        String::new()
     }
 
     /// Whether the server has closed the connection (reads EOF within `wait`).
@@ -107,8 +110,8 @@ impl Client {
         }
     }
 
-    /// A whole transaction to alice; the reply to the final dot.
-    async fn deliver(&mut self, subject: &str) -> String {
+    /// MAIL from bob, RCPT to alice and DATA, each asserted accepted.
+    async fn begin_to_alice(&mut self) {
         for (line, want) in [
             ("MAIL FROM:<bob@remote.test>".to_string(), "250"),
             (format!("RCPT TO:<{ALICE}>"), "250"),
@@ -117,6 +120,11 @@ impl Client {
             let r = self.cmd(&line).await;
             assert!(r.starts_with(want), "{line}: {r}");
         }
+    }
+
+    /// A whole transaction to alice; the reply to the final dot.
+    async fn deliver(&mut self, subject: &str) -> String {
+        self.begin_to_alice().await;
         self.send(format!("Subject: {subject}\r\n\r\nhello\r\n.\r\n").as_bytes())
             .await;
         self.reply().await
@@ -348,19 +356,13 @@ async fn a_command_line_trickling_in_meets_its_deadline() {
     // "NOOP NOOP NOOP ..." one byte every 200 ms: well inside any idle timer, but the
     // line never ends.
     let line = b"NOOP ".repeat(200);
-    let mut reply = String::new();
-    for b in line.iter() {
-        if !c.send(&[*b]).await {
-            break;
-        }
-        let mut buf = [0u8; 256];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(200), c.io.read(&mut buf)).await
-        {
-            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-            break;
-        }
-    }
+    let mut bytes = line.iter();
+    let reply = c
+        .send_until_answered(
+            || bytes.next().map(|b| vec![*b]),
+            Duration::from_millis(200),
+        )
+        .await;
     let took = t.elapsed();
     assert!(
         reply.starts_with("421 4.4.2 smtp.erlsoft.net Error: timeout exceeded"),
@@ -377,31 +379,16 @@ async fn data_below_the_minimum_rate_is_cut_off_and_a_steady_upload_is_not() {
     let mut slow = Client::new(connect_from(ip(41), d.addr).await.unwrap());
     assert!(slow.reply().await.starts_with("220"));
     assert!(slow.cmd("EHLO slow.test").await.starts_with("250"));
-    assert!(slow
-        .cmd("MAIL FROM:<bob@remote.test>")
-        .await
-        .starts_with("250"));
-    assert!(slow
-        .cmd(&format!("RCPT TO:<{ALICE}>"))
-        .await
-        .starts_with("250"));
-    assert!(slow.cmd("DATA").await.starts_with("354"));
+    slow.begin_to_alice().await;
     let t = Instant::now();
     let chunk = format!("Subject: good slow\r\n{}\r\n", "s".repeat(28));
     assert_eq!(chunk.len(), 50);
-    let mut reply = String::new();
-    while t.elapsed() < Duration::from_secs(60) {
-        if !slow.send(chunk.as_bytes()).await {
-            break;
-        }
-        let mut buf = [0u8; 256];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_millis(500), slow.io.read(&mut buf)).await
-        {
-            reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-            break;
-        }
-    }
+    let reply = slow
+        .send_until_answered(
+            || (t.elapsed() < Duration::from_secs(60)).then(|| chunk.as_bytes().to_vec()),
+            Duration::from_millis(500),
+        )
+        .await;
     let took = t.elapsed();
     assert!(reply.starts_with("421 4.4.2"), "{reply:?} after {took:?}");
     // 3 s of credit lost at 0.8 s per second: about 3.75 s, well before the minute.
@@ -410,15 +397,7 @@ async fn data_below_the_minimum_rate_is_cut_off_and_a_steady_upload_is_not() {
     let mut steady = Client::new(connect_from(ip(42), d.addr).await.unwrap());
     assert!(steady.reply().await.starts_with("220"));
     assert!(steady.cmd("EHLO steady.test").await.starts_with("250"));
-    assert!(steady
-        .cmd("MAIL FROM:<bob@remote.test>")
-        .await
-        .starts_with("250"));
-    assert!(steady
-        .cmd(&format!("RCPT TO:<{ALICE}>"))
-        .await
-        .starts_with("250"));
-    assert!(steady.cmd("DATA").await.starts_with("354"));
+    steady.begin_to_alice().await;
     assert!(steady.send(b"Subject: good steady\r\n\r\n").await);
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(6) {
@@ -513,32 +492,9 @@ fn auth_plain(user: &str, password: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn password_guessing_in_parallel_is_stopped_per_address() {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certs.path().join("cert.pem");
-    let key = certs.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let mut d = local_daemon(&format!(
-        "server_smtp_tls_cert: \"{}\"\nserver_smtp_tls_key: \"{}\"\nserver_smtp_tls_port: 0\n",
-        cert.display(),
-        key.display()
-    ));
-    let line = d.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
-    let line = if line.contains("listening on") {
-        line
-    } else {
-        d.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
-    };
-    let port: u16 = line
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap();
+    let (_certs, tls_yaml) = daemon::test_certificate();
+    let mut d = local_daemon(&format!("{tls_yaml}server_smtp_tls_port: 0\n"));
+    let port = d.tls_port();
     // 40 wrong passwords from one address, each in its own session: four rounds of ten
     // sessions at once (ten is the default per-client session limit).
     let failed = Arc::new(AtomicUsize::new(0));

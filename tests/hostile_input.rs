@@ -7,6 +7,8 @@
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::io::Read;
 use std::time::Duration;
@@ -16,20 +18,24 @@ use sink::{Sink, SinkConfig};
 
 const SYNC: &str = "554 5.5.0 Error: SMTP protocol synchronization";
 
-fn relay_yaml(sink: &Sink) -> String {
-    format!(
+/// Asserts that the next reply is the 554 for a client out of step and that the server
+/// then closes the connection without another word.
+fn refused_out_of_sync(s: &mut Smtp) {
+    assert_eq!(s.read_reply(), SYNC);
+    assert_eq!(read_until_closed(s), "");
+}
+
+/// A sink and a daemon that relays everything from 127.0.0.1 to it.
+async fn relay_daemon() -> (Sink, Daemon) {
+    let sink = Sink::start(SinkConfig::default()).await;
+    let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\
          server_smtp_relay_host: \"127.0.0.1:{}\"\n\
          server_smtp_name: \"relay.test\"\n\
          server_smtp_queue_interval: \"100ms\"\n",
         sink.port()
-    )
-}
-
-fn queue_is_empty(d: &Daemon) -> bool {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "{err}");
-    out.contains("Mail queue is empty")
+    ));
+    (sink, d)
 }
 
 /// Everything the server still writes until it closes the connection (a read timeout
@@ -50,13 +56,12 @@ fn read_until_closed(s: &mut Smtp) -> String {
 async fn nothing_delivered(d: &Daemon, sink: &Sink) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(sink.count(), 0, "{:?}", sink.messages());
-    assert!(queue_is_empty(d));
+    assert!(d.queue_is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
+    let (sink, d) = relay_daemon().await;
     let long = (0..5000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect::<String>();
@@ -65,15 +70,13 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
     let dotted = format!(".{}", "d".repeat(4000));
     let body =
         format!("Subject: {long}\r\nFrom: a@client.test\r\n\r\n{long}\r\n{dotted}\r\nend\r\n");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     // Dot-stuffed on the way in, as any client must.
-    let r = s.send_mail(
+    s.send_ok(
         "a@client.test",
         &["b@remote.test"],
         &body.replace("\r\n.", "\r\n.."),
     );
-    assert!(r.starts_with("250"), "{r}");
     let _ = s.cmd("QUIT");
     assert!(
         sink.wait_for(1, Duration::from_secs(15)).await,
@@ -101,19 +104,15 @@ async fn a_5000_octet_line_leaves_broken_at_998_with_crlf_space() {
         &unbroken[unbroken.len().saturating_sub(body.len() + 40)..]
     );
     wait_until("empty queue", Duration::from_secs(10), || {
-        queue_is_empty(&d)
+        d.queue_is_empty()
     });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<b@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
+    let (sink, d) = relay_daemon().await;
+    let mut s = d.connect_ehlo("client.test");
+    s.begin_data("MAIL FROM:<a@client.test>", &["RCPT TO:<b@remote.test>"]);
     s.send_raw(b"Subject: nul\r\n\r\nbefore\0after\r\n");
     assert_eq!(
         s.cmd("."),
@@ -122,68 +121,57 @@ async fn a_message_with_a_nul_byte_is_refused_and_goes_nowhere() {
     // The session goes on; a clean message afterwards is delivered.
     assert!(s.cmd("NOOP").starts_with("250"));
     nothing_delivered(&d, &sink).await;
-    let r = s.send_mail(
+    s.send_ok(
         "a@client.test",
         &["b@remote.test"],
         "Subject: clean\r\n\r\nok\r\n",
     );
-    assert!(r.starts_with("250"), "{r}");
     assert!(sink.wait_for(1, Duration::from_secs(10)).await);
     assert!(!sink.messages()[0].data.contains(&0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helo_client_that_pipelines_gets_554_and_is_disconnected() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
+    let (sink, d) = relay_daemon().await;
     let group = b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\n";
     // HELO answered, then MAIL, RCPT and DATA in one write.
     let mut s = d.connect();
     assert!(s.cmd("HELO client.test").starts_with("250"));
     s.send_raw(group);
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     // HELO itself with the rest behind it, and the message text too.
     let mut s = d.connect();
     let mut all = b"HELO client.test\r\n".to_vec();
     all.extend_from_slice(group);
     all.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n");
     s.send_raw(&all);
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     nothing_delivered(&d, &sink).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_sent_with_data_before_the_354_is_never_a_message() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let (sink, d) = relay_daemon().await;
+    let mut s = d.connect_ehlo("client.test");
     assert!(s.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
     assert!(s.cmd("RCPT TO:<b@remote.test>").starts_with("250"));
     s.send_raw(b"DATA\r\nSubject: blind\r\n\r\nbody\r\n.\r\n");
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     // The same as an EHLO client's pipelined group (MAIL, RCPT, DATA and the text).
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     s.send_raw(
         b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\nSubject: blind\r\n\r\nbody\r\n.\r\n",
     );
     assert!(s.read_reply().starts_with("250 2.1.0"));
     assert!(s.read_reply().starts_with("250 2.1.5"));
-    assert_eq!(s.read_reply(), SYNC);
-    assert_eq!(read_until_closed(&mut s), "");
+    refused_out_of_sync(&mut s);
     nothing_delivered(&d, &sink).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ehlo_client_pipelining_mail_rcpt_data_is_served() {
-    let sink = Sink::start(SinkConfig::default()).await;
-    let d = Daemon::start(&relay_yaml(&sink));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let (sink, d) = relay_daemon().await;
+    let mut s = d.connect_ehlo("client.test");
     s.send_raw(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@remote.test>\r\nDATA\r\n");
     assert!(s.read_reply().starts_with("250 2.1.0"));
     assert!(s.read_reply().starts_with("250 2.1.5"));

@@ -266,13 +266,7 @@ async fn export_and_import(erl_flags: Option<String>) {
         &config,
         &["mailbox", "list", "alice@example.com", "--mailbox", "Sent"],
     );
-    let id = list
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let id = daemon::first_listed_id(&list);
     let (body, err) = erlmail(&config, &["mailbox", "show", "alice@example.com", id]);
     assert!(body.starts_with("From: Alice"), "{body}");
     assert_eq!(err, "flags: \\Seen\n");

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 use peers::{require, run, AioSink, SmtpSink};
 
-/// The local domain and user every test delivers to.
-const DOMAIN: &str = "example.test";
+/// The local user every test delivers to.
 const ALICE: &str = "alice@example.test";
 
 /// Extra settings for load: enough sessions for 20 parallel clients.
@@ -30,10 +29,7 @@ const LOAD_YAML: &str = "server_smtp_max_connection: 100\nserver_smtp_max_sender
 /// Start a daemon with `yaml` and create the local domain and user.
 fn local_daemon(yaml: &str) -> Daemon {
     let d = Daemon::start(yaml);
-    let (status, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(status.success(), "domain add: {err}");
-    let (status, _, err) = d.admin(&["user", "add", ALICE], Some("secret-pw\n"));
-    assert!(status.success(), "user add: {err}");
+    d.add_user_with_password(ALICE, "secret-pw");
     d
 }
 
@@ -84,12 +80,6 @@ fn show(d: &Daemon, user: &str, id: i64) -> String {
     out
 }
 
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
-}
-
 /// Poll until `f` holds; panics with `what` and the daemon log on timeout.
 fn wait_until(d: &Daemon, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -129,12 +119,43 @@ fn assert_stored_as_sent(stored: &str, sent: &str) {
     );
 }
 
-fn swaks(d_addr: std::net::SocketAddr, args: &[&str]) -> peers::Output {
+/// Asserts that the relayed message `arrived` at the next hop `sink` (named), then waits
+/// until the queue of `d` is empty.
+fn relayed(d: &Daemon, arrived: bool, sink: &str) {
+    assert!(arrived, "nothing reached {sink}; log:\n{}", d.log_text());
+    wait_until(d, "an empty queue", Duration::from_secs(30), || {
+        d.queue_is_empty()
+    });
+}
+
+/// `python3 -c script HOST PORT SENT` against `d`: an smtplib script that writes what it
+/// sent to `sent`.
+fn smtplib(script: &str, d: &Daemon, sent: &std::path::Path) -> Command {
+    let mut cmd = Command::new(require("python3"));
+    cmd.arg("-c")
+        .arg(script)
+        .arg(d.addr.ip().to_string())
+        .arg(d.addr.port().to_string())
+        .arg(sent);
+    cmd
+}
+
+/// swaks against `d_addr` as swaks.remote.test: one message from x@remote.test to `to`
+/// with `subject` and `body`, after the options in `extra`.
+fn swaks(
+    d_addr: std::net::SocketAddr,
+    extra: &[&str],
+    to: &str,
+    subject: &str,
+    body: &str,
+) -> peers::Output {
     let mut cmd = Command::new(require("swaks"));
     cmd.arg("--server")
         .arg(d_addr.to_string())
         .args(["--helo", "swaks.remote.test"])
-        .args(args);
+        .args(extra)
+        .args(["--to", to, "--from", "x@remote.test"])
+        .args(["--header", &format!("Subject: {subject}"), "--body", body]);
     run(cmd, None, Duration::from_secs(60))
 }
 
@@ -146,16 +167,10 @@ fn swaks_delivers_to_a_local_user() {
     let d = local_daemon("");
     let out = swaks(
         d.addr,
-        &[
-            "--to",
-            ALICE,
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: via swaks",
-            "--body",
-            "hello from swaks\nsecond line of the body",
-        ],
+        &[],
+        ALICE,
+        "via swaks",
+        "hello from swaks\nsecond line of the body",
     );
     out.assert_success("swaks");
     assert!(out.stdout.contains("<-  250"), "{}", out.stdout);
@@ -190,17 +205,10 @@ fn swaks_pipelines_a_whole_transaction() {
     let d = local_daemon("");
     let out = swaks(
         d.addr,
-        &[
-            "--pipeline",
-            "--to",
-            ALICE,
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: pipelined",
-            "--body",
-            "sent with PIPELINING",
-        ],
+        &["--pipeline"],
+        ALICE,
+        "pipelined",
+        "sent with PIPELINING",
     );
     out.assert_success("swaks --pipeline");
     assert!(out.stdout.contains("<-  250-PIPELINING"), "{}", out.stdout);
@@ -234,26 +242,13 @@ fn swaks_relays_from_an_authorised_client_to_smtp_sink() {
     let d = local_daemon(&relay_yaml(sink.port()));
     let out = swaks(
         d.addr,
-        &[
-            "--to",
-            "bob@far.test",
-            "--from",
-            "x@remote.test",
-            "--header",
-            "Subject: relayed by swaks",
-            "--body",
-            "through the queue",
-        ],
+        &[],
+        "bob@far.test",
+        "relayed by swaks",
+        "through the queue",
     );
     out.assert_success("swaks relay");
-    assert!(
-        sink.wait_for(1, Duration::from_secs(30)),
-        "nothing reached smtp-sink; log:\n{}",
-        d.log_text()
-    );
-    wait_until(&d, "empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    relayed(&d, sink.wait_for(1, Duration::from_secs(30)), "smtp-sink");
     let dumps = sink.dumps();
     assert_eq!(dumps.len(), 1, "{dumps:?}");
     let m = &dumps[0];
@@ -324,12 +319,7 @@ fn python_smtplib_sees_the_extensions_delivers_and_is_refused_relaying() {
     // No relay_clients: 127.0.0.1 is not authorised.
     let d = local_daemon("");
     let sent_path = d.dir.path().join("smtplib-sent.bin");
-    let mut cmd = Command::new(require("python3"));
-    cmd.arg("-c")
-        .arg(SMTPLIB_SCRIPT)
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .arg(&sent_path);
+    let cmd = smtplib(SMTPLIB_SCRIPT, &d, &sent_path);
     let out = run(cmd, None, Duration::from_secs(60));
     out.assert_success("python3 smtplib script");
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim())
@@ -393,7 +383,7 @@ fn python_smtplib_sees_the_extensions_delivers_and_is_refused_relaying() {
     let stored = show(&d, ALICE, r.id);
     assert_stored_as_sent(&stored, &eight);
     // No stray message for the refused relay recipient was stored or queued.
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_is_empty());
 }
 
 /// Sends one message with dot lines through erlmail with smtplib, as a relay client.
@@ -417,23 +407,15 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
     let sink = AioSink::start();
     let d = Daemon::start(&relay_yaml(sink.addr.port()));
     let sent_path = d.dir.path().join("relay-sent.bin");
-    let mut cmd = Command::new(require("python3"));
-    cmd.arg("-c")
-        .arg(SMTPLIB_RELAY_SCRIPT)
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .arg(&sent_path);
+    let cmd = smtplib(SMTPLIB_RELAY_SCRIPT, &d, &sent_path);
     run(cmd, None, Duration::from_secs(60)).assert_success("python3 smtplib relay script");
     let sent = String::from_utf8(std::fs::read(&sent_path).unwrap()).unwrap();
 
-    assert!(
+    relayed(
+        &d,
         sink.wait_for(1, Duration::from_secs(30)),
-        "nothing reached the aiosmtpd sink; log:\n{}",
-        d.log_text()
+        "the aiosmtpd sink",
     );
-    wait_until(&d, "an empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
     std::thread::sleep(Duration::from_millis(500));
     let msgs = sink.messages();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
@@ -454,9 +436,20 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
 // ---------------------------------------------------------------------------------------
 // Postfix smtp-source and smtp-sink
 
-fn smtp_source(args: &[&str], target: std::net::SocketAddr, timeout: Duration) -> peers::Output {
+/// smtp-source: `n` messages over 20 sessions from x@remote.test to `to`, greeting as
+/// source.remote.test, with the options in `extra`, against `target`.
+fn smtp_source(
+    n: usize,
+    extra: &[&str],
+    to: &str,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+) -> peers::Output {
     let mut cmd = Command::new(require("smtp-source"));
-    cmd.args(args).arg(format!("127.0.0.1:{}", target.port()));
+    cmd.args(extra)
+        .args(["-s", "20", "-m", &n.to_string(), "-M", "source.remote.test"])
+        .args(["-f", "x@remote.test", "-t", to])
+        .arg(format!("127.0.0.1:{}", target.port()));
     run(cmd, None, timeout)
 }
 
@@ -464,22 +457,10 @@ fn smtp_source(args: &[&str], target: std::net::SocketAddr, timeout: Duration) -
 fn smtp_source_1000_messages_over_20_sessions_are_all_stored() {
     const N: usize = 1000;
     let d = local_daemon(LOAD_YAML);
-    let n = N.to_string();
     let out = smtp_source(
-        &[
-            "-s",
-            "20",
-            "-m",
-            &n,
-            "-M",
-            "source.remote.test",
-            "-S",
-            "interop load",
-            "-f",
-            "x@remote.test",
-            "-t",
-            ALICE,
-        ],
+        N,
+        &["-S", "interop load"],
+        ALICE,
         d.addr,
         Duration::from_secs(300),
     );
@@ -510,7 +491,7 @@ fn smtp_source_1000_messages_over_20_sessions_are_all_stored() {
         assert!(stored.contains("\r\nSubject: interop load\r\n"), "{stored}");
         assert!(stored.ends_with("La de da de da 4.\r\n"), "{stored:?}");
     }
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_is_empty());
 }
 
 /// Issue 4 point 7: smtp-source -> erlmail (relay client) -> smtp-sink, 10,000 messages,
@@ -521,22 +502,11 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
     const N: usize = 10_000;
     let sink = SmtpSink::start(&[]);
     let d = Daemon::start(&relay_yaml(sink.port()));
-    let n = N.to_string();
     let start = Instant::now();
     let out = smtp_source(
-        &[
-            "-N",
-            "-s",
-            "20",
-            "-m",
-            &n,
-            "-M",
-            "source.remote.test",
-            "-f",
-            "x@remote.test",
-            "-t",
-            "rcpt@far.test",
-        ],
+        N,
+        &["-N"],
+        "rcpt@far.test",
         d.addr,
         Duration::from_secs(900),
     );
@@ -556,7 +526,7 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
             "only {} of {N} messages reached smtp-sink after {:?}; queue:\n{}\nlog tail:\n{}",
             sink.count(),
             start.elapsed(),
-            queue_list(&d)
+            d.queue_list()
                 .lines()
                 .take(40)
                 .collect::<Vec<_>>()
@@ -579,7 +549,7 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
         N as f64 / delivered
     );
     wait_until(&d, "an empty queue", Duration::from_secs(120), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_is_empty()
     });
     // Give any duplicate a chance to show up before counting for good.
     let total = sink.settle(Duration::from_secs(3));
@@ -631,5 +601,5 @@ fn smtp_source_through_the_relay_queue_to_smtp_sink_10000_exactly_once() {
         .collect();
     assert!(missing.is_empty(), "never delivered: {missing:?}");
     assert_eq!(seen.len(), N);
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_is_empty());
 }

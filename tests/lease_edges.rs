@@ -13,12 +13,22 @@ mod chaos;
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::time::{Duration, Instant};
 
-use chaos::{Fault, FaultRule, FaultSink};
+use chaos::{Fault, FaultSink};
 use daemon::{wait_until, Daemon};
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
+
+/// A next hop that applies `fault` to every `prefix…` recipient, and a daemon relaying to
+/// it with `extra` settings.
+async fn faulty_relay(prefix: &str, fault: Fault, extra: &str) -> (FaultSink, Daemon) {
+    let sink = FaultSink::always(prefix, fault).await;
+    let d = Daemon::start(&relay_yaml(sink.port(), extra));
+    (sink, d)
+}
 
 fn relay_yaml(port: u16, extra: &str) -> String {
     format!(
@@ -40,15 +50,13 @@ fn queue_json(d: &Daemon) -> Vec<serde_json::Value> {
 
 /// Relay one message per recipient in one session; returns after the last 250.
 fn relay(d: &Daemon, rcpts: &[String], tag: &str) {
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     for (i, rcpt) in rcpts.iter().enumerate() {
-        let r = s.send_mail(
+        s.send_ok(
             "a@client.test",
             &[rcpt.as_str()],
             &format!("Subject: {tag} {i}\r\nX-Seq: {tag}-{i}\r\n\r\nbody {i}\r\n"),
         );
-        assert!(r.starts_with("250"), "{r}");
     }
     let _ = s.cmd("QUIT");
 }
@@ -76,11 +84,7 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
     d.signal("KILL");
     d.wait_exit(Duration::from_secs(10)).expect("killed");
     held.abort();
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let yaml = std::fs::read_to_string(&d.config).unwrap().replace(
         &format!("127.0.0.1:{hang_port}"),
         &format!("127.0.0.1:{}", sink.port()),
@@ -110,16 +114,12 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
 async fn delete_and_hold_reach_messages_waiting_in_memory() {
     // One sender at a time, each delivery's 250 held up 1 s: nine messages wait in the
     // active queue (in memory, leased) while the first is on the wire.
-    let sink = FaultSink::start(vec![FaultRule {
-        prefix: "slow".into(),
-        fault: Fault::SlowDot(Duration::from_secs(1)),
-        times: usize::MAX,
-    }])
-    .await;
-    let d = Daemon::start(&relay_yaml(
-        sink.port(),
+    let (sink, d) = faulty_relay(
+        "slow",
+        Fault::SlowDot(Duration::from_secs(1)),
         "server_smtp_max_senders: 1\nserver_smtp_timeout: 30s\n",
-    ));
+    )
+    .await;
     let rcpts: Vec<String> = (0..10).map(|i| format!("slow{i}@remote.test")).collect();
     relay(&d, &rcpts, "admin");
     // Every message is leased to this node (claimed at accept) and listed.
@@ -176,11 +176,7 @@ async fn delete_and_hold_reach_messages_waiting_in_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let d = Daemon::start_with_env(
         &relay_yaml(
             sink.port(),
@@ -193,13 +189,11 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
     );
     // The mark that kills senders is in the body, and the bounce returns headers only
     // (RET=HDRS), so the bounce itself goes out.
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s
-        .cmd("MAIL FROM:<owner@client.test> RET=HDRS")
-        .starts_with("250"));
-    assert!(s.cmd("RCPT TO:<victim@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
+    let mut s = d.connect_ehlo("client.test");
+    s.begin_data(
+        "MAIL FROM:<owner@client.test> RET=HDRS",
+        &["RCPT TO:<victim@remote.test>"],
+    );
     s.send_raw(b"Subject: deadly\r\n\r\nX-Crash: always\r\n");
     let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");
@@ -227,16 +221,12 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_that_loses_its_lease_stops_before_the_text() {
     // The next hop takes 4 s to answer DATA; the lease (3 s) is renewed every second.
-    let sink = FaultSink::start(vec![FaultRule {
-        prefix: "late".into(),
-        fault: Fault::SlowData(Duration::from_secs(4)),
-        times: usize::MAX,
-    }])
-    .await;
-    let d = Daemon::start(&relay_yaml(
-        sink.port(),
+    let (sink, d) = faulty_relay(
+        "late",
+        Fault::SlowData(Duration::from_secs(4)),
         "server_smtp_lock_lease: 3s\nserver_smtp_timeout: 30s\n",
-    ));
+    )
+    .await;
     relay(&d, &["late@remote.test".to_string()], "fenced");
     let deadline = Instant::now() + Duration::from_secs(10);
     while sink.active() == 0 {
@@ -268,11 +258,7 @@ async fn a_bounce_survives_a_store_failure_between_attempt_and_record_exactly_on
     // and that attempt's record lands. The bounce commits with the record, so it goes
     // out once: not zero times (lost with the failed record), not twice (once per try).
     let sink = Sink::start(
-        SinkConfig {
-            starttls: StartTls::Off,
-            ..SinkConfig::default()
-        }
-        .rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
+        SinkConfig::plain().rcpt_reply("bad", "550 5.1.1 <{rcpt}>: Recipient address rejected"),
     )
     .await;
     let mut d = Daemon::start_with_env(

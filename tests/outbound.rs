@@ -6,18 +6,22 @@
 
 #[path = "support/dns.rs"]
 mod dns;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::TimeZone;
 use erlmail::outbound::{
-    deliver, deliver_message, CacheLimits, ConnectionCache, DeliveryOptions, Hop, NextHop,
-    RouteError, Router, RouterConfig, CONNECTION_CACHE_TIME_LIMIT,
+    deliver, deliver_message, CacheLimits, ConnectionCache, DeliveryOptions, DeliveryReport, Hop,
+    NextHop, RcptResult, RouteError, Router, RouterConfig, CONNECTION_CACHE_TIME_LIMIT,
 };
 use erlmail::protocol::Reply;
 use erlmail::queue::dsn::{build_dsn, DsnInput, DsnKind, DsnRecipient, Ret};
@@ -56,16 +60,61 @@ fn rcpts(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// `BODY` from a@origin.test to `to`, greeting as erlmail.test.
+async fn send_from_a(r: &Router, to: &[&str]) -> Vec<RcptResult> {
+    deliver_message(r, "erlmail.test", "a@origin.test", &rcpts(to), BODY).await
+}
+
 /// `BODY` from a@origin.test to b@example.test, greeting as erlmail.test.
-async fn send_to_b(r: &Router) -> Vec<erlmail::outbound::RcptResult> {
-    deliver_message(
-        r,
+async fn send_to_b(r: &Router) -> Vec<RcptResult> {
+    send_from_a(r, &["b@example.test"]).await
+}
+
+/// `body` from a@origin.test to `to` over `hops`, greeting as erlmail.test, through
+/// `cache` if given.
+async fn deliver_via(
+    hops: &[Hop],
+    to: &[&str],
+    body: &[u8],
+    cache: Option<&ConnectionCache>,
+) -> DeliveryReport {
+    deliver(
+        hops,
         "erlmail.test",
         "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
+        &rcpts(to),
+        body,
+        &opts(),
+        cache,
     )
     .await
+}
+
+/// `body` from a@origin.test to `to` straight to `sink`, without a connection cache.
+async fn deliver_to(sink: &Sink, to: &[&str], body: &[u8]) -> DeliveryReport {
+    deliver_via(&[Hop::addr(sink.addr())], to, body, None).await
+}
+
+/// Asserts that the recipient was delivered.
+fn assert_delivered(r: &RcptResult) {
+    assert!(matches!(r.status, RcptStatus::Delivered { .. }), "{r:?}");
+}
+
+/// A router to example.test's two MX hosts, mx-a (preference 10) at `a` and mx-b (20) at
+/// `b`, both on `port`, with the DNS server that tells it so.
+async fn two_mx_router(a: IpAddr, b: IpAddr, port: u16) -> (dns::DnsServer, Router) {
+    let zone = dns::Zone::new()
+        .mx("example.test", 10, "mx-a.example.test")
+        .mx("example.test", 20, "mx-b.example.test");
+    let zone = [("mx-a.example.test", a), ("mx-b.example.test", b)]
+        .into_iter()
+        .fold(zone, |zone, (host, ip)| match ip {
+            IpAddr::V4(v4) => zone.a(host, v4),
+            IpAddr::V6(v6) => zone.aaaa(host, v6),
+        });
+    let dns = dns::DnsServer::start(zone).await;
+    let r = router(&dns, port);
+    (dns, r)
 }
 
 fn wait() -> Duration {
@@ -138,11 +187,7 @@ async fn mx_preference_lower_value_wins() {
 
     let res = send_to_b(&r).await;
     assert_eq!(res.len(), 1);
-    assert!(
-        matches!(res[0].status, RcptStatus::Delivered { .. }),
-        "{:?}",
-        res[0]
-    );
+    assert_delivered(&res[0]);
     assert_eq!(res[0].remote_mta.as_deref(), Some("mx-a.example.test"));
     assert!(sink6.wait_for(1, wait()).await);
     assert_eq!(sink4.count(), 0);
@@ -174,11 +219,7 @@ async fn equal_preference_mx_hosts_share_the_messages() {
             "the worse preference last"
         );
         let res = send_to_b(&r).await;
-        assert!(
-            matches!(res[0].status, RcptStatus::Delivered { .. }),
-            "{:?}",
-            res[0]
-        );
+        assert_delivered(&res[0]);
     }
     assert_eq!(sink4.count() + sink6.count(), 40);
     assert!(
@@ -199,22 +240,14 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
         ("220 elsewhere.test ESMTP", "erlmail.test"),
     ] {
         let (sink4, sink6) = Sink::start_pair(
-            SinkConfig {
-                name: name.into(),
-                greeting: greeting.into(),
-                starttls: StartTls::Off,
-                ..SinkConfig::default()
-            },
+            SinkConfig::default()
+                .named(name)
+                .greeting(greeting)
+                .starttls(StartTls::Off),
             SinkConfig::default(),
         )
         .await;
-        let zone = dns::Zone::new()
-            .mx("example.test", 10, "mx-a.example.test")
-            .mx("example.test", 20, "mx-b.example.test")
-            .a("mx-a.example.test", V4)
-            .aaaa("mx-b.example.test", V6);
-        let dns = dns::DnsServer::start(zone).await;
-        let r = router(&dns, sink4.port());
+        let (_dns, r) = two_mx_router(V4.into(), V6.into(), sink4.port()).await;
         let res = send_to_b(&r).await;
         match &res[0].status {
             RcptStatus::Permanent { cause } => {
@@ -235,11 +268,7 @@ async fn a_next_hop_that_names_this_host_is_a_loop() {
 async fn a_next_hop_at_an_address_erlmail_listens_on_is_a_loop() {
     // The MX resolves to 127.0.0.1 on the port this erlmail listens on (on every
     // address: `::`). A sink stands there only to show that nobody is connected to.
-    let me = Sink::start(SinkConfig {
-        name: "not-my-name.test".into(),
-        ..SinkConfig::default()
-    })
-    .await;
+    let me = Sink::start(SinkConfig::default().named("not-my-name.test")).await;
     let zone = dns::Zone::new()
         .mx("example.test", 10, "mx.example.test")
         .a("mx.example.test", V4);
@@ -290,43 +319,20 @@ async fn a_next_hop_at_an_address_erlmail_listens_on_is_a_loop() {
 async fn falls_back_to_next_mx_when_first_refuses_connections() {
     let sink = Sink::start(SinkConfig::default()).await;
     // mx-a resolves to ::1 on the sink's port, where nothing listens.
-    let zone = dns::Zone::new()
-        .mx("example.test", 10, "mx-a.example.test")
-        .mx("example.test", 20, "mx-b.example.test")
-        .aaaa("mx-a.example.test", V6)
-        .a("mx-b.example.test", V4);
-    let dns = dns::DnsServer::start(zone).await;
-    let r = router(&dns, sink.port());
+    let (_dns, r) = two_mx_router(V6.into(), V4.into(), sink.port()).await;
     let res = send_to_b(&r).await;
-    assert!(
-        matches!(res[0].status, RcptStatus::Delivered { .. }),
-        "{:?}",
-        res[0]
-    );
+    assert_delivered(&res[0]);
     assert_eq!(res[0].remote_mta.as_deref(), Some("mx-b.example.test"));
     assert_eq!(sink.count(), 1);
 }
 
 #[tokio::test]
 async fn falls_back_to_next_mx_on_421_greeting() {
-    let busy = SinkConfig {
-        greeting: "421 4.3.2 busy.test Service not available".into(),
-        ..SinkConfig::default()
-    };
+    let busy = SinkConfig::default().greeting("421 4.3.2 busy.test Service not available");
     let (busy4, good6) = Sink::start_pair(busy, SinkConfig::default()).await;
-    let zone = dns::Zone::new()
-        .mx("example.test", 10, "mx-a.example.test")
-        .mx("example.test", 20, "mx-b.example.test")
-        .a("mx-a.example.test", V4)
-        .aaaa("mx-b.example.test", V6);
-    let dns = dns::DnsServer::start(zone).await;
-    let r = router(&dns, busy4.port());
+    let (_dns, r) = two_mx_router(V4.into(), V6.into(), busy4.port()).await;
     let res = send_to_b(&r).await;
-    assert!(
-        matches!(res[0].status, RcptStatus::Delivered { .. }),
-        "{:?}",
-        res[0]
-    );
+    assert_delivered(&res[0]);
     assert_eq!(res[0].remote_mta.as_deref(), Some("mx-b.example.test"));
     assert_eq!(busy4.connections(), 1);
     assert_eq!(good6.count(), 1);
@@ -334,19 +340,13 @@ async fn falls_back_to_next_mx_on_421_greeting() {
 
 #[tokio::test]
 async fn all_hosts_failing_is_temporary_with_last_reply() {
-    let busy = SinkConfig {
-        greeting: "421 4.3.2 busy.test Service not available".into(),
-        ..SinkConfig::default()
-    };
+    let busy = SinkConfig::default().greeting("421 4.3.2 busy.test Service not available");
     let sink = Sink::start(busy).await;
     let closed = sink::closed_addr().await;
-    let report = deliver(
+    let report = deliver_via(
         &[Hop::addr(closed), Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
+        &["b@example.test"],
         BODY,
-        &opts(),
         None,
     )
     .await;
@@ -376,11 +376,7 @@ async fn a_only_domain_uses_implicit_mx() {
         }]
     );
     let res = deliver_message(&r, "erlmail.test", "", &rcpts(&["x@aonly.test"]), BODY).await;
-    assert!(
-        matches!(res[0].status, RcptStatus::Delivered { .. }),
-        "{:?}",
-        res[0]
-    );
+    assert_delivered(&res[0]);
     let m = &sink.messages()[0];
     assert_eq!(m.mail_from, "", "null sender sent as MAIL FROM:<>");
     assert!(sink
@@ -416,14 +412,7 @@ async fn null_mx_nxdomain_and_servfail() {
         Err(RouteError::DnsTemporary { .. })
     ));
 
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["x@nullmx.test", "y@gone.test", "z@broken.test"]),
-        BODY,
-    )
-    .await;
+    let res = send_from_a(&r, &["x@nullmx.test", "y@gone.test", "z@broken.test"]).await;
     let got: Vec<(Outcome, String)> = res
         .iter()
         .map(|r| (r.status.outcome(), r.status.status()))
@@ -459,19 +448,8 @@ async fn routes_override_dns() {
         r.next_hop("routed.test"),
         NextHop::Route("127.0.0.1".into(), by_route.port())
     );
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["u@routed.test"]),
-        BODY,
-    )
-    .await;
-    assert!(
-        matches!(res[0].status, RcptStatus::Delivered { .. }),
-        "{:?}",
-        res[0]
-    );
+    let res = send_from_a(&r, &["u@routed.test"]).await;
+    assert_delivered(&res[0]);
     assert_eq!(by_route.count(), 1);
     assert_eq!(by_dns.count(), 0);
     assert!(
@@ -499,16 +477,13 @@ async fn relay_host_used_for_every_domain_without_route() {
         routes,
         Some(format!("smarthost.test:{}", relay.port())),
     );
-    let res = deliver_message(
+    let res = send_from_a(
         &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&[
+        &[
             "one@nowhere.test",
             "two@elsewhere.test",
             "three@special.test",
-        ]),
-        BODY,
+        ],
     )
     .await;
     assert!(
@@ -533,14 +508,10 @@ async fn relay_host_used_for_every_domain_without_route() {
 #[tokio::test]
 async fn per_recipient_results_in_one_transaction() {
     let sink = Sink::start(SinkConfig::default()).await;
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["ok@example.test", "defer@example.test", "fail@example.test"]),
+    let report = deliver_to(
+        &sink,
+        &["ok@example.test", "defer@example.test", "fail@example.test"],
         BODY,
-        &opts(),
-        None,
     )
     .await;
     let codes: Vec<(Outcome, Option<u16>)> = report
@@ -566,16 +537,7 @@ async fn per_recipient_results_in_one_transaction() {
 #[tokio::test]
 async fn no_data_when_every_recipient_is_refused() {
     let sink = Sink::start(SinkConfig::default()).await;
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["fail1@example.test", "defer1@example.test"]),
-        BODY,
-        &opts(),
-        None,
-    )
-    .await;
+    let report = deliver_to(&sink, &["fail1@example.test", "defer1@example.test"], BODY).await;
     assert_eq!(report.results[0].status.outcome(), Outcome::Permanent);
     assert_eq!(report.results[1].status.outcome(), Outcome::Temporary);
     // The sink offers PIPELINING, so DATA went out in the group with MAIL and RCPT (RFC
@@ -586,11 +548,7 @@ async fn no_data_when_every_recipient_is_refused() {
 
 #[tokio::test]
 async fn deferred_transaction_is_temporary_then_delivered() {
-    let sink = Sink::start(SinkConfig {
-        defer_first: 1,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().defer_first(1)).await;
     let hops = [Hop::addr(sink.addr())];
     let to = rcpts(&["b@example.test"]);
     let o = opts();
@@ -614,10 +572,7 @@ async fn deferred_transaction_is_temporary_then_delivered() {
         other => panic!("{other:?}"),
     }
     let second = go().await;
-    assert!(matches!(
-        second.results[0].status,
-        RcptStatus::Delivered { .. }
-    ));
+    assert_delivered(&second.results[0]);
     assert_eq!(sink.count(), 1);
     assert_eq!(
         sink.transactions()
@@ -636,21 +591,11 @@ async fn deferred_transaction_is_temporary_then_delivered() {
 
 #[tokio::test]
 async fn mail_from_5xx_fails_all_recipients_permanently() {
-    let sink = Sink::start(SinkConfig {
-        mail_reply: "553 5.7.1 <a@origin.test>: Sender address rejected".into(),
-        ..SinkConfig::default()
-    })
-    .await;
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test", "c@example.test"]),
-        BODY,
-        &opts(),
-        None,
+    let sink = Sink::start(
+        SinkConfig::default().mail_reply("553 5.7.1 <a@origin.test>: Sender address rejected"),
     )
     .await;
+    let report = deliver_to(&sink, &["b@example.test", "c@example.test"], BODY).await;
     for r in &report.results {
         assert_eq!(r.status.outcome(), Outcome::Permanent);
         assert_eq!(r.status.status(), "5.7.1");
@@ -659,27 +604,11 @@ async fn mail_from_5xx_fails_all_recipients_permanently() {
 
 #[tokio::test]
 async fn dot_stuffing_round_trip() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let body =
         b".starts with a dot\r\nSubject: x\r\n\r\n.\r\n..two dots\r\nmiddle . dot\r\n.\r\nend\r\n";
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        body,
-        &opts(),
-        None,
-    )
-    .await;
-    assert!(matches!(
-        report.results[0].status,
-        RcptStatus::Delivered { .. }
-    ));
+    let report = deliver_to(&sink, &["b@example.test"], body).await;
+    assert_delivered(&report.results[0]);
     assert!(!report.tls);
     assert_eq!(sink.messages()[0].data, body.to_vec());
     assert!(!sink.messages()[0].tls);
@@ -687,21 +616,8 @@ async fn dot_stuffing_round_trip() {
 
 #[tokio::test]
 async fn broken_tls_retries_host_in_plain_text() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Broken,
-        ..SinkConfig::default()
-    })
-    .await;
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-        &opts(),
-        None,
-    )
-    .await;
+    let sink = Sink::start(SinkConfig::default().starttls(StartTls::Broken)).await;
+    let report = deliver_to(&sink, &["b@example.test"], BODY).await;
     assert!(
         matches!(report.results[0].status, RcptStatus::Delivered { .. }),
         "{report:?}"
@@ -714,16 +630,7 @@ async fn broken_tls_retries_host_in_plain_text() {
 #[tokio::test]
 async fn working_tls_is_used() {
     let sink = Sink::start(SinkConfig::default()).await;
-    let report = deliver(
-        &[Hop::addr(sink.addr())],
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-        &opts(),
-        None,
-    )
-    .await;
+    let report = deliver_to(&sink, &["b@example.test"], BODY).await;
     assert!(report.tls);
     assert!(sink.messages()[0].tls);
     assert_eq!(
@@ -731,12 +638,7 @@ async fn working_tls_is_used() {
         "erlmail.test",
         "EHLO again after STARTTLS"
     );
-    let ehlos = sink
-        .commands()
-        .iter()
-        .filter(|c| c.starts_with("EHLO "))
-        .count();
-    assert_eq!(ehlos, 2);
+    assert_eq!(ehlos(&sink), 2);
 }
 
 /// The DSN read by Python's `email` package: multipart/report, its three parts, and the
@@ -767,9 +669,6 @@ fn dsn_parsed_by_python_email() {
         original: BODY.to_vec(),
     };
     let dsn = build_dsn(&input);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dsn.eml");
-    std::fs::write(&path, &dsn).unwrap();
     let script = r#"
 import email, json, sys
 from email import policy
@@ -790,18 +689,8 @@ out = {
 }
 print(json.dumps(out, sort_keys=True))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = python::python3_on(&dsn, script, &[], "the DSN as Python's email reads it");
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(v["type"], "multipart/report");
     assert_eq!(v["report_type"], "delivery-status");
     assert_eq!(
@@ -1030,20 +919,11 @@ async fn probe_session(
 }
 
 /// One message to `hops` through `cache`.
-async fn send_via(hops: &[Hop], cache: &ConnectionCache) -> erlmail::outbound::DeliveryReport {
-    deliver(
-        hops,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@example.test"]),
-        BODY,
-        &opts(),
-        Some(cache),
-    )
-    .await
+async fn send_via(hops: &[Hop], cache: &ConnectionCache) -> DeliveryReport {
+    deliver_via(hops, &["b@example.test"], BODY, Some(cache)).await
 }
 
-fn delivered(report: &erlmail::outbound::DeliveryReport) -> bool {
+fn delivered(report: &DeliveryReport) -> bool {
     report
         .results
         .iter()
@@ -1173,14 +1053,7 @@ async fn idle_connection_is_quit_after_the_idle_time_limit() {
         Some(format!("127.0.0.1:{}", probe.addr.port())),
     );
     let started = Instant::now();
-    let res = deliver_message(
-        &r,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["b@x.test"]),
-        BODY,
-    )
-    .await;
+    let res = send_from_a(&r, &["b@x.test"]).await;
     assert!(matches!(res[0].status, RcptStatus::Delivered { .. }));
     assert!(
         wait_until(|| probe.ending(1).is_some()).await,
@@ -1199,11 +1072,11 @@ async fn idle_connection_is_quit_after_the_idle_time_limit() {
 
 #[tokio::test]
 async fn refused_sender_is_not_reused() {
-    let sink = Sink::start(SinkConfig {
-        mail_reply: "553 5.7.1 <a@origin.test>: Sender address rejected".into(),
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
+    let sink = Sink::start(
+        SinkConfig::default()
+            .mail_reply("553 5.7.1 <a@origin.test>: Sender address rejected")
+            .starttls(StartTls::Off),
+    )
     .await;
     let cache = ConnectionCache::new();
     for _ in 0..2 {
@@ -1217,21 +1090,13 @@ async fn refused_sender_is_not_reused() {
 
 #[tokio::test]
 async fn all_recipients_refused_then_rset_keeps_the_connection() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let cache = ConnectionCache::new();
     let hops = [Hop::addr(sink.addr())];
-    let o = opts();
-    let first = deliver(
+    let first = deliver_via(
         &hops,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["fail@example.test", "defer@example.test"]),
+        &["fail@example.test", "defer@example.test"],
         BODY,
-        &o,
         Some(&cache),
     )
     .await;
@@ -1330,7 +1195,7 @@ async fn grouping_server(pipelining: bool) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
-async fn deliver_grouped(pipelining: bool) -> (erlmail::outbound::DeliveryReport, Vec<String>) {
+async fn deliver_grouped(pipelining: bool) -> (DeliveryReport, Vec<String>) {
     let (addr, server) = grouping_server(pipelining).await;
     let report = deliver(
         &[Hop::addr(addr)],
@@ -1385,13 +1250,10 @@ async fn pipelined_data_refused_when_every_recipient_was_refused() {
     let probe = Probe::start(Quirk::Polite).await;
     let cache = ConnectionCache::new();
     let hops = [Hop::addr(probe.addr)];
-    let first = deliver(
+    let first = deliver_via(
         &hops,
-        "erlmail.test",
-        "a@origin.test",
-        &rcpts(&["fail1@example.test", "fail2@example.test"]),
+        &["fail1@example.test", "fail2@example.test"],
         BODY,
-        &opts(),
         Some(&cache),
     )
     .await;

@@ -157,14 +157,12 @@ fn store_spool_maildir_log_and_pid_files_are_private_under_a_permissive_umask() 
         "pw-alice\n",
     );
 
-    let mut s = Smtp::connect(d.addr);
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    let r = s.send_mail(
+    let mut s = d.connect_ehlo("client.test");
+    s.send_ok(
         "bob@remote.test",
         &["alice@example.test"],
         "Subject: private\r\n\r\nFor Alice only.\r\n",
     );
-    assert!(r.starts_with("250"), "{r}");
     let _ = s.cmd("QUIT");
 
     assert_mode(&spool, 0o700);

@@ -4,14 +4,18 @@
 
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/python.rs"]
+mod python;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::time::Duration;
 
 use daemon::{wait_until, Daemon, Smtp};
 use mail_parser::MimeHeaders;
-use sink::{Sink, SinkConfig, StartTls};
+use sink::{Sink, SinkConfig};
 
 fn relay_yaml(sink: &Sink, extra: &str) -> String {
     let interval = if extra.contains("server_smtp_queue_interval") {
@@ -27,23 +31,22 @@ fn relay_yaml(sink: &Sink, extra: &str) -> String {
     )
 }
 
+/// Waits until `sink` holds `n` messages; fails the test after `timeout` with the log of
+/// `d`.
+async fn arrived(sink: &Sink, n: usize, timeout: Duration, d: &Daemon) {
+    assert!(sink.wait_for(n, timeout).await, "{}", d.log_text());
+}
+
 fn body(subject: &str) -> String {
     format!("From: a@client.test\r\nTo: b@remote.test\r\nSubject: {subject}\r\n\r\nhello\r\n")
 }
 
 fn relay_one(d: &Daemon, from: &str, to: &[&str], subject: &str) -> String {
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
     let r = s.send_mail(from, to, &body(subject));
     assert!(r.starts_with("250"), "{r}");
     let _ = s.cmd("QUIT");
     r
-}
-
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "{err}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,29 +55,19 @@ async fn a_new_message_is_tried_at_once_and_leaves_the_queue() {
     let d = Daemon::start(&relay_yaml(&sink, "server_smtp_queue_interval: \"1h\"\n"));
     relay_one(&d, "a@client.test", &["b@remote.test"], "immediate");
     // The tick is an hour away: only the NewMessage cast can have tried it.
-    assert!(
-        sink.wait_for(1, Duration::from_secs(10)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&sink, 1, Duration::from_secs(10), &d).await;
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, vec!["b@remote.test".to_string()]);
     assert_eq!(m.helo, "relay.test");
     assert!(m.tls, "opportunistic STARTTLS used");
     let text = String::from_utf8_lossy(&m.data).into_owned();
     assert!(text.starts_with("Received: from client.test"), "{text}");
-    wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temporary_failures_follow_the_schedule_and_deliver_once() {
-    let sink = Sink::start(SinkConfig {
-        defer_first: 2,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::default().defer_first(2)).await;
     let d = Daemon::start(&relay_yaml(
         &sink,
         "server_smtp_retry_interval: [\"2s\", \"3s\"]\nserver_smtp_retries: 5\n",
@@ -85,14 +78,10 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
         sink.transactions().len() == 1
     });
     wait_until("listing with error", Duration::from_secs(5), || {
-        let l = queue_list(&d);
+        let l = d.queue_list();
         l.contains("451") && l.contains("b@remote.test")
     });
-    assert!(
-        sink.wait_for(1, Duration::from_secs(20)).await,
-        "{}",
-        d.log_text()
-    );
+    arrived(&sink, 1, Duration::from_secs(20), &d).await;
     let t = sink.transactions();
     assert_eq!(t.len(), 3, "{t:?}");
     assert_eq!(
@@ -112,17 +101,12 @@ async fn temporary_failures_follow_the_schedule_and_deliver_once() {
         "{gap2:?}"
     );
     assert_eq!(sink.count(), 1);
-    wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1, "delivered exactly once");
 }
 
 fn check_dsn_with_python(dsn: &[u8], expect: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("dsn.eml");
-    std::fs::write(&file, dsn).unwrap();
     let script = r#"
 import email, sys
 from email import policy
@@ -137,18 +121,8 @@ for block in parts[1].get_payload():
         fields.append('%s: %s' % (k, v))
 print('\n'.join(fields))
 "#;
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fields = String::from_utf8_lossy(&out.stdout);
+    let out = python::python3_on(dsn, script, &[], "the DSN as Python's email reads it");
+    let fields = String::from_utf8_lossy(&out);
     for e in expect {
         assert!(fields.contains(e), "{e:?} not in\n{fields}");
     }
@@ -179,45 +153,38 @@ async fn permanent_failure_and_exhaustion_each_send_one_dsn_and_never_for_null_s
         reports.port()
     ));
     // 5xx: one DSN at once. Exhausted 4xx: one DSN after the single retry.
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    assert!(s
-        .cmd("MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1")
-        .starts_with("250"));
-    assert!(s
-        .cmd("RCPT TO:<fail@remote.test> ORCPT=rfc822;fail@remote.test")
-        .starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("will bounce").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<sender@origin.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<slow@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("will expire").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    // Null sender, and NOTIFY=NEVER: no report whatever happens.
-    assert!(s.cmd("MAIL FROM:<>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<fail@remote.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("bounce of a bounce").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<sender@origin.test>").starts_with("250"));
-    assert!(s
-        .cmd("RCPT TO:<fail@remote.test> NOTIFY=NEVER")
-        .starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(body("never tell").as_bytes());
-    assert!(s.cmd(".").starts_with("250"));
+    let mut s = d.connect_ehlo("client.test");
+    for (mail, rcpt, subject) in [
+        (
+            "MAIL FROM:<sender@origin.test> RET=HDRS ENVID=env-1",
+            "RCPT TO:<fail@remote.test> ORCPT=rfc822;fail@remote.test",
+            "will bounce",
+        ),
+        (
+            "MAIL FROM:<sender@origin.test>",
+            "RCPT TO:<slow@remote.test>",
+            "will expire",
+        ),
+        // Null sender, and NOTIFY=NEVER: no report whatever happens.
+        (
+            "MAIL FROM:<>",
+            "RCPT TO:<fail@remote.test>",
+            "bounce of a bounce",
+        ),
+        (
+            "MAIL FROM:<sender@origin.test>",
+            "RCPT TO:<fail@remote.test> NOTIFY=NEVER",
+            "never tell",
+        ),
+    ] {
+        s.begin_data(mail, &[rcpt]);
+        s.send_raw(body(subject).as_bytes());
+        assert!(s.cmd(".").starts_with("250"));
+    }
     let _ = s.cmd("QUIT");
 
-    assert!(
-        reports.wait_for(2, Duration::from_secs(20)).await,
-        "{}",
-        d.log_text()
-    );
-    wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    arrived(&reports, 2, Duration::from_secs(20), &d).await;
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dsns = reports.messages();
     assert_eq!(dsns.len(), 2, "exactly two reports");
@@ -284,14 +251,8 @@ async fn a_sender_that_panics_twice_then_succeeds_delivers_once() {
         &[("ERLMAIL_TEST_SENDER_PANICS", "2")],
     );
     relay_one(&d, "a@client.test", &["b@remote.test"], "crashy");
-    assert!(
-        sink.wait_for(1, Duration::from_secs(15)).await,
-        "{}",
-        d.log_text()
-    );
-    wait_until("empty queue", Duration::from_secs(10), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    arrived(&sink, 1, Duration::from_secs(15), &d).await;
+    d.wait_queue_empty(Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.count(), 1);
     let log = d.log_text();
@@ -317,7 +278,7 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
     // The log line comes before the record commits (records wait a few ms for company).
     let mut listing = String::new();
     wait_until("the crash recorded", Duration::from_secs(5), || {
-        listing = queue_list(&d);
+        listing = d.queue_list();
         listing.contains("delivery agent crashed")
     });
     assert!(!listing.contains("being delivered"), "unlocked: {listing}");
@@ -327,12 +288,7 @@ async fn a_sender_that_always_panics_ends_as_a_temporary_failure_still_queued_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon() {
-    let sink = Sink::start(SinkConfig {
-        defer_first: 2,
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain().defer_first(2)).await;
     let d = Daemon::start(&relay_yaml(
         &sink,
         "server_smtp_retry_interval: [\"1h\"]\nserver_smtp_queue_interval: \"200ms\"\n",
@@ -344,7 +300,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     });
     let mut listing = String::new();
     wait_until("both listed with errors", Duration::from_secs(5), || {
-        listing = queue_list(&d);
+        listing = d.queue_list();
         listing.matches("451 4.3.0").count() >= 2
     });
     assert!(
@@ -369,7 +325,7 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
     // Hold the first, delete the second, flush: nothing is sent.
     assert!(d.admin(&["queue", "hold", &ids[0]], None).0.success());
     assert!(d.admin(&["queue", "delete", &ids[1]], None).0.success());
-    assert!(queue_list(&d).contains("held"));
+    assert!(d.queue_list().contains("held"));
     let (status, out, _) = d.admin(&["queue", "flush"], None);
     assert!(status.success(), "{out}");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -383,30 +339,24 @@ async fn queue_commands_list_show_hold_release_delete_and_flush_wakes_the_daemon
         "flush woke the daemon"
     );
     assert!(String::from_utf8_lossy(&sink.messages()[0].data).contains("Subject: first"));
-    wait_until("empty queue", Duration::from_secs(5), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    d.wait_queue_empty(Duration::from_secs(5));
     let (status, _, err) = d.admin(&["queue", "show", &ids[1]], None);
     assert!(!status.success() && err.contains("no queued message"));
 
     // delete --all
     relay_one(&d, "a@client.test", &["defer-d@remote.test"], "third");
     wait_until("third deferred", Duration::from_secs(10), || {
-        queue_list(&d).contains("450 4.2.0")
+        d.queue_list().contains("450 4.2.0")
     });
     let (status, out, _) = d.admin(&["queue", "delete", "--all"], None);
     assert!(status.success() && out.contains("Deleted: 1"), "{out}");
-    assert!(queue_list(&d).contains("Mail queue is empty"));
+    assert!(d.queue_is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     const N: usize = 2000;
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let a = Daemon::start(&relay_yaml(&sink, "node_name: \"node-a\"\n"));
     // One store file, two spools: a spool belongs to one daemon (its lock), but two
     // nodes may share a SQLite store through store_url.
@@ -420,15 +370,13 @@ async fn two_processes_on_one_sqlite_store_never_send_a_message_twice() {
     ));
     // Half the messages into each node, pipelined in batches.
     let send = |d: &Daemon, tag: &str| {
-        let mut s: Smtp = d.connect();
-        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        let mut s: Smtp = d.connect_ehlo("client.test");
         for i in 0..N / 2 {
-            let r = s.send_mail(
+            s.send_ok(
                 "a@client.test",
                 &["b@remote.test"],
                 &format!("Subject: {tag}-{i}\r\nX-Seq: {tag}-{i}\r\n\r\nbody\r\n"),
             );
-            assert!(r.starts_with("250"), "{r}");
         }
     };
     std::thread::scope(|sc| {

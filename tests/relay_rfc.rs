@@ -8,6 +8,8 @@
 mod daemon;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::time::{Duration, Instant};
 
@@ -33,21 +35,13 @@ fn relay(routes: &[(&str, &Sink)], reports: &Sink) -> Daemon {
 
 /// One transaction with the given MAIL and RCPT lines; the reply to the final dot.
 fn send(s: &mut Smtp, mail: &str, rcpts: &[&str], text: &[u8]) -> String {
-    let r = s.cmd(mail);
-    assert!(r.starts_with("250"), "{mail}: {r}");
-    for rcpt in rcpts {
-        let r = s.cmd(rcpt);
-        assert!(r.starts_with("250"), "{rcpt}: {r}");
-    }
-    assert!(s.cmd("DATA").starts_with("354"));
+    s.begin_data(mail, rcpts);
     s.send_raw(text);
     s.cmd(".")
 }
 
 fn client(d: &Daemon) -> Smtp {
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.test").starts_with("250"));
-    s
+    d.connect_ehlo("client.test")
 }
 
 /// The MAIL and RCPT commands a sink was given.
@@ -315,11 +309,11 @@ async fn eight_bit_text_is_converted_for_a_hop_without_8bitmime() {
 async fn the_ehlo_name_can_differ_from_the_name_a_loop_is_judged_by() {
     // ErlMail's `ehlo` (server_smtp_ehlo_name): the next hop is greeted as "localhost",
     // and a hop that calls itself "localhost" is not taken for this host.
-    let sink = Sink::start(SinkConfig {
-        name: "localhost".into(),
-        greeting: "220 localhost ESMTP".into(),
-        ..SinkConfig::default()
-    })
+    let sink = Sink::start(
+        SinkConfig::default()
+            .named("localhost")
+            .greeting("220 localhost ESMTP"),
+    )
     .await;
     let d = Daemon::start(&format!(
         "server_smtp_relay_clients: [\"127.0.0.1/32\"]\n\

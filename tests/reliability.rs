@@ -11,6 +11,10 @@
 mod chaos;
 #[path = "support/daemon.rs"]
 mod daemon;
+#[path = "support/pg.rs"]
+mod pg;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,7 +22,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chaos::{Fault, FaultRule, FaultSink, Load, Outcome};
-use daemon::Daemon;
+use daemon::{wait_until, Daemon};
+use pg::TestDb;
 use rand::Rng;
 
 /// One case at a time, across processes too (nextest runs each test in its own): they
@@ -47,18 +52,39 @@ fn relay_yaml(sink_port: u16, extra: &str) -> String {
     )
 }
 
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
+/// Whether every message `ledger` says was accepted has reached `sink`.
+fn all_arrived(sink: &FaultSink, ledger: &chaos::Ledger) -> bool {
+    let got: std::collections::HashSet<u64> = sink
+        .datas()
+        .iter()
+        .filter_map(|x| chaos::seq_of(x))
+        .collect();
+    ledger.accepted().iter().all(|s| got.contains(s))
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Waits until every message `ledger` says was accepted has reached `sink` (for at most
+/// `arrive` seconds), then until the queue of `d` is empty (`drain` seconds).
+fn settle(d: &Daemon, sink: &FaultSink, ledger: &chaos::Ledger, arrive: u64, drain: u64) {
+    wait_until(
+        "every accepted message at the sink",
+        Duration::from_secs(arrive),
+        || all_arrived(sink, ledger),
+    );
+    d.wait_queue_empty(Duration::from_secs(drain));
+}
+
+/// Prints `t` and its `CHAOS-ROW`: accepted, then `counts`, then delivered, duplicated
+/// and lost.
+fn report(case: &str, t: &chaos::Tally, counts: &[(&str, usize)]) {
+    println!("{t:?}");
+    let mut fields = vec![("accepted", t.accepted.to_string())];
+    fields.extend(counts.iter().map(|(k, v)| (*k, v.to_string())));
+    fields.extend([
+        ("delivered", t.delivered.to_string()),
+        ("duplicated", t.duplicates.to_string()),
+        ("lost", t.lost.len().to_string()),
+    ]);
+    chaos::row(case, &fields);
 }
 
 /// Start `erlmail serve` again on the spool and config of `d` (already stopped).
@@ -86,54 +112,12 @@ fn kill_9_under_load_loses_nothing_accepted() {
     kill_9_run("kill9-sqlite", "");
 }
 
-/// A fresh PostgreSQL database on the `ERLMAIL_TEST_PG` server (dropped at the end).
-struct PgDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create(admin: &str) -> PgDb {
-        let name = format!("erlmail_chaos_{:016x}", rand::rng().random::<u64>());
-        let out = Command::new("psql")
-            .args([admin, "-q", "-c", &format!("CREATE DATABASE {name}")])
-            .output()
-            .expect("psql (postgresql-client) is needed for the PostgreSQL case");
-        assert!(
-            out.status.success(),
-            "CREATE DATABASE: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
-        PgDb {
-            admin: admin.into(),
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([
-                &self.admin,
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
 #[test]
 fn kill_9_under_load_loses_nothing_accepted_postgres() {
-    let Ok(admin) = std::env::var("ERLMAIL_TEST_PG") else {
-        eprintln!("note: ERLMAIL_TEST_PG is not set; skipping the PostgreSQL kill -9 case");
+    // A fresh database on the `ERLMAIL_TEST_PG` server, dropped at the end.
+    let Some(db) = runtime().block_on(TestDb::create("the PostgreSQL kill -9 case")) else {
         return;
     };
-    let db = PgDb::create(&admin);
     kill_9_run("kill9-postgres", &format!("store_url: \"{}\"\n", db.url));
 }
 
@@ -200,22 +184,7 @@ fn kill_9_run(case: &str, store_yaml: &str) {
         assert!(run.finished(), "load did not finish");
         run.join().await
     });
-    let accepted = ledger.accepted();
-    wait_until(
-        "every accepted message at the sink",
-        Duration::from_secs(120),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(60), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 120, 60);
     max_rss = max_rss.max(chaos::rss_kb(d.child.id()));
     let arrivals = sink.arrivals();
     let t = chaos::tally(&ledger, &sink.datas(), pad);
@@ -314,13 +283,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
         "server_smtp_retries: 2\nserver_smtp_retry_interval: [\"2s\"]\nserver_smtp_lock_lease: \"10s\"\n",
     ));
     let send = |rcpts: &[&str], subject: &str| {
-        let mut s = d.connect();
-        assert!(s.cmd("EHLO client.test").starts_with("250"));
+        let mut s = d.connect_ehlo("client.test");
         let body = format!(
             "From: a@origin.test\r\nTo: x@remote.test\r\nSubject: {subject}\r\nX-Case: {subject}\r\n\r\nhello\r\n"
         );
-        let r = s.send_mail("a@origin.test", rcpts, &body);
-        assert!(r.starts_with("250"), "{r}");
+        s.send_ok("a@origin.test", rcpts, &body);
         let _ = s.cmd("QUIT");
     };
     send(&["drop@remote.test"], "drop");
@@ -333,7 +300,7 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
     let mut seen = std::collections::BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 5 && Instant::now() < deadline {
-        let list = queue_list(&d);
+        let list = d.queue_list();
         for (key, rcpt, needle) in [
             ("drop", "drop@remote.test", "connection closed"),
             ("421", "close421@remote.test", "421"),
@@ -361,11 +328,11 @@ fn next_hop_faults_deliver_or_bounce_as_scheduled() {
         seen.keys().copied().collect::<Vec<_>>(),
         vec!["421", "452", "452-never", "drop", "stall"],
         "reasons not all shown; last listing:\n{}",
-        queue_list(&d)
+        d.queue_list()
     );
 
     wait_until("schedule played out", Duration::from_secs(40), || {
-        queue_list(&d).contains("Mail queue is empty")
+        d.queue_is_empty()
     });
     std::thread::sleep(Duration::from_millis(500));
     let arrivals = sink.arrivals();
@@ -555,35 +522,10 @@ fn disk_full_refuses_with_452_and_recovers_without_restart() {
             },
         );
     }
-    let accepted = ledger.accepted();
-    wait_until(
-        "accepted messages delivered",
-        Duration::from_secs(60),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 60, 30);
     let t = chaos::tally(&ledger, &sink.datas(), pad);
-    println!("{t:?}");
-    chaos::row(
-        "disk-full",
-        &[
-            ("accepted", t.accepted.to_string()),
-            ("refused", t.rejected.to_string()),
-            ("accepted_after_space", after.to_string()),
-            ("delivered", t.delivered.to_string()),
-            ("duplicated", t.duplicates.to_string()),
-            ("lost", t.lost.len().to_string()),
-        ],
-    );
+    let counts = [("refused", t.rejected), ("accepted_after_space", after)];
+    report("disk-full", &t, &counts);
     assert_eq!(t.lost, Vec::<u64>::new());
     assert_eq!(
         t.unexpected,
@@ -670,8 +612,7 @@ fn slow_and_hostile_clients_do_not_starve_a_good_one() {
         .collect();
     let mut half_closed: Vec<daemon::Smtp> = (0..10)
         .map(|_| {
-            let mut s = d.connect();
-            assert!(s.cmd("EHLO x.test").starts_with("250"));
+            let s = d.connect_ehlo("x.test");
             s.stream.shutdown(std::net::Shutdown::Write).unwrap();
             s
         })
@@ -802,13 +743,12 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
         rand::rng().random_range(1_500..3_000),
     ));
     // Beside the load: an idle session and one half-way through its DATA.
-    let mut idle = d.connect();
-    assert!(idle.cmd("EHLO idle.test").starts_with("250"));
-    let mut mid = d.connect();
-    assert!(mid.cmd("EHLO mid.test").starts_with("250"));
-    assert!(mid.cmd("MAIL FROM:<mid@client.test>").starts_with("250"));
-    assert!(mid.cmd("RCPT TO:<sink@remote.test>").starts_with("250"));
-    assert!(mid.cmd("DATA").starts_with("354"));
+    let mut idle = d.connect_ehlo("idle.test");
+    let mut mid = d.connect_ehlo("mid.test");
+    mid.begin_data(
+        "MAIL FROM:<mid@client.test>",
+        &["RCPT TO:<sink@remote.test>"],
+    );
     mid.send_raw(b"Subject: half-way\r\n\r\nthe first half\r\n");
     d.signal("TERM");
     let r = idle.read_reply();
@@ -835,34 +775,12 @@ fn sigterm_under_load_completes_or_refuses_every_transaction() {
     );
     sink.set_closed(false);
     let d = restart(d);
-    let accepted = ledger.accepted();
-    wait_until(
-        "accepted messages delivered after restart",
-        Duration::from_secs(90),
-        || {
-            let got: std::collections::HashSet<u64> = sink
-                .datas()
-                .iter()
-                .filter_map(|x| chaos::seq_of(x))
-                .collect();
-            accepted.iter().all(|s| got.contains(s))
-        },
-    );
-    wait_until("empty queue", Duration::from_secs(30), || {
-        queue_list(&d).contains("Mail queue is empty")
-    });
+    settle(&d, &sink, &ledger, 90, 30);
     let t = chaos::tally(&ledger, &sink.datas(), pad);
-    println!("{t:?}");
-    chaos::row(
+    report(
         "sigterm",
-        &[
-            ("accepted", t.accepted.to_string()),
-            ("refused_421", refused_421.to_string()),
-            ("no_reply", uncertain.to_string()),
-            ("delivered", t.delivered.to_string()),
-            ("duplicated", t.duplicates.to_string()),
-            ("lost", t.lost.len().to_string()),
-        ],
+        &t,
+        &[("refused_421", refused_421), ("no_reply", uncertain)],
     );
     assert!(t.accepted > 0);
     assert_eq!(uncertain, 0, "a transaction got neither 250 nor 421");
@@ -936,14 +854,8 @@ fn soak_memory_and_fds_stay_flat() {
         );
     }
     let ledger = rt.block_on(run.join());
-    let accepted = ledger.accepted();
     wait_until("all delivered", Duration::from_secs(60), || {
-        let got: std::collections::HashSet<u64> = sink
-            .datas()
-            .iter()
-            .filter_map(|x| chaos::seq_of(x))
-            .collect();
-        accepted.iter().all(|s| got.contains(s))
+        all_arrived(&sink, &ledger)
     });
     let t = chaos::tally(&ledger, &sink.datas(), pad);
     // After warm-up (the first quarter): memory and fds stay within generous bounds.

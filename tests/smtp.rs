@@ -13,18 +13,29 @@ use daemon::Daemon;
 
 fn local_daemon(extra: &str) -> Daemon {
     let d = Daemon::start(extra);
-    assert!(d
-        .admin(&["domain", "add", "example.test"], None)
-        .0
-        .success());
-    assert!(d
-        .admin(&["user", "add", "alice@example.test"], Some("pw-alice\n"))
-        .0
-        .success());
+    d.add_user_with_password("alice@example.test", "pw-alice");
     d
 }
 
 const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\nSubject: Hello Alice\r\nMessage-ID: <m1@remote.test>\r\n\r\nFirst line.\r\n..leading dot line\r\nTrailing line without break";
+
+/// `MESSAGE` from bob@remote.test (greeting as client.remote.test) to the `RCPT TO:`
+/// lines `rcpts`, accepted with `250 2.0.0`.
+fn send_message(d: &Daemon, rcpts: &[&str]) {
+    let mut s = d.connect_ehlo("client.remote.test");
+    s.begin_data("MAIL FROM:<bob@remote.test>", rcpts);
+    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
+    let r = s.cmd(".");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let _ = s.cmd("QUIT");
+}
+
+/// `erlmail mailbox list alice@example.test` (which must succeed).
+fn alice_inbox(d: &Daemon) -> String {
+    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    assert!(status.success(), "{err}");
+    list
+}
 
 #[test]
 fn local_message_reads_back_byte_for_byte_with_a_received_header() {
@@ -33,29 +44,14 @@ fn local_message_reads_back_byte_for_byte_with_a_received_header() {
         "maildir_root: \"{}\"\nserver_smtp_name: \"mx.example.test\"\n",
         maildir.path().display()
     ));
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.remote.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<bob@remote.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<Alice@EXAMPLE.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
-    let r = s.cmd(".");
-    assert!(r.starts_with("250 2.0.0"), "{r}");
-    let _ = s.cmd("QUIT");
+    send_message(&d, &["RCPT TO:<Alice@EXAMPLE.test>"]);
 
-    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
-    assert!(status.success(), "{err}");
+    let list = alice_inbox(&d);
     assert!(
         list.contains("Hello Alice") && list.contains("bob@remote.test"),
         "{list}"
     );
-    let id = list
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let id = daemon::first_listed_id(&list);
     let (status, shown, _) = d.admin(&["mailbox", "show", "alice@example.test", id], None);
     assert!(status.success());
     // The client's text with dots unstuffed, CRLF line ends, after our Received: header.
@@ -97,16 +93,14 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
          server_smtp_relay_host: \"127.0.0.1:9\"\n\
          server_smtp_retry_interval: [\"1h\"]\n",
     );
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO relay-client.test").starts_with("250"));
-    assert!(s
-        .cmd("MAIL FROM:<sender@relay-client.test> RET=HDRS ENVID=QQ314159")
-        .starts_with("250"));
-    assert!(s
-        .cmd("RCPT TO:<far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example")
-        .starts_with("250"));
-    assert!(s.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
+    let mut s = d.connect_ehlo("relay-client.test");
+    s.begin_data(
+        "MAIL FROM:<sender@relay-client.test> RET=HDRS ENVID=QQ314159",
+        &[
+            "RCPT TO:<far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
+            "RCPT TO:<alice@example.test>",
+        ],
+    );
     s.send_raw(b"Subject: both ways\r\n\r\nbody\r\n");
     let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");
@@ -114,21 +108,22 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
     let _ = s.cmd("QUIT");
 
     // Local copy delivered, remote copy queued (port 9 refuses: it stays queued).
-    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    let list = alice_inbox(&d);
     assert!(list.contains("both ways"), "{list}");
     let (status, shown, err) = d.admin(&["queue", "show", &queue_id], None);
     assert!(status.success(), "{queue_id}: {err}");
-    for want in [
-        "sender: <sender@relay-client.test>",
-        "from 127.0.0.1 (helo relay-client.test)",
-        "ret: HDRS",
-        "envid: QQ314159",
-        "recipient: <far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
-        "Subject: both ways",
-        "Received: from relay-client.test",
-    ] {
-        assert!(shown.contains(want), "{want:?} missing:\n{shown}");
-    }
+    daemon::assert_contains_all(
+        &shown,
+        &[
+            "sender: <sender@relay-client.test>",
+            "from 127.0.0.1 (helo relay-client.test)",
+            "ret: HDRS",
+            "envid: QQ314159",
+            "recipient: <far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
+            "Subject: both ways",
+            "Received: from relay-client.test",
+        ],
+    );
     assert!(
         !shown.contains("alice@example.test"),
         "local recipient not queued:\n{shown}"
@@ -148,11 +143,8 @@ fn the_250_comes_only_after_the_commit_that_holds_the_message() {
          server_smtp_retry_interval: [\"1h\"]\n",
     );
     let db = d.dir.path().join("spool/erlmail.db");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO c.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<x@c.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<far@remote.example>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
+    let mut s = d.connect_ehlo("c.test");
+    s.begin_data("MAIL FROM:<x@c.test>", &["RCPT TO:<far@remote.example>"]);
     s.send_raw(b"Subject: durable\r\n\r\nbody\r\n");
 
     let blocker = rusqlite::Connection::open(&db).unwrap();
@@ -209,18 +201,20 @@ fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     )
     .unwrap();
     drop(conn);
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO c.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<x@c.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<alice@example.test>").starts_with("250"));
-    assert!(s.cmd("RCPT TO:<far@remote.example>").starts_with("250"));
-    assert!(s.cmd("DATA").starts_with("354"));
+    let mut s = d.connect_ehlo("c.test");
+    s.begin_data(
+        "MAIL FROM:<x@c.test>",
+        &[
+            "RCPT TO:<alice@example.test>",
+            "RCPT TO:<far@remote.example>",
+        ],
+    );
     s.send_raw(b"Subject: doomed\r\n\r\nbody\r\n");
     let r = s.cmd(".");
     assert_eq!(r, "451 4.3.0 Error: queue file write error");
     // The session goes on: the client may retry later.
     assert!(s.cmd("NOOP").starts_with("250"));
-    let (_, list, _) = d.admin(&["mailbox", "list", "alice@example.test"], None);
+    let list = alice_inbox(&d);
     assert_eq!(
         list.lines().count(),
         1,
@@ -296,8 +290,7 @@ fn connections_beyond_the_limit_get_421_and_the_others_are_served() {
 #[test]
 fn an_idle_session_is_closed_with_421_after_the_timeout() {
     let d = local_daemon("server_smtp_timeout: \"1s\"\n");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO idle.test").starts_with("250"));
+    let mut s = d.connect_ehlo("idle.test");
     let t = Instant::now();
     let reply = s.read_reply();
     assert_eq!(reply, "421 4.4.2 smtp.erlsoft.net Error: timeout exceeded");
@@ -316,24 +309,15 @@ fn an_idle_session_is_closed_with_421_after_the_timeout() {
 #[test]
 fn a_local_user_named_twice_in_two_cases_gets_one_copy() {
     let d = local_daemon("");
-    let mut s = d.connect();
-    assert!(s.cmd("EHLO client.remote.test").starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<bob@remote.test>").starts_with("250"));
-    for rcpt in [
-        "<Alice@example.test>",
-        "<alice@EXAMPLE.test>",
-        "<ALICE@example.test>",
-    ] {
-        let r = s.cmd(&format!("RCPT TO:{rcpt}"));
-        assert!(r.starts_with("250"), "{rcpt}: {r}");
-    }
-    assert!(s.cmd("DATA").starts_with("354"));
-    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
-    let r = s.cmd(".");
-    assert!(r.starts_with("250 2.0.0"), "{r}");
-    let _ = s.cmd("QUIT");
-    let (status, list, err) = d.admin(&["mailbox", "list", "alice@example.test"], None);
-    assert!(status.success(), "{err}");
+    send_message(
+        &d,
+        &[
+            "RCPT TO:<Alice@example.test>",
+            "RCPT TO:<alice@EXAMPLE.test>",
+            "RCPT TO:<ALICE@example.test>",
+        ],
+    );
+    let list = alice_inbox(&d);
     assert_eq!(
         list.lines().filter(|l| l.contains("Hello Alice")).count(),
         1,

@@ -7,115 +7,12 @@
 //! database `erlmail_test_<random>` and drops it at the end (also when it panics), so the
 //! tests run in parallel and repeatedly.
 
+#[path = "support/pg.rs"]
+mod pg;
+
 use erlmail::store::postgres::PostgresStore;
 use erlmail::store::{AccountStore, MessageStore, QueueStore, StoreError};
-use rand::RngCore;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-
-/// A database of its own for one test, dropped when the guard is.
-struct TestDb {
-    /// `postgres://` URL of the fresh database.
-    url: String,
-    /// Its name, `erlmail_test_<16 hex digits>`.
-    name: String,
-    /// URL of the administration database named by `ERLMAIL_TEST_PG`.
-    admin_url: String,
-}
-
-impl TestDb {
-    /// Create a fresh database on the `ERLMAIL_TEST_PG` server; `None` (after a note)
-    /// when the variable is unset. Panics when it is set but the server is unreachable.
-    async fn create() -> Option<TestDb> {
-        let Ok(admin_url) = std::env::var("ERLMAIL_TEST_PG") else {
-            eprintln!("note: ERLMAIL_TEST_PG is not set; skipping this PostgreSQL test");
-            return None;
-        };
-        let name = format!("erlmail_test_{:016x}", rand::rng().next_u64());
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("ERLMAIL_TEST_PG={admin_url} is unreachable: {e}"));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = with_database(&admin_url, &name);
-        Some(TestDb {
-            url,
-            name,
-            admin_url,
-        })
-    }
-
-    /// The database URL with extra query parameters.
-    fn url_with(&self, params: &str) -> String {
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!("{}{sep}{params}", self.url)
-    }
-
-    /// A pool on the administration database.
-    async fn admin_pool(&self) -> PgPool {
-        PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&self.admin_url)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestDb {
-    /// Drop the database even when the test panicked: a runtime of its own on a thread of
-    /// its own, since `drop` cannot await and may run inside the test's runtime.
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let admin = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&admin_url)
-                    .await?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await?;
-                admin.close().await;
-                Ok::<(), sqlx::Error>(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = done {
-            eprintln!("note: could not drop test database {}: {e}", self.name);
-        }
-    }
-}
-
-/// `url` with its database (the path) replaced by `name`, query kept.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map(|i| scheme_end + i)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{name}", &base[..authority_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
+use pg::{with_database, TestDb};
 
 #[test]
 fn test_database_urls() {
@@ -133,7 +30,7 @@ fn test_database_urls() {
 #[cfg(feature = "test-support")]
 #[tokio::test]
 async fn contract_suite_through_open() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let store = erlmail::store::open(&db.url).await.unwrap();
@@ -144,7 +41,7 @@ async fn contract_suite_through_open() {
 #[cfg(feature = "test-support")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pools_on_one_database_never_claim_the_same_message() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let a = erlmail::store::open(&db.url).await.unwrap();
@@ -154,7 +51,7 @@ async fn two_pools_on_one_database_never_claim_the_same_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_opening_a_fresh_database_at_once_migrate_it_once() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let opens = (0..4).map(|_| PostgresStore::open(&db.url));
@@ -185,7 +82,7 @@ async fn nodes_opening_a_fresh_database_at_once_migrate_it_once() {
 
 #[tokio::test]
 async fn newer_schema_is_refused() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let store = PostgresStore::open(&db.url).await.unwrap();
@@ -203,7 +100,7 @@ async fn newer_schema_is_refused() {
 
 #[tokio::test]
 async fn pool_size_comes_from_the_url() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let store = PostgresStore::open(&db.url_with("pool_size=3&connect_timeout=2"))
@@ -219,7 +116,7 @@ async fn pool_size_comes_from_the_url() {
 
 #[tokio::test]
 async fn a_terminated_connection_is_unavailable_then_service_resumes() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let store = PostgresStore::open(&db.url_with("pool_size=1"))
@@ -257,7 +154,7 @@ async fn a_terminated_connection_is_unavailable_then_service_resumes() {
 
 #[tokio::test]
 async fn accepted_and_flushed_messages_are_announced_to_every_node() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let a = PostgresStore::open(&db.url).await.unwrap();
@@ -334,7 +231,7 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
 /// the look-up then goes to the database (or answers from the new list).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_domains_follow_changes_made_by_other_nodes() {
-    let Some(db) = TestDb::create().await else {
+    let Some(db) = TestDb::create("this PostgreSQL test").await else {
         return;
     };
     let a = PostgresStore::open(&db.url).await.unwrap();

@@ -11,17 +11,18 @@ mod daemon;
 mod peers;
 #[path = "support/sink.rs"]
 mod sink;
+#[path = "support/wire.rs"]
+mod wire;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use daemon::{b64, Daemon};
+use daemon::{b64, wait_until, Daemon};
 use peers::{require, run};
-use sink::{Sink, SinkConfig, StartTls};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use sink::{Sink, SinkConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-const DOMAIN: &str = "local.test";
 const BOB: &str = "bob@local.test";
 /// Distinctive, so the log check cannot match anything else.
 const PASSWORD: &str = "Zq7-horse-Battery!staple";
@@ -35,25 +36,14 @@ struct Setup {
 }
 
 fn start(extra: &str) -> Setup {
-    let certs = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certs.path().join("cert.pem");
-    let key = certs.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (certs, tls_yaml) = daemon::test_certificate();
     let yaml = format!(
         "server_smtp_name: \"mx.local.test\"\n\
-         server_smtp_tls_cert: \"{}\"\n\
-         server_smtp_tls_key: \"{}\"\n\
-         server_smtp_queue_interval: \"100ms\"\n{extra}",
-        cert.display(),
-        key.display()
+         {tls_yaml}\
+         server_smtp_queue_interval: \"100ms\"\n{extra}"
     );
     let d = Daemon::start_with_env(&yaml, &[("RUST_LOG", "trace")]);
-    let (status, _, err) = d.admin(&["domain", "add", DOMAIN], None);
-    assert!(status.success(), "domain add: {err}");
-    let (status, _, err) = d.admin(&["user", "add", BOB], Some(&format!("{PASSWORD}\n")));
-    assert!(status.success(), "user add: {err}");
+    d.add_user_with_password(BOB, PASSWORD);
     Setup { d, _certs: certs }
 }
 
@@ -72,20 +62,6 @@ fn assert_log_clean(d: &Daemon) {
         b64(format!("\0{BOB}\0wrong-{PASSWORD}").as_bytes()),
     ] {
         assert!(!log.contains(&secret), "log contains {secret:?}");
-    }
-}
-
-fn queue_list(d: &Daemon) -> String {
-    let (status, out, err) = d.admin(&["queue", "list"], None);
-    assert!(status.success(), "queue list: {err}");
-    out
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -120,21 +96,9 @@ impl Client {
 
     /// One reply, lines joined with `\n`.
     async fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(20), self.io.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .unwrap();
-            assert!(n > 0, "connection closed after {lines:?}");
-            let l = line.trim_end().to_string();
-            let more = l.as_bytes().get(3) == Some(&b'-');
-            lines.push(l);
-            if !more {
-                return lines.join("\n");
-            }
-        }
+        let (lines, open) = wire::read_reply_lines(&mut self.io, Duration::from_secs(20)).await;
+        assert!(open, "connection closed after {lines:?}");
+        lines.join("\n")
     }
 
     async fn send(&mut self, bytes: &str) {
@@ -433,11 +397,7 @@ async fn relay_one(s: &Setup, subject: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outbound_require_refuses_a_hop_without_starttls() {
-    let sink = Sink::start(SinkConfig {
-        starttls: StartTls::Off,
-        ..SinkConfig::default()
-    })
-    .await;
+    let sink = Sink::start(SinkConfig::plain()).await;
     let s = start(&format!(
         "{}server_smtp_tls_outbound: require\nserver_smtp_retry_interval: [\"1h\"]\n",
         relay_to(&sink)
@@ -448,7 +408,7 @@ async fn outbound_require_refuses_a_hop_without_starttls() {
         "the refused attempt in queue list",
         Duration::from_secs(30),
         || {
-            listing = queue_list(&s.d);
+            listing = s.d.queue_list();
             listing.contains("TLS required but STARTTLS not offered")
         },
     );
@@ -470,23 +430,8 @@ async fn outbound_may_uses_tls_when_offered() {
 async fn implicit_tls_port_speaks_tls_from_the_first_byte_and_offers_auth() {
     let sink = Sink::start(SinkConfig::default()).await;
     let mut s = start(&format!("server_smtp_tls_port: 0\n{}", relay_to(&sink)));
-    let line =
-        s.d.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
-    let line = if line.contains("listening on") {
-        line
-    } else {
-        s.d.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
-    };
-    let port: u16 = line
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap();
-    assert_ne!(port, s.d.addr.port(), "a second listener: {line}");
+    let port = s.d.tls_port();
+    assert_ne!(port, s.d.addr.port(), "a second listener");
     let script = r#"
 import smtplib, ssl, sys
 host, port, user, pw, rcpt = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]

@@ -4,7 +4,8 @@
 //! probes (RSS, open fds) and the `CHAOS-ROW` lines that `scripts/chaos` turns into a
 //! table. Everything talks to 127.0.0.1 only. It never decides pass or fail by timing:
 //! deadlines here only bound how long a test may wait for something that must happen.
-//! Include it with `#[path = "support/chaos.rs"] mod chaos;`.
+//! Include it with `#[path = "support/chaos.rs"] mod chaos;` (and `support/wire.rs` as
+//! `mod wire`, which it uses).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A scale knob: `ERLMAIL_CHAOS_LONG=1` (set by `scripts/chaos`) selects the long form.
@@ -494,6 +495,17 @@ pub struct FaultSink {
 }
 
 impl FaultSink {
+    /// Start with one rule: `fault` for every recipient whose local part starts with
+    /// `prefix`, every time.
+    pub async fn always(prefix: &str, fault: Fault) -> FaultSink {
+        Self::start(vec![FaultRule {
+            prefix: prefix.into(),
+            fault,
+            times: usize::MAX,
+        }])
+        .await
+    }
+
     /// Start on 127.0.0.1:<ephemeral> with `rules`.
     pub async fn start(rules: Vec<FaultRule>) -> FaultSink {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -618,13 +630,10 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
     let mut mail: Option<String> = None;
     let mut started = Instant::now();
     let mut rcpts: Vec<String> = Vec::new();
-    let mut line = Vec::new();
     loop {
-        line.clear();
-        if (&mut io).take(4096).read_until(b'\n', &mut line).await? == 0 {
+        let Some(text) = crate::wire::read_command(&mut io).await? else {
             return Ok(());
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        };
         let upper = text.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
             "250-faults.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES".into()
@@ -634,17 +643,13 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
             if s.closed.load(Ordering::SeqCst) {
                 "451 4.3.2 next hop closed for the test".into()
             } else {
-                let a = text[10..].trim();
-                let a = a.split_whitespace().next().unwrap_or("");
-                mail = Some(a.trim_start_matches('<').trim_end_matches('>').to_string());
+                mail = Some(crate::wire::angle(&text[10..]));
                 started = Instant::now();
                 rcpts.clear();
                 "250 2.1.0 Ok".into()
             }
         } else if upper.starts_with("RCPT TO:") {
-            let a = text[8..].trim();
-            let a = a.split_whitespace().next().unwrap_or("");
-            let rcpt = a.trim_start_matches('<').trim_end_matches('>').to_string();
+            let rcpt = crate::wire::angle(&text[8..]);
             let local = local_part(&rcpt);
             match s.take_fault(&local, |f| {
                 matches!(f, Fault::StallAtRcpt(_) | Fault::Rcpt452)
@@ -672,22 +677,9 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 io.get_mut()
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
-                let mut data = Vec::new();
-                loop {
-                    line.clear();
-                    if io.read_until(b'\n', &mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == b".\r\n" {
-                        break;
-                    }
-                    let content = if line.starts_with(b".") {
-                        &line[1..]
-                    } else {
-                        &line[..]
-                    };
-                    data.extend_from_slice(content);
-                }
+                let Some(data) = crate::wire::read_data(&mut io).await? else {
+                    return Ok(());
+                };
                 let after_dot = |f: Fault| {
                     matches!(
                         f,
@@ -717,12 +709,8 @@ async fn fault_session(stream: TcpStream, s: &FaultShared) -> std::io::Result<()
                 });
                 "250 2.0.0 Ok: queued".into()
             }
-        } else if upper == "RSET" {
-            mail = None;
-            rcpts.clear();
-            "250 2.0.0 Ok".into()
-        } else if upper == "NOOP" {
-            "250 2.0.0 Ok".into()
+        } else if let Some(r) = crate::wire::reset_or_noop(&upper, &mut mail, &mut rcpts) {
+            r.into()
         } else if upper == "QUIT" {
             io.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
             return Ok(());

@@ -186,29 +186,23 @@ impl Daemon {
     /// Wait until a log line at index >= `from` contains `needle`.
     pub fn wait_for_log_after(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self
-                .log
-                .lock()
+        let found = |log: &Mutex<Vec<String>>| {
+            log.lock()
                 .unwrap()
                 .iter()
                 .skip(from)
                 .find(|l| l.contains(needle))
-            {
-                return l.clone();
+                .cloned()
+        };
+        loop {
+            if let Some(l) = found(&self.log) {
+                return l;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader threads a moment to drain.
                 std::thread::sleep(Duration::from_millis(200));
-                if let Some(l) = self
-                    .log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .skip(from)
-                    .find(|l| l.contains(needle))
-                {
-                    return l.clone();
+                if let Some(l) = found(&self.log) {
+                    return l;
                 }
                 panic!(
                     "erlmail exited ({status}) before logging {needle:?}:\n{}",
@@ -233,6 +227,20 @@ impl Daemon {
     /// The whole log so far.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Replaces the config file with `config`, sends SIGHUP and waits (10 s at most) for
+    /// a log line after the signal that contains `expect`; returns that line.
+    pub fn reload(&mut self, config: &str, expect: &str) -> String {
+        std::fs::write(&self.config, config).unwrap();
+        let mark = self.log_len();
+        self.signal("HUP");
+        self.wait_for_log_after(mark, expect, Duration::from_secs(10))
+    }
+
+    /// The config file as it is now.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
     }
 
     /// Send a signal to the daemon.
@@ -273,9 +281,35 @@ impl Daemon {
         addr.parse().unwrap()
     }
 
+    /// The port of the implicit-TLS listener (`server_smtp_tls_port: 0`), from the log.
+    pub fn tls_port(&mut self) -> u16 {
+        let line = self.wait_for_log("smtpd_listener_tls", Duration::from_secs(10));
+        let line = if line.contains("listening on") {
+            line
+        } else {
+            self.wait_for_log("listening on 127.0.0.1", Duration::from_secs(10))
+        };
+        line.rsplit(':')
+            .next()
+            .unwrap()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+
     /// Open an SMTP connection and read the greeting.
     pub fn connect(&self) -> Smtp {
         Smtp::connect(self.addr)
+    }
+
+    /// Open an SMTP connection, read the greeting and say `EHLO name` (asserted accepted).
+    pub fn connect_ehlo(&self, name: &str) -> Smtp {
+        let mut s = self.connect();
+        let r = s.cmd(&format!("EHLO {name}"));
+        assert!(r.starts_with("250"), "EHLO {name}: {r}");
+        s
     }
 }
 
@@ -359,16 +393,28 @@ impl Smtp {
         self.stream.write_all(bytes).unwrap();
     }
 
-    /// A whole transaction; returns the reply to the final dot.
-    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
-        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
-        assert!(r.starts_with("250"), "MAIL: {r}");
-        for t in to {
-            let r = self.cmd(&format!("RCPT TO:<{t}>"));
-            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+    /// `mail` (`MAIL FROM:…`), each of `rcpts` (`RCPT TO:…`) and `DATA`, each asserted
+    /// accepted; the message text comes next.
+    pub fn begin_data(&mut self, mail: &str, rcpts: &[&str]) {
+        for line in std::iter::once(mail).chain(rcpts.iter().copied()) {
+            let r = self.cmd(line);
+            assert!(r.starts_with("250"), "{line}: {r}");
         }
         let r = self.cmd("DATA");
         assert!(r.starts_with("354"), "DATA: {r}");
+    }
+
+    /// `send_mail`, asserting that the message was accepted.
+    pub fn send_ok(&mut self, from: &str, to: &[&str], body: &str) {
+        let r = self.send_mail(from, to, body);
+        assert!(r.starts_with("250"), "{r}");
+    }
+
+    /// A whole transaction; returns the reply to the final dot.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        let rcpts: Vec<String> = to.iter().map(|t| format!("RCPT TO:<{t}>")).collect();
+        let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        self.begin_data(&format!("MAIL FROM:<{from}>"), &rcpts);
         self.send_raw(body.as_bytes());
         self.cmd(".")
     }
@@ -391,11 +437,33 @@ impl Daemon {
     /// `erlmail domain add` the domain of `address`, then `erlmail user add address`
     /// with password `pw`.
     pub fn add_user(&self, address: &str) {
+        self.add_user_with_password(address, "pw");
+    }
+
+    /// As `add_user`, with password `password`.
+    pub fn add_user_with_password(&self, address: &str, password: &str) {
         let domain = address.rsplit_once('@').expect("an address").1;
         let (ok, _, err) = self.admin(&["domain", "add", domain], None);
         assert!(ok.success(), "domain add {domain}: {err}");
-        let (ok, _, err) = self.admin(&["user", "add", address], Some("pw\n"));
+        let (ok, _, err) = self.admin(&["user", "add", address], Some(&format!("{password}\n")));
         assert!(ok.success(), "user add {address}: {err}");
+    }
+
+    /// Whether `erlmail queue list` says the queue is empty.
+    pub fn queue_is_empty(&self) -> bool {
+        self.queue_list().contains("Mail queue is empty")
+    }
+
+    /// Waits until the queue is empty; fails the test after `timeout`.
+    pub fn wait_queue_empty(&self, timeout: Duration) {
+        wait_until("empty queue", timeout, || self.queue_is_empty());
+    }
+
+    /// The output of `erlmail queue list` (which must succeed).
+    pub fn queue_list(&self) -> String {
+        let (status, out, err) = self.admin(&["queue", "list"], None);
+        assert!(status.success(), "queue list: {err}");
+        out
     }
 }
 
@@ -406,4 +474,40 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Asserts that `text` contains each of `wanted`, naming the first one missing.
+pub fn assert_contains_all(text: &str, wanted: &[&str]) {
+    for want in wanted {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+}
+
+/// The first word of the first entry under the heading of an `erlmail … list` table (its
+/// id).
+pub fn first_listed_id(list: &str) -> &str {
+    list.lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+}
+
+/// A self-signed certificate for `localhost` in a fresh temporary directory (keep it
+/// while the daemon runs), and the configuration lines that point the daemon at it
+/// (`server_smtp_tls_cert`, `server_smtp_tls_key`).
+pub fn test_certificate() -> (tempfile::TempDir, String) {
+    let certs = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = certs.path().join("cert.pem");
+    let key = certs.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let yaml = format!(
+        "server_smtp_tls_cert: \"{}\"\nserver_smtp_tls_key: \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (certs, yaml)
 }

@@ -10,7 +10,8 @@
 //! - `starttls`: `Off`, `On` (self-signed certificate from rcgen) or `Broken`
 //!   (advertises and accepts STARTTLS, then closes instead of a handshake).
 //!
-//! Use it from an integration test with `#[path = "support/sink.rs"] mod sink;`:
+//! Use it from an integration test with `#[path = "support/sink.rs"] mod sink;` (and
+//! `support/wire.rs` as `mod wire`, which it uses):
 //!
 //! ```ignore
 //! let sink = sink::Sink::start(sink::SinkConfig::default()).await;
@@ -29,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -85,9 +86,44 @@ impl Default for SinkConfig {
 }
 
 impl SinkConfig {
+    /// The default sink without STARTTLS (mail in plain text).
+    pub fn plain() -> Self {
+        SinkConfig::default().starttls(StartTls::Off)
+    }
+
     /// Adds a RCPT rule: recipients whose local part starts with `prefix` get `reply`.
     pub fn rcpt_reply(mut self, prefix: &str, reply: &str) -> Self {
         self.rcpt_rules.push((prefix.into(), reply.into()));
+        self
+    }
+
+    /// Uses `name` in the greeting and EHLO reply.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Greets with this whole line (see `greeting`).
+    pub fn greeting(mut self, line: impl Into<String>) -> Self {
+        self.greeting = line.into();
+        self
+    }
+
+    /// Treats STARTTLS this way.
+    pub fn starttls(mut self, mode: StartTls) -> Self {
+        self.starttls = mode;
+        self
+    }
+
+    /// Defers the first `n` transactions after the final dot (see `defer_first`).
+    pub fn defer_first(mut self, n: usize) -> Self {
+        self.defer_first = n;
+        self
+    }
+
+    /// Answers MAIL FROM with `reply`.
+    pub fn mail_reply(mut self, reply: impl Into<String>) -> Self {
+        self.mail_reply = reply.into();
         self
     }
 
@@ -279,12 +315,6 @@ fn acceptor() -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
-fn angle(arg: &str) -> String {
-    let a = arg.trim();
-    let a = a.split_whitespace().next().unwrap_or("");
-    a.trim_start_matches('<').trim_end_matches('>').to_string()
-}
-
 /// One SMTP session.
 async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
     let cfg = &s.config;
@@ -299,13 +329,10 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
     let mut helo = String::new();
     let mut mail: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
-    let mut line = Vec::new();
     loop {
-        line.clear();
-        if (&mut io).take(4096).read_until(b'\n', &mut line).await? == 0 {
+        let Some(text) = crate::wire::read_command(&mut io).await? else {
             return Ok(());
-        }
-        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        };
         s.state.lock().unwrap().commands.push(text.clone());
         let upper = text.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO ") || upper.starts_with("HELO ") {
@@ -360,7 +387,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if helo.is_empty() {
                 "503 5.5.1 Error: send HELO/EHLO first".into()
             } else if cfg.mail_reply.starts_with('2') {
-                mail = Some(angle(&text[10..]));
+                mail = Some(crate::wire::angle(&text[10..]));
                 rcpts.clear();
                 cfg.mail_reply.clone()
             } else {
@@ -370,7 +397,7 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
             if mail.is_none() {
                 "503 5.5.1 Error: need MAIL command".into()
             } else {
-                let rcpt = angle(&text[8..]);
+                let rcpt = crate::wire::angle(&text[8..]);
                 let local = rcpt.split('@').next().unwrap_or("").to_ascii_lowercase();
                 let rule = cfg
                     .rcpt_rules
@@ -398,22 +425,9 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 io.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
                 io.flush().await?;
-                let mut data = Vec::new();
-                loop {
-                    line.clear();
-                    if io.read_until(b'\n', &mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == b".\r\n" {
-                        break;
-                    }
-                    let content = if line.starts_with(b".") {
-                        &line[1..]
-                    } else {
-                        &line[..]
-                    };
-                    data.extend_from_slice(content);
-                }
+                let Some(data) = crate::wire::read_data(&mut io).await? else {
+                    return Ok(());
+                };
                 let at = Utc::now();
                 let from = mail.take().unwrap_or_default();
                 let accepted = std::mem::take(&mut rcpts);
@@ -447,12 +461,8 @@ async fn serve(stream: Box<dyn Io>, s: Arc<Shared>) -> std::io::Result<()> {
                 s.changed.notify_waiters();
                 reply
             }
-        } else if upper == "RSET" {
-            mail = None;
-            rcpts.clear();
-            "250 2.0.0 Ok".into()
-        } else if upper == "NOOP" {
-            "250 2.0.0 Ok".into()
+        } else if let Some(r) = crate::wire::reset_or_noop(&upper, &mut mail, &mut rcpts) {
+            r.into()
         } else if upper == "QUIT" {
             io.write_all(b"221 2.0.0 Bye\r\n").await?;
             io.flush().await?;
