@@ -207,10 +207,7 @@ async fn idle_ticks(store: &SharedStore, runs: usize) -> anyhow::Result<Vec<f64>
 /// different 100 due, claims them, then defers and unlocks them again (as
 /// `record_attempt` would) so the next round sees the same queue shape.
 async fn claims(
-    store: &SharedStore,
-    conn: &Connection,
-    runs: usize,
-    n: usize,
+    store: &SharedStore, conn: &Connection, runs: usize, n: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::with_capacity(runs);
     let stride = (n / runs.max(1)).max(CLAIM_LIMIT);

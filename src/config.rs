@@ -388,10 +388,7 @@ impl Format {
 
 /// Applies a whole document onto `config`; returns the served keys it set.
 fn apply_document(
-    config: &mut Config,
-    src: &str,
-    file: &str,
-    format: Format,
+    config: &mut Config, src: &str, file: &str, format: Format,
 ) -> Result<Vec<&'static str>, ConfigError> {
     match format {
         Format::Yaml => yaml::apply_yaml(src, config).map_err(|e| {
@@ -472,8 +469,7 @@ impl Config {
     /// overrides in order (values read as YAML scalars or flow collections, like
     /// `server_smtp_port=0` or `server_smtp_relay_clients=[127.0.0.1/32]`), then validates.
     pub fn load_with_overrides(
-        path: Option<&Path>,
-        overrides: &[String],
+        path: Option<&Path>, overrides: &[String],
     ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         let file = path.map(|p| p.display().to_string());

@@ -141,10 +141,7 @@ struct ExMessage {
 /// `maildir_root`, when given), showing a progress bar on stderr when `progress` is
 /// true. Idempotent: a second run adds nothing and counts everything as skipped.
 pub async fn import(
-    store: &dyn MessageStore,
-    path: &Path,
-    maildir_root: Option<&Path>,
-    progress: bool,
+    store: &dyn MessageStore, path: &Path, maildir_root: Option<&Path>, progress: bool,
 ) -> Result<ImportReport, ImportError> {
     let shown = path.display().to_string();
     let raw = tokio::fs::read(path)
@@ -209,9 +206,7 @@ pub async fn import(
 }
 
 async fn import_user(
-    store: &dyn MessageStore,
-    u: &ExUser,
-    report: &mut ImportReport,
+    store: &dyn MessageStore, u: &ExUser, report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     let address = format!("{}@{}", u.name, u.domain);
     if store.user_exists(&address).await? {
@@ -270,10 +265,7 @@ struct Target<'a> {
 }
 
 async fn import_messages(
-    to: &Target<'_>,
-    path: &str,
-    messages: &[ExMessage],
-    report: &mut ImportReport,
+    to: &Target<'_>, path: &str, messages: &[ExMessage], report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     let store = to.store;
     // Per user, in file order (the escript sorts by mailbox and uid: oldest first).
@@ -346,9 +338,7 @@ async fn import_messages(
 /// counts as present when its mailbox holds one with the same bytes, with multiplicity,
 /// so two identical ErlMail messages arrive as two and stay two.
 async fn stored_bodies(
-    store: &dyn MessageStore,
-    address: &str,
-    mailbox: &str,
+    store: &dyn MessageStore, address: &str, mailbox: &str,
 ) -> Result<HashMap<(usize, u64), usize>, StoreError> {
     let mut held = HashMap::new();
     for summary in store.list_mailbox(address, mailbox).await? {
@@ -400,9 +390,7 @@ fn imap_flags(flags: &[String], mut dropped: impl FnMut(&str)) -> Vec<String> {
 /// Commit `batch` in one store transaction, then write its Maildir copies (when the
 /// import has a `maildir_root`).
 async fn flush(
-    to: &Target<'_>,
-    batch: &mut Vec<IncomingMessage>,
-    report: &mut ImportReport,
+    to: &Target<'_>, batch: &mut Vec<IncomingMessage>, report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     if batch.is_empty() {
         return Ok(());

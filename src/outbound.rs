@@ -40,11 +40,7 @@ pub use route::{recipient_domain, NextHop, RouteError, Router, RouterConfig};
 /// A recipient whose hop cannot be resolved gets the routing failure (null MX and
 /// NXDOMAIN permanent, other DNS trouble temporary); `remote_mta` is then `None`.
 pub async fn deliver_message(
-    router: &Router,
-    helo: &str,
-    sender: &str,
-    rcpts: &[String],
-    body: &[u8],
+    router: &Router, helo: &str, sender: &str, rcpts: &[String], body: &[u8],
 ) -> Vec<RcptResult> {
     let envelope = Envelope::plain(sender, rcpts);
     deliver_message_with(router, helo, &envelope, body, &GoAhead::new()).await
@@ -54,11 +50,7 @@ pub async fn deliver_message(
 /// offers their extensions), sending the text only while `go_ahead` is given (the
 /// sender withdraws it when it loses the message's lease).
 pub async fn deliver_message_with(
-    router: &Router,
-    helo: &str,
-    envelope: &Envelope,
-    body: &[u8],
-    go_ahead: &GoAhead,
+    router: &Router, helo: &str, envelope: &Envelope, body: &[u8], go_ahead: &GoAhead,
 ) -> Vec<RcptResult> {
     // Group in first-seen order so results and logs follow the envelope.
     let mut groups: Vec<(NextHop, Vec<usize>)> = Vec::new();

@@ -359,9 +359,7 @@ impl Session {
     /// held), lets `act` reply, then resumes buffered input. Empty, with the mode left as
     /// it was, when the session is not waiting for this answer.
     fn answer<T>(
-        &mut self,
-        now: DateTime<Utc>,
-        take: impl FnOnce(Mode) -> Result<T, Mode>,
+        &mut self, now: DateTime<Utc>, take: impl FnOnce(Mode) -> Result<T, Mode>,
         act: impl FnOnce(&mut Self, T, &mut Vec<Action>),
     ) -> Vec<Action> {
         let held = match take(std::mem::replace(&mut self.mode, Mode::Command)) {

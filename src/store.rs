@@ -115,30 +115,18 @@ pub trait QueueStore: Send + Sync {
     /// sharing the store never get the same message. Returned with their pending
     /// recipients and body, in due order.
     async fn claim_due(
-        &self,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
+        &self, node: &str, now: DateTime<Utc>, lease: Duration, limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>>;
     /// Claim one message by id under the same conditions as `claim_due`. `None` if it
     /// does not exist, is held, not due, or locked by anyone (this node included) with an
     /// unexpired lease.
     async fn claim(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>>;
     /// Extend our lease to `now + lease`. `Ok(false)` if the message is gone, held, or its
     /// lock is no longer `node`'s (another node claimed it after our lease lapsed).
     async fn renew_lease(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<bool>;
     /// Clear our lock without recording a try (shutdown, no free sender, or a crash
     /// counted elsewhere); a message not yet due falls due now. Does nothing if the lock
@@ -239,10 +227,7 @@ pub trait MessageStore: AccountStore + MailboxStore + QueueStore + 'static {
 
     /// Record one attempt: a `commit_batch` of one record.
     async fn record_attempt(
-        &self,
-        id: &str,
-        node: &str,
-        outcome: AttemptRecord,
+        &self, id: &str, node: &str, outcome: AttemptRecord,
     ) -> StoreResult<()> {
         self.commit_batch(WriteBatch {
             messages: Vec::new(),

@@ -228,9 +228,7 @@ fn flatten_one(tokens: &[String], prefix: &mut Vec<String>, out: &mut Vec<Vec<St
 
 /// The module a path names, resolved from `from`: the longest prefix that is a module.
 fn resolve(
-    from: &[String],
-    path: &[String],
-    modules: &BTreeMap<Vec<String>, String>,
+    from: &[String], path: &[String], modules: &BTreeMap<Vec<String>, String>,
 ) -> Option<Vec<String>> {
     let mut base: Vec<String> = match path.first().map(String::as_str) {
         Some("crate") => Vec::new(),

@@ -553,10 +553,7 @@ fn inject_until_stopped(addr: SocketAddr, node: usize, inj: &Injection) {
 /// Wait (up to `timeout`) until every accepted tag has reached the sink and the shared
 /// queue is empty; panics with what is missing otherwise.
 async fn wait_until_all_delivered(
-    sink: &SlowSink,
-    pool: &sqlx::PgPool,
-    accepted: &HashSet<String>,
-    timeout: Duration,
+    sink: &SlowSink, pool: &sqlx::PgPool, accepted: &HashSet<String>, timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
     loop {

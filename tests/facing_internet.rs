@@ -81,9 +81,7 @@ impl Client {
     /// say something; what it said (empty if `next` ran out or the connection broke
     /// first).
     async fn send_until_answered(
-        &mut self,
-        mut next: impl FnMut() -> Option<Vec<u8>>,
-        wait: Duration,
+        &mut self, mut next: impl FnMut() -> Option<Vec<u8>>, wait: Duration,
     ) -> String {
         while let Some(piece) = next() {
             if !self.send(&piece).await {
@@ -141,10 +139,7 @@ fn inbox_count(d: &Daemon) -> usize {
 /// ends every `every`, until the server closes the connection. Returns (greeting, how
 /// long after the greeting the server closed it; None if it never did within `give_up`).
 async fn drip(
-    from: Ipv4Addr,
-    addr: SocketAddr,
-    every: Duration,
-    give_up: Duration,
+    from: Ipv4Addr, addr: SocketAddr, every: Duration, give_up: Duration,
 ) -> (String, Option<Duration>) {
     let Ok(stream) = connect_from(from, addr).await else {
         return ("connect failed".into(), None);

@@ -143,11 +143,7 @@ fn smtplib(script: &str, d: &Daemon, sent: &std::path::Path) -> Command {
 /// swaks against `d_addr` as swaks.remote.test: one message from x@remote.test to `to`
 /// with `subject` and `body`, after the options in `extra`.
 fn swaks(
-    d_addr: std::net::SocketAddr,
-    extra: &[&str],
-    to: &str,
-    subject: &str,
-    body: &str,
+    d_addr: std::net::SocketAddr, extra: &[&str], to: &str, subject: &str, body: &str,
 ) -> peers::Output {
     let mut cmd = Command::new(require("swaks"));
     cmd.arg("--server")
@@ -439,11 +435,7 @@ fn smtplib_relays_byte_for_byte_to_an_aiosmtpd_next_hop() {
 /// smtp-source: `n` messages over 20 sessions from x@remote.test to `to`, greeting as
 /// source.remote.test, with the options in `extra`, against `target`.
 fn smtp_source(
-    n: usize,
-    extra: &[&str],
-    to: &str,
-    target: std::net::SocketAddr,
-    timeout: Duration,
+    n: usize, extra: &[&str], to: &str, target: std::net::SocketAddr, timeout: Duration,
 ) -> peers::Output {
     let mut cmd = Command::new(require("smtp-source"));
     cmd.args(extra)

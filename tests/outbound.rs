@@ -41,10 +41,7 @@ fn router(dns: &dns::DnsServer, port: u16) -> Router {
 }
 
 fn router_with(
-    dns: &dns::DnsServer,
-    port: u16,
-    routes: BTreeMap<String, String>,
-    relay_host: Option<String>,
+    dns: &dns::DnsServer, port: u16, routes: BTreeMap<String, String>, relay_host: Option<String>,
 ) -> Router {
     Router::new(RouterConfig {
         routes,
@@ -73,10 +70,7 @@ async fn send_to_b(r: &Router) -> Vec<RcptResult> {
 /// `body` from a@origin.test to `to` over `hops`, greeting as erlmail.test, through
 /// `cache` if given.
 async fn deliver_via(
-    hops: &[Hop],
-    to: &[&str],
-    body: &[u8],
-    cache: Option<&ConnectionCache>,
+    hops: &[Hop], to: &[&str], body: &[u8], cache: Option<&ConnectionCache>,
 ) -> DeliveryReport {
     deliver(
         hops,
@@ -839,10 +833,7 @@ impl Drop for Probe {
 }
 
 async fn probe_session(
-    stream: tokio::net::TcpStream,
-    n: usize,
-    quirk: Quirk,
-    log: &Mutex<ProbeLog>,
+    stream: tokio::net::TcpStream, n: usize, quirk: Quirk, log: &Mutex<ProbeLog>,
 ) -> std::io::Result<Ending> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut io = BufReader::new(stream);

@@ -104,10 +104,7 @@ fn setup_with(yaml: impl FnOnce(&Path) -> String) -> (tempfile::TempDir, PathBuf
 
 /// Start `erlmail serve ARGS` on `config` under `umask 022` with logs to `log`.
 fn serve_logging_to(
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    log: &Path,
-    extra: &[&std::ffi::OsStr],
+    dir: tempfile::TempDir, config: PathBuf, log: &Path, extra: &[&std::ffi::OsStr],
 ) -> Daemon {
     let mut args: Vec<&std::ffi::OsStr> = vec![
         "--config".as_ref(),

@@ -336,10 +336,7 @@ impl Actor for Anvil {
     }
 
     async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         let now = Instant::now();
         match msg {

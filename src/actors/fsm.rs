@@ -249,10 +249,7 @@ impl Actor for Fsm {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         match msg {
             FsmMsg::Input(Input::Bytes(bytes)) => {
@@ -471,9 +468,7 @@ async fn lookup(address: &str) -> Result<RecipientFacts, String> {
 /// DMARC (`auth::check`): the transaction comes back with our `Authentication-Results:`
 /// on top and whether it belongs in Junk, or the refusal of a DMARC `p=reject` failure.
 async fn checked(
-    checker: Option<&Checker>,
-    mut tx: Transaction,
-    path: &str,
+    checker: Option<&Checker>, mut tx: Transaction, path: &str,
 ) -> Result<(Transaction, bool), StoreOutcome> {
     let Some(checker) = checker else {
         return Ok((tx, false));
@@ -512,10 +507,7 @@ async fn checked(
 /// the local copies in the Junk mailbox. Relayed mail is DKIM-signed first when a key
 /// applies.
 async fn store(
-    path: &str,
-    signers: &Arc<crate::auth::sign::Signers>,
-    tx: Transaction,
-    junk: bool,
+    path: &str, signers: &Arc<crate::auth::sign::Signers>, tx: Transaction, junk: bool,
 ) -> StoreOutcome {
     let mut message = to_incoming(tx);
     message.mailbox = junk.then(|| crate::store::JUNK.to_string());
@@ -565,9 +557,7 @@ async fn store(
 /// RSA operation takes a millisecond or more, so it runs on the blocking pool rather
 /// than hold up the sessions sharing this worker. `None`: the signing task panicked.
 async fn dkim_sign(
-    path: &str,
-    signers: &Arc<crate::auth::sign::Signers>,
-    mut body: Vec<u8>,
+    path: &str, signers: &Arc<crate::auth::sign::Signers>, mut body: Vec<u8>,
 ) -> Option<Vec<u8>> {
     let signers = signers.clone();
     let (body, signed) = match tokio::task::spawn_blocking(move || {

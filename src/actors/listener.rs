@@ -43,9 +43,7 @@ impl Actor for Listener {
     type Arguments = ListenerArgs;
 
     async fn pre_start(
-        &self,
-        myself: ActorRef<ListenerMsg>,
-        args: ListenerArgs,
+        &self, myself: ActorRef<ListenerMsg>, args: ListenerArgs,
     ) -> Started<ListenerState> {
         let listener = crate::net::bind(args.addr)
             .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;

@@ -176,10 +176,7 @@ impl QueueState {
     }
 
     async fn spawn_sender(
-        &mut self,
-        myself: &ActorRef<QueueMsg>,
-        message: Arc<QueuedMessage>,
-        start: Start,
+        &mut self, myself: &ActorRef<QueueMsg>, message: Arc<QueuedMessage>, start: Start,
     ) {
         let Start {
             crashes,
@@ -323,10 +320,7 @@ impl Actor for QueueActor {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         state.waiting.next_generation();
         match msg {
@@ -377,10 +371,7 @@ impl Actor for QueueActor {
     }
 
     async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State,
     ) -> Handled {
         let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
             return Ok(());

@@ -103,9 +103,7 @@ impl RootState {
 }
 
 async fn spawn_child(
-    child: Child,
-    myself: &ActorRef<RootMsg>,
-    config: &Arc<Config>,
+    child: Child, myself: &ActorRef<RootMsg>, config: &Arc<Config>,
 ) -> Result<ActorCell, ActorProcessingErr> {
     let (path, config) = (child_path(super::ROOT, child.name()), config.clone());
     let (sup, name) = (myself.get_cell(), child.name());
@@ -171,10 +169,7 @@ impl Actor for Root {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         match msg {
             RootMsg::Reload(config) => {
@@ -260,10 +255,7 @@ impl Actor for Root {
     }
 
     async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State,
     ) -> Handled {
         let Some(ended) = Ended::of(&event) else {
             return Ok(());

@@ -70,9 +70,7 @@ impl Actor for Sender {
     type Arguments = SenderArgs;
 
     async fn pre_start(
-        &self,
-        myself: ActorRef<SenderMsg>,
-        args: SenderArgs,
+        &self, myself: ActorRef<SenderMsg>, args: SenderArgs,
     ) -> Started<SenderState> {
         myself.send_message(SenderMsg::Run)?;
         Ok(SenderState {
@@ -89,10 +87,7 @@ impl Actor for Sender {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         let SenderMsg::Run = msg;
         if state.args.check_first && !still_ours(&state.args).await {
@@ -209,8 +204,7 @@ fn start_renewer(args: &SenderArgs, go_ahead: outbound::GoAhead) -> tokio::task:
 /// (they commit with the record; their kinds and addressees come back beside it for the
 /// log). `None` when the lease was lost on the way: the message is not ours to record.
 async fn attempt(
-    args: &SenderArgs,
-    go_ahead: &outbound::GoAhead,
+    args: &SenderArgs, go_ahead: &outbound::GoAhead,
 ) -> Option<(AttemptRecord, Vec<(DsnKind, String)>)> {
     let msg = &args.message;
     let config = &args.config;
@@ -313,10 +307,7 @@ fn outcome_word(s: &RcptStatus) -> &'static str {
 
 /// The pure attempt plan (`queue::plan`) for this message and these results.
 fn plan(
-    msg: &QueuedMessage,
-    results: &[RcptResult],
-    config: &Config,
-    now: DateTime<Utc>,
+    msg: &QueuedMessage, results: &[RcptResult], config: &Config, now: DateTime<Utc>,
 ) -> AttemptPlan {
     let history = History {
         sender: &msg.sender,
@@ -367,10 +358,7 @@ fn record_of(plan: &AttemptPlan, now: DateTime<Utc>) -> AttemptRecord {
 /// Build a notification from `<>` to the original sender (local mailbox or queue); it is
 /// queued with the attempt's record.
 async fn notification(
-    args: &SenderArgs,
-    kind: DsnKind,
-    recipients: Vec<DsnRecipient>,
-    now: DateTime<Utc>,
+    args: &SenderArgs, kind: DsnKind, recipients: Vec<DsnRecipient>, now: DateTime<Utc>,
 ) -> Option<IncomingMessage> {
     let msg = &args.message;
     let config = &args.config;
@@ -453,11 +441,7 @@ pub(crate) async fn record_attempt(args: &SenderArgs, outcome: AttemptRecord) ->
 /// the result is kept and offered again, for as long as our lease would last
 /// (`patience`): recording it late beats a second delivery after the lease lapses.
 pub(crate) async fn record(
-    id: &str,
-    owner: &str,
-    outcome: AttemptRecord,
-    path: &str,
-    patience: Duration,
+    id: &str, owner: &str, outcome: AttemptRecord, path: &str, patience: Duration,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + patience;
     let mut pause = Duration::from_millis(200);

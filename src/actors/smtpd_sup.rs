@@ -80,10 +80,7 @@ fn listener_name(implicit_tls: bool) -> &'static str {
 
 /// Start one listener: the plain one, or the implicit-TLS one.
 async fn spawn_listener(
-    myself: &ActorRef<SmtpdSupMsg>,
-    config: &Arc<Config>,
-    path: &str,
-    implicit_tls: bool,
+    myself: &ActorRef<SmtpdSupMsg>, config: &Arc<Config>, path: &str, implicit_tls: bool,
 ) -> Result<ActorCell, ActorProcessingErr> {
     let port = if implicit_tls {
         config.server_smtp_tls_port.unwrap_or(465)
@@ -103,9 +100,7 @@ async fn spawn_listener(
 
 /// Start `smtpd_anvil`.
 async fn spawn_anvil(
-    myself: &ActorRef<SmtpdSupMsg>,
-    config: &Config,
-    path: &str,
+    myself: &ActorRef<SmtpdSupMsg>, config: &Config, path: &str,
 ) -> Result<ActorRef<AnvilMsg>, ActorProcessingErr> {
     let args = anvil::AnvilArgs {
         limits: Limits::of(config),
@@ -126,9 +121,7 @@ fn stressed(was: bool, sessions: usize, max: usize) -> bool {
 
 /// Start every listener the configuration asks for.
 async fn spawn_listeners(
-    myself: &ActorRef<SmtpdSupMsg>,
-    config: &Arc<Config>,
-    path: &str,
+    myself: &ActorRef<SmtpdSupMsg>, config: &Arc<Config>, path: &str,
 ) -> Result<Vec<(bool, ActorCell)>, ActorProcessingErr> {
     if !config.server_smtp_start {
         warn!(path = %path, "server_smtp_start is false: the SMTP listener is not started");
@@ -147,9 +140,7 @@ impl Actor for SmtpdSup {
     type Arguments = SmtpdSupArgs;
 
     async fn pre_start(
-        &self,
-        myself: ActorRef<SmtpdSupMsg>,
-        args: SmtpdSupArgs,
+        &self, myself: ActorRef<SmtpdSupMsg>, args: SmtpdSupArgs,
     ) -> Started<SmtpdSupState> {
         info!(path = %args.path, "started");
         let anvil = spawn_anvil(&myself, &args.config, &args.path).await?;
@@ -176,10 +167,7 @@ impl Actor for SmtpdSup {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         match msg {
             SmtpdSupMsg::Accepted(stream, peer, implicit_tls) => {
@@ -247,10 +235,7 @@ impl Actor for SmtpdSup {
     }
 
     async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State,
     ) -> Handled {
         let Some(Ended { cell, failure, .. }) = Ended::of(&event) else {
             return Ok(());
@@ -312,9 +297,7 @@ impl Actor for SmtpdSup {
 /// our own failure lets the root decide) or log and count the restart. Returns the
 /// child's path.
 async fn before_restart(
-    state: &mut SmtpdSupState,
-    name: &str,
-    failure: Option<&str>,
+    state: &mut SmtpdSupState, name: &str, failure: Option<&str>,
 ) -> Result<String, ActorProcessingErr> {
     let path = child_path(&state.path, name);
     error!(path = %path, reason = failure.unwrap_or("terminated"), "child failed");
@@ -331,10 +314,7 @@ const ANVIL_TIMEOUT: Duration = Duration::from_secs(1);
 /// One accepted connection: refused (shutting down, server full, client over its limits)
 /// or served by a new session.
 async fn accept(
-    myself: &ActorRef<SmtpdSupMsg>,
-    state: &mut SmtpdSupState,
-    stream: TcpStream,
-    peer: SocketAddr,
+    myself: &ActorRef<SmtpdSupMsg>, state: &mut SmtpdSupState, stream: TcpStream, peer: SocketAddr,
     implicit_tls: bool,
 ) {
     let host = state.config.server_smtp_name.clone();

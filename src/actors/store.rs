@@ -159,10 +159,7 @@ impl Actor for StoreActor {
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
+        &self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State,
     ) -> Handled {
         match msg {
             StoreMsg::Accept(message, reply) => {

@@ -38,8 +38,7 @@ impl StoreClient {
 
     /// Send the request `build` makes and wait for its answer as it comes.
     pub async fn call<T: Send + 'static>(
-        &self,
-        build: impl FnOnce(RpcReplyPort<T>) -> StoreMsg,
+        &self, build: impl FnOnce(RpcReplyPort<T>) -> StoreMsg,
     ) -> Result<T, Unanswered> {
         let store: ActorRef<StoreMsg> = ractor::registry::where_is(super::STORE)
             .ok_or(Unanswered::NotRunning)?
@@ -52,16 +51,14 @@ impl StoreClient {
 
     /// Send the request `build` makes and wait for the store's result.
     pub async fn ask<T: Send + 'static>(
-        &self,
-        build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> StoreMsg,
+        &self, build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> StoreMsg,
     ) -> Result<T, Unanswered> {
         self.call(build).await?.map_err(Unanswered::Store)
     }
 
     /// An outgoing-queue operation, waiting for the store's result.
     pub async fn queue<T: Send + 'static>(
-        &self,
-        build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> QueueOp,
+        &self, build: impl FnOnce(RpcReplyPort<StoreResult<T>>) -> QueueOp,
     ) -> Result<T, Unanswered> {
         self.ask(|reply| StoreMsg::Queue(build(reply))).await
     }

@@ -107,10 +107,7 @@ pub fn restarting(path: &str, label: impl Into<metrics::SharedString>) {
 
 /// Start `actor` as the child `name` of `sup`.
 pub async fn spawn_child<A: Actor>(
-    sup: &ActorCell,
-    name: &str,
-    actor: A,
-    args: A::Arguments,
+    sup: &ActorCell, name: &str, actor: A, args: A::Arguments,
 ) -> Result<ActorRef<A::Msg>, ActorProcessingErr> {
     let (child, _) = Actor::spawn_linked(Some(name.into()), actor, args, sup.clone()).await?;
     Ok(child)

@@ -172,10 +172,7 @@ pub fn internal_host(ip: IpAddr) -> bool {
 /// `policy`: only a real failure (not `temperror`, `permerror` or no record) is acted
 /// on, and only when enforcing.
 pub fn decide(
-    result: &DmarcResult,
-    published: Policy,
-    policy: DmarcPolicy,
-    domain: &str,
+    result: &DmarcResult, published: Policy, policy: DmarcPolicy, domain: &str,
 ) -> Disposition {
     if policy != DmarcPolicy::Enforce || !matches!(result, DmarcResult::Fail(_)) {
         return Disposition::Deliver;

@@ -281,9 +281,7 @@ fn show(m: &erlmail::store::QueuedMessage) -> anyhow::Result<()> {
 
 /// The queued messages a filter selects.
 async fn selected(
-    store: &dyn MessageStore,
-    filter: &QueueFilter,
-    now: DateTime<Utc>,
+    store: &dyn MessageStore, filter: &QueueFilter, now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<QueueSummary>> {
     Ok(store
         .list_queue()
@@ -295,9 +293,7 @@ async fn selected(
 
 /// The ids of the queued messages a filter selects.
 async fn selected_ids(
-    store: &dyn MessageStore,
-    filter: &QueueFilter,
-    now: DateTime<Utc>,
+    store: &dyn MessageStore, filter: &QueueFilter, now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<String>> {
     let queue = selected(store, filter, now).await?;
     Ok(queue.into_iter().map(|m| m.id).collect())

@@ -141,8 +141,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 /// exit code and the one line to print: `EX_TEMPFAIL` naming the running daemon's pid when
 /// another erlmail holds either lock, `EX_CANTCREAT` when a file cannot be created.
 fn take_locks(
-    spool_dir: &Path,
-    pidfile: Option<&Path>,
+    spool_dir: &Path, pidfile: Option<&Path>,
 ) -> Result<(LockFile, Option<LockFile>), (u8, String)> {
     use erlmail::spool_lock::{lock_pidfile, lock_spool, LockError};
     if let Err(e) = std::fs::create_dir_all(spool_dir) {

@@ -222,16 +222,13 @@ impl<'de> Visitor<'de> for &mut Apply<'_> {
 /// Reads the value of served key `key` from `map` into `c`.
 /// The next value, a list, each item read as `W` and unwrapped by `f`.
 fn next_list<'de, A: MapAccess<'de>, W: Deserialize<'de>, T>(
-    map: &mut A,
-    f: impl FnMut(W) -> T,
+    map: &mut A, f: impl FnMut(W) -> T,
 ) -> Result<Vec<T>, A::Error> {
     Ok(map.next_value::<Vec<W>>()?.into_iter().map(f).collect())
 }
 
 fn apply_value<'de, A: MapAccess<'de>>(
-    c: &mut Config,
-    key: &'static str,
-    map: &mut A,
+    c: &mut Config, key: &'static str, map: &mut A,
 ) -> Result<(), A::Error> {
     match key {
         "server_list" => c.server_list = next_list(map, |s: S<String>| s.0)?,

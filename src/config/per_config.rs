@@ -26,9 +26,7 @@ impl<T: Clone> PerConfig<T> {
     /// The value kept for `config`, else what `build` makes (kept only when it is `Ok`).
     /// The cache stays locked while `build` runs, so two sessions never build twice.
     pub fn get_or_try_build<E>(
-        &self,
-        config: &Arc<Config>,
-        build: impl FnOnce() -> Result<T, E>,
+        &self, config: &Arc<Config>, build: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         let mut live = self.live();
         if let Some((_, value)) = live

@@ -72,8 +72,7 @@ fn reason(status: u16) -> &'static str {
 
 /// Bind `addr`; the server runs until the returned task is aborted.
 pub async fn serve(
-    addr: SocketAddr,
-    handler: Handler,
+    addr: SocketAddr, handler: Handler,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;

@@ -161,10 +161,7 @@ pub struct Connection {
 impl Connection {
     /// Starts reading a plain connection; the first chunk is due by `deadline`.
     pub fn plain(
-        stream: TcpStream,
-        sink: InputSink,
-        deadline: Instant,
-        write_limit: Duration,
+        stream: TcpStream, sink: InputSink, deadline: Instant, write_limit: Duration,
     ) -> Self {
         let mut c = Connection::unstarted(sink, deadline, write_limit);
         c.start_plain(stream);
@@ -189,12 +186,8 @@ impl Connection {
     /// Runs the TLS handshake first (implicit TLS, `server_smtp_tls_port`), bounded by
     /// `handshake_limit`, then starts reading.
     pub async fn implicit_tls(
-        stream: TcpStream,
-        acceptor: &TlsAcceptor,
-        handshake_limit: Duration,
-        sink: InputSink,
-        deadline: Instant,
-        write_limit: Duration,
+        stream: TcpStream, acceptor: &TlsAcceptor, handshake_limit: Duration, sink: InputSink,
+        deadline: Instant, write_limit: Duration,
     ) -> Result<Self, String> {
         let tls = handshake(acceptor, stream, handshake_limit).await?;
         let mut c = Connection::unstarted(sink, deadline, write_limit);
@@ -257,9 +250,7 @@ impl Connection {
     /// holding STARTTLS and waits for permission), so nothing more is read in plain text.
     /// On failure the connection is closed.
     pub async fn start_tls(
-        &mut self,
-        acceptor: &TlsAcceptor,
-        limit: Duration,
+        &mut self, acceptor: &TlsAcceptor, limit: Duration,
     ) -> Result<(), String> {
         let reader = std::mem::replace(&mut self.reader, Reader::None);
         let Reader::Plain(handle) = reader else {
@@ -344,9 +335,7 @@ impl Drop for Connection {
 
 /// Runs the server side of the TLS handshake on `stream`.
 async fn handshake(
-    acceptor: &TlsAcceptor,
-    stream: TcpStream,
-    limit: Duration,
+    acceptor: &TlsAcceptor, stream: TcpStream, limit: Duration,
 ) -> Result<TlsIo, String> {
     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Ok(tls),
@@ -371,9 +360,7 @@ pub fn refuse(mut stream: TcpStream, reply: String) {
 /// force (which may move while the read waits). Returns the read half on
 /// [`Next::Stop`], `None` when the connection ended.
 async fn read_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
-    sink: InputSink,
-    mut more: mpsc::Receiver<Next>,
+    mut reader: R, sink: InputSink, mut more: mpsc::Receiver<Next>,
     mut deadline: watch::Receiver<Instant>,
 ) -> Option<R> {
     let mut buf = vec![0u8; 16 * 1024];

@@ -173,9 +173,7 @@ impl Conn {
     }
 
     pub(super) async fn read_reply_within(
-        &mut self,
-        limit: Duration,
-        stage: &'static str,
+        &mut self, limit: Duration, stage: &'static str,
     ) -> Result<Reply, ConnError> {
         tokio::time::timeout(limit, async {
             let mut builder = ReplyBuilder::default();
@@ -212,9 +210,7 @@ impl Conn {
     }
 
     pub(super) async fn write(
-        &mut self,
-        bytes: &[u8],
-        stage: &'static str,
+        &mut self, bytes: &[u8], stage: &'static str,
     ) -> Result<(), ConnError> {
         tokio::time::timeout(self.timeout, async {
             self.io.write_all(bytes).await?;
@@ -226,9 +222,7 @@ impl Conn {
     }
 
     pub(super) async fn command(
-        &mut self,
-        line: &str,
-        stage: &'static str,
+        &mut self, line: &str, stage: &'static str,
     ) -> Result<Reply, ConnError> {
         self.write(format!("{line}\r\n").as_bytes(), stage).await?;
         self.read_reply(stage).await
@@ -236,10 +230,7 @@ impl Conn {
 
     /// The reply to `line`: sent already in a pipelined group (`sent`), or sent now.
     pub(super) async fn answer(
-        &mut self,
-        sent: bool,
-        line: &str,
-        stage: &'static str,
+        &mut self, sent: bool, line: &str, stage: &'static str,
     ) -> Result<Reply, ConnError> {
         if sent {
             self.read_reply(stage).await
@@ -302,10 +293,7 @@ fn server_name(hop: &Hop) -> rustls::pki_types::ServerName<'static> {
 /// EHLO, falling back to HELO when EHLO is refused: the connection back with the
 /// keywords offered (none after HELO), or why this host is not to be used.
 async fn greet(
-    mut conn: Conn,
-    helo: &str,
-    me: &str,
-    host: &str,
+    mut conn: Conn, helo: &str, me: &str, host: &str,
 ) -> Result<(Conn, Vec<String>), HostError> {
     let skip = |e: ConnError| HostError::Skip {
         cause: e.cause(host),
@@ -400,10 +388,7 @@ impl Session {
 /// Connect to `hop`, read the greeting, EHLO, and STARTTLS then EHLO again when
 /// `use_tls` and the server offers it.
 pub(super) async fn open(
-    hop: &Hop,
-    helo: &str,
-    opts: &DeliveryOptions,
-    use_tls: bool,
+    hop: &Hop, helo: &str, opts: &DeliveryOptions, use_tls: bool,
 ) -> Result<Session, HostError> {
     let host = hop.host.as_str();
     let skip = |e: ConnError| HostError::Skip {

@@ -79,12 +79,7 @@ pub struct DeliveryReport {
 /// is one, and a connection that ends its transaction cleanly is left there for the
 /// next; without one every call opens its own connections and QUITs them.
 pub async fn deliver(
-    hops: &[Hop],
-    helo: &str,
-    sender: &str,
-    rcpts: &[String],
-    body: &[u8],
-    opts: &DeliveryOptions,
+    hops: &[Hop], helo: &str, sender: &str, rcpts: &[String], body: &[u8], opts: &DeliveryOptions,
     cache: Option<&ConnectionCache>,
 ) -> DeliveryReport {
     let envelope = Envelope::plain(sender, rcpts);
@@ -94,13 +89,8 @@ pub async fn deliver(
 /// [`deliver`] with the envelope's parameters, the text sent only while `go_ahead` is
 /// given.
 pub async fn deliver_with(
-    hops: &[Hop],
-    helo: &str,
-    envelope: &Envelope,
-    body: &[u8],
-    opts: &DeliveryOptions,
-    cache: Option<&ConnectionCache>,
-    go_ahead: &GoAhead,
+    hops: &[Hop], helo: &str, envelope: &Envelope, body: &[u8], opts: &DeliveryOptions,
+    cache: Option<&ConnectionCache>, go_ahead: &GoAhead,
 ) -> DeliveryReport {
     let rcpts = &envelope.addresses();
     let msg = Message {
@@ -172,11 +162,7 @@ pub async fn deliver_with(
 
 /// Every recipient failed alike at `hop` for `cause`.
 fn failed_at(
-    hop: &Hop,
-    rcpts: &[String],
-    cause: FailureCause,
-    tls: bool,
-    skipped: Vec<(Hop, FailureCause)>,
+    hop: &Hop, rcpts: &[String], cause: FailureCause, tls: bool, skipped: Vec<(Hop, FailureCause)>,
 ) -> DeliveryReport {
     SessionResult {
         statuses: vec![RcptStatus::failed(cause); rcpts.len()],
@@ -269,10 +255,7 @@ struct SessionResult {
 impl SessionResult {
     /// The report of a delivery that `hop`'s session decided.
     fn into_report(
-        self,
-        hop: &Hop,
-        rcpts: &[String],
-        skipped: Vec<(Hop, FailureCause)>,
+        self, hop: &Hop, rcpts: &[String], skipped: Vec<(Hop, FailureCause)>,
     ) -> DeliveryReport {
         let (tls, dsn) = (self.tls, self.dsn);
         let results = rcpts
@@ -300,10 +283,7 @@ impl SessionResult {
 /// there is a live one, else on a fresh one; a cached connection found closed is
 /// replaced by a fresh one once.
 async fn attempt_host(
-    hop: &Hop,
-    msg: &Message<'_>,
-    opts: &DeliveryOptions,
-    cache: Option<&ConnectionCache>,
+    hop: &Hop, msg: &Message<'_>, opts: &DeliveryOptions, cache: Option<&ConnectionCache>,
     use_tls: bool,
 ) -> Result<SessionResult, HostError> {
     let key = CacheKey {
@@ -354,11 +334,7 @@ async fn attempt_host(
 /// the session is returned for that, and is otherwise QUIT (or just dropped after an
 /// I/O error) here.
 async fn transaction(
-    mut s: Session,
-    reused: bool,
-    limits: Option<CacheLimits>,
-    host: &str,
-    msg: &Message<'_>,
+    mut s: Session, reused: bool, limits: Option<CacheLimits>, host: &str, msg: &Message<'_>,
     opts: &DeliveryOptions,
 ) -> Result<(SessionResult, Option<Session>), HostError> {
     let tls = s.tls;

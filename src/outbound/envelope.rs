@@ -79,10 +79,7 @@ impl Envelope {
 /// gave them, each only where the server offers its extension (RFC 1870, 6152, 6531,
 /// 3461 §4).
 pub(super) fn mail_command(
-    keywords: &[String],
-    envelope: &Envelope,
-    size: usize,
-    body_8bit: bool,
+    keywords: &[String], envelope: &Envelope, size: usize, body_8bit: bool,
 ) -> String {
     let mut line = format!("MAIL FROM:<{}>", envelope.sender);
     if offers(keywords, "SIZE") {

@@ -250,11 +250,7 @@ fn classify(ct: Option<&[u8]>, in_digest: bool) -> Kind {
 /// Converts the entity (header and body) `s` into `out`. Returns whether its
 /// body held 8-bit octets (and so was converted).
 fn entity(
-    s: &[u8],
-    depth: usize,
-    in_digest: bool,
-    is_message: bool,
-    out: &mut Vec<u8>,
+    s: &[u8], depth: usize, in_digest: bool, is_message: bool, out: &mut Vec<u8>,
 ) -> Result<bool, Unconvertible> {
     let (fields, body_start) = parse_head(s);
     let src = &s[body_start..];
@@ -337,11 +333,7 @@ fn delimiter(line: &[u8], boundary: &[u8]) -> Option<bool> {
 
 /// Converts the body `s` of a multipart entity part by part.
 fn multipart(
-    s: &[u8],
-    boundary: &[u8],
-    digest: bool,
-    depth: usize,
-    out: &mut Vec<u8>,
+    s: &[u8], boundary: &[u8], digest: bool, depth: usize, out: &mut Vec<u8>,
 ) -> Result<(), Unconvertible> {
     let (mut pos, mut part) = (0, None);
     while pos < s.len() {

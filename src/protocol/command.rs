@@ -276,8 +276,7 @@ fn rcpt(arg: &str) -> Result<Command, CommandError> {
 
 /// Splits `rest` into `KEY[=VALUE]` words. `rest` must be empty or start with a blank.
 fn esmtp_params<'a>(
-    rest: &'a str,
-    usage: &'static str,
+    rest: &'a str, usage: &'static str,
 ) -> Result<Vec<(&'a str, Option<&'a str>)>, CommandError> {
     if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
         return Err(CommandError::Syntax(usage));

@@ -88,12 +88,7 @@ pub enum AfterCrash {
 /// `error` at `now`. `settling` when no further sender may start for it (it was the one
 /// bouncing the message, or the queue is stopping).
 pub fn after_crash(
-    count: CrashCount,
-    error: &str,
-    settling: bool,
-    tries: u32,
-    config: &Config,
-    now: DateTime<Utc>,
+    count: CrashCount, error: &str, settling: bool, tries: u32, config: &Config, now: DateTime<Utc>,
 ) -> AfterCrash {
     if budget_spent(count.in_a_row) && !settling {
         return AfterCrash::GiveUp(format!(

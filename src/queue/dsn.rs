@@ -104,10 +104,7 @@ pub struct DsnRecipient {
 impl DsnRecipient {
     /// A recipient entry from the result of its last try.
     pub fn from_status(
-        rcpt: &str,
-        orcpt: Option<&str>,
-        status: &RcptStatus,
-        remote_mta: Option<&str>,
+        rcpt: &str, orcpt: Option<&str>, status: &RcptStatus, remote_mta: Option<&str>,
         last_attempt: Option<DateTime<Utc>>,
     ) -> Self {
         DsnRecipient {
@@ -156,10 +153,7 @@ pub struct DsnInput {
 /// (`failure_notification_enabled`); whether delay warnings are on at all
 /// (`server_smtp_delay_warning`) is the caller's check.
 pub fn should_notify(
-    sender: &str,
-    notify: Option<&str>,
-    kind: DsnKind,
-    failure_notification_enabled: bool,
+    sender: &str, notify: Option<&str>, kind: DsnKind, failure_notification_enabled: bool,
 ) -> bool {
     let sender = sender.trim();
     if sender.is_empty() || sender == "<>" {

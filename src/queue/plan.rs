@@ -72,10 +72,7 @@ pub struct AttemptPlan {
 
 /// The retry and notification policy applied to one attempt's results at `now`.
 pub fn plan_attempt(
-    msg: &History<'_>,
-    results: &[Tried<'_>],
-    config: &Config,
-    now: DateTime<Utc>,
+    msg: &History<'_>, results: &[Tried<'_>], config: &Config, now: DateTime<Utc>,
 ) -> AttemptPlan {
     let next = next_retry(
         msg.tries + 1,

@@ -12,10 +12,7 @@ use std::time::Duration;
 /// after the first try is `None`. An empty `intervals` means "retry at once" rather than
 /// never: the count of retries, not the intervals, decides failure.
 pub fn next_retry(
-    tries_done: u32,
-    retries: u32,
-    intervals: &[Duration],
-    last_try: DateTime<Utc>,
+    tries_done: u32, retries: u32, intervals: &[Duration], last_try: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     // tries_done == 0 means it was never tried: it is due now.
     if tries_done == 0 {

@@ -55,10 +55,7 @@ fn same_mailbox(a: &str, b: &str, local: bool) -> bool {
 impl Session {
     /// Runs one command line; `pipelined` says more input was already buffered behind it.
     pub(super) fn command(
-        &mut self,
-        parsed: Result<Command, CommandError>,
-        pipelined: bool,
-        out: &mut Vec<Action>,
+        &mut self, parsed: Result<Command, CommandError>, pipelined: bool, out: &mut Vec<Action>,
     ) {
         if pipelined && self.must_wait_for_reply(parsed.as_ref().ok()) {
             // The 554 replaces the command's own reply: the command is not run (Postfix
@@ -235,10 +232,7 @@ impl Session {
 
     /// Answers a RCPT once the store has said whom it names.
     pub(super) fn rcpt_verdict(
-        &mut self,
-        pending: PendingRcpt,
-        info: RecipientInfo,
-        out: &mut Vec<Action>,
+        &mut self, pending: PendingRcpt, info: RecipientInfo, out: &mut Vec<Action>,
     ) {
         let raw = &pending.path.raw;
         if info.temporary_failure {
@@ -299,10 +293,7 @@ impl Session {
     }
 
     pub(super) fn end_of_data(
-        &mut self,
-        outcome: DataOutcome,
-        out: &mut Vec<Action>,
-        now: DateTime<Utc>,
+        &mut self, outcome: DataOutcome, out: &mut Vec<Action>, now: DateTime<Utc>,
     ) {
         // The transaction ends here whatever the outcome; HELO is kept.
         let (Some(env), Some(helo)) = (self.envelope.take(), self.helo.as_ref()) else {

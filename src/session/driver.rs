@@ -42,9 +42,7 @@ impl Transcript {
 /// Runs `session` over `chunks` (each one `receive` call) after writing the greeting.
 /// Every AUTH attempt fails.
 pub fn run<'a>(
-    session: &mut Session,
-    chunks: impl IntoIterator<Item = &'a [u8]>,
-    now: DateTime<Utc>,
+    session: &mut Session, chunks: impl IntoIterator<Item = &'a [u8]>, now: DateTime<Utc>,
     lookup: impl FnMut(&ForwardPath) -> RecipientInfo,
     store: impl FnMut(&Transaction) -> StoreOutcome,
 ) -> Transcript {
@@ -53,9 +51,7 @@ pub fn run<'a>(
 
 /// [`run`] with AUTH checks answered by `auth(user, password)`.
 pub fn run_full<'a>(
-    session: &mut Session,
-    chunks: impl IntoIterator<Item = &'a [u8]>,
-    now: DateTime<Utc>,
+    session: &mut Session, chunks: impl IntoIterator<Item = &'a [u8]>, now: DateTime<Utc>,
     mut lookup: impl FnMut(&ForwardPath) -> RecipientInfo,
     mut store: impl FnMut(&Transaction) -> StoreOutcome,
     mut auth: impl FnMut(&str, &Secret) -> bool,
@@ -90,10 +86,7 @@ struct Handlers<'h> {
 /// Splits `input` at the given offsets (sorted, clamped, duplicates kept as empty
 /// reads) and runs it. Offsets outside `0..=input.len()` are clamped.
 pub fn run_split(
-    session: &mut Session,
-    input: &[u8],
-    splits: &[usize],
-    now: DateTime<Utc>,
+    session: &mut Session, input: &[u8], splits: &[usize], now: DateTime<Utc>,
     lookup: impl FnMut(&ForwardPath) -> RecipientInfo,
     store: impl FnMut(&Transaction) -> StoreOutcome,
 ) -> Transcript {
@@ -110,10 +103,7 @@ pub fn run_split(
 }
 
 fn apply(
-    session: &mut Session,
-    actions: Vec<Action>,
-    now: DateTime<Utc>,
-    t: &mut Transcript,
+    session: &mut Session, actions: Vec<Action>, now: DateTime<Utc>, t: &mut Transcript,
     h: &mut Handlers<'_>,
 ) {
     let mut queue: VecDeque<Action> = actions.into();

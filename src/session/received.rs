@@ -47,13 +47,8 @@ impl Protocol {
 /// `for <rcpt>` is only written for a single recipient, so that a message to many does
 /// not disclose the whole list to each of them.
 pub fn received_header(
-    helo: &str,
-    client_ip: IpAddr,
-    hostname: &str,
-    protocol: Protocol,
-    tls: Option<&str>,
-    single_recipient: Option<&str>,
-    now: DateTime<Utc>,
+    helo: &str, client_ip: IpAddr, hostname: &str, protocol: Protocol, tls: Option<&str>,
+    single_recipient: Option<&str>, now: DateTime<Utc>,
 ) -> String {
     let ip = match client_ip.to_canonical() {
         IpAddr::V4(v4) => format!("[{v4}]"),
@@ -114,12 +109,7 @@ mod tests {
 
     /// The header for a client at `ip`, received now.
     fn header(
-        helo: &str,
-        ip: &str,
-        host: &str,
-        protocol: Protocol,
-        tls: Option<&str>,
-        rcpt: Option<&str>,
+        helo: &str, ip: &str, host: &str, protocol: Protocol, tls: Option<&str>, rcpt: Option<&str>,
     ) -> String {
         received_header(helo, ip.parse().unwrap(), host, protocol, tls, rcpt, now())
     }

@@ -125,9 +125,7 @@ pub(crate) fn check_hash(password_hash: &str) -> StoreResult<()> {
 /// Why an attempt's record is refused, given the `lock_owner` of its row (`None`: no
 /// row): the message is gone, or its lock is not `node`'s. `None`: the lock is ours.
 pub(crate) fn refused_record(
-    id: &str,
-    node: &str,
-    owner: Option<Option<String>>,
+    id: &str, node: &str, owner: Option<Option<String>>,
 ) -> Option<StoreError> {
     match owner {
         None => Some(StoreError::Invalid(format!("no queued message {id}"))),
@@ -292,8 +290,7 @@ pub(crate) fn by_queue_id<T>(
 
 /// The queue listing: each message with its recipients (`sql::ALL_QUEUE_RCPTS`).
 pub(crate) fn summaries(
-    messages: Vec<QueuedMessage>,
-    rcpts: Vec<(String, QueueRcpt)>,
+    messages: Vec<QueuedMessage>, rcpts: Vec<(String, QueueRcpt)>,
 ) -> Vec<QueueSummary> {
     let mut by_id = by_queue_id(rcpts);
     messages

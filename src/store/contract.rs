@@ -56,11 +56,7 @@ pub(crate) fn rcpt(address: &str) -> OutgoingRcpt {
 
 /// A message as a session hands it over, received at `at`.
 pub(crate) fn incoming(
-    sender: &str,
-    local: &[&str],
-    remote: Vec<OutgoingRcpt>,
-    at: DateTime<Utc>,
-    body: &[u8],
+    sender: &str, local: &[&str], remote: Vec<OutgoingRcpt>, at: DateTime<Utc>, body: &[u8],
 ) -> IncomingMessage {
     IncomingMessage {
         sender: sender.to_string(),
@@ -96,10 +92,7 @@ async fn enqueue(store: &dyn MessageStore, at: DateTime<Utc>, rcpts: &[&str]) ->
 
 /// Claim what is due at `at` for `node`, up to `limit`.
 async fn due(
-    store: &dyn MessageStore,
-    node: &str,
-    at: DateTime<Utc>,
-    limit: usize,
+    store: &dyn MessageStore, node: &str, at: DateTime<Utc>, limit: usize,
 ) -> Vec<QueuedMessage> {
     store
         .claim_due(node, at, LEASE, limit)
@@ -131,9 +124,7 @@ fn is_invalid<T: std::fmt::Debug>(r: StoreResult<T>) -> bool {
 /// Accept through the one write path as the store actor does: each message isolated,
 /// all results or the batch's failure.
 async fn accept_leased(
-    store: &dyn MessageStore,
-    messages: &[IncomingMessage],
-    lease: Option<&AcceptLease>,
+    store: &dyn MessageStore, messages: &[IncomingMessage], lease: Option<&AcceptLease>,
 ) -> StoreResult<Vec<Accepted>> {
     store
         .commit_batch(WriteBatch {
@@ -150,8 +141,7 @@ async fn accept_leased(
 
 /// Record several attempts through the one write path, in one batch.
 async fn record_all(
-    store: &dyn MessageStore,
-    records: Vec<(String, String, AttemptRecord)>,
+    store: &dyn MessageStore, records: Vec<(String, String, AttemptRecord)>,
 ) -> StoreResult<Vec<StoreResult<()>>> {
     store
         .commit_batch(WriteBatch {

@@ -79,11 +79,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// directory fsynced) when this returns `Ok`. A full disk is an error of kind
 /// `StorageFull` (the store maps it to `StoreError::Full`).
 pub fn deliver(
-    root: &Path,
-    address: &str,
-    folder: Option<&str>,
-    bytes: &[u8],
-    now: DateTime<Utc>,
+    root: &Path, address: &str, folder: Option<&str>, bytes: &[u8], now: DateTime<Utc>,
 ) -> io::Result<PathBuf> {
     deliver_with_flags(root, address, folder, bytes, &[], now)
 }
@@ -112,11 +108,7 @@ pub fn info(flags: &[String]) -> String {
 /// flags it lands in `new/` as `deliver` puts it; with flags it has been seen by a mail
 /// client, so it lands in `cur/` with its Maildir info (`<name>:2,FS`, see [`info`]).
 pub fn deliver_with_flags(
-    root: &Path,
-    address: &str,
-    folder: Option<&str>,
-    bytes: &[u8],
-    flags: &[String],
+    root: &Path, address: &str, folder: Option<&str>, bytes: &[u8], flags: &[String],
     now: DateTime<Utc>,
 ) -> io::Result<PathBuf> {
     let user = maildir_path(root, address)?;

@@ -85,8 +85,7 @@ impl SqliteStore {
     /// `open` with extra per-connection pragmas (tests use `max_page_count` to fill
     /// the database).
     pub(crate) async fn open_with_pragmas(
-        path: &Path,
-        pragmas: &[(&'static str, String)],
+        path: &Path, pragmas: &[(&'static str, String)],
     ) -> StoreResult<Self> {
         if let Some(parent) = path.parent() {
             if !parent.as_os_str().is_empty() {

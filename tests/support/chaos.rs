@@ -313,11 +313,7 @@ async fn command(io: &mut BufReader<TcpStream>, line: &str) -> std::io::Result<(
 }
 
 async fn worker(
-    load: Load,
-    ledger: Arc<Ledger>,
-    stop: Arc<AtomicBool>,
-    next: Arc<AtomicU64>,
-    t0: Instant,
+    load: Load, ledger: Arc<Ledger>, stop: Arc<AtomicBool>, next: Arc<AtomicU64>, t0: Instant,
 ) {
     let mut pending: Option<u64> = None;
     'conn: loop {

@@ -47,8 +47,7 @@ pub fn angle(arg: &str) -> String {
 /// for each line (a test failure otherwise). Its lines without line ends, and whether
 /// the connection is still open (false when it closed or broke before the last line).
 pub async fn read_reply_lines<R: AsyncBufRead + Unpin>(
-    io: &mut R,
-    patience: std::time::Duration,
+    io: &mut R, patience: std::time::Duration,
 ) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     loop {
@@ -72,9 +71,7 @@ pub async fn read_reply_lines<R: AsyncBufRead + Unpin>(
 /// The reply to `RSET` (which forgets the envelope, `mail` and `rcpts`) or `NOOP`, given
 /// the command line in upper case; `None` for any other command.
 pub fn reset_or_noop(
-    upper: &str,
-    mail: &mut Option<String>,
-    rcpts: &mut Vec<String>,
+    upper: &str, mail: &mut Option<String>, rcpts: &mut Vec<String>,
 ) -> Option<&'static str> {
     match upper {
         "RSET" => {

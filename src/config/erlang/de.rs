@@ -226,8 +226,7 @@ impl<'de> SeqAccess<'de> for SeqDe<'_> {
     type Error = DeError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
-        &mut self,
-        seed: T,
+        &mut self, seed: T,
     ) -> Result<Option<T::Value>, DeError> {
         match self.0.next() {
             Some(t) => seed.deserialize(TermDe(t)).map(Some),
@@ -252,8 +251,7 @@ impl<'de> MapAccess<'de> for MapDe<'_> {
     type Error = DeError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
-        &mut self,
-        seed: K,
+        &mut self, seed: K,
     ) -> Result<Option<K::Value>, DeError> {
         let Some(item) = self.items.next() else {
             return Ok(None);

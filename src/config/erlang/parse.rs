@@ -220,11 +220,7 @@ impl<'s> Parser<'s> {
 
     /// The elements of a tuple or list after its opening token at `open`.
     fn elements(
-        &mut self,
-        close: Symbol,
-        what: &str,
-        open: Pos,
-        depth: usize,
+        &mut self, close: Symbol, what: &str, open: Pos, depth: usize,
     ) -> Result<Vec<Term>, TermError> {
         let mut items = Vec::new();
         let opener = if close == Symbol::CloseBrace {
@@ -328,10 +324,7 @@ fn string_value(token: erl_tokenize::Token, src: &str) -> String {
 }
 
 fn number(
-    token: erl_tokenize::Token,
-    src: &str,
-    pos: Pos,
-    text: &str,
+    token: erl_tokenize::Token, src: &str, pos: Pos, text: &str,
 ) -> Result<TermKind, TermError> {
     match token.value(src) {
         TokenValue::Integer(Some(i)) => Ok(TermKind::Int(i128::from(i))),

@@ -203,9 +203,7 @@ pub(super) type Committed = (Vec<StoreResult<Accepted>>, Vec<StoreResult<()>>);
 /// transaction it commits on its own. An `Err` means the statement failed as a whole
 /// and nothing of it was done.
 pub(super) async fn commit_all(
-    conn: &mut PgConnection,
-    messages: &[IncomingMessage],
-    lease: Option<&AcceptLease>,
+    conn: &mut PgConnection, messages: &[IncomingMessage], lease: Option<&AcceptLease>,
     records: &[(String, String, AttemptRecord)],
 ) -> StoreResult<Committed> {
     if messages.is_empty() && records.is_empty() {

@@ -14,9 +14,7 @@ use crate::store::{
 
 /// Store one accepted message inside the batch transaction.
 pub(super) async fn accept_one(
-    conn: &mut PgConnection,
-    m: &IncomingMessage,
-    lease: Option<&AcceptLease>,
+    conn: &mut PgConnection, m: &IncomingMessage, lease: Option<&AcceptLease>,
 ) -> StoreResult<Accepted> {
     let stored = stored(m)?;
     let (received, mailbox) = (stored.received, stored.mailbox);
@@ -142,10 +140,7 @@ pub(super) async fn accept_one(
 /// the message is gone, and nothing was changed; the outer: the database failed, or a
 /// notification could not be queued (the caller must roll back).
 pub(super) async fn record_one(
-    conn: &mut PgConnection,
-    id: &str,
-    node: &str,
-    outcome: &AttemptRecord,
+    conn: &mut PgConnection, id: &str, node: &str, outcome: &AttemptRecord,
 ) -> StoreResult<StoreResult<()>> {
     // FOR UPDATE: no other node can claim the row between this check and our commit.
     let owner: Option<Option<String>> =

@@ -86,9 +86,7 @@ impl PostgresStore {
     /// trips per message, so the batch is first tried without them; only when that
     /// fails is it run again with each message in a savepoint of its own.
     async fn accept_isolated(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
+        &self, messages: &[IncomingMessage], lease: Option<&AcceptLease>,
     ) -> StoreResult<Vec<StoreResult<Accepted>>> {
         match self.accept_leased(messages, lease).await {
             Ok(all) => return Ok(all.into_iter().map(Ok).collect()),
@@ -126,9 +124,7 @@ impl PostgresStore {
     /// (messages of their own to queue) join it in one transaction, one by one. `Err`:
     /// nothing was committed.
     async fn commit_fast(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
+        &self, messages: &[IncomingMessage], lease: Option<&AcceptLease>,
         records: &[(String, String, AttemptRecord)],
     ) -> StoreResult<batch::Committed> {
         if batch::plain_records(records) {
@@ -161,9 +157,7 @@ impl PostgresStore {
 
     /// Store `messages` in one transaction, all or nothing, one message at a time.
     async fn accept_leased(
-        &self,
-        messages: &[IncomingMessage],
-        lease: Option<&AcceptLease>,
+        &self, messages: &[IncomingMessage], lease: Option<&AcceptLease>,
     ) -> StoreResult<Vec<Accepted>> {
         if messages.is_empty() {
             return Ok(Vec::new());
@@ -181,8 +175,7 @@ impl PostgresStore {
 
     /// Record each attempt in a transaction of its own.
     async fn record_each(
-        &self,
-        records: Vec<(String, String, AttemptRecord)>,
+        &self, records: Vec<(String, String, AttemptRecord)>,
     ) -> Vec<StoreResult<()>> {
         let mut out = Vec::with_capacity(records.len());
         for (id, node, record) in records {
@@ -209,8 +202,7 @@ impl PostgresStore {
 /// nobody holds (a front node's, without `lease`): a leased row is being tried by its node
 /// already.
 async fn commit_queued<'a>(
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    queued: impl Iterator<Item = &'a str>,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>, queued: impl Iterator<Item = &'a str>,
     lease: Option<&AcceptLease>,
 ) -> StoreResult<()> {
     let queued: Vec<&str> = queued.collect();

@@ -55,11 +55,7 @@ async fn with_rcpts(conn: &mut PgConnection, rows: &[PgRow]) -> StoreResult<Vec<
 #[async_trait::async_trait]
 impl QueueStore for PostgresStore {
     async fn claim_due(
-        &self,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
+        &self, node: &str, now: DateTime<Utc>, lease: Duration, limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -98,11 +94,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn claim(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         // A concurrent claimer of the same row makes this one wait for its commit; the
@@ -131,11 +123,7 @@ impl QueueStore for PostgresStore {
     }
 
     async fn renew_lease(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<bool> {
         let done = self
             .changed(

@@ -18,9 +18,7 @@ use crate::store::{
 type BatchResults = (Vec<StoreResult<Accepted>>, Vec<StoreResult<()>>);
 
 pub(super) fn run_batch(
-    conn: &mut Connection,
-    batch: &WriteBatch,
-    isolate: bool,
+    conn: &mut Connection, batch: &WriteBatch, isolate: bool,
 ) -> StoreResult<BatchResults> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -53,9 +51,7 @@ pub(super) fn run_batch(
 }
 
 fn accept_one(
-    tx: &rusqlite::Connection,
-    m: &IncomingMessage,
-    lease: Option<&AcceptLease>,
+    tx: &rusqlite::Connection, m: &IncomingMessage, lease: Option<&AcceptLease>,
 ) -> StoreResult<Accepted> {
     let stored = stored(m)?;
     let message_ids = m
@@ -76,10 +72,7 @@ fn accept_one(
 
 /// The copy of `m` in the mailbox of local recipient `rcpt`; its message id.
 fn local_copy(
-    tx: &rusqlite::Connection,
-    m: &IncomingMessage,
-    stored: &Stored<'_>,
-    rcpt: &str,
+    tx: &rusqlite::Connection, m: &IncomingMessage, stored: &Stored<'_>, rcpt: &str,
 ) -> StoreResult<i64> {
     let (received, mailbox) = (stored.received, stored.mailbox);
     let (address, _, _) = norm_address(rcpt)?;
@@ -126,9 +119,7 @@ fn local_copy(
 
 /// The queued row of `m` and its recipients, under `lease` if given; its queue id.
 fn queue_row(
-    tx: &rusqlite::Connection,
-    m: &IncomingMessage,
-    stored: &Stored<'_>,
+    tx: &rusqlite::Connection, m: &IncomingMessage, stored: &Stored<'_>,
     lease: Option<&AcceptLease>,
 ) -> StoreResult<String> {
     let received = stored.received;
@@ -195,8 +186,7 @@ fn queue_row(
 /// Record attempts (see `MessageStore::record_attempts`): the outer error aborts the
 /// transaction, the inner results are per attempt.
 fn records(
-    tx: &rusqlite::Transaction<'_>,
-    batch: &[(String, String, AttemptRecord)],
+    tx: &rusqlite::Transaction<'_>, batch: &[(String, String, AttemptRecord)],
 ) -> StoreResult<Vec<StoreResult<()>>> {
     let mut out = Vec::with_capacity(batch.len());
     let mut delete = tx
@@ -241,9 +231,7 @@ fn queue_notifications(tx: &rusqlite::Connection, record: &AttemptRecord) -> Sto
 
 /// Record one attempt whose lock is ours (as `PostgresStore::record_attempt` does).
 fn record_one(
-    tx: &rusqlite::Transaction<'_>,
-    id: &str,
-    outcome: &AttemptRecord,
+    tx: &rusqlite::Transaction<'_>, id: &str, outcome: &AttemptRecord,
 ) -> StoreResult<()> {
     let at = ms(outcome.at);
     let mut update = tx

@@ -13,9 +13,7 @@ use crate::store::{StoreError, StoreResult};
 /// Open the database file at `path` (creating it if missing) with the store's pragmas:
 /// WAL, `synchronous=FULL`, foreign keys on, `busy_timeout`, then the `extra` ones.
 pub(crate) fn open_connection(
-    path: &Path,
-    busy_timeout: Duration,
-    extra: &[(&'static str, String)],
+    path: &Path, busy_timeout: Duration, extra: &[(&'static str, String)],
 ) -> StoreResult<Connection> {
     let conn = Connection::open(path).map_err(sql_err)?;
     conn.busy_timeout(busy_timeout).map_err(sql_err)?;
@@ -78,9 +76,7 @@ pub(super) fn execute(conn: &Connection, sql: &str, params: impl Params) -> Stor
 
 /// Every row of `sql`, each read by `read`.
 pub(super) fn all<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl Params,
+    conn: &Connection, sql: &str, params: impl Params,
     mut read: impl FnMut(&Row<'_>) -> StoreResult<T>,
 ) -> StoreResult<Vec<T>> {
     let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;
@@ -94,9 +90,7 @@ pub(super) fn all<T>(
 
 /// The first row of `sql`, read by `read`, if there is one.
 pub(super) fn one<T>(
-    conn: &Connection,
-    sql: &str,
-    params: impl Params,
+    conn: &Connection, sql: &str, params: impl Params,
     read: impl FnOnce(&Row<'_>) -> StoreResult<T>,
 ) -> StoreResult<Option<T>> {
     let mut stmt = conn.prepare_cached(sql).map_err(sql_err)?;

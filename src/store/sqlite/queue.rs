@@ -52,11 +52,7 @@ impl SqliteStore {
 #[async_trait::async_trait]
 impl QueueStore for SqliteStore {
     async fn claim_due(
-        &self,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limit: usize,
+        &self, node: &str, now: DateTime<Utc>, lease: Duration, limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -102,11 +98,7 @@ impl QueueStore for SqliteStore {
     }
 
     async fn claim(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<Option<QueuedMessage>> {
         let (id, node) = (id.to_string(), node.to_string());
         self.locked(move |conn| {
@@ -130,11 +122,7 @@ impl QueueStore for SqliteStore {
     }
 
     async fn renew_lease(
-        &self,
-        id: &str,
-        node: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
+        &self, id: &str, node: &str, now: DateTime<Utc>, lease: Duration,
     ) -> StoreResult<bool> {
         let (id, node) = (id.to_string(), node.to_string());
         let done = self

@@ -29,9 +29,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// Open `path` on a new thread with the store's pragmas plus `extra` ones.
     pub(crate) fn open(
-        path: &Path,
-        busy_timeout: Duration,
-        extra: &[(&'static str, String)],
+        path: &Path, busy_timeout: Duration, extra: &[(&'static str, String)],
     ) -> StoreResult<Writer> {
         Ok(Writer {
             jobs: std::sync::Mutex::new(start(path, busy_timeout, extra)?),
@@ -121,9 +119,7 @@ impl Writer {
 
 /// Open the connection and start its thread; returns where its jobs go.
 fn start(
-    path: &Path,
-    busy_timeout: Duration,
-    extra: &[(&'static str, String)],
+    path: &Path, busy_timeout: Duration, extra: &[(&'static str, String)],
 ) -> StoreResult<mpsc::Sender<Job>> {
     let mut conn = open_connection(path, busy_timeout, extra)?;
     let (jobs, queue) = mpsc::channel::<Job>();
