@@ -400,6 +400,12 @@ mod tests {
         ClientKey::of(s.parse().unwrap())
     }
 
+    /// A table with these limits, the one client most tests follow (192.0.2.1), and the
+    /// instant the test starts at.
+    fn one_client(limits: Limits) -> (ClientTable, ClientKey, Instant) {
+        (ClientTable::new(limits), key("192.0.2.1"), Instant::now())
+    }
+
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
@@ -435,9 +441,7 @@ mod tests {
 
     #[test]
     fn rate_is_per_minute() {
-        let mut t = ClientTable::new(limits(0, 3, 0));
-        let a = key("192.0.2.1");
-        let t0 = Instant::now();
+        let (mut t, a, t0) = one_client(limits(0, 3, 0));
         for i in 0..3 {
             assert_eq!(t.connect(a, t0 + Duration::from_secs(i)), Ok(()));
             t.disconnect(a);
@@ -468,9 +472,7 @@ mod tests {
 
     #[test]
     fn parallel_guesses_are_counted_before_they_are_checked() {
-        let mut t = ClientTable::new(limits(0, 0, 5));
-        let a = key("192.0.2.1");
-        let now = Instant::now();
+        let (mut t, a, now) = one_client(limits(0, 0, 5));
         // Forty attempts start at once: five may check a password, the rest are refused.
         let allowed = (0..40).filter(|_| t.auth_begin(a, now)).count();
         assert_eq!(allowed, 5);
@@ -487,9 +489,7 @@ mod tests {
 
     #[test]
     fn successes_do_not_count_as_failures() {
-        let mut t = ClientTable::new(limits(0, 0, 2));
-        let a = key("192.0.2.1");
-        let now = Instant::now();
+        let (mut t, a, now) = one_client(limits(0, 0, 2));
         for _ in 0..10 {
             assert!(t.auth_begin(a, now));
             t.auth_end(a, true, now);
@@ -499,9 +499,7 @@ mod tests {
 
     #[test]
     fn refusals_are_logged_once_a_minute() {
-        let mut t = ClientTable::new(limits(1, 0, 0));
-        let a = key("192.0.2.1");
-        let t0 = Instant::now();
+        let (mut t, a, t0) = one_client(limits(1, 0, 0));
         assert!(t.should_log(a, "client_limit", t0));
         assert!(!t.should_log(a, "client_limit", t0 + Duration::from_secs(59)));
         assert!(t.should_log(a, "client_rate", t0 + Duration::from_secs(59)));

@@ -171,95 +171,60 @@ pub(crate) trait Scalar: Sized {
     }
 }
 
-impl Scalar for String {
-    const EXPECTING: &'static str = "a string";
-    fn from_text(s: &str) -> Result<Self, String> {
-        Ok(s.to_string())
-    }
-}
-
-impl Scalar for PathBuf {
-    const EXPECTING: &'static str = "a path";
-    fn from_text(s: &str) -> Result<Self, String> {
-        Ok(PathBuf::from(s))
-    }
-}
-
-impl Scalar for IpAddr {
-    const EXPECTING: &'static str = "an IP address";
-    fn from_text(s: &str) -> Result<Self, String> {
-        s.trim()
-            .parse()
-            .map_err(|_| format!("bad IP address `{s}`"))
-    }
-}
-
-impl Scalar for LogFormat {
-    const EXPECTING: &'static str = "text or json";
-    fn from_text(s: &str) -> Result<Self, String> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("bad log_format `{s}`: expected text or json")),
-        }
-    }
+/// Each value's [`Scalar`] impl: what it looks like, how it reads from text and, for
+/// the durations, how a bare integer reads.
+macro_rules! scalars {
+    ($($ty:ty: $expecting:expr, |$s:ident| $text:expr $(, |$n:ident| $int:expr)?;)*) => {
+        $(
+            impl Scalar for $ty {
+                const EXPECTING: &'static str = $expecting;
+                fn from_text($s: &str) -> Result<Self, String> {
+                    $text
+                }
+                $(
+                    fn from_int($n: i128) -> Result<Self, String> {
+                        $int
+                    }
+                )?
+            }
+        )*
+    };
 }
 
 /// A `host:port` next hop.
 pub(crate) struct HostPort(pub String);
 
-impl Scalar for HostPort {
-    const EXPECTING: &'static str = "host:port";
-    fn from_text(s: &str) -> Result<Self, String> {
-        parse_host_port(s).map(HostPort)
-    }
-}
-
 /// A socket address that must name its port (`admin_listen`).
 pub(crate) struct Listen(pub SocketAddr);
-
-impl Scalar for Listen {
-    const EXPECTING: &'static str = "IP:PORT";
-    fn from_text(s: &str) -> Result<Self, String> {
-        parse_socket_addr(s, None).map(Listen)
-    }
-}
 
 /// A DNS server address; the port defaults to 53.
 pub(crate) struct NameServer(pub SocketAddr);
 
-impl Scalar for NameServer {
-    const EXPECTING: &'static str = "IP or IP:PORT";
-    fn from_text(s: &str) -> Result<Self, String> {
-        parse_socket_addr(s, Some(53)).map(NameServer)
-    }
-}
-
 /// A duration whose bare integers are minutes (ErlMail's retry intervals).
 pub(crate) struct Minutes(pub Duration);
-
-impl Scalar for Minutes {
-    const EXPECTING: &'static str = "minutes or a duration such as \"15m\"";
-    fn from_text(s: &str) -> Result<Self, String> {
-        parse_duration(s).map(Minutes)
-    }
-    fn from_int(n: i128) -> Result<Self, String> {
-        whole_units(n, 60, "minutes").map(Minutes)
-    }
-}
 
 /// A duration whose bare integers are seconds (erlmail's timers, as Postfix operators
 /// expect).
 pub(crate) struct Seconds(pub Duration);
 
-impl Scalar for Seconds {
-    const EXPECTING: &'static str = "seconds or a duration such as \"30s\"";
-    fn from_text(s: &str) -> Result<Self, String> {
-        parse_duration(s).map(Seconds)
-    }
-    fn from_int(n: i128) -> Result<Self, String> {
-        whole_units(n, 1, "seconds").map(Seconds)
-    }
+scalars! {
+    String: "a string", |s| Ok(s.to_string());
+    PathBuf: "a path", |s| Ok(PathBuf::from(s));
+    IpAddr: "an IP address", |s| s.trim().parse().map_err(|_| format!("bad IP address `{s}`"));
+    LogFormat: "text or json", |s| match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("bad log_format `{s}`: expected text or json")),
+    };
+    HostPort: "host:port", |s| parse_host_port(s).map(HostPort);
+    Listen: "IP:PORT", |s| parse_socket_addr(s, None).map(Listen);
+    NameServer: "IP or IP:PORT", |s| parse_socket_addr(s, Some(53)).map(NameServer);
+    Minutes: "minutes or a duration such as \"15m\"",
+        |s| parse_duration(s).map(Minutes),
+        |n| whole_units(n, 60, "minutes").map(Minutes);
+    Seconds: "seconds or a duration such as \"30s\"",
+        |s| parse_duration(s).map(Seconds),
+        |n| whole_units(n, 1, "seconds").map(Seconds);
 }
 
 /// A bare integer duration: `n` units of `unit_secs` seconds each.
@@ -362,22 +327,34 @@ impl<'de, T: Scalar> Deserialize<'de> for Opt<T> {
 /// `{{A,B,C,D},Bits}` and `{{A,B,C,D},{M1,M2,M3,M4}}` (IPv6: eight 16-bit groups).
 pub(crate) struct Net(pub IpNet);
 
+/// A `Deserialize` impl through a one-off visitor: the type, the `deserialize_*` hint it
+/// gives the deserializer, what it expects (for error messages), then the visitor's
+/// `visit_*` methods.
+macro_rules! deserialize_via_visitor {
+    ($ty:ident, $hint:ident, $expecting:expr, $($visits:tt)*) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    $($visits)*
+                }
+                d.$hint(V)
+            }
+        }
+    };
+}
+
 /// An address written as a tuple (or YAML list) of 4 octets or 8 groups.
 struct IpTuple(IpAddr);
 
-impl<'de> Deserialize<'de> for IpTuple {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = IpTuple;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an address tuple {A,B,C,D} or {A,B,C,D,E,F,G,H}")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<IpTuple, A::Error> {
-                ip_from_seq(seq).map(IpTuple)
-            }
-        }
-        d.deserialize_seq(V)
+deserialize_via_visitor! {
+    IpTuple, deserialize_seq, "an address tuple {A,B,C,D} or {A,B,C,D,E,F,G,H}",
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<IpTuple, A::Error> {
+        ip_from_seq(seq).map(IpTuple)
     }
 }
 
@@ -426,74 +403,56 @@ enum MaskSpec {
     Mask(IpAddr),
 }
 
-impl<'de> Deserialize<'de> for MaskSpec {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MaskSpec;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("prefix bits or a netmask tuple")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaskSpec, E> {
-                u32::try_from(v)
-                    .map(MaskSpec::Bits)
-                    .map_err(|_| E::custom(format!("bad CIDR: prefix length {v} is too large")))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaskSpec, E> {
-                u64::try_from(v)
-                    .map_err(|_| E::custom(format!("bad CIDR: negative prefix length {v}")))
-                    .and_then(|v| self.visit_u64(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MaskSpec, A::Error> {
-                let mask = ip_from_seq(seq)?;
-                // Checked here so the error points at the mask tuple itself.
-                mask_to_bits(mask).map_err(de::Error::custom)?;
-                Ok(MaskSpec::Mask(mask))
-            }
-        }
-        d.deserialize_any(V)
+deserialize_via_visitor! {
+    MaskSpec, deserialize_any, "prefix bits or a netmask tuple",
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaskSpec, E> {
+        u32::try_from(v)
+            .map(MaskSpec::Bits)
+            .map_err(|_| E::custom(format!("bad CIDR: prefix length {v} is too large")))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaskSpec, E> {
+        u64::try_from(v)
+            .map_err(|_| E::custom(format!("bad CIDR: negative prefix length {v}")))
+            .and_then(|v| self.visit_u64(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MaskSpec, A::Error> {
+        let mask = ip_from_seq(seq)?;
+        // Checked here so the error points at the mask tuple itself.
+        mask_to_bits(mask).map_err(de::Error::custom)?;
+        Ok(MaskSpec::Mask(mask))
     }
 }
 
-impl<'de> Deserialize<'de> for Net {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Net;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a CIDR such as \"10.0.0.0/8\" or an ErlMail tuple {{10,0,0,0},8}")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Net, E> {
-                parse_net(v).map(Net).map_err(E::custom)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Net, A::Error> {
-                let missing = || {
-                    de::Error::custom(
-                        "bad relay client: expected {{A,B,C,D},Bits} or {{A,B,C,D},{M1,M2,M3,M4}}",
-                    )
-                };
-                let IpTuple(addr) = seq.next_element()?.ok_or_else(missing)?;
-                let mask: MaskSpec = seq.next_element()?.ok_or_else(missing)?;
-                if seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    return Err(missing());
-                }
-                let bits = match mask {
-                    MaskSpec::Bits(b) => b,
-                    MaskSpec::Mask(m) => {
-                        if m.is_ipv4() != addr.is_ipv4() {
-                            return Err(de::Error::custom(format!(
-                                "bad relay client: netmask {m} does not match address {addr}"
-                            )));
-                        }
-                        mask_to_bits(m).map_err(de::Error::custom)?
-                    }
-                };
-                net_from_bits(addr, bits)
-                    .map(Net)
-                    .map_err(de::Error::custom)
-            }
+deserialize_via_visitor! {
+    Net, deserialize_any, "a CIDR such as \"10.0.0.0/8\" or an ErlMail tuple {{10,0,0,0},8}",
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Net, E> {
+        parse_net(v).map(Net).map_err(E::custom)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Net, A::Error> {
+        let missing = || {
+            de::Error::custom(
+                "bad relay client: expected {{A,B,C,D},Bits} or {{A,B,C,D},{M1,M2,M3,M4}}",
+            )
+        };
+        let IpTuple(addr) = seq.next_element()?.ok_or_else(missing)?;
+        let mask: MaskSpec = seq.next_element()?.ok_or_else(missing)?;
+        if seq.next_element::<de::IgnoredAny>()?.is_some() {
+            return Err(missing());
         }
-        d.deserialize_any(V)
+        let bits = match mask {
+            MaskSpec::Bits(b) => b,
+            MaskSpec::Mask(m) => {
+                if m.is_ipv4() != addr.is_ipv4() {
+                    return Err(de::Error::custom(format!(
+                        "bad relay client: netmask {m} does not match address {addr}"
+                    )));
+                }
+                mask_to_bits(m).map_err(de::Error::custom)?
+            }
+        };
+        net_from_bits(addr, bits)
+            .map(Net)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -651,77 +610,59 @@ impl DkimKey {
 /// `{"host", Port}`, as `host:port` (`[v6]:port`).
 pub(crate) struct SmartHost(pub String);
 
-impl<'de> Deserialize<'de> for SmartHost {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = SmartHost;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("{{A,B,C,D}, Port} or {\"host\", Port}")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHost, A::Error> {
-                let host: SmartHostName = seq
-                    .next_element()?
-                    .ok_or_else(|| de::Error::custom("smarthost needs a host"))?;
-                let port: u16 = seq
-                    .next_element()?
-                    .ok_or_else(|| de::Error::custom("smarthost needs a port"))?;
-                if seq.next_element::<de::IgnoredAny>()?.is_some() {
-                    return Err(de::Error::custom("smarthost is {Host, Port}"));
-                }
-                Ok(SmartHost(match host.0 {
-                    IpAddr::V6(v6) if host.1.is_none() => format!("[{v6}]:{port}"),
-                    ip if host.1.is_none() => format!("{ip}:{port}"),
-                    _ => format!("{}:{port}", host.1.unwrap_or_default()),
-                }))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHost, E> {
-                HostPort::from_text(s)
-                    .map(|h| SmartHost(h.0))
-                    .map_err(E::custom)
-            }
+deserialize_via_visitor! {
+    SmartHost, deserialize_any, "{{A,B,C,D}, Port} or {\"host\", Port}",
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHost, A::Error> {
+        let host: SmartHostName = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::custom("smarthost needs a host"))?;
+        let port: u16 = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::custom("smarthost needs a port"))?;
+        if seq.next_element::<de::IgnoredAny>()?.is_some() {
+            return Err(de::Error::custom("smarthost is {Host, Port}"));
         }
-        d.deserialize_any(V)
+        Ok(SmartHost(match host.0 {
+            IpAddr::V6(v6) if host.1.is_none() => format!("[{v6}]:{port}"),
+            ip if host.1.is_none() => format!("{ip}:{port}"),
+            _ => format!("{}:{port}", host.1.unwrap_or_default()),
+        }))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHost, E> {
+        HostPort::from_text(s)
+            .map(|h| SmartHost(h.0))
+            .map_err(E::custom)
     }
 }
 
 /// The host of a `smarthost`: an address tuple, or a name (kept as text).
 struct SmartHostName(IpAddr, Option<String>);
 
-impl<'de> Deserialize<'de> for SmartHostName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = SmartHostName;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an address tuple {A,B,C,D} or a host name")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHostName, E> {
-                if s.is_empty() {
-                    return Err(E::custom("empty smarthost"));
-                }
-                Ok(SmartHostName(
-                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    Some(s.to_string()),
-                ))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHostName, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(n) = seq.next_element::<u16>()? {
-                    parts.push(n);
-                }
-                let ip = match parts.as_slice() {
-                    [a, b, c, d] if parts.iter().all(|p| *p < 256) => {
-                        IpAddr::V4(Ipv4Addr::new(*a as u8, *b as u8, *c as u8, *d as u8))
-                    }
-                    [a, b, c, d, e, f, g, h] => {
-                        IpAddr::V6(Ipv6Addr::new(*a, *b, *c, *d, *e, *f, *g, *h))
-                    }
-                    _ => return Err(de::Error::custom("an address is {A,B,C,D} (or 8 numbers)")),
-                };
-                Ok(SmartHostName(ip, None))
-            }
+deserialize_via_visitor! {
+    SmartHostName, deserialize_any, "an address tuple {A,B,C,D} or a host name",
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<SmartHostName, E> {
+        if s.is_empty() {
+            return Err(E::custom("empty smarthost"));
         }
-        d.deserialize_any(V)
+        Ok(SmartHostName(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Some(s.to_string()),
+        ))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SmartHostName, A::Error> {
+        let mut parts = Vec::new();
+        while let Some(n) = seq.next_element::<u16>()? {
+            parts.push(n);
+        }
+        let ip = match parts.as_slice() {
+            [a, b, c, d] if parts.iter().all(|p| *p < 256) => {
+                IpAddr::V4(Ipv4Addr::new(*a as u8, *b as u8, *c as u8, *d as u8))
+            }
+            [a, b, c, d, e, f, g, h] => {
+                IpAddr::V6(Ipv6Addr::new(*a, *b, *c, *d, *e, *f, *g, *h))
+            }
+            _ => return Err(de::Error::custom("an address is {A,B,C,D} (or 8 numbers)")),
+        };
+        Ok(SmartHostName(ip, None))
     }
 }

@@ -103,6 +103,18 @@ fn char_list(items: &[Term]) -> Option<String> {
         .collect()
 }
 
+/// The integer `deserialize_*` methods: every width is read by [`TermDe::int`], which
+/// range-checks against the visitor.
+macro_rules! deserialize_ints {
+    ($($method:ident)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
+                self.int(v)
+            }
+        )*
+    };
+}
+
 impl<'de> Deserializer<'de> for TermDe<'_> {
     type Error = DeError;
 
@@ -170,16 +182,8 @@ impl<'de> Deserializer<'de> for TermDe<'_> {
 
     fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
         match &self.0.kind {
-            TermKind::List(items) => v.visit_map(MapDe {
-                items: items.iter(),
-                value: None,
-                key: None,
-            }),
-            TermKind::Str(s) if s.is_empty() => v.visit_map(MapDe {
-                items: [].iter(),
-                value: None,
-                key: None,
-            }),
+            TermKind::List(items) => v.visit_map(MapDe::new(items.iter())),
+            TermKind::Str(s) if s.is_empty() => v.visit_map(MapDe::new([].iter())),
             _ => Err(self.invalid(&v)),
         }
         .map_err(|e| e.at(self.0.pos))
@@ -189,29 +193,9 @@ impl<'de> Deserializer<'de> for TermDe<'_> {
         v.visit_unit()
     }
 
-    fn deserialize_u8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_u16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_u32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_u64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_i8<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_i16<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_i32<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
-    }
-    fn deserialize_i64<V: Visitor<'de>>(self, v: V) -> Result<V::Value, DeError> {
-        self.int(v)
+    deserialize_ints! {
+        deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
+        deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64
     }
 
     serde::forward_to_deserialize_any! {
@@ -245,6 +229,16 @@ struct MapDe<'t> {
     value: Option<&'t Term>,
     /// The current key, when it is a name, to prefix value errors with.
     key: Option<String>,
+}
+
+impl<'t> MapDe<'t> {
+    fn new(items: std::slice::Iter<'t, Term>) -> Self {
+        MapDe {
+            items,
+            value: None,
+            key: None,
+        }
+    }
 }
 
 impl<'de> MapAccess<'de> for MapDe<'_> {
