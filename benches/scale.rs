@@ -98,22 +98,16 @@ fn message(i: usize) -> IncomingMessage {
     );
     IncomingMessage {
         sender: "a@x.test".into(),
-        local_rcpts: Vec::new(),
         remote_rcpts: vec![OutgoingRcpt {
             address: "b@remote.test".into(),
-            orcpt: None,
-            notify: None,
+            ..Default::default()
         }],
-        mailbox: None,
-        flags: Vec::new(),
-        ret: None,
-        envid: None,
-        smtputf8: false,
         client_ip: "127.0.0.1".into(),
         helo: "client.x.test".into(),
         received_at: Utc::now(),
         subject: Some(format!("scale {i}")),
         body: body.into_bytes(),
+        ..Default::default()
     }
 }
 

@@ -162,25 +162,18 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
     let mut heard = b.queue_listener().await.unwrap();
     let msg = |rcpt: Option<&str>| erlmail::store::IncomingMessage {
         sender: "s@x.test".into(),
-        local_rcpts: vec![],
         remote_rcpts: rcpt
             .map(|r| erlmail::store::OutgoingRcpt {
                 address: r.into(),
-                orcpt: None,
-                notify: None,
+                ..Default::default()
             })
             .into_iter()
             .collect(),
-        mailbox: None,
-        flags: Vec::new(),
-        ret: None,
-        envid: None,
-        smtputf8: false,
         client_ip: "127.0.0.1".into(),
         helo: "h".into(),
         received_at: chrono::Utc::now(),
-        subject: None,
         body: b"x".to_vec(),
+        ..Default::default()
     };
     // A failed batch announces nothing: notices are sent on commit only.
     let mut bad = msg(Some("r@far.test"));
