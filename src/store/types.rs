@@ -20,7 +20,7 @@ pub struct Notify {
 }
 
 /// One recipient of a message bound for the outgoing queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutgoingRcpt {
     /// Forward-path address, `local@domain`.
     pub address: String,
@@ -33,10 +33,7 @@ pub struct OutgoingRcpt {
 /// A message the SMTP server has accepted, to be committed in one transaction: delivered
 /// into a mailbox (the INBOX unless `mailbox` says otherwise) of each local recipient and
 /// queued once for all remote recipients.
-///
-/// `Default` is an empty message from the null sender received at the Unix epoch, to be
-/// completed with struct update syntax (`..Default::default()`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingMessage {
     /// Reverse-path (`""` for the null sender `<>`).
     pub sender: String,
