@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 
 fn local_daemon(extra: &str) -> Daemon {
-    let d = Daemon::start(extra);
-    d.add_user_with_password("alice@example.test", "pw-alice");
-    d
+    Daemon::start_with_user(extra, "alice@example.test", "pw-alice")
 }
 
 const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\nSubject: Hello Alice\r\nMessage-ID: <m1@remote.test>\r\n\r\nFirst line.\r\n..leading dot line\r\nTrailing line without break";

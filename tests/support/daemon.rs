@@ -455,6 +455,13 @@ impl Daemon {
         assert!(ok.success(), "user add {address}: {err}");
     }
 
+    /// `Daemon::start(yaml)` with the user `address` (password `password`) added.
+    pub fn start_with_user(yaml: &str, address: &str, password: &str) -> Daemon {
+        let d = Daemon::start(yaml);
+        d.add_user_with_password(address, password);
+        d
+    }
+
     /// Whether `erlmail queue list` says the queue is empty.
     pub fn queue_is_empty(&self) -> bool {
         self.queue_list().contains("Mail queue is empty")
