@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::Utc;
-use erlmail::store::{self, IncomingMessage, OutgoingRcpt, SharedStore};
+use erlmail::store::{self, IncomingMessage, SharedStore};
 use rusqlite::{params, Connection};
+
+#[path = "../tests/support/messages.rs"]
+mod messages;
 
 /// Node name stamped by the claims (any string; the daemon uses `node:pid`).
 const NODE: &str = "scale-bench:1";
@@ -96,25 +99,13 @@ fn message(i: usize) -> IncomingMessage {
          From: a@x.test\r\nTo: b@remote.test\r\nSubject: scale {i}\r\n\r\n\
          A small body for message {i} of the scale bench.\r\n"
     );
-    IncomingMessage {
-        sender: "a@x.test".into(),
-        local_rcpts: Vec::new(),
-        remote_rcpts: vec![OutgoingRcpt {
-            address: "b@remote.test".into(),
-            orcpt: None,
-            notify: None,
-        }],
-        mailbox: None,
-        flags: Vec::new(),
-        ret: None,
-        envid: None,
-        smtputf8: false,
-        client_ip: "127.0.0.1".into(),
-        helo: "client.x.test".into(),
-        received_at: Utc::now(),
-        subject: Some(format!("scale {i}")),
-        body: body.into_bytes(),
-    }
+    messages::relayed(
+        "a@x.test",
+        &["b@remote.test"],
+        "client.x.test",
+        Some(format!("scale {i}")),
+        body.into_bytes(),
+    )
 }
 
 /// Fill a fresh file with `n` messages and make them all deferred. Returns seconds taken.

@@ -328,6 +328,20 @@ fn refs(query: &str) -> Refs {
         *i += 1;
         v
     };
+    // A bracketed, comma-separated list that starts at `i` and ends with `close`: `item`
+    // reads each element; `i` ends past the closing bracket.
+    let list = |i: &mut usize, close: char, item: &mut dyn FnMut(&mut usize)| {
+        *i += 1;
+        loop {
+            skip_ws(i);
+            match s.get(*i) {
+                Some(',') => *i += 1,
+                Some(&c) if c != close => item(i),
+                _ => break,
+            }
+        }
+        *i += 1;
+    };
     while i < s.len() {
         let c = s[i];
         if c == '"' || c == '\'' {
@@ -342,45 +356,27 @@ fn refs(query: &str) -> Refs {
             skip_ws(&mut i);
             let next = s.get(i).copied();
             if ["by", "without", "on", "ignoring"].contains(&word.as_str()) && next == Some('(') {
-                i += 1;
-                loop {
-                    skip_ws(&mut i);
-                    match s.get(i) {
-                        Some(')') | None => break,
-                        Some(',') => i += 1,
-                        _ => {
-                            out.grouping.insert(ident(&mut i));
-                        }
-                    }
-                }
-                i += 1;
+                list(&mut i, ')', &mut |i| {
+                    out.grouping.insert(ident(i));
+                });
             } else if word.starts_with("erlmail_") {
                 let mut sel = Selector {
                     name: word,
                     matchers: Vec::new(),
                 };
                 if next == Some('{') {
-                    i += 1;
-                    loop {
-                        skip_ws(&mut i);
-                        match s.get(i) {
-                            Some('}') | None => break,
-                            Some(',') => i += 1,
-                            _ => {
-                                let label = ident(&mut i);
-                                skip_ws(&mut i);
-                                let op_start = i;
-                                while i < s.len() && "=!~".contains(s[i]) {
-                                    i += 1;
-                                }
-                                let op: String = s[op_start..i].iter().collect();
-                                skip_ws(&mut i);
-                                let value = string(&mut i);
-                                sel.matchers.push((label, op, value));
-                            }
+                    list(&mut i, '}', &mut |i| {
+                        let label = ident(i);
+                        skip_ws(i);
+                        let op_start = *i;
+                        while *i < s.len() && "=!~".contains(s[*i]) {
+                            *i += 1;
                         }
-                    }
-                    i += 1;
+                        let op: String = s[op_start..*i].iter().collect();
+                        skip_ws(i);
+                        let value = string(i);
+                        sel.matchers.push((label, op, value));
+                    });
                 }
                 out.selectors.push(sel);
             }

@@ -31,9 +31,7 @@ const ALICE: &str = "alice@example.test";
 const PASSWORD: &str = "Right-horse-7-staple";
 
 fn local_daemon(yaml: &str) -> Daemon {
-    let d = Daemon::start(yaml);
-    d.add_user_with_password(ALICE, PASSWORD);
-    d
+    Daemon::start_with_user(yaml, ALICE, PASSWORD)
 }
 
 fn ip(last: u8) -> Ipv4Addr {

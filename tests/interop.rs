@@ -28,9 +28,7 @@ const LOAD_YAML: &str = "server_smtp_max_connection: 100\nserver_smtp_max_sender
 
 /// Start a daemon with `yaml` and create the local domain and user.
 fn local_daemon(yaml: &str) -> Daemon {
-    let d = Daemon::start(yaml);
-    d.add_user_with_password(ALICE, "secret-pw");
-    d
+    Daemon::start_with_user(yaml, ALICE, "secret-pw")
 }
 
 /// Config for a relay client (127.0.0.1) whose smarthost is 127.0.0.1:`port`.

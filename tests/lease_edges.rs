@@ -190,12 +190,11 @@ async fn a_message_that_crashes_every_sender_bounces_after_the_budget() {
     // The mark that kills senders is in the body, and the bounce returns headers only
     // (RET=HDRS), so the bounce itself goes out.
     let mut s = d.connect_ehlo("client.test");
-    s.begin_data(
+    let r = s.transaction(
         "MAIL FROM:<owner@client.test> RET=HDRS",
         &["RCPT TO:<victim@remote.test>"],
+        b"Subject: deadly\r\n\r\nX-Crash: always\r\n",
     );
-    s.send_raw(b"Subject: deadly\r\n\r\nX-Crash: always\r\n");
-    let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");
     // The notification goes back to the envelope sender (through the same next hop).
     assert!(

@@ -33,13 +33,6 @@ fn relay(routes: &[(&str, &Sink)], reports: &Sink) -> Daemon {
     ))
 }
 
-/// One transaction with the given MAIL and RCPT lines; the reply to the final dot.
-fn send(s: &mut Smtp, mail: &str, rcpts: &[&str], text: &[u8]) -> String {
-    s.begin_data(mail, rcpts);
-    s.send_raw(text);
-    s.cmd(".")
-}
-
 fn client(d: &Daemon) -> Smtp {
     d.connect_ehlo("client.test")
 }
@@ -94,8 +87,7 @@ async fn dsn_parameters_go_to_a_hop_offering_dsn_and_others_get_relayed_reports(
     );
     let mut s = client(&d);
     let mail = "MAIL FROM:<s@origin.test> RET=HDRS ENVID=env+2B1";
-    let r = send(
-        &mut s,
+    let r = s.transaction(
         mail,
         &["RCPT TO:<x@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x+40orig.test"],
         TEXT,
@@ -116,8 +108,7 @@ async fn dsn_parameters_go_to_a_hop_offering_dsn_and_others_get_relayed_reports(
 
     // A hop without DSN: no DSN parameter goes there, and NOTIFY=SUCCESS gets a
     // `relayed` report from us, ORCPT kept; NOTIFY=NEVER gets nothing.
-    let r = send(
-        &mut s,
+    let r = s.transaction(
         mail,
         &[
             "RCPT TO:<y@plain.test> NOTIFY=SUCCESS ORCPT=rfc822;first+40orig.test",
@@ -185,7 +176,7 @@ async fn smtputf8_is_declared_passed_on_and_required_of_the_next_hop() {
 
     // Declared: it reaches a hop that offers SMTPUTF8, parameter and all.
     let mail = "MAIL FROM:<s@origin.test> SMTPUTF8";
-    let r = send(&mut s, mail, &["RCPT TO:<j\u{fc}rgen@utf8.test>"], TEXT);
+    let r = s.transaction(mail, &["RCPT TO:<j\u{fc}rgen@utf8.test>"], TEXT);
     assert!(r.starts_with("250"), "{r}");
     wait(&utf8, 1, &d).await;
     let lines = envelope_lines(&utf8);
@@ -194,17 +185,16 @@ async fn smtputf8_is_declared_passed_on_and_required_of_the_next_hop() {
 
     // A hop without it: a UTF-8 recipient, or a UTF-8 header, fails 5.6.7 without a
     // transaction there; declared but all ASCII goes through without the parameter.
-    let r = send(&mut s, mail, &["RCPT TO:<j\u{fc}rgen@plain.test>"], TEXT);
+    let r = s.transaction(mail, &["RCPT TO:<j\u{fc}rgen@plain.test>"], TEXT);
     assert!(r.starts_with("250"), "{r}");
     let utf8_subject = "From: s@origin.test\r\nSubject: Gr\u{fc}\u{df}e\r\n\r\nhello\r\n";
-    let r = send(
-        &mut s,
+    let r = s.transaction(
         mail,
         &["RCPT TO:<header@plain.test>"],
         utf8_subject.as_bytes(),
     );
     assert!(r.starts_with("250"), "{r}");
-    let r = send(&mut s, mail, &["RCPT TO:<ascii@plain.test>"], TEXT);
+    let r = s.transaction(mail, &["RCPT TO:<ascii@plain.test>"], TEXT);
     assert!(r.starts_with("250"), "{r}");
     wait(&plain, 1, &d).await;
     wait(&reports, 2, &d).await;
@@ -257,14 +247,14 @@ async fn eight_bit_text_is_converted_for_a_hop_without_8bitmime() {
                 Content-Transfer-Encoding: 8bit\r\n\r\nGr\u{fc}\u{df}e, J\u{fc}rgen\r\n";
     let mail = "MAIL FROM:<s@origin.test> BODY=8BITMIME";
     for to in ["RCPT TO:<a@seven.test>", "RCPT TO:<a@eight.test>"] {
-        let r = send(&mut s, mail, &[to], text.as_bytes());
+        let r = s.transaction(mail, &[to], text.as_bytes());
         assert!(r.starts_with("250"), "{r}");
     }
     // 8-bit octets in a part that says it is base64: no 7-bit form exists.
     let broken = "From: s@origin.test\r\nSubject: broken\r\nMIME-Version: 1.0\r\n\
                   Content-Type: text/plain; charset=utf-8\r\n\
                   Content-Transfer-Encoding: base64\r\n\r\nGr\u{fc}\u{df}e\r\n";
-    let r = send(&mut s, mail, &["RCPT TO:<b@seven.test>"], broken.as_bytes());
+    let r = s.transaction(mail, &["RCPT TO:<b@seven.test>"], broken.as_bytes());
     assert!(r.starts_with("250"), "{r}");
     wait(&seven, 1, &d).await;
     wait(&eight, 1, &d).await;
@@ -324,12 +314,7 @@ async fn the_ehlo_name_can_differ_from_the_name_a_loop_is_judged_by() {
         sink.port()
     ));
     let mut s = client(&d);
-    let r = send(
-        &mut s,
-        "MAIL FROM:<s@origin.test>",
-        &["RCPT TO:<b@far.test>"],
-        TEXT,
-    );
+    let r = s.transaction("MAIL FROM:<s@origin.test>", &["RCPT TO:<b@far.test>"], TEXT);
     assert!(r.starts_with("250"), "{r}");
     wait(&sink, 1, &d).await;
     assert_eq!(sink.messages()[0].helo, "localhost");

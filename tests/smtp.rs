@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use daemon::Daemon;
 
 fn local_daemon(extra: &str) -> Daemon {
-    let d = Daemon::start(extra);
-    d.add_user_with_password("alice@example.test", "pw-alice");
-    d
+    Daemon::start_with_user(extra, "alice@example.test", "pw-alice")
 }
 
 const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\nSubject: Hello Alice\r\nMessage-ID: <m1@remote.test>\r\n\r\nFirst line.\r\n..leading dot line\r\nTrailing line without break";
@@ -23,9 +21,11 @@ const MESSAGE: &str = "From: Bob <bob@remote.test>\r\nTo: alice@example.test\r\n
 /// lines `rcpts`, accepted with `250 2.0.0`.
 fn send_message(d: &Daemon, rcpts: &[&str]) {
     let mut s = d.connect_ehlo("client.remote.test");
-    s.begin_data("MAIL FROM:<bob@remote.test>", rcpts);
-    s.send_raw(format!("{MESSAGE}\r\n").as_bytes());
-    let r = s.cmd(".");
+    let r = s.transaction(
+        "MAIL FROM:<bob@remote.test>",
+        rcpts,
+        format!("{MESSAGE}\r\n").as_bytes(),
+    );
     assert!(r.starts_with("250 2.0.0"), "{r}");
     let _ = s.cmd("QUIT");
 }
@@ -94,15 +94,14 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
          server_smtp_retry_interval: [\"1h\"]\n",
     );
     let mut s = d.connect_ehlo("relay-client.test");
-    s.begin_data(
+    let r = s.transaction(
         "MAIL FROM:<sender@relay-client.test> RET=HDRS ENVID=QQ314159",
         &[
             "RCPT TO:<far@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;far@remote.example",
             "RCPT TO:<alice@example.test>",
         ],
+        b"Subject: both ways\r\n\r\nbody\r\n",
     );
-    s.send_raw(b"Subject: both ways\r\n\r\nbody\r\n");
-    let r = s.cmd(".");
     assert!(r.starts_with("250"), "{r}");
     let queue_id = r.rsplit(' ').next().unwrap().to_string();
     let _ = s.cmd("QUIT");
@@ -202,15 +201,14 @@ fn a_failing_store_gets_451_and_nothing_is_half_stored() {
     .unwrap();
     drop(conn);
     let mut s = d.connect_ehlo("c.test");
-    s.begin_data(
+    let r = s.transaction(
         "MAIL FROM:<x@c.test>",
         &[
             "RCPT TO:<alice@example.test>",
             "RCPT TO:<far@remote.example>",
         ],
+        b"Subject: doomed\r\n\r\nbody\r\n",
     );
-    s.send_raw(b"Subject: doomed\r\n\r\nbody\r\n");
-    let r = s.cmd(".");
     assert_eq!(r, "451 4.3.0 Error: queue file write error");
     // The session goes on: the client may retry later.
     assert!(s.cmd("NOOP").starts_with("250"));

@@ -7,6 +7,8 @@
 //! database `erlmail_test_<random>` and drops it at the end (also when it panics), so the
 //! tests run in parallel and repeatedly.
 
+#[path = "support/messages.rs"]
+mod messages;
 #[path = "support/pg.rs"]
 mod pg;
 
@@ -160,27 +162,8 @@ async fn accepted_and_flushed_messages_are_announced_to_every_node() {
     let a = PostgresStore::open(&db.url).await.unwrap();
     let b = PostgresStore::open(&db.url).await.unwrap();
     let mut heard = b.queue_listener().await.unwrap();
-    let msg = |rcpt: Option<&str>| erlmail::store::IncomingMessage {
-        sender: "s@x.test".into(),
-        local_rcpts: vec![],
-        remote_rcpts: rcpt
-            .map(|r| erlmail::store::OutgoingRcpt {
-                address: r.into(),
-                orcpt: None,
-                notify: None,
-            })
-            .into_iter()
-            .collect(),
-        mailbox: None,
-        flags: Vec::new(),
-        ret: None,
-        envid: None,
-        smtputf8: false,
-        client_ip: "127.0.0.1".into(),
-        helo: "h".into(),
-        received_at: chrono::Utc::now(),
-        subject: None,
-        body: b"x".to_vec(),
+    let msg = |rcpt: Option<&str>| {
+        messages::relayed("s@x.test", rcpt.as_slice(), "h", None, b"x".to_vec())
     };
     // A failed batch announces nothing: notices are sent on commit only.
     let mut bad = msg(Some("r@far.test"));

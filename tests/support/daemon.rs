@@ -414,8 +414,14 @@ impl Smtp {
     pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> String {
         let rcpts: Vec<String> = to.iter().map(|t| format!("RCPT TO:<{t}>")).collect();
         let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-        self.begin_data(&format!("MAIL FROM:<{from}>"), &rcpts);
-        self.send_raw(body.as_bytes());
+        self.transaction(&format!("MAIL FROM:<{from}>"), &rcpts, body.as_bytes())
+    }
+
+    /// A whole transaction with the given `MAIL` and `RCPT` lines (see `begin_data`) and
+    /// message text (CRLF-terminated); returns the reply to the final dot.
+    pub fn transaction(&mut self, mail: &str, rcpts: &[&str], text: &[u8]) -> String {
+        self.begin_data(mail, rcpts);
+        self.send_raw(text);
         self.cmd(".")
     }
 }
@@ -447,6 +453,13 @@ impl Daemon {
         assert!(ok.success(), "domain add {domain}: {err}");
         let (ok, _, err) = self.admin(&["user", "add", address], Some(&format!("{password}\n")));
         assert!(ok.success(), "user add {address}: {err}");
+    }
+
+    /// `Daemon::start(yaml)` with the user `address` (password `password`) added.
+    pub fn start_with_user(yaml: &str, address: &str, password: &str) -> Daemon {
+        let d = Daemon::start(yaml);
+        d.add_user_with_password(address, password);
+        d
     }
 
     /// Whether `erlmail queue list` says the queue is empty.

@@ -58,14 +58,25 @@ impl Zone {
         Self::default()
     }
 
-    /// Adds `MX preference exchange` to `domain` (records keep the order added).
-    pub fn mx(mut self, domain: &str, preference: u16, exchange: &str) -> Self {
-        self.exists.insert(key(domain));
-        self.mx
-            .entry(key(domain))
-            .or_default()
-            .push((preference, key(exchange)));
+    /// Makes `name` exist and adds `record` to its list in `table` (in the order added).
+    fn add<T>(
+        mut self, name: &str, table: impl FnOnce(&mut Self) -> &mut HashMap<String, Vec<T>>,
+        record: T,
+    ) -> Self {
+        self.exists.insert(key(name));
+        table(&mut self).entry(key(name)).or_default().push(record);
         self
+    }
+
+    /// Puts `name` in the set `set`.
+    fn mark(mut self, name: &str, set: impl FnOnce(&mut Self) -> &mut HashSet<String>) -> Self {
+        set(&mut self).insert(key(name));
+        self
+    }
+
+    /// Adds `MX preference exchange` to `domain` (records keep the order added).
+    pub fn mx(self, domain: &str, preference: u16, exchange: &str) -> Self {
+        self.add(domain, |z| &mut z.mx, (preference, key(exchange)))
     }
 
     /// Gives `domain` a null MX (`MX 0 .`, RFC 7505).
@@ -74,53 +85,40 @@ impl Zone {
     }
 
     /// Adds an A record.
-    pub fn a(mut self, name: &str, ip: Ipv4Addr) -> Self {
-        self.exists.insert(key(name));
-        self.a.entry(key(name)).or_default().push(ip);
-        self
+    pub fn a(self, name: &str, ip: Ipv4Addr) -> Self {
+        self.add(name, |z| &mut z.a, ip)
     }
 
     /// Adds an AAAA record.
-    pub fn aaaa(mut self, name: &str, ip: Ipv6Addr) -> Self {
-        self.exists.insert(key(name));
-        self.aaaa.entry(key(name)).or_default().push(ip);
-        self
+    pub fn aaaa(self, name: &str, ip: Ipv6Addr) -> Self {
+        self.add(name, |z| &mut z.aaaa, ip)
     }
 
     /// Makes `name` exist with no records at all (every query gets NODATA).
-    pub fn empty(mut self, name: &str) -> Self {
-        self.exists.insert(key(name));
-        self
+    pub fn empty(self, name: &str) -> Self {
+        self.mark(name, |z| &mut z.exists)
     }
 
     /// Answers NXDOMAIN for `name` (also the default for unknown names; this makes the
     /// intent explicit and overrides records).
-    pub fn nxdomain(mut self, name: &str) -> Self {
-        self.nxdomain.insert(key(name));
-        self
+    pub fn nxdomain(self, name: &str) -> Self {
+        self.mark(name, |z| &mut z.nxdomain)
     }
 
     /// Adds a TXT record to `name`; text longer than 255 octets is split into strings
     /// of 255, as a zone file would hold it.
-    pub fn txt(mut self, name: &str, text: &str) -> Self {
-        self.exists.insert(key(name));
-        self.txt
-            .entry(key(name))
-            .or_default()
-            .push(text.to_string());
-        self
+    pub fn txt(self, name: &str, text: &str) -> Self {
+        self.add(name, |z| &mut z.txt, text.to_string())
     }
 
     /// Never answers questions about `name`: the resolver times out.
-    pub fn silent(mut self, name: &str) -> Self {
-        self.silent.insert(key(name));
-        self
+    pub fn silent(self, name: &str) -> Self {
+        self.mark(name, |z| &mut z.silent)
     }
 
     /// Answers SERVFAIL for `name` (a temporary DNS failure).
-    pub fn servfail(mut self, name: &str) -> Self {
-        self.servfail.insert(key(name));
-        self
+    pub fn servfail(self, name: &str) -> Self {
+        self.mark(name, |z| &mut z.servfail)
     }
 
     /// The response code and answer records for one question.
