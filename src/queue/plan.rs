@@ -180,6 +180,11 @@ mod tests {
         }
     }
 
+    /// The plan under the default configuration, now.
+    fn plan(m: &History<'_>, results: &[Tried<'_>]) -> AttemptPlan {
+        plan_attempt(m, results, &Config::default(), Utc::now())
+    }
+
     fn temp() -> RcptStatus {
         RcptStatus::Temporary {
             cause: FailureCause::Reply(Reply::new(451, "4.3.0 try later")),
@@ -223,25 +228,21 @@ mod tests {
 
     #[test]
     fn permanent_failure_notifies_unless_never_or_null_sender_or_disabled() {
-        let config = Config::default();
-        let now = Utc::now();
         let p5 = perm();
         let m = history(0, "s@a.test");
-        let p = plan_attempt(
+        let p = plan(
             &m,
             &[
                 result("x@b.test", None, &p5),
                 result("y@b.test", Some("NEVER"), &p5),
             ],
-            &config,
-            now,
         );
         assert_eq!(p.failed.len(), 1);
         assert_eq!(p.failed[0].final_recipient, "x@b.test");
         assert_eq!(p.next_retry_at, None);
 
         let m = history(0, "");
-        let p = plan_attempt(&m, &[result("x@b.test", None, &p5)], &config, now);
+        let p = plan(&m, &[result("x@b.test", None, &p5)]);
         assert!(p.failed.is_empty(), "never a bounce for <>");
 
         let off = Config {
@@ -249,30 +250,23 @@ mod tests {
             ..Config::default()
         };
         let m = history(0, "s@a.test");
-        let p = plan_attempt(&m, &[result("x@b.test", None, &p5)], &off, now);
+        let p = plan_attempt(&m, &[result("x@b.test", None, &p5)], &off, Utc::now());
         assert!(p.failed.is_empty());
     }
 
     #[test]
     fn success_notification_only_when_asked() {
-        let config = Config::default();
-        let now = Utc::now();
         let good = ok();
         let m = history(0, "s@a.test");
         let asked = result("x@b.test", Some("SUCCESS,FAILURE"), &good);
-        let p = plan_attempt(&m, &[asked, result("y@b.test", None, &good)], &config, now);
+        let p = plan(&m, &[asked, result("y@b.test", None, &good)]);
         assert_eq!(p.relayed.len(), 1);
         assert_eq!(p.relayed[0].final_recipient, "x@b.test");
         assert_eq!(p.next_retry_at, None);
 
         // A next hop that offers DSN was given the NOTIFY: the report is its to send.
         let passed_on = Tried { dsn: true, ..asked };
-        let p = plan_attempt(
-            &m,
-            &[passed_on, result("y@b.test", None, &good)],
-            &config,
-            now,
-        );
+        let p = plan(&m, &[passed_on, result("y@b.test", None, &good)]);
         assert!(p.relayed.is_empty());
     }
 
@@ -335,7 +329,7 @@ mod tests {
             tls: true,
             ..result("x@b.test", None, &good)
         };
-        let p = plan_attempt(&m, &[over_tls], &Config::default(), Utc::now());
+        let p = plan(&m, &[over_tls]);
         assert_eq!(p.rcpt_results[0].2.as_deref(), Some("250 2.0.0 ok (TLS)"));
     }
 }

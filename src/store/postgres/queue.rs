@@ -57,9 +57,6 @@ impl QueueStore for PostgresStore {
     async fn claim_due(
         &self, node: &str, now: DateTime<Utc>, lease: Duration, limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         // The claim is this one statement. SKIP LOCKED: rows another node is claiming or
         // recording right now are passed over instead of waited for; once its transaction

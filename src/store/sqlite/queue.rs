@@ -54,9 +54,6 @@ impl QueueStore for SqliteStore {
     async fn claim_due(
         &self, node: &str, now: DateTime<Utc>, lease: Duration, limit: usize,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
         let node = node.to_string();
         let mut claimed = self
             .locked(move |conn| {
