@@ -151,7 +151,9 @@ fn lifecycle_lines_carry_actor_paths_and_json_format_works() {
 fn sigusr1_logs_the_live_tree_with_sessions() {
     let mut d = Daemon::start("");
     let _held = d.connect();
-    // The session is registered once its greeting is out.
+    // The session is registered once its greeting is out; its own start line is read
+    // before the mark, so that what follows the mark is the tree alone.
+    d.wait_for_log_after(0, "session started", Duration::from_secs(10));
     let mark = d.log_len();
     d.signal("USR1");
     let line = d.wait_for_log_after(mark, "actor tree", Duration::from_secs(10));

@@ -112,11 +112,12 @@ async fn kill_9_then_restart_with_the_default_lease_delivers_within_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_and_hold_reach_messages_waiting_in_memory() {
-    // One sender at a time, each delivery's 250 held up 1 s: nine messages wait in the
-    // active queue (in memory, leased) while the first is on the wire.
+    // One sender at a time, each delivery's 250 held up 2 s: nine messages wait in the
+    // active queue (in memory, leased) while the first is on the wire, and the listing
+    // below is taken before that first 250 even on a loaded machine.
     let (sink, d) = faulty_relay(
         "slow",
-        Fault::SlowDot(Duration::from_secs(1)),
+        Fault::SlowDot(Duration::from_secs(2)),
         "server_smtp_max_senders: 1\nserver_smtp_timeout: 30s\n",
     )
     .await;
