@@ -162,27 +162,6 @@ fn domains_and_users_end_to_end_with_hashed_passwords() {
     );
 }
 
-/// `erlmail ARGS | head -0`: the reader is gone before the first line.
-fn into_closed_pipe(config: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(daemon::bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("ERLMAIL_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn erlmail");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn every_printing_command_ends_quietly_when_its_reader_goes_away() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,7 +176,7 @@ fn every_printing_command_ends_quietly_when_its_reader_goes_away() {
         &["user", "list"],
         &["--help"],
     ] {
-        let (status, err) = into_closed_pipe(&config, args);
+        let (status, err) = daemon::into_closed_pipe(&config, args);
         assert!(status.success(), "{args:?}: {status:?} {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }

@@ -127,6 +127,17 @@ fn relayed_message_is_queued_with_its_full_envelope_after_the_250() {
         !shown.contains("alice@example.test"),
         "local recipient not queued:\n{shown}"
     );
+    // A reader that goes away before the message (`erlmail queue show ID | head -0`)
+    // ends both commands that print one quietly, as every other printing command does.
+    let local_id = daemon::first_listed_id(&list);
+    for args in [
+        &["queue", "show", &queue_id][..],
+        &["mailbox", "show", "alice@example.test", local_id],
+    ] {
+        let (status, err) = daemon::into_closed_pipe(&d.config, args);
+        assert!(status.success(), "{args:?}: {status:?} {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
 }
 
 /// Durability: the reply to the final dot waits for the commit that holds the message.

@@ -125,7 +125,6 @@ pub(super) fn mailbox(config: &Config, action: MailboxCmd) -> anyhow::Result<()>
                 }
             }
             MailboxCmd::Show { address, id } => {
-                use std::io::Write;
                 let Some(m) = store.get_message(&address, id).await? else {
                     bail!("no message {id} for {address}");
                 };
@@ -133,7 +132,7 @@ pub(super) fn mailbox(config: &Config, action: MailboxCmd) -> anyhow::Result<()>
                 if !m.summary.flags.is_empty() {
                     eprintln!("flags: {}", m.summary.flags.join(" "));
                 }
-                std::io::stdout().write_all(&m.body)?;
+                super::out_bytes(&m.body);
             }
         }
         Ok(())

@@ -243,7 +243,6 @@ fn list(queue: &[QueueSummary], now: DateTime<Utc>) {
 
 /// One queued message: its envelope and state, a blank line, then the body as stored.
 fn show(m: &erlmail::store::QueuedMessage) -> anyhow::Result<()> {
-    use std::io::Write;
     println!("queue-id: {}", m.id);
     println!("sender: <{}>", m.sender);
     println!(
@@ -275,7 +274,7 @@ fn show(m: &erlmail::store::QueuedMessage) -> anyhow::Result<()> {
         println!("{line}");
     }
     println!();
-    std::io::stdout().write_all(&m.body)?;
+    super::out_bytes(&m.body);
     Ok(())
 }
 

@@ -524,3 +524,24 @@ pub fn test_certificate() -> (tempfile::TempDir, String) {
     );
     (certs, yaml)
 }
+
+/// `erlmail ARGS | head -0`: the reader is gone before the first line.
+pub fn into_closed_pipe(config: &Path, args: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("ERLMAIL_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn erlmail");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
