@@ -12,6 +12,8 @@
 mod daemon;
 #[path = "support/dns.rs"]
 mod dns;
+#[path = "support/python.rs"]
+mod python;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -41,44 +43,22 @@ fn rsa_key(dir: &Path) -> (std::path::PathBuf, String) {
         .output()
         .unwrap();
     assert!(der.status.success());
-    let b64 = Command::new("base64")
-        .arg("-w0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(&der.stdout)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    (key, String::from_utf8(b64.stdout).unwrap())
+    (key, daemon::b64(&der.stdout))
 }
 
 /// `message` with a DKIM-Signature by dkimpy (d=`domain`, s=sel, relaxed/relaxed).
 fn dkimpy_sign(message: &str, domain: &str, key: &Path) -> String {
     let script = format!(
         "import sys, dkim\n\
-         msg = sys.stdin.buffer.read()\n\
+         msg = open(sys.argv[1], 'rb').read()\n\
          key = open({key:?}, 'rb').read()\n\
          sig = dkim.sign(msg, b'sel', b'{domain}', key, canonicalize=(b'relaxed', b'relaxed'),\n\
                          include_headers=[b'from', b'to', b'subject'])\n\
          sys.stdout.buffer.write(sig + msg)\n",
         key = key.display().to_string()
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(message.as_bytes())?;
-            c.wait_with_output()
-        })
-        .expect("python3 with dkimpy (scripts/test installs it)");
-    assert!(out.status.success(), "dkimpy failed");
-    String::from_utf8(out.stdout)
+    let out = python::python3_on(message.as_bytes(), &script, &[], "dkimpy signing");
+    String::from_utf8(out)
         .unwrap()
         .replace("\r\n", "\n")
         .replace('\n', "\r\n")
@@ -90,12 +70,8 @@ fn message(from: &str, subject: &str) -> String {
 
 /// One transaction; the reply to the final dot.
 fn send(s: &mut Smtp, mail_from: &str, text: &str) -> String {
-    s.begin_data(
-        &format!("MAIL FROM:<{mail_from}>"),
-        &["RCPT TO:<alice@example.test>"],
-    );
-    s.send_raw(text.as_bytes());
-    s.cmd(".")
+    let mail = format!("MAIL FROM:<{mail_from}>");
+    s.transaction(&mail, &["RCPT TO:<alice@example.test>"], text.as_bytes())
 }
 
 /// The stored messages of alice's `mailbox`, oldest first: (subject line, whole text).
