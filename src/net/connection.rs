@@ -356,6 +356,56 @@ pub fn refuse(mut stream: TcpStream, reply: String) {
     });
 }
 
+/// The size of the reader's next buffer: small while the client sends commands, doubled
+/// (up to [`ReadChunk::MAX`]) each time a read fills it, as during DATA, and halved when
+/// reads come back small again. A large message then arrives in a few reads (each one a
+/// trip from the reader to the session and back) rather than many, and an idle session
+/// holds only a small buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadChunk(usize);
+
+impl ReadChunk {
+    const MIN: usize = 4 * 1024;
+    const MAX: usize = 64 * 1024;
+    /// Reads up to this size are copied out of the buffer rather than handed over.
+    const COPY_UP_TO: usize = 1024;
+
+    /// An empty buffer of the current size (not zeroed: `read_buf` fills it).
+    fn buffer(&self) -> Vec<u8> {
+        Vec::with_capacity(self.0)
+    }
+
+    /// What a read left in `buf`, for the session, and `buf` emptied for the next read.
+    /// A large read hands the buffer itself over (no copy of a message's text); a
+    /// command is copied out, and the buffer (already in memory) is kept.
+    fn take(&self, buf: &mut Vec<u8>) -> Vec<u8> {
+        if buf.len() > Self::COPY_UP_TO {
+            return std::mem::replace(buf, self.buffer());
+        }
+        let out = buf.clone();
+        buf.clear();
+        if buf.capacity() > 2 * self.0 {
+            *buf = self.buffer();
+        }
+        out
+    }
+
+    /// A read gave `n` octets.
+    fn filled(&mut self, n: usize) {
+        if n >= self.0 {
+            self.0 = (self.0 * 2).min(Self::MAX);
+        } else if n < self.0 / 4 {
+            self.0 = (self.0 / 2).max(Self::MIN);
+        }
+    }
+}
+
+impl Default for ReadChunk {
+    fn default() -> Self {
+        ReadChunk(Self::MIN)
+    }
+}
+
 /// Reads chunks and hands them to the sink, one at a time, each against the deadline in
 /// force (which may move while the read waits). Returns the read half on
 /// [`Next::Stop`], `None` when the connection ended.
@@ -363,12 +413,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R, sink: InputSink, mut more: mpsc::Receiver<Next>,
     mut deadline: watch::Receiver<Instant>,
 ) -> Option<R> {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut chunk = ReadChunk::default();
+    let mut buf = chunk.buffer();
     loop {
         let read = loop {
             let due = *deadline.borrow_and_update();
             tokio::select! {
-                r = reader.read(&mut buf) => break Some(r),
+                r = reader.read_buf(&mut buf) => break Some(r),
                 _ = tokio::time::sleep_until(due) => break None,
                 changed = deadline.changed() => {
                     if changed.is_err() {
@@ -387,7 +438,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return None;
             }
             Some(Ok(n)) => {
-                if !sink(Input::Bytes(buf[..n].to_vec())) {
+                chunk.filled(n);
+                if !sink(Input::Bytes(chunk.take(&mut buf))) {
                     return None;
                 }
             }
@@ -410,6 +462,56 @@ mod tests {
             timeout: Duration::from_secs(timeout),
             min_data_rate: rate,
         }
+    }
+
+    #[test]
+    fn the_read_buffer_grows_while_reads_fill_it_and_shrinks_when_they_do_not() {
+        let mut c = ReadChunk::default();
+        assert_eq!(c.buffer().capacity(), ReadChunk::MIN);
+        c.filled(20);
+        assert_eq!(c.0, ReadChunk::MIN, "commands keep it small");
+        for _ in 0..10 {
+            let full = c.0;
+            c.filled(full);
+        }
+        assert_eq!(c.0, ReadChunk::MAX, "DATA grows it, up to the cap");
+        c.filled(ReadChunk::MAX / 2);
+        assert_eq!(c.0, ReadChunk::MAX, "a half-full read keeps it");
+        for _ in 0..10 {
+            c.filled(10);
+        }
+        assert_eq!(c.0, ReadChunk::MIN, "small reads shrink it back");
+    }
+
+    #[test]
+    fn a_command_is_copied_out_and_a_large_read_hands_its_buffer_over() {
+        let c = ReadChunk::default();
+        let mut buf = c.buffer();
+        buf.extend_from_slice(b"MAIL FROM:<a@b>\r\n");
+        let kept = buf.as_ptr();
+        assert_eq!(c.take(&mut buf), b"MAIL FROM:<a@b>\r\n");
+        assert!(buf.is_empty());
+        assert_eq!(buf.as_ptr(), kept, "the buffer is kept for the next read");
+        buf.extend_from_slice(&[b'x'; 3000]);
+        let given = buf.as_ptr();
+        let out = c.take(&mut buf);
+        assert_eq!(
+            (out.len(), out.as_ptr()),
+            (3000, given),
+            "handed over, not copied"
+        );
+        assert!(buf.is_empty() && buf.capacity() >= ReadChunk::MIN);
+        let mut big = ReadChunk(ReadChunk::MAX);
+        let mut buf = big.buffer();
+        big.filled(10);
+        buf.extend_from_slice(b"QUIT\r\n");
+        big.filled(10);
+        big.filled(10);
+        let _ = big.take(&mut buf);
+        assert!(
+            buf.capacity() <= 2 * big.0,
+            "an idle session gives a large buffer back"
+        );
     }
 
     #[test]

@@ -10,8 +10,22 @@ use rusqlite::{Connection, Params, Row, TransactionBehavior};
 use crate::store::common::{column_err, Columns};
 use crate::store::{StoreError, StoreResult};
 
+/// WAL pages after which a commit copies the log back into the database file (SQLite's
+/// default is 1,000). Queue rows and message bodies are deleted soon after they are
+/// written, and their pages are reused, so the same pages come back in the log again
+/// and again: a checkpoint copies each page once however often it was written since
+/// the last one. Ten times the default (a log of up to about 40 MB at 4 KiB pages) cut
+/// the writer's system time per 100 KiB message by a third (issue #21); the log is
+/// reused from its start after each checkpoint, never grown without bound.
+pub(crate) const WAL_AUTOCHECKPOINT: i64 = 10_000;
+
+/// The writer's page cache in KiB (SQLite's default is 2 MiB): enough to keep the pages
+/// a burst of large messages reuses, which it would otherwise read back from the file.
+pub(crate) const WRITER_CACHE_KIB: i64 = 16 * 1024;
+
 /// Open the database file at `path` (creating it if missing) with the store's pragmas:
-/// WAL, `synchronous=FULL`, foreign keys on, `busy_timeout`, then the `extra` ones.
+/// WAL, `synchronous=FULL`, foreign keys on, `busy_timeout`, the checkpoint interval
+/// ([`WAL_AUTOCHECKPOINT`]), then the `extra` ones.
 pub(crate) fn open_connection(
     path: &Path, busy_timeout: Duration, extra: &[(&'static str, String)],
 ) -> StoreResult<Connection> {
@@ -22,6 +36,8 @@ pub(crate) fn open_connection(
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(sql_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(sql_err)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)
         .map_err(sql_err)?;
     for (key, value) in extra {
         conn.pragma_update(None, key, value).map_err(sql_err)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::batch::run_batch;
-use super::conn::open_connection;
+use super::conn::{open_connection, WRITER_CACHE_KIB};
 use crate::store::{StoreError, StoreResult, WriteBatch, WriteOutcome};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -122,6 +122,9 @@ fn start(
     path: &Path, busy_timeout: Duration, extra: &[(&'static str, String)],
 ) -> StoreResult<mpsc::Sender<Job>> {
     let mut conn = open_connection(path, busy_timeout, extra)?;
+    // A negative cache size is in KiB.
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+        .map_err(super::conn::sql_err)?;
     let (jobs, queue) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("erlmail-sqlite-writer".into())
@@ -165,6 +168,8 @@ mod tests {
         assert_eq!(w.pragma("journal_mode").await, "Text(\"wal\")");
         assert_eq!(w.pragma("synchronous").await, "Integer(2)", "FULL");
         assert_eq!(w.pragma("foreign_keys").await, "Integer(1)");
+        assert_eq!(w.pragma("wal_autocheckpoint").await, "Integer(10000)");
+        assert_eq!(w.pragma("cache_size").await, "Integer(-16384)");
     }
 
     #[tokio::test]
