@@ -185,10 +185,31 @@ impl Session {
             // session: drop it.
             return Vec::new();
         }
-        self.input.extend_from_slice(bytes);
         let mut out = Vec::new();
+        let bytes = self.feed_data_directly(bytes, &mut out);
+        self.input.extend_from_slice(bytes);
         self.run(&mut out, now);
         out
+    }
+
+    /// Message text that arrives with nothing else buffered goes straight to the DATA
+    /// decoder rather than through the input buffer (one copy of a message's text fewer);
+    /// what follows the end of DATA is returned, to be buffered as usual. The verdict is
+    /// the same either way: the decoder is a byte-level machine.
+    fn feed_data_directly<'a>(&mut self, bytes: &'a [u8], out: &mut Vec<Action>) -> &'a [u8] {
+        if self.pos != self.input.len() {
+            return bytes;
+        }
+        let Mode::Data(decoder) = &mut self.mode else {
+            return bytes;
+        };
+        let (n, done) = decoder.feed(bytes);
+        if done {
+            if let Mode::Data(decoder) = std::mem::replace(&mut self.mode, Mode::Command) {
+                self.end_of_data(decoder, out);
+            }
+        }
+        &bytes[n..]
     }
 
     /// The answer to [`Action::LookupRecipient`]; replies to that RCPT and resumes
@@ -441,7 +462,7 @@ impl Session {
                         break;
                     }
                     if let Mode::Data(decoder) = std::mem::replace(&mut self.mode, Mode::Command) {
-                        self.end_of_data(decoder.finish(), out, now);
+                        self.end_of_data(decoder, out);
                     }
                 }
                 Mode::Command => {
@@ -452,7 +473,7 @@ impl Session {
                             // Bytes already here behind the line were sent before its
                             // reply: pipelined.
                             let pipelined = self.pos < self.input.len();
-                            self.command(parsed, pipelined, out);
+                            self.command(parsed, pipelined, out, now);
                         }
                         Some(LineEvent::TooLong) => {
                             self.error(out, Reply::new(500, "5.5.2 Error: command too long"));

@@ -56,6 +56,9 @@ enum State {
 pub struct DataDecoder {
     state: State,
     body: Vec<u8>,
+    /// Octets at the start of `body` that are not the client's (the Received: header
+    /// the session puts on top); they do not count against the size limit.
+    prefix: usize,
     max_size: u64,
     too_big: bool,
     bare: Option<BareNewline>,
@@ -65,12 +68,32 @@ pub struct DataDecoder {
 }
 
 impl DataDecoder {
+    /// The least room made for the text (most messages are smaller).
+    pub const MIN_RESERVE: u64 = 16 * 1024;
+    /// The most room made for the text at the start, whatever the client announced (a
+    /// client's word costs no more memory than this; beyond it a buffer grows in place).
+    pub const MAX_RESERVE: u64 = 1024 * 1024;
+
     /// A decoder that refuses messages over `max_size` octets (after unstuffing);
     /// `0` means no limit.
     pub fn new(max_size: u64) -> Self {
+        Self::with_prefix(max_size, Vec::new(), 0)
+    }
+
+    /// A decoder whose message starts with `prefix` (not counted against `max_size`),
+    /// with room for about `expected` octets of text (the client's `SIZE=`, say) so that
+    /// a large message is not copied again each time its buffer fills; the room is
+    /// capped at [`Self::MAX_RESERVE`] and at `max_size`.
+    pub fn with_prefix(max_size: u64, mut prefix: Vec<u8>, expected: u64) -> Self {
+        let mut room = expected.clamp(Self::MIN_RESERVE, Self::MAX_RESERVE);
+        if max_size > 0 {
+            room = room.min(max_size.saturating_add(1));
+        }
+        prefix.reserve(usize::try_from(room).unwrap_or(0));
         DataDecoder {
             state: State::LineStart,
-            body: Vec::new(),
+            prefix: prefix.len(),
+            body: prefix,
             max_size,
             too_big: false,
             bare: None,
@@ -105,7 +128,13 @@ impl DataDecoder {
         (i, self.done)
     }
 
-    /// The result, once [`feed`](Self::feed) has reported the end.
+    /// How many octets at the start of the message are the prefix.
+    pub fn prefix_len(&self) -> usize {
+        self.prefix
+    }
+
+    /// The result, once [`feed`](Self::feed) has reported the end: a message starts
+    /// with the prefix.
     pub fn finish(self) -> DataOutcome {
         if let Some(bare) = self.bare {
             DataOutcome::Bare(bare)
@@ -187,7 +216,8 @@ impl DataDecoder {
             return;
         }
         self.body.extend_from_slice(bytes);
-        if self.max_size > 0 && self.body.len() as u64 > self.max_size {
+        let text = self.body.len().saturating_sub(self.prefix) as u64;
+        if self.max_size > 0 && text > self.max_size {
             self.too_big = true;
             self.body = Vec::new();
         }
@@ -197,6 +227,41 @@ impl DataDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_comes_first_and_does_not_count_against_the_limit() {
+        let mut d = DataDecoder::with_prefix(5, b"Received: x\r\n".to_vec(), 0);
+        assert_eq!(d.prefix_len(), 13);
+        assert_eq!(d.feed(b"abc\r\n.\r\n"), (8, true));
+        assert_eq!(
+            d.finish(),
+            DataOutcome::Message(b"Received: x\r\nabc\r\n".to_vec())
+        );
+        let mut d = DataDecoder::with_prefix(5, b"Received: x\r\n".to_vec(), 0);
+        d.feed(b"abcdef\r\n.\r\n");
+        assert_eq!(
+            d.finish(),
+            DataOutcome::TooBig,
+            "six octets of text are too many"
+        );
+    }
+
+    #[test]
+    fn room_is_made_for_the_announced_size_within_bounds() {
+        let room = |max, expected| {
+            DataDecoder::with_prefix(max, Vec::new(), expected)
+                .body
+                .capacity() as u64
+        };
+        assert!(room(0, 0) >= DataDecoder::MIN_RESERVE);
+        assert!(room(0, 300_000) >= 300_000, "SIZE=300000");
+        let capped = room(0, u64::MAX);
+        assert!((DataDecoder::MAX_RESERVE..2 * DataDecoder::MAX_RESERVE).contains(&capped));
+        assert!(
+            room(1000, 300_000) < 4096,
+            "never more than the limit allows"
+        );
+    }
 
     fn decode(input: &[u8]) -> (usize, Option<DataOutcome>) {
         let mut d = DataDecoder::new(1000);

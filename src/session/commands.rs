@@ -56,6 +56,7 @@ impl Session {
     /// Runs one command line; `pipelined` says more input was already buffered behind it.
     pub(super) fn command(
         &mut self, parsed: Result<Command, CommandError>, pipelined: bool, out: &mut Vec<Action>,
+        now: DateTime<Utc>,
     ) {
         if pipelined && self.must_wait_for_reply(parsed.as_ref().ok()) {
             // The 554 replaces the command's own reply: the command is not run (Postfix
@@ -83,7 +84,7 @@ impl Session {
             }
             Command::Mail { from, params } => self.mail(from, params, out),
             Command::Rcpt { to, params } => self.rcpt(to, params, out),
-            Command::Data => self.data(out),
+            Command::Data => self.data(out, now),
             Command::Rset => {
                 self.envelope = None;
                 self.reply(out, Reply::new(250, "2.0.0 Ok"));
@@ -277,29 +278,60 @@ impl Session {
         }
     }
 
-    fn data(&mut self, out: &mut Vec<Action>) {
-        let reply = match &self.envelope {
-            None => Reply::new(503, "5.5.1 Error: need MAIL command"),
-            Some(env) if !env.rcpt_seen => Reply::new(503, "5.5.1 Error: need RCPT command"),
-            Some(env) if env.recipients.is_empty() => {
+    fn data(&mut self, out: &mut Vec<Action>, now: DateTime<Utc>) {
+        let reply = match (&self.envelope, &self.helo) {
+            (None, _) => Reply::new(503, "5.5.1 Error: need MAIL command"),
+            (Some(env), _) if !env.rcpt_seen => Reply::new(503, "5.5.1 Error: need RCPT command"),
+            (Some(env), _) if env.recipients.is_empty() => {
                 Reply::new(554, "5.5.1 Error: no valid recipients")
             }
-            Some(_) => {
-                self.mode = Mode::Data(DataDecoder::new(self.policy.max_message_size));
+            (Some(env), Some(helo)) => {
+                // Our Received: header is written as DATA begins (as Postfix's smtpd
+                // does) and the text is decoded behind it, so the message is never
+                // copied again to put the header on top.
+                let header = self.received_header(env, helo, now).into_bytes();
+                let expected = env.params.size.unwrap_or(0);
+                let decoder =
+                    DataDecoder::with_prefix(self.policy.max_message_size, header, expected);
+                self.mode = Mode::Data(decoder);
                 return self.reply(out, Reply::new(354, "End data with <CR><LF>.<CR><LF>"));
             }
+            // A transaction needs a MAIL, which needs a HELO.
+            (Some(_), None) => Reply::new(503, "5.5.1 Error: send HELO/EHLO first"),
         };
         self.error(out, reply);
     }
 
-    pub(super) fn end_of_data(
-        &mut self, outcome: DataOutcome, out: &mut Vec<Action>, now: DateTime<Utc>,
-    ) {
+    /// Our `Received:` header for the transaction `env` from `helo`, stamped `now`.
+    fn received_header(&self, env: &Envelope, helo: &Helo, now: DateTime<Utc>) -> String {
+        let single = match env.recipients.as_slice() {
+            [only] => Some(only.path.mailbox.to_string()),
+            _ => None,
+        };
+        let protocol = received::Protocol {
+            esmtp: helo.esmtp,
+            utf8: env.params.smtputf8,
+            tls: self.tls,
+            auth: self.user.is_some(),
+        };
+        received::received_header(
+            &helo.name,
+            self.peer.ip,
+            &self.policy.hostname,
+            protocol,
+            self.tls_summary.as_deref(),
+            single.as_deref(),
+            now,
+        )
+    }
+
+    pub(super) fn end_of_data(&mut self, decoder: DataDecoder, out: &mut Vec<Action>) {
         // The transaction ends here whatever the outcome; HELO is kept.
         let (Some(env), Some(helo)) = (self.envelope.take(), self.helo.as_ref()) else {
             return self.error(out, Reply::new(503, "5.5.1 Error: need MAIL command"));
         };
-        let body = match outcome {
+        let header_len = decoder.prefix_len();
+        let data = match decoder.finish() {
             DataOutcome::Bare(BareNewline::Lf) => {
                 return self.error(out, Reply::new(550, "5.5.2 Error: bare <LF> received"))
             }
@@ -313,37 +345,17 @@ impl Session {
                 return self.error(out, r);
             }
             DataOutcome::TooBig => return self.error(out, too_big()),
-            DataOutcome::Message(body) => body,
+            DataOutcome::Message(data) => data,
         };
-        if received::hop_count(&body) > self.policy.max_hops as usize {
+        // The client's text, behind our header.
+        let body = &data[header_len..];
+        if received::hop_count(body) > self.policy.max_hops as usize {
             return self.error(out, Reply::new(554, "5.4.0 Error: too many hops"));
         }
-        let single = match env.recipients.as_slice() {
-            [only] => Some(only.path.mailbox.to_string()),
-            _ => None,
-        };
-        let protocol = received::Protocol {
-            esmtp: helo.esmtp,
-            utf8: env.params.smtputf8,
-            tls: self.tls,
-            auth: self.user.is_some(),
-        };
-        let header = received::received_header(
-            &helo.name,
-            self.peer.ip,
-            &self.policy.hostname,
-            protocol,
-            self.tls_summary.as_deref(),
-            single.as_deref(),
-            now,
-        );
-        let mut data = Vec::with_capacity(header.len() + body.len());
-        data.extend_from_slice(header.as_bytes());
-        data.extend_from_slice(&body);
         // Only a local copy keeps its subject (for mailbox listings): relayed mail need
         // not have its header parsed.
         let subject = if env.recipients.iter().any(|r| r.local) {
-            received::subject(&body)
+            received::subject(body)
         } else {
             None
         };
